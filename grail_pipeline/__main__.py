@@ -1,0 +1,5 @@
+"""`python -m grail_pipeline` runs the command line."""
+
+from grail_pipeline.cli import main
+
+raise SystemExit(main())
