@@ -1,0 +1,204 @@
+"""A slot-based Qwen2 decoder over the transformers model's own weights.
+
+The runner keeps one KV cache row per slot ([layers, slots, kv_heads, max_len, head_dim]), prefills a
+prompt once and copies it into the slots of its rollouts, and advances every slot by one token per
+`step()`: embeddings, 36 layers, the tied head and sampling, all on the device, so the step can be
+captured as one CUDA graph. Weights are shared with the transformers model (fused QKV and gate/up
+projections are the storage the transformers modules then view), so proofs and decoding use the same
+numbers at no extra memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from grail_pipeline.engines.base import SamplingParams
+from grail_pipeline.engines.decode_attention import decode_attention
+from grail_pipeline.engines.sampler import apply_target_lengths, penalize_repeats, sample_top_k_top_p
+from grail_pipeline.errors import UserError
+
+
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    o_w: torch.Tensor
+    ln2: torch.Tensor
+    gate_up_w: torch.Tensor
+    down_w: torch.Tensor
+
+
+def _fuse(modules: list[torch.nn.Linear], with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate output rows and make each module's parameter a view of the fused tensor."""
+    weight = torch.cat([m.weight.data for m in modules], dim=0)
+    bias = torch.cat([m.bias.data for m in modules], dim=0) if with_bias else None
+    row = 0
+    for m in modules:
+        n = m.weight.shape[0]
+        m.weight.data = weight[row:row + n]
+        if bias is not None:
+            m.bias.data = bias[row:row + n]
+        row += n
+    return weight, bias
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2RMSNorm: float32 statistics, scaled in the input dtype."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, `x * cos + rotate_half(x) * sin`, with cos/sin broadcast over heads."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def pre_attention(x: torch.Tensor, ln1: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, eps: float, n_q: int, n_kv: int,
+                  head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm, fused QKV projection and rotary: q [N, Hq, D], k and v [N, Hkv, D]."""
+    h = rms_norm(x, ln1, eps)
+    qkv = F.linear(h, qkv_w, qkv_b)
+    q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.view(-1, n_q, head_dim)
+    k = k.view(-1, n_kv, head_dim)
+    v = v.view(-1, n_kv, head_dim)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return rotate(q, c, s), rotate(k, c, s), v
+
+
+def post_attention(attn: torch.Tensor, x: torch.Tensor, o_w: torch.Tensor, ln2: torch.Tensor,
+                   gate_up_w: torch.Tensor, down_w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Output projection and residual, then the SwiGLU MLP and residual."""
+    x = x + F.linear(attn.flatten(1), o_w)
+    gate, up = F.linear(rms_norm(x, ln2, eps), gate_up_w).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w)
+
+
+def head_and_sample(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, seen: torch.Tensor,
+                    generated: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor, eps: float,
+                    eos_token_id: int, penalty: float, temperature: float, top_k: int,
+                    top_p: float) -> torch.Tensor:
+    """Final norm, tied head in the model dtype, float32 logits, then the miner's sampling."""
+    logits = F.linear(rms_norm(x, norm_w, eps), head_w).float()
+    logits = penalize_repeats(logits, seen, penalty)
+    logits = apply_target_lengths(logits, generated, targets, eos_token_id)
+    return sample_top_k_top_p(logits, temperature, top_k, top_p, noise)
+
+
+class SlotRunner:
+    """Decode state for `slots` sequences of up to `max_len` tokens each, on the model's device."""
+
+    def __init__(self, model: torch.nn.Module, sampling: SamplingParams, slots: int, max_len: int,
+                 compile_step: bool) -> None:
+        cfg = model.config
+        if cfg.model_type != "qwen2" or getattr(cfg, "use_sliding_window", False):
+            raise UserError(f"the fast engine runs Qwen2 models; '{cfg.model_type}' needs --engine hf")
+        self.sampling = sampling
+        self.slots = slots
+        self.max_len = max_len
+        self.n_q = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.vocab = cfg.vocab_size
+        decoder = model.get_decoder()
+        self.embed = decoder.embed_tokens.weight
+        self.final_norm = decoder.norm.weight
+        self.head = model.get_output_embeddings().weight
+        self.layers = [self._layer(layer) for layer in decoder.layers]
+        device, dtype = self.embed.device, self.embed.dtype
+        self.device = device
+        self.cos, self.sin = self._rotary_tables(decoder.rotary_emb, max_len, dtype)
+        shape = (len(self.layers), slots, self.n_kv, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot_ids = torch.arange(slots, device=device)
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # input token per slot
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # its position
+        self.generated = torch.zeros(slots, dtype=torch.long, device=device)
+        self.targets = torch.zeros(slots, dtype=torch.long, device=device)
+        self.seen = torch.zeros((slots, self.vocab), dtype=torch.bool, device=device)
+        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self._pre, self._post, self._head = self._kernels(compile_step)
+
+    def _layer(self, layer: torch.nn.Module) -> LayerWeights:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], with_bias=attn.q_proj.bias is not None)
+        gate_up_w, _ = _fuse([mlp.gate_proj, mlp.up_proj], with_bias=False)
+        if qkv_b is None:
+            qkv_b = torch.zeros(qkv_w.shape[0], dtype=qkv_w.dtype, device=qkv_w.device)
+        return LayerWeights(layer.input_layernorm.weight, qkv_w, qkv_b, attn.o_proj.weight,
+                            layer.post_attention_layernorm.weight, gate_up_w, mlp.down_proj.weight)
+
+    def _rotary_tables(self, rotary: torch.nn.Module, max_len: int,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin per position exactly as the transformers rotary module computes them."""
+        positions = torch.arange(max_len, device=self.embed.device)[None, :]
+        probe = torch.zeros(1, dtype=dtype, device=self.embed.device)
+        cos, sin = rotary(probe, positions)
+        return cos[0].contiguous(), sin[0].contiguous()
+
+    def _kernels(self, compile_step: bool) -> tuple[Callable, Callable, Callable]:
+        if not compile_step:
+            return pre_attention, post_attention, head_and_sample
+        opts = dict(dynamic=False, fullgraph=True)
+        return (torch.compile(pre_attention, **opts), torch.compile(post_attention, **opts),
+                torch.compile(head_and_sample, **opts))
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: list[int], slots: torch.Tensor) -> None:
+        """Cache the prompt (all but its last token) once into every slot of `slots`, reset their state."""
+        n = len(prompt_ids) - 1
+        ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
+        if n > 0:
+            x = self.embed[ids[:n]]
+            cos, sin = self.cos[:n], self.sin[:n]
+            for i, w in enumerate(self.layers):
+                q, k, v = pre_attention(x, w.ln1, w.qkv_w, w.qkv_b, cos, sin, self.eps, self.n_q, self.n_kv,
+                                        self.head_dim)
+                k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
+                self.k_cache[i][slots, :, :n] = k_t.unsqueeze(0)
+                self.v_cache[i][slots, :, :n] = v_t.unsqueeze(0)
+                attn = F.scaled_dot_product_attention(q.transpose(0, 1), k_t, v_t, is_causal=True, enable_gqa=True)
+                x = post_attention(attn.transpose(0, 1), x, w.o_w, w.ln2, w.gate_up_w, w.down_w, self.eps)
+        self.tokens[slots] = ids[n]
+        self.positions[slots] = n
+        self.generated[slots] = 0
+        self.seen[slots] = False
+        self.seen[slots[:, None], ids[None, :]] = True
+
+    def set_targets(self, slots: torch.Tensor, targets: torch.Tensor) -> None:
+        self.targets[slots] = targets
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """Advance every slot by one token; returns the static tensor of sampled tokens [slots]."""
+        s = self.sampling
+        x = self.embed[self.tokens]
+        cos, sin = self.cos[self.positions], self.sin[self.positions]
+        lengths = (self.positions + 1).to(torch.int32)
+        for i, w in enumerate(self.layers):
+            q, k, v = self._pre(x, w.ln1, w.qkv_w, w.qkv_b, cos, sin, self.eps, self.n_q, self.n_kv, self.head_dim)
+            self.k_cache[i][self.slot_ids, :, self.positions] = k
+            self.v_cache[i][self.slot_ids, :, self.positions] = v
+            attn = decode_attention(q, self.k_cache[i], self.v_cache[i], lengths)
+            x = self._post(attn, x, w.o_w, w.ln2, w.gate_up_w, w.down_w, self.eps)
+        noise = torch.empty((self.slots, s.top_k), dtype=torch.float32, device=self.device).exponential_()
+        nxt = self._head(x, self.final_norm, self.head, self.seen, self.generated, self.targets, noise, self.eps,
+                         s.eos_token_id, s.repetition_penalty, s.temperature, s.top_k, s.top_p)
+        self.seen[self.slot_ids, nxt] = True
+        self.next_tokens.copy_(nxt)
+        self.tokens.copy_(nxt)
+        self.positions.add_(1).clamp_(max=self.max_len - 1)
+        self.generated.add_(1)
+        return self.next_tokens
