@@ -157,13 +157,9 @@ def build_rollout_record(
     }
 
 
-def _fields(struct: pa.Schema | pa.StructType) -> list[pa.Field]:
-    return [struct.field(i) for i in range(struct.num_fields)] if isinstance(struct, pa.StructType) else list(struct)
-
-
 def _encode(value: Mapping[str, Any], struct: pa.Schema | pa.StructType, path: tuple[str, ...] = ()) -> dict:
     """A record as a Parquet row: the schema's keys exactly (a typo fails here), JSON fields as text."""
-    fields = _fields(struct)
+    fields = list(struct)  # a schema and a struct type both iterate over their fields
     names = [f.name for f in fields]
     if set(value) != set(names):
         where = ".".join(path) or "record"

@@ -8,6 +8,7 @@ so a fast prover's output can be measured against exactly this method before a v
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from grail_pipeline.proof import (
 )
 from grail_pipeline.protocol import PROFILE, ProtocolProfile
 from grail_pipeline.wallet import verify_commit, verify_rollout_signature
+
+_HEX = re.compile(r"[0-9a-fA-F]+")  # the validator's schema regex for beacon.randomness
 
 
 @torch.inference_mode()
@@ -102,9 +105,10 @@ def _structure_problems(record: dict[str, Any], profile: ProtocolProfile) -> lis
     if rollout["completion_length"] < profile.min_completion_tokens:
         problems.append(f"completion of {rollout['completion_length']} tokens is shorter than "
                         f"{profile.min_completion_tokens}")
-    indices = [c["indices"] for c in commit["commitments"]]
-    if any(len(i) != profile.proof_topk for i in indices):
+    if any(len(c["indices"]) != profile.proof_topk for c in commit["commitments"]):
         problems.append(f"commitments without {profile.proof_topk} indices")
+    if not _HEX.fullmatch(commit["beacon"]["randomness"]):
+        problems.append("beacon randomness is not plain hex")
     return problems
 
 
@@ -123,10 +127,10 @@ def _signature_problems(record: dict[str, Any]) -> list[str]:
 def verify_rollout(model: PreTrainedModel, record: dict[str, Any], profile: ProtocolProfile = PROFILE) -> VerifyResult:
     """Check a rollout record as the validator's proof and logprob checks do, at every position."""
     structure = _structure_problems(record, profile)
-    signatures = _signature_problems(record)
-    result = VerifyResult(signature_ok=not signatures, problems=structure + signatures)
     if structure:
-        return result  # malformed: nothing sensible to recompute
+        return VerifyResult(problems=structure)  # malformed: nothing sensible to recompute or verify
+    signatures = _signature_problems(record)
+    result = VerifyResult(signature_ok=not signatures, problems=signatures)
 
     commit = record["commit"]
     tokens, commitments = commit["tokens"], commit["commitments"]

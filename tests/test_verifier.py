@@ -179,7 +179,8 @@ def test_model_name_is_bound_by_the_signature(model, honest) -> None:
     assert not verify_rollout(model, record).signature_ok
 
 
-@pytest.mark.parametrize("change", ["proof_version", "layer_index", "short completion", "missing commitment"])
+@pytest.mark.parametrize("change", ["proof_version", "layer_index", "short completion", "missing commitment",
+                                    "0x beacon"])
 def test_structural_problems_fail_without_a_forward(model, honest, signer, change) -> None:
     record = copy.deepcopy(honest)
     commit = record["commit"]
@@ -193,6 +194,8 @@ def test_structural_problems_fail_without_a_forward(model, honest, signer, chang
         commit["commitments"] = commit["commitments"][:keep]
         commit["rollout"]["token_logprobs"] = commit["rollout"]["token_logprobs"][:keep]
         commit["rollout"]["completion_length"] = keep - PROMPT_LEN
+    elif change == "0x beacon":
+        commit["beacon"]["randomness"] = "0x" + RANDOMNESS  # what --no-drand sends; the schema refuses it
     else:
         commit["commitments"].pop()
     result = verify_rollout(model, resign(record, signer))
