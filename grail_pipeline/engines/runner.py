@@ -129,6 +129,7 @@ class SlotRunner:
         self.targets = torch.zeros(slots, dtype=torch.long, device=device)
         self.seen = torch.zeros((slots, self.vocab), dtype=torch.bool, device=device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self._true = torch.ones((), dtype=torch.bool, device=device)  # a device scalar keeps the step capturable
         self._pre, self._post, self._head = self._kernels(compile_step)
 
     def _layer(self, layer: torch.nn.Module) -> LayerWeights:
@@ -196,7 +197,7 @@ class SlotRunner:
         noise = torch.empty((self.slots, s.top_k), dtype=torch.float32, device=self.device).exponential_()
         nxt = self._head(x, self.final_norm, self.head, self.seen, self.generated, self.targets, noise, self.eps,
                          s.eos_token_id, s.repetition_penalty, s.temperature, s.top_k, s.top_p)
-        self.seen[self.slot_ids, nxt] = True
+        self.seen.index_put_((self.slot_ids, nxt), self._true)
         self.next_tokens.copy_(nxt)
         self.tokens.copy_(nxt)
         self.positions.add_(1).clamp_(max=self.max_len - 1)
