@@ -12,14 +12,13 @@ import json
 import math
 import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from grail_pipeline.atomic import write_atomically
 from grail_pipeline.errors import UserError
 from grail_pipeline.protocol import PROFILE, ProtocolProfile
 
@@ -204,23 +203,9 @@ def write_window_file(path: str | os.PathLike[str], records: Sequence[Mapping[st
     inference_count is always len(records), and any extra keys (worker_id, partial) are kept as
     strings. The temp name is hidden and does not end in .parquet, so no reader picks it up.
     """
-    final = Path(path)
     table = _window_table(records, metadata)  # conversion errors happen before any file exists
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="snappy", use_dictionary=True, write_statistics=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_atomically(path, lambda fh: pq.write_table(table, fh, compression="snappy", use_dictionary=True,
+                                                      write_statistics=True))
 
 
 def read_window_file(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], dict[str, str]]:

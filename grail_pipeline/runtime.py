@@ -1,0 +1,140 @@
+"""Assembling a pipeline from command-line choices, shared by benchmark, calibrate and mine.
+
+One place decides what "engine X at batch size B" means, so that what the benchmark measures is what
+the daemon runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from grail_pipeline.engines.base import Engine, SamplingParams
+from grail_pipeline.errors import UserError
+from grail_pipeline.lengths import W1_SPEC, LengthProfile, parse_length_profile
+from grail_pipeline.model import LoadedModel, load_model
+from grail_pipeline.model_ref import parse_model_ref
+from grail_pipeline.pipeline import Pipeline, PipelineConfig
+from grail_pipeline.protocol import PROFILE
+from grail_pipeline.prover import BatchedProver, Prover, ReferenceProver
+from grail_pipeline.signing import GroupSigner
+from grail_pipeline.tokenizer import load_tokenizer
+from grail_pipeline.wallet import Signer
+
+ENGINES = ("auto", "hf", "fast")
+DEFAULT_BATCH_SIZES = {"hf": [4], "fast": [256]}
+FULL_BATCH_SIZES = {"hf": [1, 2, 4, 8, 16], "fast": [64, 128, 256, 512]}
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
+    """The flags every command that runs the pipeline shares."""
+    parser.add_argument("--model", default=default_model,
+                        help="hub id, local directory, or dummy:qwen2.5-3b / dummy:qwen2.5-0.5b / dummy:tiny")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="hf = transformers generate (the reference method); fast = continuous batching "
+                             "with CUDA graphs; auto = fast on a GPU, hf on the CPU")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=PROFILE.sampling.max_new_tokens)
+    parser.add_argument("--length-profile", default=None,
+                        help=f"lognormal:MEDIAN:SIGMA:MIN:MAX, fixed:N or natural; default {W1_SPEC} "
+                             "(the W1 workload) for dummy models, natural for real weights")
+    parser.add_argument("--max-prompt-tokens", type=positive_int, default=512,
+                        help="longest prompt the fast engine reserves KV cache for")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be positive")
+    return value
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """A comma-separated list of positive whole numbers."""
+    sizes = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise UserError(f"batch sizes must be positive whole numbers, got '{part or text}'")
+        sizes.append(int(part))
+    return sizes
+
+
+def resolve_engine(kind: str, device: torch.device) -> str:
+    if kind == "auto":
+        return "fast" if device.type == "cuda" else "hf"
+    return kind
+
+
+def length_profile_for(model: str, spec: str | None) -> LengthProfile:
+    """W1 lengths for dummy models (they never stop by themselves), the model's own otherwise."""
+    if spec is None:
+        spec = W1_SPEC if parse_model_ref(model).is_dummy else "natural"
+    return parse_length_profile(spec)
+
+
+@dataclass
+class Runtime:
+    """A loaded model and tokenizer, able to build engines, provers and pipelines on demand."""
+
+    loaded: LoadedModel
+    tokenizer: PreTrainedTokenizerBase
+    engine_kind: str
+    sampling: SamplingParams
+    lengths: LengthProfile
+    max_prompt_tokens: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Runtime":
+        lengths = length_profile_for(args.model, args.length_profile)
+        longest = lengths.longest
+        if longest is not None and longest > args.max_new_tokens:
+            raise UserError(f"length profile '{lengths.spec}' draws up to {longest} tokens, "
+                            f"more than --max-new-tokens {args.max_new_tokens}")
+        tokenizer = load_tokenizer(args.model)
+        loaded = load_model(args.model, args.device)
+        sampling = SamplingParams(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  max_new_tokens=args.max_new_tokens)
+        return cls(loaded, tokenizer, resolve_engine(args.engine, loaded.device), sampling, lengths,
+                   args.max_prompt_tokens)
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if self.engine_kind == "fast" and batch_size < PROFILE.rollouts_per_problem:
+            raise UserError(f"the fast engine's batch size is its number of decode slots and must be at least "
+                            f"{PROFILE.rollouts_per_problem} (one problem's rollouts); got {batch_size}")
+
+    def engine(self, batch_size: int) -> Engine:
+        if self.engine_kind == "hf":
+            from grail_pipeline.engines.hf import HFEngine
+
+            return HFEngine(self.loaded, self.sampling, min(batch_size, PROFILE.rollouts_per_problem))
+        from grail_pipeline.engines.fast import FastEngine
+
+        return FastEngine(self.loaded, self.sampling, slots=batch_size, max_prompt_tokens=self.max_prompt_tokens)
+
+    def prover(self) -> Prover:
+        return ReferenceProver(self.loaded) if self.engine_kind == "hf" else BatchedProver(self.loaded)
+
+    def pipeline_config(self) -> PipelineConfig:
+        # the reference method handles one problem at a time with nothing overlapped
+        return PipelineConfig(max_in_flight=1) if self.engine_kind == "hf" else PipelineConfig()
+
+    def pipeline(self, engine: Engine, signer: Signer) -> Pipeline:
+        sign = GroupSigner(self.tokenizer, signer, self.loaded.name)
+        return Pipeline(engine, self.prover(), sign, self.pipeline_config())
