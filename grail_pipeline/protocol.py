@@ -82,6 +82,7 @@ class ProtocolProfile:
     sat: SatRules = field(default_factory=SatRules)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     system_prompt: str = SYSTEM_PROMPT
+    env_seed_domain: bytes = b"seed|"  # problem seed = sha256(domain + b"hotkey:block_hash:index")[:4 bytes]
 
     @property
     def window_seconds(self) -> float:
