@@ -116,7 +116,7 @@ def prover_parts(loaded, prover, comps, prompt, r) -> dict:
     out = {}
     for budget in (8192, 16384, 32768):
         prover.max_batch_tokens = budget
-        batches = prover._batches(seqs)
+        batches = prover.batches([len(x) for x in seqs])
         padded = sum(len(b) * len(seqs[b[0]]) for b in batches)
         def fwd():
             for b in batches:
@@ -127,7 +127,6 @@ def prover_parts(loaded, prover, comps, prompt, r) -> dict:
         out[f"padding_waste_budget{budget}"] = 1 - sum(map(len, seqs)) / padded
     h = torch.randn(sum(map(len, seqs)), 2048, device="cuda", dtype=torch.bfloat16)
     out["sketch_ms"] = timed(lambda: sketch_hidden(h, r), reps=3)
-    hs = torch.randn(1, len(seqs[0]), 2048, device="cuda", dtype=torch.bfloat16)
     n_comp = sum(map(len, comps))
     states = torch.randn(n_comp, 2048, device="cuda", dtype=torch.bfloat16)
     tgt = torch.randint(0, 151000, (n_comp,), device="cuda")

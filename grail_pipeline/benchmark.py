@@ -42,6 +42,7 @@ from grail_pipeline.windows import WindowSpec
 # Problems are derived for a fixed, well-known hotkey so every machine benchmarks the same workload.
 BENCHMARK_HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
 WARMUP_INDEX_OFFSET = 1_000_000
+WARMUP_MAX_TOKENS = 64
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--full-benchmark", action="store_true",
                    help="every batch size: 1,2,4,8,16 for hf; 64,128,256,512 for fast")
     p.add_argument("--seed", type=int, default=42, help="seed of the benchmark's window (problems, randomness)")
-    p.add_argument("--warmup-problems", type=int, default=1, help="untimed problems before each batch size")
+    p.add_argument("--warmup-problems", type=int, default=1,
+                   help=f"untimed problems before each batch size (lengths capped at {WARMUP_MAX_TOKENS} tokens)")
     p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks)
     p.add_argument("--block-time", type=positive_float, default=PROFILE.block_time_s, help="seconds per block")
     p.add_argument("--verify", type=int, nargs="?", const=16, default=0, metavar="N",
@@ -161,9 +163,14 @@ def sample_groups(num_problems: int, sample_size: int) -> set[int]:
     return {round(i * (num_problems - 1) / max(1, groups - 1)) for i in range(groups)}
 
 
-async def _tasks(runtime: Runtime, window: WindowContext, indices: range) -> AsyncIterator[ProblemTask]:
+async def _tasks(runtime: Runtime, window: WindowContext, indices: range,
+                 cap: int | None = None) -> AsyncIterator[ProblemTask]:
+    """The run's problems; `cap` shortens target lengths (warm-up only needs every kernel once)."""
     for index in indices:
-        yield make_task(window, index, BENCHMARK_HOTKEY, runtime.tokenizer, runtime.lengths)
+        task = make_task(window, index, BENCHMARK_HOTKEY, runtime.tokenizer, runtime.lengths)
+        if cap is not None:
+            task.targets = [None if t is None else min(t, cap) for t in task.targets]
+        yield task
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -200,7 +207,8 @@ def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_pr
                 warm = BatchResult(batch_size=batch_size)
                 pipeline = runtime.pipeline(engine, signer)
                 indices = range(WARMUP_INDEX_OFFSET, WARMUP_INDEX_OFFSET + warmup_problems)
-                anyio.run(pipeline.run, _tasks(runtime, window, indices), BenchmarkSink(warm, None, set(), 0))
+                anyio.run(pipeline.run, _tasks(runtime, window, indices, cap=WARMUP_MAX_TOKENS),
+                          BenchmarkSink(warm, None, set(), 0))
                 engine.reset_stats()
             pipeline = runtime.pipeline(engine, signer)
             sink = BenchmarkSink(result, progress, sample_groups(num_problems, verify), verify)

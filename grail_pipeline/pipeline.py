@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from grail_pipeline.engines.base import Engine, EndOfRequests, GroupRequest, GroupResult
-from grail_pipeline.prover import Prover
+from grail_pipeline.prover import ProofJob, Prover
 from grail_pipeline.tasks import ProblemTask, ProvedGroup, SignedGroup
 
 
@@ -32,6 +32,7 @@ class PipelineConfig:
     sign_queue: int = 8
     sink_queue: int = 16
     sign_workers: int = 4
+    proof_pool: int = 4  # groups proved together when they are waiting (fewer pads, bigger batches)
     max_in_flight: int | None = None
 
 
@@ -134,19 +135,31 @@ class Pipeline:
 
     async def _proving(self, receive: ObjectReceiveStream[GroupResult],
                        send: ObjectSendStream[ProvedGroup]) -> None:
-        def work() -> None:
-            while True:
+        def take() -> list[GroupResult] | None:
+            """The next group, plus whatever else is already waiting (up to proof_pool in all)."""
+            try:
+                results = [anyio.from_thread.run(receive.receive)]
+            except anyio.EndOfStream:
+                return None
+            while len(results) < self.config.proof_pool:
                 try:
-                    result = anyio.from_thread.run(receive.receive)
-                except anyio.EndOfStream:
-                    return
-                task: ProblemTask = result.request.key
+                    results.append(anyio.from_thread.run_sync(receive.receive_nowait))
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+            return results
+
+        def work() -> None:
+            while (results := take()) is not None:
+                tasks: list[ProblemTask] = [r.request.key for r in results]
                 t0 = time.perf_counter()
-                proofs = self.prover.prove(task.prompt_ids, result.completions, task.window.randomness)
+                proofs = self.prover.prove_many(
+                    [ProofJob(t.prompt_ids, r.completions, t.window.randomness) for t, r in zip(tasks, results)])
                 seconds = time.perf_counter() - t0
                 self.times.prove += seconds
-                anyio.from_thread.run(send.send, ProvedGroup(task, result.completions, proofs, result.seconds, seconds))
-                self._note_depth("sign", send)
+                for task, result, group_proofs in zip(tasks, results, proofs):
+                    proved = ProvedGroup(task, result.completions, group_proofs, result.seconds, seconds / len(results))
+                    anyio.from_thread.run(send.send, proved)
+                    self._note_depth("sign", send)
 
         async with receive, send:
             await anyio.to_thread.run_sync(work)

@@ -9,6 +9,7 @@ on the device; its pass rate against the validator's method is measured, not ass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,15 @@ class RolloutProof:
     token_logprobs: list[float]  # 0.0 for prompt positions, then one per completion token
 
 
+@dataclass
+class ProofJob:
+    """One group to prove: its prompt, its completions and the window's proof randomness."""
+
+    prompt_ids: Sequence[int]
+    completions: Sequence[Sequence[int]]
+    randomness_hex: str
+
+
 class Prover(ABC):
     name: str = "base"
 
@@ -35,9 +45,12 @@ class Prover(ABC):
         self.loaded = loaded
 
     @abstractmethod
+    def prove_many(self, jobs: Sequence[ProofJob]) -> list[list[RolloutProof]]:
+        """Proofs for several groups, each list in the order of that group's completions."""
+
     def prove(self, prompt_ids: Sequence[int], completions: Sequence[Sequence[int]],
               randomness_hex: str) -> list[RolloutProof]:
-        """Proofs for one group, in the order of `completions`."""
+        return self.prove_many([ProofJob(prompt_ids, completions, randomness_hex)])[0]
 
 
 class ReferenceProver(Prover):
@@ -45,14 +58,16 @@ class ReferenceProver(Prover):
 
     name = "reference"
 
+    def prove_many(self, jobs: Sequence[ProofJob]) -> list[list[RolloutProof]]:
+        return [self._prove_group(job) for job in jobs]
+
     @torch.inference_mode()
-    def prove(self, prompt_ids: Sequence[int], completions: Sequence[Sequence[int]],
-              randomness_hex: str) -> list[RolloutProof]:
-        r = r_vec(randomness_hex).to(self.loaded.device)
+    def _prove_group(self, job: ProofJob) -> list[RolloutProof]:
+        r = r_vec(job.randomness_hex).to(self.loaded.device)
+        prompt_len = len(job.prompt_ids)
         proofs = []
-        prompt_len = len(prompt_ids)
-        for completion in completions:
-            tokens = list(prompt_ids) + list(completion)
+        for completion in job.completions:
+            tokens = list(job.prompt_ids) + list(completion)
             hidden, logits = validator_forward(self.loaded.model, tokens)
             sketches, indices = sketch_hidden(hidden, r)
             cpu_logits = logits.to("cpu")
@@ -63,76 +78,106 @@ class ReferenceProver(Prover):
         return proofs
 
 
+@dataclass
+class _Row:
+    job: int
+    index: int
+    tokens: list[int]
+    prompt_len: int
+
+
 class BatchedProver(Prover):
-    """Right-padded batches of whole rollouts; commitments and logprobs computed on the device."""
+    """Right-padded batches of whole rollouts from one or more groups, on a CUDA stream of its own.
+
+    Rollouts of all groups handed over together are sorted by length and cut into batches of at most
+    `max_batch_tokens` padded tokens in which no row is more than `max_waste` shorter than the longest,
+    so that little compute goes to padding.
+    """
 
     name = "batched"
 
-    def __init__(self, loaded: LoadedModel, max_batch_tokens: int = 16384, logit_chunk: int = 2048) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch_tokens: int = 16384, max_waste: float = 0.12,
+                 logit_chunk: int = 2048) -> None:
         super().__init__(loaded)
         self.max_batch_tokens = max_batch_tokens
+        self.max_waste = max_waste
         self.logit_chunk = logit_chunk
         self.decoder = loaded.model.get_decoder()
         self.lm_head = loaded.model.get_output_embeddings()
+        self.stream = torch.cuda.Stream(loaded.device) if loaded.device.type == "cuda" else None
 
     @torch.inference_mode()
-    def prove(self, prompt_ids: Sequence[int], completions: Sequence[Sequence[int]],
-              randomness_hex: str) -> list[RolloutProof]:
-        r = r_vec(randomness_hex).to(self.loaded.device)
-        sequences = [list(prompt_ids) + list(c) for c in completions]
-        proofs: list[RolloutProof | None] = [None] * len(sequences)
-        for batch in self._batches(sequences):
-            for i, proof in zip(batch, self._prove_batch([sequences[i] for i in batch], len(prompt_ids), r)):
-                proofs[i] = proof
-        return [p for p in proofs if p is not None]
+    def prove_many(self, jobs: Sequence[ProofJob]) -> list[list[RolloutProof]]:
+        rows = [_Row(j, i, list(job.prompt_ids) + list(c), len(job.prompt_ids))
+                for j, job in enumerate(jobs) for i, c in enumerate(job.completions)]
+        out: list[list[RolloutProof | None]] = [[None] * len(job.completions) for job in jobs]
+        r_vecs = {h: r_vec(h).to(self.loaded.device) for h in {job.randomness_hex for job in jobs}}
+        stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        with stream:
+            for batch in self.batches([len(row.tokens) for row in rows]):
+                members = [rows[k] for k in batch]
+                r = [r_vecs[jobs[row.job].randomness_hex] for row in members]
+                for row, proof in zip(members, self._prove_batch(members, r)):
+                    out[row.job][row.index] = proof
+        return [[p for p in group if p is not None] for group in out]
 
-    def _batches(self, sequences: list[list[int]]) -> list[list[int]]:
-        """Indices grouped longest first so that padding stays small and each batch fits the budget."""
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    def batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Indices grouped longest first: within the token budget and the padding bound."""
         batches: list[list[int]] = []
-        for i in order:
-            width = len(sequences[batches[-1][0]]) if batches else 0
-            if batches and (len(batches[-1]) + 1) * width <= self.max_batch_tokens:
-                batches[-1].append(i)
-            else:
-                batches.append([i])
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            if batches:
+                width = lengths[batches[-1][0]]
+                fits = (len(batches[-1]) + 1) * width <= self.max_batch_tokens
+                if fits and lengths[i] >= (1.0 - self.max_waste) * width:
+                    batches[-1].append(i)
+                    continue
+            batches.append([i])
         return batches
 
-    def _prove_batch(self, sequences: list[list[int]], prompt_len: int, r: torch.Tensor) -> list[RolloutProof]:
+    def _prove_batch(self, rows: list[_Row], r_vecs: list[torch.Tensor]) -> list[RolloutProof]:
         device = self.loaded.device
-        lengths = [len(s) for s in sequences]
+        lengths = [len(row.tokens) for row in rows]
         width = max(lengths)
-        ids = torch.full((len(sequences), width), 0, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.tensor(seq)
-        ids = ids.to(device, non_blocking=True)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, row in enumerate(rows):
+            ids[b, : lengths[b]] = torch.tensor(row.tokens)
+            valid[b, : lengths[b]] = True
+        pin = device.type == "cuda"
+        ids = (ids.pin_memory() if pin else ids).to(device, non_blocking=True)
+        valid = (valid.pin_memory() if pin else valid).to(device, non_blocking=True)
         hidden = self.decoder(input_ids=ids).last_hidden_state  # causal only: padding sits after every real token
-        valid = torch.zeros((len(sequences), width), dtype=torch.bool)
-        for row, n in enumerate(lengths):
-            valid[row, :n] = True
-        valid = valid.to(device, non_blocking=True)
-        sketches, indices = sketch_hidden(hidden[valid], r)
-        logprobs = self._completion_logprobs(hidden, ids, lengths, prompt_len)
+        flat = hidden[valid]
+        sketches, indices = self._sketch_rows(flat, lengths, r_vecs)
+        logprobs = self._completion_logprobs(hidden, ids, rows)
         sketches, indices, logprobs = sketches.cpu(), indices.cpu(), logprobs.cpu()
         proofs, pos, lp_pos = [], 0, 0
-        for n in lengths:
-            c = n - prompt_len
-            proofs.append(RolloutProof(
-                sketches[pos:pos + n], indices[pos:pos + n],
-                [0.0] * prompt_len + logprobs[lp_pos:lp_pos + c].tolist(),
-            ))
+        for row, n in zip(rows, lengths):
+            c = n - row.prompt_len
+            proofs.append(RolloutProof(sketches[pos:pos + n], indices[pos:pos + n],
+                                       [0.0] * row.prompt_len + logprobs[lp_pos:lp_pos + c].tolist()))
             pos += n
             lp_pos += c
         return proofs
 
-    def _completion_logprobs(self, hidden: torch.Tensor, ids: torch.Tensor, lengths: list[int],
-                             prompt_len: int) -> torch.Tensor:
+    @staticmethod
+    def _sketch_rows(flat: torch.Tensor, lengths: list[int],
+                     r_vecs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sketches of every position; one call per distinct randomness (usually one per batch)."""
+        if all(r is r_vecs[0] for r in r_vecs):
+            return sketch_hidden(flat, r_vecs[0])
+        parts = [sketch_hidden(chunk, r) for chunk, r in zip(flat.split(lengths), r_vecs)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _completion_logprobs(self, hidden: torch.Tensor, ids: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """log_softmax(logits[p-1])[token_p] for every completion token, in chunks, on the device."""
-        rows = torch.cat([torch.full((n - prompt_len,), b, dtype=torch.long) for b, n in enumerate(lengths)])
-        cols = torch.cat([torch.arange(prompt_len, n, dtype=torch.long) for n in lengths])
-        rows, cols = rows.to(ids.device), cols.to(ids.device)
-        states = hidden[rows, cols - 1]
-        targets = ids[rows, cols]
+        index_rows = torch.cat([torch.full((len(r.tokens) - r.prompt_len,), b, dtype=torch.long)
+                                for b, r in enumerate(rows)])
+        index_cols = torch.cat([torch.arange(r.prompt_len, len(r.tokens), dtype=torch.long) for r in rows])
+        index_rows = index_rows.to(ids.device, non_blocking=True)
+        index_cols = index_cols.to(ids.device, non_blocking=True)
+        states = hidden[index_rows, index_cols - 1]
+        targets = ids[index_rows, index_cols]
         out = torch.empty(len(targets), dtype=torch.float32, device=ids.device)
         for start in range(0, len(targets), self.logit_chunk):
             sl = slice(start, start + self.logit_chunk)

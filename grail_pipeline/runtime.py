@@ -133,7 +133,7 @@ class Runtime:
 
     def pipeline_config(self) -> PipelineConfig:
         # the reference method handles one problem at a time with nothing overlapped
-        return PipelineConfig(max_in_flight=1) if self.engine_kind == "hf" else PipelineConfig()
+        return PipelineConfig(max_in_flight=1, proof_pool=1) if self.engine_kind == "hf" else PipelineConfig()
 
     def pipeline(self, engine: Engine, signer: Signer) -> Pipeline:
         sign = GroupSigner(self.tokenizer, signer, self.loaded.name)

@@ -81,6 +81,7 @@ class EngineStats:
     prefill_seconds: float = 0.0
     occupied_slot_steps: int = 0  # sum over decode steps of active sequences
     slot_steps: int = 0  # sum over decode steps of the batch width
+    context_tokens: int = 0  # sum over occupied slot-steps of the context attended (KV read)
     extra: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -95,6 +96,7 @@ class EngineStats:
             "prefill_seconds": round(self.prefill_seconds, 4),
             "batch_occupancy": round(self.occupancy, 4),
             "step_ms": round(1000 * self.decode_seconds / self.decode_steps, 3) if self.decode_steps else 0.0,
+            "mean_context": round(self.context_tokens / self.occupied_slot_steps, 1) if self.occupied_slot_steps else 0.0,
         }
         out.update(self.extra)
         return out

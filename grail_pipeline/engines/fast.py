@@ -87,6 +87,7 @@ class FastEngine(Engine):
         first_step = np.zeros(s, dtype=np.int64)  # the first step whose token belongs to the occupant
         count = np.zeros(s, dtype=np.int64)
         limit = np.zeros(s, dtype=np.int64)
+        prompt_len = np.zeros(s, dtype=np.int64)
         out = np.zeros((s, self.sampling.max_new_tokens), dtype=np.int64)
         eos = self.sampling.eos_token_id
         waiting: GroupRequest | None = None
@@ -96,13 +97,12 @@ class FastEngine(Engine):
 
         def admit(request: GroupRequest) -> None:
             taken = [free.pop(0) for _ in range(request.num_samples)]
-            t0 = time.perf_counter()
-            slot_tensor = torch.tensor(taken, dtype=torch.long, device=self.runner.device)
-            self.runner.prefill(request.prompt_ids, slot_tensor)
             targets = [t or 0 for t in request.targets]
-            self.runner.set_targets(slot_tensor, torch.tensor(targets, dtype=torch.long, device=self.runner.device))
+            t0 = time.perf_counter()
+            self.runner.admit(request.prompt_ids, taken, targets)
             self.stats.prefill_seconds += time.perf_counter() - t0
             group = _Group(request, taken, time.perf_counter())
+            prompt_len[taken] = len(request.prompt_ids)
             for slot, target in zip(taken, targets):
                 owner[slot] = group
                 first_step[slot] = step
@@ -116,6 +116,7 @@ class FastEngine(Engine):
             count[idx] += 1
             self.stats.generated_tokens += len(idx)
             self.stats.occupied_slot_steps += len(idx)
+            self.stats.context_tokens += int((prompt_len[idx] + count[idx]).sum())
             done = idx[(tokens[idx] == eos) | (count[idx] >= limit[idx])]
             if not len(done):
                 return
@@ -127,6 +128,7 @@ class FastEngine(Engine):
                 if len(group.completions) == len(group.slots):
                     emit(GroupResult(group.request, [group.completions[i] for i in group.slots],
                                      seconds=time.perf_counter() - group.started))
+            self.runner.release(done.tolist())
             free.extend(done.tolist())
             free.sort()
 

@@ -21,6 +21,8 @@ from grail_pipeline.engines.decode_attention import decode_attention
 from grail_pipeline.engines.sampler import apply_target_lengths, penalize_repeats, sample_top_k_top_p
 from grail_pipeline.errors import UserError
 
+PREFILL_ALIGN = 64
+
 
 @dataclass
 class LayerWeights:
@@ -130,6 +132,8 @@ class SlotRunner:
         self.seen = torch.zeros((slots, self.vocab), dtype=torch.bool, device=device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self._true = torch.ones((), dtype=torch.bool, device=device)  # a device scalar keeps the step capturable
+        self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self._pre, self._post, self._head = self._kernels(compile_step)
 
     def _layer(self, layer: torch.nn.Module) -> LayerWeights:
@@ -157,29 +161,72 @@ class SlotRunner:
                 torch.compile(head_and_sample, **opts))
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int], slots: torch.Tensor) -> None:
-        """Cache the prompt (all but its last token) once into every slot of `slots`, reset their state."""
-        n = len(prompt_ids) - 1
-        ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
-        if n > 0:
-            x = self.embed[ids[:n]]
-            cos, sin = self.cos[:n], self.sin[:n]
-            for i, w in enumerate(self.layers):
-                q, k, v = pre_attention(x, w.ln1, w.qkv_w, w.qkv_b, cos, sin, self.eps, self.n_q, self.n_kv,
-                                        self.head_dim)
-                k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
-                self.k_cache[i][slots, :, :n] = k_t.unsqueeze(0)
-                self.v_cache[i][slots, :, :n] = v_t.unsqueeze(0)
-                attn = F.scaled_dot_product_attention(q.transpose(0, 1), k_t, v_t, is_causal=True, enable_gqa=True)
-                x = post_attention(attn.transpose(0, 1), x, w.o_w, w.ln2, w.gate_up_w, w.down_w, self.eps)
-        self.tokens[slots] = ids[n]
-        self.positions[slots] = n
-        self.generated[slots] = 0
-        self.seen[slots] = False
-        self.seen[slots[:, None], ids[None, :]] = True
+    def admit(self, prompt_ids: list[int], slots: list[int], targets: list[int]) -> None:
+        """Prefill a prompt once into every slot of `slots` and reset their decode state.
 
-    def set_targets(self, slots: torch.Tensor, targets: torch.Tensor) -> None:
-        self.targets[slots] = targets
+        The prompt's last token is left for the first decode step, whose logits give every rollout its
+        own first sample. The prefill runs over the prompt padded to a multiple of 64 (causal attention
+        keeps padding out of the real positions; decode overwrites the padded positions before it reads
+        them), so on a GPU each padded width is one CUDA graph, replayed for every problem.
+        """
+        n = len(prompt_ids) - 1
+        width = min(self.max_len - 1, -(-max(n, 1) // PREFILL_ALIGN) * PREFILL_ALIGN)
+        padded = list(prompt_ids) + [prompt_ids[-1]] * (width + 1 - len(prompt_ids))
+        packed = torch.tensor(padded + [n] + list(slots) + list(targets), dtype=torch.long)
+        if self.device.type == "cuda":
+            packed = packed.pin_memory()  # an async copy: the host does not wait for queued decode steps
+        key = (width, len(slots))
+        if self.device.type == "cuda":
+            graph, static = self._prefill_graph(key)
+            static.copy_(packed, non_blocking=True)
+            graph.replay()
+        else:
+            self._prefill(packed, width, len(slots))
+
+    def release(self, slots: list[int]) -> None:
+        """Park finished slots at position 0, so that until they are refilled they read one key, not hundreds."""
+        index = torch.tensor(slots, dtype=torch.long)
+        if self.device.type == "cuda":
+            index = index.pin_memory()
+        index = index.to(self.device, non_blocking=True)
+        self.positions.index_put_((index,), torch.zeros_like(index))
+
+    def _prefill_graph(self, key: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if key not in self._prefill_graphs:
+            width, group = key
+            static = torch.zeros(width + 2 + 2 * group, dtype=torch.long, device=self.device)
+            static[width + 2:width + 2 + group] = torch.arange(group)  # distinct slots for the warm-up run
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._prefill(static, width, group)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._prefill(static, width, group)
+            self._prefill_graphs[key] = (graph, static)
+        return self._prefill_graphs[key]
+
+    def _prefill(self, packed: torch.Tensor, width: int, group: int) -> None:
+        """The prefill on device tensors only: [prompt padded to width+1, n, slots, targets]."""
+        packed = packed.to(self.device, non_blocking=True)
+        ids, n, slots, targets = packed.split([width + 1, 1, group, group])
+        x = self.embed[ids[:width]]
+        cos, sin = self.cos[:width], self.sin[:width]
+        for i, w in enumerate(self.layers):
+            q, k, v = pre_attention(x, w.ln1, w.qkv_w, w.qkv_b, cos, sin, self.eps, self.n_q, self.n_kv,
+                                    self.head_dim)
+            k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, width, D]
+            self.k_cache[i, :, :, :width].index_put_((slots,), k_t.unsqueeze(0).expand(group, -1, -1, -1))
+            self.v_cache[i, :, :, :width].index_put_((slots,), v_t.unsqueeze(0).expand(group, -1, -1, -1))
+            attn = F.scaled_dot_product_attention(q.transpose(0, 1), k_t, v_t, is_causal=True, enable_gqa=True)
+            x = post_attention(attn.transpose(0, 1), x, w.o_w, w.ln2, w.gate_up_w, w.down_w, self.eps)
+        self.tokens.index_put_((slots,), ids.index_select(0, n).expand(group))
+        self.positions.index_put_((slots,), n.expand(group))
+        self.generated.index_put_((slots,), torch.zeros_like(slots))
+        self.targets.index_put_((slots,), targets)
+        self.seen.index_put_((slots,), ~self._true)
+        self.seen.index_put_((slots[:, None], ids[None, :]), self._true)
 
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
