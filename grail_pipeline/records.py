@@ -186,12 +186,20 @@ def _decode(row: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
     return row
 
 
-def _window_table(records: Sequence[Mapping[str, Any]], metadata: Mapping[str, object]) -> pa.Table:
+def records_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Records as rows of INFERENCE_SCHEMA, without window metadata.
+
+    A window's groups can be converted as they arrive (Arrow holds them far more compactly than the
+    record dicts) and concatenated in file order for write_window_table.
+    """
+    return pa.Table.from_pylist([_encode(r, INFERENCE_SCHEMA) for r in records], schema=INFERENCE_SCHEMA)
+
+
+def _with_metadata(table: pa.Table, metadata: Mapping[str, object]) -> pa.Table:
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise ValueError(f"window metadata needs {missing}")
-    meta = {"timestamp": time.time(), **metadata, "inference_count": len(records)}
-    table = pa.Table.from_pylist([_encode(r, INFERENCE_SCHEMA) for r in records], schema=INFERENCE_SCHEMA)
+    meta = {"timestamp": time.time(), **metadata, "inference_count": table.num_rows}
     return table.replace_schema_metadata({str(k): str(v) for k, v in meta.items()})
 
 
@@ -203,7 +211,14 @@ def write_window_file(path: str | os.PathLike[str], records: Sequence[Mapping[st
     inference_count is always len(records), and any extra keys (worker_id, partial) are kept as
     strings. The temp name is hidden and does not end in .parquet, so no reader picks it up.
     """
-    table = _window_table(records, metadata)  # conversion errors happen before any file exists
+    write_window_table(path, records_table(records), metadata)  # conversion errors happen before any file exists
+
+
+def write_window_table(path: str | os.PathLike[str], table: pa.Table, metadata: Mapping[str, object]) -> None:
+    """write_window_file for rows already converted with records_table (and concatenated in file order)."""
+    if not table.schema.remove_metadata().equals(INFERENCE_SCHEMA):
+        raise ValueError("window table does not have the GRAIL window schema")
+    table = _with_metadata(table, metadata)
     write_atomically(path, lambda fh: pq.write_table(table, fh, compression="snappy", use_dictionary=True,
                                                       write_statistics=True))
 
