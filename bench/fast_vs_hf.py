@@ -85,10 +85,11 @@ def main() -> None:
         runtime.engine_kind = engine
         for size in (int(s) for s in sizes.split(",")):
             result = measure_batch_size(runtime, signer, size, problems, warmup, window, verify, progress=None)
-            row = dict(engine=engine, **result.as_dict())
+            row = dict(engine_kind=engine, **result.as_dict())
             if engine == "fast" and result.ok:
                 row["roofline"] = roofline(row, weight_bytes, bandwidth)
             rows[engine].append(row)
+            print(json.dumps(row, default=str), flush=True)
             print(f"{engine} batch {size}: {result.status} {result.rollouts_per_s:.2f} roll/s, "
                   f"{result.tokens_per_s:.0f} tok/s, peak {result.gpu_reserved_gb:.1f} GB reserved "
                   f"({result.gpu_process_gb} GB process), start-up {result.startup_seconds:.1f} s, "
