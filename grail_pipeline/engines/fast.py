@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,7 +65,7 @@ class FastEngine(Engine):
     name = "fast"
 
     def __init__(self, loaded: LoadedModel, sampling: SamplingParams, slots: int, max_prompt_tokens: int = 512,
-                 compile_step: bool | None = None, cuda_graphs: bool | None = None) -> None:
+                 compile_step: bool | None = None, cuda_graphs: bool | None = None, lag: int = 3) -> None:
         super().__init__()
         on_gpu = loaded.device.type == "cuda"
         self.sampling = sampling
@@ -76,8 +77,10 @@ class FastEngine(Engine):
                                  compile_step=on_gpu if compile_step is None else compile_step)
         self._graph = _StepGraph(self.runner, use_graph=on_gpu if cuda_graphs is None else cuda_graphs)
         self.startup_seconds = time.perf_counter() - t0
-        self._pinned = [torch.zeros(slots, dtype=torch.long, pin_memory=on_gpu) for _ in range(2)]
-        self._events = [torch.cuda.Event() if on_gpu else None for _ in range(2)]
+        # steps in flight ahead of the host: the GPU stays fed while the host waits for the interpreter lock
+        self.lag = lag
+        self._pinned = [torch.zeros(slots, dtype=torch.long, pin_memory=on_gpu) for _ in range(self.lag + 1)]
+        self._events = [torch.cuda.Event() if on_gpu else None for _ in range(self.lag + 1)]
 
     def run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
         s = self.slots
@@ -93,7 +96,8 @@ class FastEngine(Engine):
         waiting: GroupRequest | None = None
         feed_open = True
         step = 0
-        pending: int | None = None  # the launched step whose tokens are not read yet
+        pending: deque[int] = deque()  # launched steps whose tokens are not read yet, oldest first
+        ring = len(self._pinned)
 
         def admit(request: GroupRequest) -> None:
             taken = [free.pop(0) for _ in range(request.num_samples)]
@@ -134,7 +138,7 @@ class FastEngine(Engine):
 
         while True:
             while True:  # admit as many waiting groups as there are free slots for
-                idle = not occupied.any() and pending is None
+                idle = not occupied.any() and not pending
                 if waiting is None and feed_open:
                     try:
                         waiting = feed.next(wait=idle)
@@ -146,25 +150,25 @@ class FastEngine(Engine):
                     break
                 admit(waiting)
                 waiting = None
-            if not occupied.any() and pending is None:
+            if not occupied.any() and not pending:
                 if not feed_open and waiting is None:
                     return
                 continue
             t0 = time.perf_counter()
-            launched = None
             if occupied.any():
                 tokens = self._graph()
-                self._pinned[step % 2].copy_(tokens, non_blocking=True)
-                if self._events[step % 2] is not None:
-                    self._events[step % 2].record()
-                launched, step = step, step + 1
+                self._pinned[step % ring].copy_(tokens, non_blocking=True)
+                if self._events[step % ring] is not None:
+                    self._events[step % ring].record()
+                pending.append(step)
+                step += 1
                 self.stats.decode_steps += 1
                 self.stats.slot_steps += s
-            if pending is not None:
-                if self._events[pending % 2] is not None:
-                    self._events[pending % 2].synchronize()
-                retire(self._pinned[pending % 2].numpy(), pending)
-            pending = launched
+            while pending and (len(pending) > self.lag or not occupied.any()):
+                oldest = pending.popleft()
+                if self._events[oldest % ring] is not None:
+                    self._events[oldest % ring].synchronize()
+                retire(self._pinned[oldest % ring].numpy(), oldest)
             self.stats.decode_seconds += time.perf_counter() - t0
 
     def _check(self, request: GroupRequest) -> None:

@@ -1,0 +1,127 @@
+"""Do the batched prover's sketches equal the validator's own, and does concurrent decoding change that?
+
+For W1-shaped rollouts (real SAT prompts, random completions of W1 lengths) it compares, per position,
+the prover's sketch with the sketch the validator computes from its own unbatched forward at the
+prover's indices: exact equality and the v1 tolerance. Variants: pooled length-sorted batches, one
+rollout per forward, each alone and while the fast engine decodes in another thread.
+
+    python bench/proof_exactness.py --groups 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+
+import torch
+
+from grail_pipeline.engines.base import GroupRequest, SamplingParams
+from grail_pipeline.engines.fast import FastEngine
+from grail_pipeline.lengths import W1_SPEC, parse_length_profile
+from grail_pipeline.model import load_model
+from grail_pipeline.proof import r_vec, sketch_at_indices, sketch_distance
+from grail_pipeline.protocol import PROFILE
+from grail_pipeline.prover import BatchedProver, ProofJob
+from grail_pipeline.tasks import WindowContext, make_task
+from grail_pipeline.tokenizer import builtin_tokenizer
+from grail_pipeline.verifier import validator_forward
+
+EOS = 151645
+
+
+def jobs_for(groups: int, seed: int) -> list[ProofJob]:
+    tok = builtin_tokenizer()
+    window = WindowContext(0, "0x" + "ab" * 32, "cd" * 32)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(groups):
+        task = make_task(window, seed + i, "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY", tok,
+                         parse_length_profile(W1_SPEC))
+        comps = [torch.randint(0, 151000, (t - 1,), generator=g).tolist() + [EOS] for t in task.targets]
+        out.append(ProofJob(task.prompt_ids, comps, window.randomness))
+    return out
+
+
+def reference_hidden(model, jobs: list[ProofJob]) -> list[list[torch.Tensor]]:
+    """The validator's last hidden states, computed once with nothing else on the GPU."""
+    with torch.inference_mode():
+        return [[validator_forward(model, list(job.prompt_ids) + list(c))[0] for c in job.completions]
+                for job in jobs]
+
+
+def compare(reference: list[list[torch.Tensor]], jobs: list[ProofJob], proofs) -> dict:
+    r = r_vec(jobs[0].randomness_hex).cuda()
+    equal = passed = total = rollouts_exact = 0
+    for ref_group, group in zip(reference, proofs):
+        for hidden, proof in zip(ref_group, group):
+            own = sketch_at_indices(hidden, proof.indices.cuda(), r).cpu()
+            dist = sketch_distance(own, proof.sketches)
+            tol = torch.tensor([PROFILE.sketch_tolerance_at(p) for p in range(len(own))])
+            equal += int((dist == 0).sum())
+            passed += int((dist <= tol).sum())
+            total += len(own)
+            rollouts_exact += int(bool((dist == 0).all()))
+    return dict(positions=total, exact=equal / total, within_tolerance=passed / total,
+                rollouts_exact=rollouts_exact, rollouts=sum(len(j.completions) for j in jobs))
+
+
+def decode_in_background(loaded, stop: threading.Event) -> threading.Thread:
+    engine = FastEngine(loaded, SamplingParams(eos_token_id=EOS, pad_token_id=151643), slots=256,
+                        max_prompt_tokens=384)
+    lengths = parse_length_profile(W1_SPEC)
+
+    def work() -> None:
+        n = 0
+        while not stop.is_set():
+            reqs = [GroupRequest(n + i, list(range(1000, 1280)), lengths.targets(n + i, 16)) for i in range(16)]
+            engine.generate(reqs)
+            n += 16
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--groups", type=int, default=4)
+    args = p.parse_args()
+    loaded = load_model("dummy:qwen2.5-3b", "cuda")
+    jobs = jobs_for(args.groups, seed=11)
+    reference = reference_hidden(loaded.model, jobs)
+    variants = {
+        "pooled_waste12": BatchedProver(loaded),
+        "pooled_budget16k_nowaste": BatchedProver(loaded, max_waste=1.0),
+        "one_per_forward": BatchedProver(loaded, max_batch_tokens=1),
+    }
+    report: dict = dict(sdpa=dict(flash=torch.backends.cuda.flash_sdp_enabled(),
+                                  cudnn=torch.backends.cuda.cudnn_sdp_enabled(),
+                                  mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled()))
+    for concurrent in (False, True):
+        stop = threading.Event()
+        thread = decode_in_background(loaded, stop) if concurrent else None
+        if concurrent:
+            time.sleep(20)  # compile, capture, reach steady decoding
+        for name, prover in variants.items():
+            prover.prove_many(jobs[:1])  # warm
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            proofs = prover.prove_many(jobs)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            key = f"{name}{'_while_decoding' if concurrent else ''}"
+            report[key] = dict(seconds=seconds, ms_per_rollout=1000 * seconds / sum(len(j.completions) for j in jobs),
+                               **compare(reference, jobs, proofs))
+            print(key, json.dumps(report[key]), flush=True)
+        if thread is not None:
+            stop.set()
+            thread.join(timeout=120)
+    with open(os.path.join(os.environ.get("OUT", "."), "proof_exactness.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
