@@ -83,7 +83,7 @@ def main() -> None:
             ("hf", args.hf_batch_sizes, args.hf_problems, args.hf_warmup, args.hf_verify)]
     for engine, sizes, problems, warmup, verify in plan:
         runtime.engine_kind = engine
-        for size in (int(s) for s in sizes.split(",")):
+        for size in (int(s) for s in sizes.split(",") if s):
             result = measure_batch_size(runtime, signer, size, problems, warmup, window, verify, progress=None)
             row = dict(engine_kind=engine, **result.as_dict())
             if engine == "fast" and result.ok:

@@ -14,7 +14,7 @@ from grail_pipeline.errors import UserError
 
 # Each module (grail_pipeline.<name>) provides `register(subparsers)`, which adds its parser and sets
 # `func(args) -> int`.
-COMMAND_MODULES: tuple[str, ...] = ("benchmark",)
+COMMAND_MODULES: tuple[str, ...] = ("benchmark", "mine", "verify", "calibrate", "pm2")
 
 
 class OneLineParser(argparse.ArgumentParser):
