@@ -1,0 +1,213 @@
+"""calibrate: the real sweep on the CPU with dummy:tiny, the stop rules and the choice, and calibration.yaml
+(merging GPU kinds, locking, one-line errors)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grail_pipeline.benchmark import BatchResult
+from grail_pipeline.calibrate import MAX_FAST_SLOTS, MIN_GAIN, Row, choose, default_sizes, problems_for, sweep
+from grail_pipeline.calibration import load_calibrations, read_choice, save_entry
+from grail_pipeline.cli import main
+from grail_pipeline.errors import UserError
+
+FAST_CPU = ["--model", "dummy:tiny", "--device", "cpu", "--length-profile", "fixed:16", "--max-new-tokens", "16",
+            "--warmup-problems", "0", "--num-problems", "1"]
+OTHER_NODE = """\
+# an H100 node's calibration, copied here by the operator
+kind: grail-pipeline-calibration
+format: 1
+calibrations:
+  NVIDIA H100 80GB HBM3:
+    hf:
+      model: dummy:qwen2.5-3b
+      engine: hf
+      attention: sdpa
+      gpu: {name: NVIDIA H100 80GB HBM3, total_memory_gb: 85.0}
+      workload: {max_new_tokens: 1024, length_profile: "lognormal:400:0.5:32:1024"}
+      chosen: {batch_size: 16}
+"""
+
+
+def calibrate(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        rc = main(["calibrate", *argv])
+    except SystemExit as exc:  # argparse errors
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cpu_calibration_adds_to_the_file(tmp_path, capsys) -> None:
+    path = tmp_path / "calibration.yaml"
+    path.write_text(OTHER_NODE)
+    rc, out, err = calibrate(capsys, *FAST_CPU, "--batch-sizes", "16,8", "--memory-gb", "64",
+                             "--calibration", str(path))
+    assert rc == 0, err
+    calibrations = load_calibrations(path)
+    assert read_choice(calibrations, path, "NVIDIA H100 80GB HBM3", "hf").batch_size == 16  # kept
+    entry = calibrations["cpu"]["hf"]
+    rows = entry["rows"]
+    assert [r["batch_size"] for r in rows] == [8, 16]  # measured smallest first
+    assert all(r["status"] == "ok" and r["rollouts"] == 16 and r["rollouts_per_s"] > 0 for r in rows)
+    assert all(0.1 < r["peak_gb"] < 64 and r["reason"] for r in rows)
+    fastest = max(rows, key=lambda r: r["rollouts_per_s"])
+    assert entry["chosen"]["batch_size"] == fastest["batch_size"] and fastest["verdict"] == "chosen"
+    assert [r["verdict"] for r in rows].count("chosen") == 1
+    assert entry["memory"] == {"headroom_gb": 12.0, "budget_gb": 52.0, "peak": entry["memory"]["peak"]}
+    assert "CPU" in entry["memory"]["peak"] and "not GPU memory" in entry["memory"]["peak"]
+    assert entry["gpu"]["name"] == "cpu" and entry["gpu"]["total_memory_gb"] == 64.0
+    assert entry["tool_version"] and entry["created"] and entry["model"] == "dummy:tiny" and entry["engine"] == "hf"
+    assert entry["workload"]["length_profile"] == "fixed:16" and entry["workload"]["max_new_tokens"] == 16
+    choice = read_choice(calibrations, path, "cpu", "hf")
+    assert (choice.batch_size, choice.model, choice.attention) == (fastest["batch_size"], "dummy:tiny", "sdpa")
+    assert "CHOSEN: batch size" in out and "rejected" in out and "high-water" in out
+
+
+def test_nothing_fits_leaves_the_file_alone(tmp_path, capsys) -> None:
+    path = tmp_path / "calibration.yaml"
+    path.write_text(OTHER_NODE)
+    rc, out, _ = calibrate(capsys, *FAST_CPU, "--batch-sizes", "16", "--memory-gb", "0.5", "--headroom-gb", "0.25",
+                           "--calibration", str(path))
+    assert rc == 1
+    assert "peak" in out and "> budget 0.25 GB" in out and "left unchanged" in out
+    assert path.read_text() == OTHER_NODE
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ([], "give --memory-gb"),
+    (["--memory-gb", "8", "--headroom-gb", "8"], "leaves nothing"),
+    (["--memory-gb", "64", "--batch-sizes", "4,x"], "positive whole numbers"),
+    (["--memory-gb", "lots"], "not a number"),
+    (["--memory-gb", "64", "--headroom-gb", "-1"], "must be positive"),
+    (["--memory-gb", "64", "--engine", "fast", "--batch-sizes", "8"], "at least 16"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, message) -> None:
+    rc, out, err = calibrate(capsys, *FAST_CPU, *flags, "--calibration", str(tmp_path / "c.yaml"))
+    assert rc == 2 and err.startswith("grail-pipeline calibrate: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "c.yaml").exists()
+
+
+def test_corrupt_calibration_file_is_refused_before_the_sweep(tmp_path, capsys) -> None:
+    path = tmp_path / "calibration.yaml"
+    path.write_text("calibrations: [not, a, mapping")
+    rc, out, err = calibrate(capsys, *FAST_CPU, "--memory-gb", "8", "--calibration", str(path))
+    assert rc == 2 and "not valid YAML" in err and out == ""
+
+
+# --- the sweep's rules, fed measurements as a GPU would give them (no GPU here) ---------------------------------
+
+
+def measurements(table: dict[int, tuple[str, float, float]]):
+    """A stand-in for measuring on a GPU: batch size -> (status, rollouts/s, peak GB)."""
+    asked: list[int] = []
+
+    def measure(size: int) -> Row:
+        asked.append(size)
+        status, rate, peak = table[size]
+        result = BatchResult(batch_size=size, status=status)
+        if status == "ok":
+            result.rollouts, result.seconds = 1000, 1000 / rate
+        return Row(result, peak if status == "ok" else None)
+
+    return measure, asked
+
+
+def test_doubling_stops_at_oom() -> None:
+    measure, asked = measurements({16: ("ok", 20, 30), 32: ("ok", 38, 40), 64: ("ok", 60, 50), 128: ("OOM", 0, 0),
+                                   256: ("ok", 99, 60)})
+    rows = sweep(measure, default_sizes("fast"), budget_gb=68, grow=True)
+    assert asked == [16, 32, 64, 128]  # nothing after the OOM
+    assert choose(rows, 68).batch_size == 64
+    reasons = {r.batch_size: r.reason for r in rows}
+    assert reasons[128].startswith("OOM") and reasons[64].startswith("fastest that fits: peak 50.00 GB")
+    assert reasons[16] == "slower: 20.00 rollouts/s < 60.00 at batch 64"
+
+
+def test_doubling_stops_over_budget_and_chooses_the_best_that_fits() -> None:
+    measure, asked = measurements({1: ("ok", 1, 10), 2: ("ok", 2, 11), 4: ("ok", 3, 90), 8: ("ok", 9, 9)})
+    rows = sweep(measure, default_sizes("hf"), budget_gb=68, grow=True)
+    assert asked == [1, 2, 4]  # batch 4 already exceeds the budget: larger ones would too
+    assert choose(rows, 68).batch_size == 2  # 4 is faster, but does not fit
+    assert rows[2].reason == "peak 90.00 GB > budget 68.00 GB"
+
+
+def test_doubling_stops_when_gains_stop() -> None:
+    flat = 1 + MIN_GAIN / 2
+    measure, asked = measurements({1: ("ok", 1, 10), 2: ("ok", 2, 10), 4: ("ok", 2 * flat, 10), 8: ("ok", 9, 10)})
+    rows = sweep(measure, default_sizes("hf"), budget_gb=68, grow=True)
+    assert asked == [1, 2, 4]
+    assert choose(rows, 68).batch_size == 4  # still the fastest measured
+
+
+def test_a_listed_sweep_measures_every_size_until_memory_runs_out() -> None:
+    measure, asked = measurements({1: ("ok", 5, 10), 2: ("ok", 4, 10), 4: ("ok", 3, 10), 8: ("OOM", 0, 0),
+                                   16: ("ok", 1, 1)})
+    rows = sweep(measure, [1, 2, 4, 8, 16], budget_gb=68, grow=False)
+    assert asked == [1, 2, 4, 8]  # slower sizes are still measured; the OOM ends it
+    assert choose(rows, 68).batch_size == 1
+
+
+def test_nothing_fits() -> None:
+    measure, _ = measurements({1: ("ok", 5, 80), 2: ("OOM", 0, 0)})
+    rows = sweep(measure, [1, 2], budget_gb=68, grow=False)
+    assert choose(rows, 68) is None and all(r.verdict == "rejected" and r.reason for r in rows)
+
+
+def test_sizes_and_work() -> None:
+    assert list(default_sizes("hf")) == [1, 2, 4, 8, 16]
+    fast = list(default_sizes("fast"))
+    assert fast[0] == 16 and fast[-1] == MAX_FAST_SLOTS and all(b == 2 * a for a, b in zip(fast, fast[1:]))
+    assert [problems_for(b, None) for b in (1, 16, 256)] == [2, 2, 32]  # two fills of the batch
+    assert problems_for(256, 3) == 3
+
+
+# --- calibration.yaml ------------------------------------------------------------------------------------------
+
+
+def test_entries_of_other_gpu_kinds_and_engines_are_kept(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    base = dict(model="m", attention="sdpa", workload=dict(max_new_tokens=8, length_profile="fixed:8"))
+    save_entry(path, dict(base, gpu=dict(name="A"), engine="hf", chosen=dict(batch_size=4)))
+    save_entry(path, dict(base, gpu=dict(name="A"), engine="fast", chosen=dict(batch_size=256)))
+    save_entry(path, dict(base, gpu=dict(name="B"), engine="hf", chosen=dict(batch_size=8)))
+    save_entry(path, dict(base, gpu=dict(name="A"), engine="hf", chosen=dict(batch_size=2)))  # recalibrated
+    calibrations = load_calibrations(path)
+    assert {(g, e): read_choice(calibrations, path, g, e).batch_size for g in ("A", "B")
+            for e in calibrations[g]} == {("A", "hf"): 2, ("A", "fast"): 256, ("B", "hf"): 8}
+    assert yaml.safe_load(path.read_text())["kind"] == "grail-pipeline-calibration"
+
+
+def test_concurrent_writers_lose_nothing(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    kinds = [f"GPU {i}" for i in range(12)]
+    threads = [threading.Thread(target=save_entry, args=(path, dict(gpu=dict(name=k), engine="hf")))
+               for k in kinds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(load_calibrations(path)) == sorted(kinds)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_file_that_is_not_ours_is_not_overwritten(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("someone: else's file\n")
+    with pytest.raises(UserError, match="not a grail-pipeline calibration file"):
+        save_entry(path, dict(gpu=dict(name="A"), engine="hf"))
+    assert path.read_text() == "someone: else's file\n"
+
+
+def test_read_errors_name_the_file_and_field(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    save_entry(path, dict(gpu=dict(name="A"), engine="hf", model="m", attention="sdpa",
+                          workload=dict(max_new_tokens="many", length_profile="fixed:8"), chosen=dict(batch_size=4)))
+    calibrations = load_calibrations(path)
+    with pytest.raises(UserError, match=r"c.yaml: A / hf: workload.max_new_tokens must be a whole number"):
+        read_choice(calibrations, Path(path), "A", "hf")
