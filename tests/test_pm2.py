@@ -1,0 +1,347 @@
+"""emit-pm2: the ecosystem file loaded by real Node.js, bad input as one line, the template in an
+installed package, and a dry-run fleet started and stopped under real PM2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import yaml
+from bittensor_wallet import Keypair, Wallet
+
+from grail_pipeline.calibration import save_entry
+from grail_pipeline.cli import COMMAND_MODULES, main
+from grail_pipeline.records import read_window_file
+
+REPO = Path(__file__).resolve().parent.parent
+PM2_DIR = Path(__file__).resolve().parent / "pm2"
+H100, A100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
+WALLET = ["--wallet-cold", "cold", "--wallet-hot", "hot"]
+
+
+def need(tool: str) -> str:
+    """A tool the test cannot do without: skipped on a developer box, a failure in CI."""
+    path = shutil.which(tool)
+    if path is None:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{tool} is not installed")
+    return path
+
+
+def entry(gpu: str, engine: str, batch_size: int, attention: str = "sdpa", model: str = "dummy:qwen2.5-3b",
+          max_new_tokens: int = 1024, length_profile: str = "lognormal:400:0.5:32:1024") -> dict:
+    """The fields emit-pm2 reads, as `calibrate` writes them."""
+    return dict(gpu=dict(name=gpu, total_memory_gb=85.0), model=model, engine=engine, attention=attention,
+                workload=dict(max_new_tokens=max_new_tokens, length_profile=length_profile),
+                rows=[dict(batch_size=batch_size, status="ok")], chosen=dict(batch_size=batch_size))
+
+
+@pytest.fixture
+def calibration(tmp_path: Path) -> Path:
+    """A node with H100s and A100s, both calibrated with hf, the H100 also with the fast engine."""
+    path = tmp_path / "calibration.yaml"
+    save_entry(path, entry(H100, "hf", 16))
+    save_entry(path, entry(H100, "fast", 256))
+    save_entry(path, entry(A100, "hf", 8, attention="flash_attention_2"))
+    return path
+
+
+def emit(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        rc = main(["emit-pm2", *argv])
+    except SystemExit as exc:  # argparse errors
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def load_apps(text: str, tmp_path: Path) -> list[dict]:
+    """The file as PM2 sees it: required by Node.js, apps returned as JSON."""
+    path = tmp_path / "ecosystem.config.js"
+    path.write_text(text)
+    script = "process.stdout.write(JSON.stringify(require(process.argv[1]).apps))"
+    out = subprocess.run([need("node"), "-e", script, str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_mixed_node_for_grail(calibration, tmp_path, capsys) -> None:
+    gpus = ["--gpus", "0,1,2", "--gpu-kind", f"{H100},{H100},{A100}"]
+    rc, out, err = emit(capsys, "--calibration", str(calibration), *gpus, *WALLET, "--cwd", str(tmp_path),
+                        "--env", "GRAIL_REDIS_URL=redis://hub:6379/0")
+    assert rc == 0, err
+    apps = load_apps(out, tmp_path)
+    assert [a["name"] for a in apps] == ["grail-miner-0", "grail-miner-1", "grail-miner-2"]
+    for gpu, (app, batch, flash) in enumerate(zip(apps, ("16", "16", "8"), ("0", "0", "1"), strict=True)):
+        assert app["script"] == str(tmp_path / ".venv/bin/grail") and app["args"] == ["mine"]
+        assert app["interpreter"] == "none" and app["cwd"] == str(tmp_path)
+        assert app["env"] == {
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(gpu), "GRAIL_WORKER_ID": str(gpu),
+            "GRAIL_TOTAL_WORKERS": "3", "GRAIL_GENERATION_BATCH_SIZE": batch, "GRAIL_USE_FLASH_ATTENTION": flash,
+            "GRAIL_MINER_SAFETY_BLOCKS": "6", "BT_WALLET_COLD": "cold", "BT_WALLET_HOT": "hot",
+            "TOKENIZERS_PARALLELISM": "false", "GRAIL_REDIS_URL": "redis://hub:6379/0"}
+        assert app["kill_timeout"] > 60_000  # above the daemon's default drain of 60 s
+        assert app["max_memory_restart"] == "80G" and app["autorestart"] is True
+        assert app["exp_backoff_restart_delay"] > 0 and app["stop_exit_codes"] == [0]
+        assert app["out_file"] == str(tmp_path / "logs" / f"grail-miner-{gpu}.out.log")
+        assert app["error_file"] == str(tmp_path / "logs" / f"grail-miner-{gpu}.err.log")
+        assert app["log_date_format"]
+    assert "does not exist here" in err  # .venv/bin/grail is not in tmp_path
+
+
+def test_nodes_cover_every_worker_once(calibration, tmp_path, capsys) -> None:
+    seen = []
+    for node in range(3):
+        rc, out, err = emit(capsys, "--calibration", str(calibration), "--gpus", "0,1", "--gpu-kind", H100, *WALLET,
+                            "--node-index", str(node), "--nodes", "3", "--gpus-per-node", "2")
+        assert rc == 0, err
+        apps = load_apps(out, tmp_path)
+        assert {a["env"]["GRAIL_TOTAL_WORKERS"] for a in apps} == {"6"}
+        assert [a["env"]["CUDA_VISIBLE_DEVICES"] for a in apps] == ["0", "1"]
+        seen += [int(a["env"]["GRAIL_WORKER_ID"]) for a in apps]
+    assert seen == list(range(6))
+
+
+def test_dry_run_target(calibration, tmp_path, capsys) -> None:
+    rc, out, err = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "3,1",
+                        "--gpu-kind", H100, *WALLET, "--cwd", str(tmp_path), "--block-time", "0.5",
+                        "--drain-timeout", "20", "--wallet-path", str(tmp_path / "wallets"))
+    assert rc == 0, err
+    apps = load_apps(out, tmp_path)
+    assert [a["name"] for a in apps] == ["grail-dry-run-0", "grail-dry-run-1"]
+    geneses = set()
+    for app, gpu in zip(apps, ("3", "1"), strict=True):
+        assert app["script"] == sys.executable
+        args = app["args"]
+        assert args[:4] == ["-m", "grail_pipeline", "mine", "--dry-run"]
+        flags = dict(zip(args[4::2], args[5::2], strict=True))
+        assert flags["--engine"] == "fast" and flags["--model"] == "dummy:qwen2.5-3b"  # fast preferred when calibrated
+        assert flags["--length-profile"] == "lognormal:400:0.5:32:1024" and flags["--max-new-tokens"] == "1024"
+        assert flags["--out-dir"] == str(tmp_path / "dry-run") and flags["--drain-timeout"] == "20"
+        geneses.add(flags["--genesis"])
+        assert app["kill_timeout"] > 20_000
+        env = app["env"]
+        assert env["CUDA_VISIBLE_DEVICES"] == gpu and env["GRAIL_GENERATION_BATCH_SIZE"] == "256"
+        assert env["GRAIL_BLOCK_TIME"] == "0.5" and env["BT_WALLET_PATH"] == str(tmp_path / "wallets")
+    assert len(geneses) == 1 and abs(float(geneses.pop()) - time.time()) < 60  # one clock for the whole fleet
+    rc, out, _ = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "0",
+                      "--gpu-kind", H100, "--engine", "hf", *WALLET)
+    assert load_apps(out, tmp_path)[0]["env"]["GRAIL_GENERATION_BATCH_SIZE"] == "16"
+
+
+HOSTILE = ["it's \"quoted\"", "back\\slash `${process.exit(3)}`", "line\nbreak\u2028sep", "</script><!-- */ //",
+           "ünïcödé ✓ 鍵", "'); require('child_process').execSync('touch PWNED'); ('"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_values_are_escaped_for_javascript(calibration, tmp_path, capsys, value) -> None:
+    cwd = tmp_path / value.replace("\n", "_").replace("/", "_")
+    rc, out, err = emit(capsys, "--calibration", str(calibration), "--gpus", "0", "--gpu-kind", H100,
+                        "--wallet-cold", value, "--wallet-hot", value, "--cwd", str(cwd), "--env", f"EXTRA={value}")
+    assert rc == 0, err
+    (app,) = load_apps(out, tmp_path)
+    assert app["env"]["BT_WALLET_COLD"] == value and app["env"]["EXTRA"] == value and app["cwd"] == str(cwd)
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+def test_gpu_kind_in_file_with_odd_characters(tmp_path, capsys) -> None:
+    kind = "Weird 'GPU' \"X\" */ </script>"
+    path = tmp_path / "calibration.yaml"
+    save_entry(path, entry(kind, "hf", 4))
+    rc, out, err = emit(capsys, "--calibration", str(path), "--gpus", "0", "--gpu-kind", kind, *WALLET)
+    assert rc == 0, err
+    assert load_apps(out, tmp_path)[0]["env"]["GRAIL_GENERATION_BATCH_SIZE"] == "4"
+
+
+def _corrupt(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def _set_batch(path: Path, value: object) -> None:
+    data = yaml.safe_load(path.read_text())
+    data["calibrations"][H100]["hf"]["chosen"]["batch_size"] = value
+    path.write_text(yaml.safe_dump(data))
+
+
+BAD = [
+    (["--calibration", "missing.yaml"], None, "does not exist"),
+    ([], lambda p: _corrupt(p, "kind: [unclosed"), "not valid YAML"),
+    ([], lambda p: _corrupt(p, "just: text\n"), "not a grail-pipeline calibration file"),
+    ([], lambda p: _corrupt(p, "\x00\xff"), "calibration"),
+    ([], lambda p: _set_batch(p, "sixteen"), "chosen.batch_size must be a whole number"),
+    ([], lambda p: _set_batch(p, 0), "chosen.batch_size must be a whole number"),
+    ([], lambda p: _set_batch(p, 4.5), "chosen.batch_size must be a whole number"),
+    (["--gpu-kind", "NVIDIA RTX 4090"], None, "'NVIDIA RTX 4090' is not in"),
+    (["--gpus", ""], None, "--gpus is empty"),
+    (["--gpus", "0,1,0"], None, "GPU 0 more than once"),
+    (["--gpus", "0,x"], None, "whole numbers"),
+    (["--gpus", "0,-1"], None, "whole numbers"),
+    (["--gpu-kind", f"{H100},{H100},{H100}"], None, "3 names for 2 GPUs"),
+    (["--node-index", "x"], None, "invalid int value"),
+    (["--nodes", "0"], None, "must be at least 1"),
+    (["--nodes", "two"], None, "not a whole number"),
+    (["--node-index", "2", "--nodes", "2"], None, "not in 0..1"),
+    (["--gpus-per-node", "8"], None, "every node must run"),
+    (["--wallet-hot", ""], None, "needs a wallet"),
+    (["--env", "NOVALUE"], None, "KEY=VALUE"),
+    (["--env", "1BAD=x"], None, "KEY=VALUE"),
+    (["--max-memory-restart", "lots"], None, "size like 80G"),
+    (["--drain-timeout", "soon"], None, "not a number"),
+    (["--name-prefix", "a b/c"], None, "--name-prefix"),
+    (["--out-dir", "x"], None, "for --target dry-run"),
+    (["--target", "prod"], None, "invalid choice"),
+]
+
+
+@pytest.mark.parametrize(("flags", "damage", "message"), BAD, ids=[b[2] + "|" + " ".join(b[0]) for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(calibration, capsys, monkeypatch, flags, damage, message) -> None:
+    monkeypatch.chdir(calibration.parent)
+    if damage is not None:
+        damage(calibration)
+    base = ["--calibration", str(calibration), "--gpus", "0,1", "--gpu-kind", H100, *WALLET]
+    rc, out, err = emit(capsys, *base, *flags)
+    assert rc == 2 and out == ""
+    assert err.startswith("grail-pipeline emit-pm2: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_grail_needs_an_hf_calibration(tmp_path, capsys) -> None:
+    path = tmp_path / "calibration.yaml"
+    save_entry(path, entry(H100, "fast", 256))
+    rc, _, err = emit(capsys, "--calibration", str(path), "--gpus", "0", "--gpu-kind", H100, *WALLET)
+    assert rc == 2 and "no 'hf' calibration" in err and "--engine hf" in err
+
+
+def test_gpu_detection_off_the_gpu(calibration, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    rc, _, err = emit(capsys, "--calibration", str(calibration), *WALLET)
+    assert rc == 2 and "no GPU detected here" in err  # this test machine has none
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    rc, _, err = emit(capsys, "--calibration", str(calibration), "--gpus", "0", *WALLET)
+    assert rc == 2 and "CUDA_VISIBLE_DEVICES is set" in err
+
+
+def test_every_subpackage_is_packaged() -> None:
+    """pyproject lists packages explicitly (for the templates mapping): a new subpackage must be added."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = set(config["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "grail_pipeline").rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert on_disk <= packages
+    assert config["package-dir"]["grail_pipeline.templates"] == "templates"
+    assert (REPO / "templates" / "ecosystem.config.js.j2").is_file()
+
+
+@pytest.mark.slow
+def test_installed_package_renders_the_template(calibration, tmp_path) -> None:
+    """`pip install .` (no deps, using this environment's packages) ships the template as package data."""
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "node_modules", "tests", "bench",
+                                                                "*.egg-info", "build", "__pycache__", ".*cache"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = subprocess.run([venv / "bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # this environment's packages, appended after the venv's own (a .pth line adds a path; it does not run
+    # the .pth files there, so the editable checkout's import hook stays out)
+    Path(site, "outer.pth").write_text(next(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "--no-deps",
+                    "--no-build-isolation", "--no-index", "-q", str(source)], check=True, timeout=300,
+                   capture_output=True)
+    shutil.rmtree(source)
+    run = subprocess.run([venv / "bin/python", "-m", "grail_pipeline", "emit-pm2", "--calibration", str(calibration),
+                          "--gpus", "0", "--gpu-kind", H100, *WALLET],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    where = subprocess.run([venv / "bin/python", "-c", "import grail_pipeline.templates as t; print(t.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    assert where.startswith(site)
+    assert load_apps(run.stdout, tmp_path)[0]["env"]["GRAIL_GENERATION_BATCH_SIZE"] == "16"
+
+
+# --- the dry-run fleet under real PM2 -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pm2_bin() -> Path:
+    """PM2 from tests/pm2/package-lock.json, installed with `npm ci` on first use."""
+    binary = PM2_DIR / "node_modules" / ".bin" / "pm2"
+    if not binary.exists():
+        need("node")
+        subprocess.run([need("npm"), "ci", "--no-audit", "--no-fund"], cwd=PM2_DIR, check=True, capture_output=True,
+                       timeout=600)
+    return binary
+
+
+def _wallet(root: Path) -> str:
+    """A real unencrypted hotkey under `root`; returns its address."""
+    hotkey = Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
+    wallet = Wallet(name="fleet-cold", hotkey="fleet-hot", path=str(root))
+    wallet.set_coldkeypub(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), overwrite=True)
+    wallet.set_hotkey(hotkey, encrypt=False, overwrite=True)
+    return hotkey.ss58_address
+
+
+def _logs(logs: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.log")))
+
+
+@pytest.mark.slow
+def test_dry_run_fleet_under_pm2(tmp_path, capsys, pm2_bin) -> None:
+    if "mine" not in COMMAND_MODULES or find_spec("grail_pipeline.mine") is None:
+        pytest.skip("`grail-pipeline mine` is not registered yet")
+    hotkey = _wallet(tmp_path / "wallets")
+    calibration = tmp_path / "calibration.yaml"
+    save_entry(calibration, entry("cpu", "hf", 16, model="dummy:tiny", max_new_tokens=24, length_profile="fixed:20"))
+    rc, out, err = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "0,1",
+                        "--gpu-kind", "cpu", "--wallet-cold", "fleet-cold", "--wallet-hot", "fleet-hot",
+                        "--wallet-path", str(tmp_path / "wallets"), "--cwd", str(tmp_path), "--safety-blocks", "1",
+                        "--block-time", "0.5", "--drain-timeout", "30", "--env", "OMP_NUM_THREADS=1")
+    assert rc == 0, err
+    config = tmp_path / "ecosystem.config.js"
+    config.write_text(out)
+    logs, out_dir = tmp_path / "logs", tmp_path / "dry-run"
+    logs.mkdir()
+    env = {**os.environ, "PM2_HOME": str(tmp_path / "pm2-home")}
+    for key in ("BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH", "CUDA_VISIBLE_DEVICES"):
+        env.pop(key, None)
+
+    def pm2(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(pm2_bin), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    def windows(worker: int) -> list[Path]:
+        return sorted(out_dir.glob(f"{hotkey}-window-*-worker-{worker}.parquet"))
+
+    try:
+        started = pm2("start", str(config))
+        assert started.returncode == 0, started.stdout + started.stderr
+        deadline = time.monotonic() + 150
+        while not (windows(0) and windows(1)):
+            procs = json.loads(pm2("jlist").stdout)
+            assert all(p["pm2_env"]["status"] == "online" and p["pm2_env"]["restart_time"] == 0 for p in procs), \
+                _logs(logs)
+            assert time.monotonic() < deadline, "no window file from every worker:\n" + _logs(logs)
+            time.sleep(1)
+        stopped = pm2("stop", str(config), timeout=90)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        procs = json.loads(pm2("jlist").stdout)
+        assert sorted(p["name"] for p in procs) == ["grail-dry-run-0", "grail-dry-run-1"]
+        assert all(p["pm2_env"]["status"] == "stopped" for p in procs), _logs(logs)
+    finally:
+        pm2("kill")
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
+    for worker in (0, 1):
+        for path in windows(worker):
+            records, _ = read_window_file(path)
+            assert records and all(r["hotkey"] == hotkey for r in records)
+        status = json.loads((out_dir / f"status-worker-{worker}.json").read_text())
+        assert status["worker_id"] == worker and status["total_workers"] == 2
+        assert status["state"] == "stopped" and status["windows_written"] == len(windows(worker)), status
