@@ -235,7 +235,7 @@ def build_context(args: argparse.Namespace) -> dict:
     if args.target == "grail" and not os.path.exists(apps[0]["script"]):
         print(f"grail-pipeline emit-pm2: warning: {apps[0]['script']} does not exist here", file=sys.stderr)
     return dict(version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), target=args.target,
-                command=shlex.join(["grail-pipeline", *sys.argv[1:]]), calibration=os.path.abspath(args.calibration),
+                command=shlex.join(["grail-pipeline", *sys.argv[1:]]), calibration=args.calibration,
                 node_index=args.node_index, nodes=args.nodes, total_workers=total, log_dir=log_dir, apps=apps)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -227,6 +228,17 @@ def test_gpu_detection_off_the_gpu(calibration, capsys, monkeypatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     rc, _, err = emit(capsys, "--calibration", str(calibration), "--gpus", "0", *WALLET)
     assert rc == 2 and "CUDA_VISIBLE_DEVICES is set" in err
+
+
+def test_deploy_example_is_what_emit_pm2_renders(capsys, monkeypatch, tmp_path) -> None:
+    """deploy/ecosystem.example.config.js must not drift from the template; its header holds the command."""
+    example = (REPO / "deploy" / "ecosystem.example.config.js").read_text()
+    command = json.loads(example.splitlines()[1].removeprefix("//").strip())
+    monkeypatch.chdir(REPO / "deploy")
+    rc, out, err = emit(capsys, *shlex.split(command)[2:])
+    assert rc == 0, err
+    assert out.splitlines()[2:] == example.splitlines()[2:]  # all but the time and the command line
+    assert len(load_apps(example, tmp_path)) == 4
 
 
 def test_every_subpackage_is_packaged() -> None:
