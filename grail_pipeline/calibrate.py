@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -27,7 +28,7 @@ from grail_pipeline import __version__
 from grail_pipeline.benchmark import BatchResult, benchmark_window, measure_batch_size
 from grail_pipeline.calibration import CPU_KIND, load_calibrations, save_entry
 from grail_pipeline.errors import UserError
-from grail_pipeline.gpu import describe_gpus, driver_version
+from grail_pipeline.gpu import driver_version
 from grail_pipeline.model import resolve_device
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.runtime import Runtime, add_runtime_arguments, parse_batch_sizes, positive_float, positive_int
@@ -181,8 +182,9 @@ def memory_budget(args: argparse.Namespace) -> Budget:
     """Total memory (the GPU's, or --memory-gb) and what is left after the headroom."""
     device = resolve_device(args.device)
     if device.type == "cuda":
-        gpu = describe_gpus()[device.index or 0]
-        name, total, source = gpu.name, gpu.total_gb, "device"
+        # device properties need no CUDA context, so the node's other (maybe mining) GPUs are left alone
+        props = torch.cuda.get_device_properties(device.index or 0)
+        name, total, source = props.name, props.total_memory / 1e9, "device"
     else:
         if args.memory_gb is None:
             raise UserError("on the CPU there is no GPU memory to budget: give --memory-gb (e.g. --memory-gb 32)")

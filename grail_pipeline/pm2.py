@@ -124,9 +124,9 @@ def gpu_kinds(gpus: list[int] | None, kinds: str | None) -> list[tuple[int, str]
         raise UserError("CUDA_VISIBLE_DEVICES is set, so detected GPU indices are not the node's: unset it, "
                         "or give --gpus and --gpu-kind")
     os.environ["CUDA_DEVICE_ORDER"] = DEVICE_ORDER
-    from grail_pipeline.gpu import describe_gpus  # imports torch: only when detecting
+    import torch  # names and count need no CUDA context: the GPUs of a running fleet are left alone
 
-    detected = {g.index: g.name for g in describe_gpus()}
+    detected = {i: torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
     if not detected:
         raise UserError("no GPU detected here: give --gpus and --gpu-kind (the GPU name in the calibration file)")
     for gpu in gpus or []:

@@ -256,8 +256,8 @@ def test_every_subpackage_is_packaged() -> None:
 def test_installed_package_renders_the_template(calibration, tmp_path) -> None:
     """`pip install .` (no deps, using this environment's packages) ships the template as package data."""
     source = tmp_path / "src"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "node_modules", "tests", "bench",
-                                                                "*.egg-info", "build", "__pycache__", ".*cache"))
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "node_modules", "tests", "bench", "*.egg-info",
+                                                                "build", "__pycache__"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = subprocess.run([venv / "bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
