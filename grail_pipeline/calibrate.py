@@ -277,7 +277,8 @@ def _entry(args: argparse.Namespace, runtime: Runtime, budget: Budget, rows: lis
         memory=dict(headroom_gb=budget.headroom_gb, budget_gb=round(budget.budget_gb, 3), peak=peak_source),
         workload=dict(problems_per_size=args.num_problems or f"max({MIN_PROBLEMS}, two fills of the batch)",
                       warmup_problems=args.warmup_problems, rollouts_per_problem=PROFILE.rollouts_per_problem,
-                      max_new_tokens=args.max_new_tokens, length_profile=runtime.lengths.spec, seed=args.seed),
+                      max_new_tokens=args.max_new_tokens, max_prompt_tokens=runtime.max_prompt_tokens,
+                      length_profile=runtime.lengths.spec, seed=args.seed),
         sweep="listed: " + ",".join(map(str, explicit)) if explicit is not None
         else f"doubling; stops at OOM, over budget, or < {MIN_GAIN:.0%} gain",
         rows=[r.as_dict() for r in rows],

@@ -41,6 +41,7 @@ class Choice:
     attention: str
     model: str
     max_new_tokens: int
+    max_prompt_tokens: int
     length_profile: str
 
 
@@ -113,6 +114,7 @@ def read_choice(calibrations: Mapping[str, Any], path: str | os.PathLike[str], g
                   attention=_field(entry, "attention", str, where),
                   model=_field(entry, "model", str, where),
                   max_new_tokens=_field(entry, "workload.max_new_tokens", int, where),
+                  max_prompt_tokens=_field(entry, "workload.max_prompt_tokens", int, where),
                   length_profile=_field(entry, "workload.length_profile", str, where))
 
 

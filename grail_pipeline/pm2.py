@@ -204,7 +204,8 @@ def _command(args: argparse.Namespace, cwd: str, worker: Worker, genesis: float)
     choice = worker.choice
     out_dir = os.path.join(cwd, os.path.expanduser(args.out_dir or "dry-run"))
     command = ["-m", "grail_pipeline", "mine", "--dry-run", "--model", choice.model, "--engine", choice.engine,
-               "--max-new-tokens", str(choice.max_new_tokens), "--length-profile", choice.length_profile,
+               "--max-new-tokens", str(choice.max_new_tokens), "--max-prompt-tokens", str(choice.max_prompt_tokens),
+               "--length-profile", choice.length_profile,
                "--out-dir", out_dir, "--drain-timeout", f"{args.drain_timeout:g}", "--genesis", f"{genesis:.3f}"]
     if choice.gpu == CPU_KIND:
         command += ["--device", "cpu"]

@@ -28,7 +28,7 @@ calibrations:
       engine: hf
       attention: sdpa
       gpu: {name: NVIDIA H100 80GB HBM3, total_memory_gb: 85.0}
-      workload: {max_new_tokens: 1024, length_profile: "lognormal:400:0.5:32:1024"}
+      workload: {max_new_tokens: 1024, max_prompt_tokens: 512, length_profile: "lognormal:400:0.5:32:1024"}
       chosen: {batch_size: 16}
 """
 
@@ -63,6 +63,7 @@ def test_cpu_calibration_adds_to_the_file(tmp_path, capsys) -> None:
     assert entry["gpu"]["name"] == "cpu" and entry["gpu"]["total_memory_gb"] == 64.0
     assert entry["tool_version"] and entry["created"] and entry["model"] == "dummy:tiny" and entry["engine"] == "hf"
     assert entry["workload"]["length_profile"] == "fixed:16" and entry["workload"]["max_new_tokens"] == 16
+    assert entry["workload"]["max_prompt_tokens"] == 512
     choice = read_choice(calibrations, path, "cpu", "hf")
     assert (choice.batch_size, choice.model, choice.attention) == (fastest["batch_size"], "dummy:tiny", "sdpa")
     assert "CHOSEN: batch size" in out and "rejected" in out and "high-water" in out
@@ -172,7 +173,8 @@ def test_sizes_and_work() -> None:
 
 def test_entries_of_other_gpu_kinds_and_engines_are_kept(tmp_path) -> None:
     path = tmp_path / "c.yaml"
-    base = dict(model="m", attention="sdpa", workload=dict(max_new_tokens=8, length_profile="fixed:8"))
+    base = dict(model="m", attention="sdpa", workload=dict(max_new_tokens=8, max_prompt_tokens=64,
+                                                             length_profile="fixed:8"))
     save_entry(path, dict(base, gpu=dict(name="A"), engine="hf", chosen=dict(batch_size=4)))
     save_entry(path, dict(base, gpu=dict(name="A"), engine="fast", chosen=dict(batch_size=256)))
     save_entry(path, dict(base, gpu=dict(name="B"), engine="hf", chosen=dict(batch_size=8)))
@@ -207,7 +209,7 @@ def test_a_file_that_is_not_ours_is_not_overwritten(tmp_path) -> None:
 def test_read_errors_name_the_file_and_field(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     save_entry(path, dict(gpu=dict(name="A"), engine="hf", model="m", attention="sdpa",
-                          workload=dict(max_new_tokens="many", length_profile="fixed:8"), chosen=dict(batch_size=4)))
+                          workload=dict(max_new_tokens="many", max_prompt_tokens=64, length_profile="fixed:8"), chosen=dict(batch_size=4)))
     calibrations = load_calibrations(path)
     with pytest.raises(UserError, match=r"c.yaml: A / hf: workload.max_new_tokens must be a whole number"):
         read_choice(calibrations, Path(path), "A", "hf")

@@ -40,7 +40,8 @@ def entry(gpu: str, engine: str, batch_size: int, attention: str = "sdpa", model
           max_new_tokens: int = 1024, length_profile: str = "lognormal:400:0.5:32:1024") -> dict:
     """The fields emit-pm2 reads, as `calibrate` writes them."""
     return dict(gpu=dict(name=gpu, total_memory_gb=85.0), model=model, engine=engine, attention=attention,
-                workload=dict(max_new_tokens=max_new_tokens, length_profile=length_profile),
+                workload=dict(max_new_tokens=max_new_tokens, max_prompt_tokens=512,
+                              length_profile=length_profile),
                 rows=[dict(batch_size=batch_size, status="ok")], chosen=dict(batch_size=batch_size))
 
 
@@ -125,6 +126,7 @@ def test_dry_run_target(calibration, tmp_path, capsys) -> None:
         flags = dict(zip(args[4::2], args[5::2], strict=True))
         assert flags["--engine"] == "fast" and flags["--model"] == "dummy:qwen2.5-3b"  # fast preferred when calibrated
         assert flags["--length-profile"] == "lognormal:400:0.5:32:1024" and flags["--max-new-tokens"] == "1024"
+        assert flags["--max-prompt-tokens"] == "512"  # the fast engine's KV cache, as calibrated
         assert flags["--out-dir"] == str(tmp_path / "dry-run") and flags["--drain-timeout"] == "20"
         geneses.add(flags["--genesis"])
         assert app["kill_timeout"] > 20_000
