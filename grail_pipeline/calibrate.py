@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import resource
 import sys
@@ -30,6 +31,7 @@ from grail_pipeline.calibration import CPU_KIND, load_calibrations, save_entry
 from grail_pipeline.errors import UserError
 from grail_pipeline.gpu import driver_version
 from grail_pipeline.model import resolve_device
+from grail_pipeline.model_ref import parse_model_ref
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.runtime import Runtime, add_runtime_arguments, parse_batch_sizes, positive_float, positive_int
 from grail_pipeline.wallet import load_signer
@@ -261,6 +263,12 @@ def _print_rows(console: Console, rows: list[Row], explicit: list[int] | None, p
     console.print(f"Peak = {peak_source}.", style="dim")
 
 
+def _model_for_workers(model: str) -> str:
+    """The --model value the dry-run workers get: a local directory made absolute (they run in another cwd)."""
+    ref = parse_model_ref(model)
+    return os.path.abspath(ref.raw) if ref.kind == "local" else ref.raw
+
+
 def _entry(args: argparse.Namespace, runtime: Runtime, budget: Budget, rows: list[Row], best: Row,
            peak_source: str, explicit: list[int] | None) -> dict:
     return dict(
@@ -269,7 +277,7 @@ def _entry(args: argparse.Namespace, runtime: Runtime, budget: Budget, rows: lis
         host=platform.node(),
         gpu=dict(name=budget.gpu_name, total_memory_gb=round(budget.total_gb, 3), total_source=budget.total_source,
                  driver=driver_version()),
-        model=args.model,
+        model=_model_for_workers(args.model),
         model_name=runtime.loaded.name,
         engine=runtime.engine_kind,
         attention=runtime.loaded.attn_implementation,

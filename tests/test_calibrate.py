@@ -10,7 +10,16 @@ import pytest
 import yaml
 
 from grail_pipeline.benchmark import BatchResult
-from grail_pipeline.calibrate import MAX_FAST_SLOTS, MIN_GAIN, Row, choose, default_sizes, problems_for, sweep
+from grail_pipeline.calibrate import (
+    MAX_FAST_SLOTS,
+    MIN_GAIN,
+    Row,
+    _model_for_workers,
+    choose,
+    default_sizes,
+    problems_for,
+    sweep,
+)
 from grail_pipeline.calibration import load_calibrations, read_choice, save_entry
 from grail_pipeline.cli import main
 from grail_pipeline.errors import UserError
@@ -213,3 +222,11 @@ def test_read_errors_name_the_file_and_field(tmp_path) -> None:
     calibrations = load_calibrations(path)
     with pytest.raises(UserError, match=r"c.yaml: A / hf: workload.max_new_tokens must be a whole number"):
         read_choice(calibrations, Path(path), "A", "hf")
+
+
+def test_a_local_model_is_recorded_absolute(tmp_path, monkeypatch) -> None:
+    """PM2 workers run in --cwd, not where calibrate ran."""
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _model_for_workers("ckpt") == str(tmp_path / "ckpt")
+    assert _model_for_workers("dummy:tiny") == "dummy:tiny"
