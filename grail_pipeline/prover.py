@@ -9,11 +9,12 @@ on the device; its pass rate against the validator's method is measured, not ass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from grail_pipeline.model import LoadedModel
 from grail_pipeline.proof import r_vec, sketch_hidden
@@ -78,6 +79,37 @@ class ReferenceProver(Prover):
         return proofs
 
 
+@contextmanager
+def row_exact_linears(linears: list[torch.nn.Linear], lengths: list[int]) -> Iterator[None]:
+    """Every projection computed one sequence at a time, in the shape the validator's forward gives it.
+
+    A matrix product's kernel (and with it the rounding of a row) can depend on how many rows the
+    product has: on an H100 with torch 2.11, the MLP down projection of 320-431 rows differs bit-wise
+    from the same rows inside a large batch. The validator runs each rollout alone, so each rollout's
+    rows go through exactly the products of its own length; attention, norms and activations are
+    computed per row anyway and stay batched.
+    """
+    if len(lengths) == 1:
+        yield
+        return
+
+    def exact(module: torch.nn.Linear):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros(*x.shape[:-1], module.out_features)
+            for b, n in enumerate(lengths):
+                out[b, :n] = F.linear(x[b, :n], module.weight, module.bias)
+            return out
+        return forward
+
+    for module in linears:
+        module.forward = exact(module)
+    try:
+        yield
+    finally:
+        for module in linears:
+            del module.forward
+
+
 @dataclass
 class _Row:
     job: int
@@ -103,6 +135,7 @@ class BatchedProver(Prover):
         self.max_waste = max_waste
         self.logit_chunk = logit_chunk
         self.decoder = loaded.model.get_decoder()
+        self.linears = [m for m in self.decoder.modules() if isinstance(m, torch.nn.Linear)]
         self.lm_head = loaded.model.get_output_embeddings()
         self.stream = torch.cuda.Stream(loaded.device) if loaded.device.type == "cuda" else None
 
@@ -146,7 +179,9 @@ class BatchedProver(Prover):
         pin = device.type == "cuda"
         ids = (ids.pin_memory() if pin else ids).to(device, non_blocking=True)
         valid = (valid.pin_memory() if pin else valid).to(device, non_blocking=True)
-        hidden = self.decoder(input_ids=ids).last_hidden_state  # causal only: padding sits after every real token
+        with row_exact_linears(self.linears, lengths):
+            # causal attention only: padding sits after every real token and no real position sees it
+            hidden = self.decoder(input_ids=ids).last_hidden_state
         flat = hidden[valid]
         sketches, indices = self._sketch_rows(flat, lengths, r_vecs)
         logprobs = self._completion_logprobs(hidden, ids, rows)
