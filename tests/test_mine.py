@@ -1,0 +1,316 @@
+"""`grail-pipeline mine --dry-run`: flags and environment, a real daemon on CPU, and stops at random moments.
+
+The daemon runs `dummy:tiny` on the CPU with 0.2 s blocks (6 s windows), with a real unencrypted
+wallet written by bittensor_wallet. Every file it writes is read back and checked; the stop tests
+signal a subprocess at random moments (the seed is in every failure message; set
+GRAIL_TEST_STOP_SEED to replay one) and check that every group the daemon logged as handed to the
+sink is on disk, and that no file under a final name is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from bittensor_wallet import Keypair, Wallet
+
+from grail_pipeline import cli
+from grail_pipeline.clock import simulated_block_hash
+from grail_pipeline.daemon_status import read_status
+from grail_pipeline.mine import default_out_dir, resolve_settings
+from grail_pipeline.model import load_model
+from grail_pipeline.records import read_window_file
+from grail_pipeline.tokenizer import load_tokenizer
+from grail_pipeline.verify import check_window_file
+
+BLOCK_TIME = "0.2"
+FAST = ["--model", "dummy:tiny", "--device", "cpu", "--length-profile", "fixed:16", "--max-new-tokens", "16",
+        "--batch-size", "16", "--warmup-problems", "0", "--block-time", BLOCK_TIME, "--log-level", "debug"]
+SUNK = re.compile(r"sunk window=(\d+) group=(\d+) rollouts=(\d+)( dropped)?")
+STOP_SEED = int(os.environ.get("GRAIL_TEST_STOP_SEED", str(time.time_ns() % 2**32)))
+
+
+@pytest.fixture(scope="module")
+def wallet_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("wallets")
+    wallet = Wallet(name="cold", hotkey="hot", path=str(root))
+    wallet.set_coldkeypub(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), overwrite=True)
+    wallet.set_hotkey(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), encrypt=False, overwrite=True)
+    return {"BT_WALLET_COLD": "cold", "BT_WALLET_HOT": "hot", "BT_WALLET_PATH": str(root)}
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("GRAIL_WORKER_ID", "GRAIL_TOTAL_WORKERS", "GRAIL_MINER_SAFETY_BLOCKS", "GRAIL_BLOCK_TIME",
+                 "GRAIL_GENERATION_BATCH_SIZE", "BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def one_line_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("grail-pipeline mine: error: ")
+    return err
+
+
+def test_mine_without_dry_run_says_it_does_not_talk_to_the_chain(capsys) -> None:
+    assert "does not talk to the chain" in one_line_error(capsys, ["mine"])
+    assert "does not talk to the chain" in one_line_error(capsys, ["mine", "--model", "dummy:tiny"])
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"GRAIL_WORKER_ID": "4", "GRAIL_TOTAL_WORKERS": "4"}, "GRAIL_WORKER_ID=4 is out of range"),
+    ({"GRAIL_TOTAL_WORKERS": "0"}, "GRAIL_TOTAL_WORKERS must be at least 1"),
+    ({"GRAIL_WORKER_ID": "x"}, "is not a whole number"),
+    ({"GRAIL_MINER_SAFETY_BLOCKS": "30"}, "GRAIL_MINER_SAFETY_BLOCKS=30"),
+    ({"GRAIL_BLOCK_TIME": "0"}, "GRAIL_BLOCK_TIME"),
+    ({"GRAIL_GENERATION_BATCH_SIZE": "-2"}, "GRAIL_GENERATION_BATCH_SIZE"),
+    ({}, "no wallet configured"),
+])
+def test_bad_settings_are_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path, wallet_env, env,
+                                                           words) -> None:
+    for key, value in {**(wallet_env if env else {}), **env}.items():
+        monkeypatch.setenv(key, value)
+    err = one_line_error(capsys, ["mine", "--dry-run", "--model", "no/such-model", "--out-dir", str(tmp_path)])
+    assert words in err
+
+
+def test_settings_from_flags_and_environment(tmp_path) -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["mine", "--dry-run"])
+    env = {"GRAIL_PIPELINE_CACHE": str(tmp_path), "GRAIL_WORKER_ID": "2", "GRAIL_TOTAL_WORKERS": "3",
+           "GRAIL_BLOCK_TIME": "0.5", "GRAIL_GENERATION_BATCH_SIZE": "8", "GRAIL_MINER_SAFETY_BLOCKS": "4"}
+    s = resolve_settings(args, env)
+    assert s.out_dir == default_out_dir(env) == tmp_path / "windows"
+    assert s.status_file == tmp_path / "windows" / "status-worker-2.json"
+    assert (s.worker.worker_id, s.worker.total_workers, s.block_time_s, s.batch_size, s.safety_blocks) == (2, 3, 0.5, 8, 4)
+    assert (s.window_blocks, s.run_seed, s.drain_timeout_s, s.max_windows, s.verify_sample) == (30, 0, 60.0, None, 0)
+    assert args.model == "Qwen/Qwen2.5-3B-Instruct"
+    args = parser.parse_args(["mine", "--dry-run", "--block-time", "2", "--batch-size", "4", "--out-dir", "o",
+                              "--status-file", "s.json", "--sink-queue", "3", "--window-blocks", "10"])
+    s = resolve_settings(args, env)
+    assert (s.block_time_s, s.batch_size, s.out_dir, s.status_file) == (2.0, 4, Path("o"), Path("s.json"))
+    assert s.pipeline_overrides == {"sink_queue": 3} and s.window_seconds == 20.0
+    assert resolve_settings(parser.parse_args(["mine", "--dry-run"]), {}).block_time_s == 12.0
+
+
+@pytest.mark.slow
+def test_daemon_mines_windows_that_verify(tmp_path, monkeypatch, wallet_env, caplog) -> None:
+    """Worker 1 of 2 mines two (4 s) windows in-process; every rollout passes the validator's checks."""
+    for key, value in {**wallet_env, "GRAIL_WORKER_ID": "1", "GRAIL_TOTAL_WORKERS": "2"}.items():
+        monkeypatch.setenv(key, value)
+    caplog.set_level("DEBUG", logger="grail_pipeline")
+    out = tmp_path / "windows"
+    t0 = time.perf_counter()
+    assert cli.main(["mine", "--dry-run", *FAST, "--out-dir", str(out), "--max-windows", "2", "--window-blocks", "20",
+                     "--verify-sample", "2", "--run-seed", "5"]) == 0
+    elapsed = time.perf_counter() - t0
+    files = sorted(out.glob("*.parquet"))
+    assert len(files) == 2, caplog.text
+    status = read_status(out / "status-worker-1.json")
+    hotkey = status["hotkey"]
+    loaded = load_model("dummy:tiny", "cpu")
+    tokenizer = load_tokenizer("dummy:tiny")
+    starts = []
+    for path in files:
+        report = check_window_file(path, tokenizer, loaded)
+        failed = {c.name: c.problems for c in report.checks if not c.ok}
+        assert report.passed, failed
+        assert report.check("proofs").checked == report.rollouts > 0
+        meta = report.metadata
+        starts.append(report.window_start)
+        assert path.name == f"{hotkey}-window-{report.window_start}-worker-1.parquet"
+        assert meta["partial"] == "false" and meta["worker_id"] == "1" and meta["total_workers"] == "2"
+        assert meta["block_hash"] == simulated_block_hash(5, report.window_start)
+        records, _ = read_window_file(path)
+        groups = [r["rollout_group"] for r in records]
+        issued = int(meta["issued_groups"])
+        assert sorted(set(groups)) == [1 + 2 * k for k in range(issued)]  # 1, 3, 5, ... in order, none dropped
+        assert groups == sorted(groups) and len(records) == 16 * issued
+        assert all(r["nonce"] == r["rollout_group"] * 100 + r["rollout_index"] for r in records)
+    assert starts[0] % 20 == 0 and starts[1] > starts[0]
+    assert status["state"] == "stopped" and status["windows_written"] == 2 and status["pid"] == os.getpid()
+    last = status["last_window"]
+    assert last["window_start"] == max(starts) and last["file"].endswith(".parquet") and last["partial"] is False
+    assert last["rollouts"] > 0 and last["rollouts_per_s"] > 0 and 0 <= last["success_pct"] <= 100
+    assert status["self_check"]["rollouts_checked"] == status["self_check"]["rollouts_passed"] == 2
+    summaries = [r.getMessage() for r in caplog.records if "rollouts/s" in r.getMessage()]
+    assert len(summaries) == 2 and all("queues generate=" in m and "busy s" in m for m in summaries)
+    assert sum("self-check" in r.getMessage() and "2/2 rollouts pass" in r.getMessage() for r in caplog.records) == 2
+    assert elapsed < 120
+
+
+# --- stops at random moments, in subprocesses ------------------------------------------------------
+
+
+def start_daemon(out: Path, env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
+    with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "grail_pipeline", "mine", "--dry-run", *FAST,
+                                 "--out-dir", str(out), "--drain-timeout", "40", *extra],
+                                stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+
+def wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if re.search(pattern, log.read_text()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited ({proc.returncode}) before logging {pattern!r}:\n{log.read_text()}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {pattern!r} within {timeout} s:\n{log.read_text()}")
+
+
+def check_files_complete(out: Path) -> dict[int, tuple[dict[str, str], dict[int, int]]]:
+    """Every file under a final name reads back whole; complete windows hold every issued group."""
+    tokenizer = load_tokenizer("dummy:tiny")
+    found = {}
+    for path in sorted(out.glob("*.parquet")):
+        records, meta = read_window_file(path)
+        report = check_window_file(path, tokenizer, None, contents=(records, meta))
+        assert report.passed, {c.name: c.problems for c in report.checks if not c.ok}
+        counts: dict[int, int] = {}
+        for r in records:
+            counts[r["rollout_group"]] = counts.get(r["rollout_group"], 0) + 1
+        assert all(n == 16 for n in counts.values())
+        if meta["partial"] == "false":
+            assert len(counts) + int(meta["dropped_groups"]) == int(meta["issued_groups"]), meta
+            assert meta["missing_groups"] == ""
+        found[int(meta["window_start"])] = (meta, counts)
+    return found
+
+
+def check_graceful_stop(out: Path, log_text: str, run_seed: int, context: str) -> None:
+    """Every group the daemon logged as sunk is in its window's file (this run's block hash); no temporaries."""
+    files = check_files_complete(out)
+    sunk = [(int(w), int(g), int(n), bool(d)) for w, g, n, d in SUNK.findall(log_text)]
+    for window, group, rollouts, dropped in sunk:
+        assert window in files, f"{context}: window {window} has no file\n{log_text}"
+        meta, counts = files[window]
+        assert meta["block_hash"] == simulated_block_hash(run_seed, window), context
+        if dropped:
+            assert group not in counts, context
+        else:
+            assert counts.get(group) == rollouts == 16, f"{context}: group {group} of window {window} missing"
+    for window, (meta, counts) in files.items():
+        if meta["block_hash"] == simulated_block_hash(run_seed, window):
+            assert meta["missing_groups"] == "", f"{context}: a graceful stop left groups out: {meta}"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], context
+    assert json.loads((out / "status-worker-0.json").read_text())["state"] == "stopped", context
+
+
+def stop_at_random(out: Path, env: dict[str, str], rng: random.Random, run_seed: int, context: str,
+                   after: str = r"INFO starting worker", up_to: float = 7.0) -> tuple[str, float]:
+    log = out.parent / f"{out.name}-{run_seed}.log"
+    proc = start_daemon(out, env, log, "--run-seed", str(run_seed))
+    try:
+        wait_for(log, after, proc)
+        delay = rng.uniform(0.0, up_to)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert rc == 0, f"{context}, delay {delay:.2f} s: exit {rc}\n{text}"
+    assert took < 40 + 10, f"{context}: {took:.1f} s to stop"
+    return text, delay
+
+
+@pytest.mark.slow
+def test_sigterm_at_random_moments_loses_nothing(tmp_path, wallet_env) -> None:
+    rng = random.Random(STOP_SEED)
+    for run in range(2):
+        context = f"GRAIL_TEST_STOP_SEED={STOP_SEED}, run {run}"
+        out = tmp_path / f"run{run}"
+        text, delay = stop_at_random(out, wallet_env, rng, run_seed=run, context=context)
+        check_graceful_stop(out, text, run, f"{context}, delay {delay:.2f} s")
+        if "stopped (SIGTERM)" in text:
+            partial = [m for m, _ in check_files_complete(out).values() if m["partial"] == "true"]
+            assert len(partial) <= 1, context  # only the window open at the stop
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_no_incomplete_file_and_a_restart_cleans_up(tmp_path, wallet_env) -> None:
+    rng = random.Random(STOP_SEED + 1)
+    context = f"GRAIL_TEST_STOP_SEED={STOP_SEED}"
+    out = tmp_path / "windows"
+    log = tmp_path / "killed.log"
+    proc = start_daemon(out, wallet_env, log, "--run-seed", "11")
+    try:
+        wait_for(log, SUNK.pattern, proc)
+        time.sleep(rng.uniform(0.0, 5.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    check_files_complete(out)  # whatever made it to a final name is whole
+    hotkey = json.loads((out / "status-worker-0.json").read_text())["hotkey"]
+    ours = out / f".{hotkey}-window-30-worker-0.parquet.0123456789ab.tmp"
+    theirs = out / f".{hotkey}-window-30-worker-1.parquet.0123456789ab.tmp"
+    ours.write_bytes(b"PAR1 half a file")
+    theirs.write_bytes(b"PAR1 another worker's half file")
+    text, delay = stop_at_random(out, wallet_env, rng, run_seed=12, context=context,
+                                 after=r"removed \d+ temporary file", up_to=7.0)
+    assert not ours.exists() and theirs.exists()
+    theirs.unlink()
+    check_graceful_stop(out, text, 12, f"{context}, restart, delay {delay:.2f} s")
+
+
+@pytest.mark.slow
+def test_drain_timeout_and_second_signal_exit_in_bounded_time(tmp_path, wallet_env) -> None:
+    """A drain that takes too long still writes what arrived (partial, missing groups named) and exits 0;
+    a second signal exits at once. Either way, files under final names are whole."""
+    out = tmp_path / "timeout"
+    log = tmp_path / "timeout.log"
+    proc = start_daemon(out, wallet_env, log, "--drain-timeout", "0.5")  # a group takes seconds on this CPU
+    try:
+        wait_for(log, SUNK.pattern, proc)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 0 and took < 0.5 + 5, (rc, took, text)
+    assert "did not finish within --drain-timeout" in text
+    files = check_files_complete(out)
+    sunk = {(int(w), int(g)) for w, g, _, _ in SUNK.findall(text)}
+    assert sunk and all(g in files[w][1] for w, g in sunk), text
+    assert any(meta["partial"] == "true" for meta, _ in files.values())
+    assert read_status(out / "status-worker-0.json")["state"] == "stopped"
+
+    out = tmp_path / "twice"
+    log = tmp_path / "twice.log"
+    proc = start_daemon(out, wallet_env, log)
+    try:
+        wait_for(log, r"INFO mining", proc)
+        proc.send_signal(signal.SIGINT)
+        wait_for(log, r"SIGINT: stopping intake", proc)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 128 + signal.SIGTERM and took < 3, (rc, took, text)
+    assert "second SIGTERM: exiting now" in text
+    check_files_complete(out)
