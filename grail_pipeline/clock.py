@@ -80,7 +80,7 @@ class WorkerSlot:
                             f"be below {ENV_TOTAL_WORKERS}={self.total_workers}")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "WorkerSlot":
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> WorkerSlot:
         return cls(_env_int(env, ENV_WORKER_ID, 0), _env_int(env, ENV_TOTAL_WORKERS, 1))
 
     def indices(self) -> Iterator[int]:

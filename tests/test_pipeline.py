@@ -13,7 +13,7 @@ import anyio
 import pytest
 import torch
 
-from grail_pipeline.engines.base import Engine, EndOfRequests, GroupResult, RequestFeed
+from grail_pipeline.engines.base import EndOfRequests, Engine, GroupResult, RequestFeed
 from grail_pipeline.pipeline import Pipeline, PipelineConfig
 from grail_pipeline.prover import ProofJob, Prover, RolloutProof
 from grail_pipeline.tasks import ProblemTask, ProvedGroup, SignedGroup, WindowContext

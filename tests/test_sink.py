@@ -14,7 +14,12 @@ from grail_pipeline.daemon_status import StatusFile, default_status_path, read_s
 from grail_pipeline.errors import UserError
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.records import build_rollout_record, read_window_file
-from grail_pipeline.sink import WindowReport, WindowSink, remove_stale_temporaries, window_file_name
+from grail_pipeline.sink import (
+    WindowReport,
+    WindowSink,
+    remove_stale_temporaries,
+    window_file_name,
+)
 from grail_pipeline.tasks import ProblemTask, SignedGroup, WindowContext
 
 HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
@@ -49,13 +54,14 @@ def close(win: WindowContext, indices: list[int], partial: bool = False) -> Wind
     return WindowClose(win, tuple(indices), partial, opened=0.0, closed=1.0)
 
 
-def make_sink(tmp_path: Path, worker: WorkerSlot = WorkerSlot(1, 2), **kwargs) -> tuple[WindowSink, list]:
+def make_sink(tmp_path: Path, worker: WorkerSlot | None = None, **kwargs) -> tuple[WindowSink, list]:
     written: list[tuple[WindowReport, list[dict]]] = []
 
     async def on_written(report: WindowReport, sample: list[dict]) -> None:
         written.append((report, sample))
 
-    sink = WindowSink(tmp_path, HOTKEY, worker, 30, block_time_s=12.0, on_written=on_written, **kwargs)
+    sink = WindowSink(tmp_path, HOTKEY, worker or WorkerSlot(1, 2), 30, block_time_s=12.0, on_written=on_written,
+                      **kwargs)
     return sink, written
 
 
