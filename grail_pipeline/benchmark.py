@@ -85,6 +85,7 @@ class BatchResult:
     startup_seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     max_queue_depth: dict[str, int] = field(default_factory=dict)
+    stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
     engine: dict[str, float] = field(default_factory=dict)
     verify: dict[str, float] | None = None
 
@@ -220,6 +221,7 @@ def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_pr
         result.gpu_reserved_gb, result.gpu_process_gb = memory.reserved_gb, memory.process_gb
         result.stage_seconds = pipeline.stage_seconds()
         result.max_queue_depth = dict(pipeline.times.max_depth)
+        result.stage_cpu_seconds = {k: round(v, 3) for k, v in pipeline.times.cpu.items()}
         result.engine = engine.stats.as_dict()
         if verify:
             result.verify = verify_sample(runtime, sink.sample)

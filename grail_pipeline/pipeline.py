@@ -10,6 +10,7 @@ and handed to the sink, which is how a stop signal drains in-flight work.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,12 @@ class StageTimes:
     sign: float = 0.0
     sink: float = 0.0
     max_depth: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # interpreter CPU seconds per stage's threads
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_cpu(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.cpu[stage] = self.cpu.get(stage, 0.0) + seconds
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(getattr(self, k), 4) for k in ("intake", "prove", "sign", "sink")}
@@ -130,8 +137,15 @@ class Pipeline:
             anyio.from_thread.run(send.send, result)
             self._note_depth("prove", send)
 
+        def work() -> None:
+            cpu = time.thread_time()
+            try:
+                self.engine.run(_StreamFeed(receive), emit)
+            finally:
+                self.times.add_cpu("generate", time.thread_time() - cpu)
+
         async with receive, send:
-            await anyio.to_thread.run_sync(self.engine.run, _StreamFeed(receive), emit)
+            await anyio.to_thread.run_sync(work)
 
     async def _proving(self, receive: ObjectReceiveStream[GroupResult],
                        send: ObjectSendStream[ProvedGroup]) -> None:
@@ -149,6 +163,13 @@ class Pipeline:
             return results
 
         def work() -> None:
+            cpu = time.thread_time()
+            try:
+                prove_all()
+            finally:
+                self.times.add_cpu("prove", time.thread_time() - cpu)
+
+        def prove_all() -> None:
             while (results := take()) is not None:
                 tasks: list[ProblemTask] = [r.request.key for r in results]
                 t0 = time.perf_counter()
@@ -168,10 +189,17 @@ class Pipeline:
                        cpu: anyio.CapacityLimiter) -> None:
         async with receive, send:
             async for group in receive:
-                signed = await anyio.to_thread.run_sync(self.sign, group, limiter=cpu)
+                signed = await anyio.to_thread.run_sync(self._sign_timed, group, limiter=cpu)
                 self.times.sign += signed.sign_seconds
                 await send.send(signed)
                 self._note_depth("sink", send)
+
+    def _sign_timed(self, group: ProvedGroup) -> SignedGroup:
+        cpu = time.thread_time()
+        try:
+            return self.sign(group)
+        finally:
+            self.times.add_cpu("sign", time.thread_time() - cpu)
 
     async def _sinking(self, receive: ObjectReceiveStream[SignedGroup], sink: GroupSink,
                        in_flight: anyio.Semaphore | None) -> None:

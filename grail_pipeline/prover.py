@@ -81,13 +81,13 @@ class ReferenceProver(Prover):
 
 @contextmanager
 def row_exact_linears(linears: list[torch.nn.Linear], lengths: list[int]) -> Iterator[None]:
-    """Every projection computed one sequence at a time, in the shape the validator's forward gives it.
+    """The given projections computed one sequence at a time, in the shape the validator's forward has.
 
     A matrix product's kernel (and with it the rounding of a row) can depend on how many rows the
-    product has: on an H100 with torch 2.11, the MLP down projection of 320-431 rows differs bit-wise
-    from the same rows inside a large batch. The validator runs each rollout alone, so each rollout's
-    rows go through exactly the products of its own length; attention, norms and activations are
-    computed per row anyway and stay batched.
+    product has. bench/batch_invariance.py on an H100 (torch 2.11) found it for the MLP down projection
+    alone, the product with the long reduction (11008), at 40 of 1020 lengths (split reductions for
+    few rows); q/k/v/o/gate/up and causal attention gave the same bits alone and batched. The
+    validator runs each rollout alone, so its rows go through a down projection of its own length.
     """
     if len(lengths) == 1:
         yield
@@ -135,7 +135,10 @@ class BatchedProver(Prover):
         self.max_waste = max_waste
         self.logit_chunk = logit_chunk
         self.decoder = loaded.model.get_decoder()
-        self.linears = [m for m in self.decoder.modules() if isinstance(m, torch.nn.Linear)]
+        hidden = loaded.model.config.hidden_size
+        # the products whose reduction is longer than the hidden size (the MLP down projection)
+        self.linears = [m for m in self.decoder.modules()
+                        if isinstance(m, torch.nn.Linear) and m.in_features > hidden]
         self.lm_head = loaded.model.get_output_embeddings()
         self.stream = torch.cuda.Stream(loaded.device) if loaded.device.type == "cuda" else None
 
