@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from grail_pipeline.atomic import write_atomically
+from grail_pipeline.atomic import stale_temporaries, write_atomically
 from grail_pipeline.errors import UserError
 
 STATES = ("starting", "mining", "draining", "stopped")
@@ -27,6 +27,15 @@ LAST_WINDOW_FIELDS = ("window_start", "rollouts", "rollouts_per_s", "success_pct
 
 def default_status_path(out_dir: str | os.PathLike[str], worker_id: int) -> Path:
     return Path(out_dir) / f"status-worker-{worker_id}.json"
+
+
+def remove_stale_status_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Temporaries of this status file that a killed daemon left behind (other workers' are kept)."""
+    path = Path(path)
+    removed = [p for p in stale_temporaries(path.parent) if p.name.startswith(f".{path.name}.")]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 class StatusFile:

@@ -45,7 +45,11 @@ from grail_pipeline.clock import (
     block_time_from_env,
     safety_blocks_from_env,
 )
-from grail_pipeline.daemon_status import StatusFile, default_status_path
+from grail_pipeline.daemon_status import (
+    StatusFile,
+    default_status_path,
+    remove_stale_status_temporaries,
+)
 from grail_pipeline.engines.base import Engine
 from grail_pipeline.errors import UserError
 from grail_pipeline.pipeline import Pipeline, PipelineConfig
@@ -414,6 +418,7 @@ def _run(args: argparse.Namespace) -> int:
     logger.info("starting %s, hotkey %s, window files in %s, status in %s", settings.worker.describe(),
                 signer.ss58_address, settings.out_dir, settings.status_file)
     removed = remove_stale_temporaries(settings.out_dir, signer.ss58_address, settings.worker.worker_id)
+    removed += remove_stale_status_temporaries(settings.status_file)
     if removed:
         logger.info("removed %d temporary file(s) a previous run of this worker left behind", len(removed))
     try:

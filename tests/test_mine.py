@@ -262,11 +262,13 @@ def test_sigkill_leaves_no_incomplete_file_and_a_restart_cleans_up(tmp_path, wal
     hotkey = json.loads((out / "status-worker-0.json").read_text())["hotkey"]
     ours = out / f".{hotkey}-window-30-worker-0.parquet.0123456789ab.tmp"
     theirs = out / f".{hotkey}-window-30-worker-1.parquet.0123456789ab.tmp"
+    status_tmp = out / ".status-worker-0.json.0123456789ab.tmp"
     ours.write_bytes(b"PAR1 half a file")
     theirs.write_bytes(b"PAR1 another worker's half file")
+    status_tmp.write_text('{"state": ')
     text, delay = stop_at_random(out, wallet_env, rng, run_seed=12, context=context,
                                  after=r"removed \d+ temporary file", up_to=7.0)
-    assert not ours.exists() and theirs.exists()
+    assert not ours.exists() and not status_tmp.exists() and theirs.exists()
     theirs.unlink()
     check_graceful_stop(out, text, 12, f"{context}, restart, delay {delay:.2f} s")
 

@@ -10,7 +10,12 @@ import anyio
 import pytest
 
 from grail_pipeline.clock import WindowClose, WorkerSlot
-from grail_pipeline.daemon_status import StatusFile, default_status_path, read_status
+from grail_pipeline.daemon_status import (
+    StatusFile,
+    default_status_path,
+    read_status,
+    remove_stale_status_temporaries,
+)
 from grail_pipeline.errors import UserError
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.records import build_rollout_record, read_window_file
@@ -199,6 +204,11 @@ def test_status_file_round_trip(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         status.update(state="sleeping")
     assert not list(tmp_path.glob(".*"))
+    mine = tmp_path / ".status-worker-3.json.0123456789ab.tmp"
+    other = tmp_path / ".status-worker-31.json.0123456789ab.tmp"
+    mine.write_text("{")
+    other.write_text("{")
+    assert remove_stale_status_temporaries(path) == [mine] and other.exists()
 
 
 @pytest.mark.parametrize("content, words", [(None, "does not exist"), ("{", "not readable JSON"),
