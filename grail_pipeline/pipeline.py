@@ -29,11 +29,11 @@ class PipelineConfig:
     """Queue sizes and parallelism; `max_in_flight=1` is the reference method (nothing overlapped)."""
 
     generation_queue: int = 4
-    proof_queue: int = 4
+    proof_queue: int = 8
     sign_queue: int = 8
     sink_queue: int = 16
     sign_workers: int = 4
-    proof_pool: int = 4  # groups proved together when they are waiting (fewer pads, bigger batches)
+    proof_pool: int = 8  # groups proved together when they are waiting (fewer pads, bigger batches)
     max_in_flight: int | None = None
 
 

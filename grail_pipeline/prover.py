@@ -149,12 +149,22 @@ class BatchedProver(Prover):
         out: list[list[RolloutProof | None]] = [[None] * len(job.completions) for job in jobs]
         r_vecs = {h: r_vec(h).to(self.loaded.device) for h in {job.randomness_hex for job in jobs}}
         stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        order: list[_Row] = []
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         with stream:
+            # every batch is queued before anything comes back, so the GPU never waits for the host
             for batch in self.batches([len(row.tokens) for row in rows]):
                 members = [rows[k] for k in batch]
-                r = [r_vecs[jobs[row.job].randomness_hex] for row in members]
-                for row, proof in zip(members, self._prove_batch(members, r)):
-                    out[row.job][row.index] = proof
+                parts.append(self._prove_batch(members, [r_vecs[jobs[row.job].randomness_hex] for row in members]))
+                order.extend(members)
+            sketches, indices, logprobs = (torch.cat(t).cpu() for t in zip(*parts))
+        pos = lp_pos = 0
+        for row in order:
+            n, c = len(row.tokens), len(row.tokens) - row.prompt_len
+            out[row.job][row.index] = RolloutProof(sketches[pos:pos + n], indices[pos:pos + n],
+                                                   [0.0] * row.prompt_len + logprobs[lp_pos:lp_pos + c].tolist())
+            pos += n
+            lp_pos += c
         return [[p for p in group if p is not None] for group in out]
 
     def batches(self, lengths: Sequence[int]) -> list[list[int]]:
@@ -170,33 +180,28 @@ class BatchedProver(Prover):
             batches.append([i])
         return batches
 
-    def _prove_batch(self, rows: list[_Row], r_vecs: list[torch.Tensor]) -> list[RolloutProof]:
-        device = self.loaded.device
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without a stream synchronisation (pinned, asynchronous)."""
+        if self.loaded.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.loaded.device, non_blocking=True)
+
+    def _prove_batch(self, rows: list[_Row],
+                     r_vecs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sketches, top-k indices (every position of every row, in order) and completion logprobs."""
         lengths = [len(row.tokens) for row in rows]
         width = max(lengths)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.bool)
         for b, row in enumerate(rows):
             ids[b, : lengths[b]] = torch.tensor(row.tokens)
-            valid[b, : lengths[b]] = True
-        pin = device.type == "cuda"
-        ids = (ids.pin_memory() if pin else ids).to(device, non_blocking=True)
-        valid = (valid.pin_memory() if pin else valid).to(device, non_blocking=True)
+        positions = torch.cat([torch.arange(n) + b * width for b, n in enumerate(lengths)])
+        ids, positions = self._to_device(ids), self._to_device(positions)
         with row_exact_linears(self.linears, lengths):
             # causal attention only: padding sits after every real token and no real position sees it
             hidden = self.decoder(input_ids=ids).last_hidden_state
-        flat = hidden[valid]
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         sketches, indices = self._sketch_rows(flat, lengths, r_vecs)
-        logprobs = self._completion_logprobs(hidden, ids, rows)
-        sketches, indices, logprobs = sketches.cpu(), indices.cpu(), logprobs.cpu()
-        proofs, pos, lp_pos = [], 0, 0
-        for row, n in zip(rows, lengths):
-            c = n - row.prompt_len
-            proofs.append(RolloutProof(sketches[pos:pos + n], indices[pos:pos + n],
-                                       [0.0] * row.prompt_len + logprobs[lp_pos:lp_pos + c].tolist()))
-            pos += n
-            lp_pos += c
-        return proofs
+        return sketches, indices, self._completion_logprobs(hidden, ids, rows)
 
     @staticmethod
     def _sketch_rows(flat: torch.Tensor, lengths: list[int],
@@ -212,8 +217,7 @@ class BatchedProver(Prover):
         index_rows = torch.cat([torch.full((len(r.tokens) - r.prompt_len,), b, dtype=torch.long)
                                 for b, r in enumerate(rows)])
         index_cols = torch.cat([torch.arange(r.prompt_len, len(r.tokens), dtype=torch.long) for r in rows])
-        index_rows = index_rows.to(ids.device, non_blocking=True)
-        index_cols = index_cols.to(ids.device, non_blocking=True)
+        index_rows, index_cols = self._to_device(index_rows), self._to_device(index_cols)
         states = hidden[index_rows, index_cols - 1]
         targets = ids[index_rows, index_cols]
         out = torch.empty(len(targets), dtype=torch.float32, device=ids.device)
