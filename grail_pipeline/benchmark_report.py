@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from grail_pipeline import __version__
-from grail_pipeline.gpu import describe_gpus, driver_version
 from grail_pipeline.atomic import write_atomically
+from grail_pipeline.gpu import describe_gpus, driver_version
 from grail_pipeline.runtime import Runtime
 from grail_pipeline.wallet import Signer
 from grail_pipeline.windows import WindowSpec

@@ -52,6 +52,7 @@ from grail_pipeline.daemon_status import (
 )
 from grail_pipeline.engines.base import Engine
 from grail_pipeline.errors import UserError
+from grail_pipeline.paths import ENV_CACHE, cache_root
 from grail_pipeline.pipeline import Pipeline, PipelineConfig
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.runtime import (
@@ -69,7 +70,6 @@ from grail_pipeline.wallet import Signer, load_signer
 logger = logging.getLogger("grail_pipeline")
 
 ENV_BATCH_SIZE = "GRAIL_GENERATION_BATCH_SIZE"
-ENV_CACHE = "GRAIL_PIPELINE_CACHE"
 QUEUE_FLAGS = ("generation_queue", "proof_queue", "sign_queue", "sink_queue", "sign_workers")
 NOT_DRY_RUN = ("this tool does not talk to the chain: run `grail-pipeline mine --dry-run` to mine against a "
                "simulated chain (nothing is uploaded); use the GRAIL miner itself on mainnet")
@@ -112,8 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def default_out_dir(env: Mapping[str, str] = os.environ) -> Path:
-    root = env.get(ENV_CACHE, "").strip() or "~/.cache/grail-pipeline"
-    return Path(root).expanduser() / "windows"
+    return cache_root(env) / "windows"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Protocol
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from grail_pipeline.engines.base import Engine, EndOfRequests, GroupRequest, GroupResult
+from grail_pipeline.engines.base import EndOfRequests, Engine, GroupRequest, GroupResult
 from grail_pipeline.prover import ProofJob, Prover
 from grail_pipeline.tasks import ProblemTask, ProvedGroup, SignedGroup
 

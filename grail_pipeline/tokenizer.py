@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from grail_pipeline.model_ref import parse_model_ref, unavailable
+from grail_pipeline.paths import cache_root
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.sat import SatProblem
 
@@ -137,8 +138,7 @@ def _build_backend(data: bytes) -> Tokenizer:
 
 def cache_dir() -> Path:
     """Where built tokenizers are kept: `$GRAIL_PIPELINE_CACHE/tokenizer` or `~/.cache/grail-pipeline/tokenizer`."""
-    root = os.environ.get("GRAIL_PIPELINE_CACHE") or Path.home() / ".cache" / "grail-pipeline"
-    return Path(root).expanduser() / "tokenizer"
+    return cache_root() / "tokenizer"
 
 
 def _cache_key(data: bytes) -> str:

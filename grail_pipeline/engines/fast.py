@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from grail_pipeline.engines.base import Engine, EndOfRequests, GroupRequest, GroupResult, RequestFeed, SamplingParams
+from grail_pipeline.engines.base import EndOfRequests, Engine, GroupRequest, GroupResult, RequestFeed, SamplingParams
 from grail_pipeline.engines.runner import SlotRunner
 from grail_pipeline.errors import UserError
 from grail_pipeline.model import LoadedModel

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from grail_pipeline.engines.base import Engine, GroupRequest, GroupResult, RequestFeed, SamplingParams, EndOfRequests
+from grail_pipeline.engines.base import EndOfRequests, Engine, GroupRequest, GroupResult, RequestFeed, SamplingParams
 from grail_pipeline.model import LoadedModel
 
 

@@ -10,6 +10,7 @@ numbers at no extra memory.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from grail_pipeline.engines.base import SamplingParams
 from grail_pipeline.engines.decode_attention import decode_attention
 from grail_pipeline.engines.sampler import apply_target_lengths, penalize_repeats, sample_top_k_top_p
 from grail_pipeline.errors import UserError
+from grail_pipeline.paths import cache_root
 
 PREFILL_ALIGN = 64
 
@@ -156,6 +158,8 @@ class SlotRunner:
     def _kernels(self, compile_step: bool) -> tuple[Callable, Callable, Callable]:
         if not compile_step:
             return pre_attention, post_attention, head_and_sample
+        # compiled kernels are kept between runs, so a restarted miner skips most of the compilation
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
         opts = dict(dynamic=False, fullgraph=True)
         return (torch.compile(pre_attention, **opts), torch.compile(post_attention, **opts),
                 torch.compile(head_and_sample, **opts))
