@@ -164,7 +164,7 @@ def sample_groups(num_problems: int, sample_size: int) -> set[int]:
     return {round(i * (num_problems - 1) / max(1, groups - 1)) for i in range(groups)}
 
 
-async def _tasks(runtime: Runtime, window: WindowContext, indices: range,
+async def benchmark_tasks(runtime: Runtime, window: WindowContext, indices: range,
                  cap: int | None = None) -> AsyncIterator[ProblemTask]:
     """The run's problems; `cap` shortens target lengths (warm-up only needs every kernel once)."""
     for index in indices:
@@ -182,12 +182,12 @@ def _is_oom(exc: BaseException) -> bool:
     return False
 
 
-def _user_error(exc: BaseException) -> UserError | None:
+def find_user_error(exc: BaseException) -> UserError | None:
     if isinstance(exc, UserError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _user_error(inner)
+            found = find_user_error(inner)
             if found is not None:
                 return found
     return None
@@ -208,14 +208,14 @@ def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_pr
                 warm = BatchResult(batch_size=batch_size)
                 pipeline = runtime.pipeline(engine, signer)
                 indices = range(WARMUP_INDEX_OFFSET, WARMUP_INDEX_OFFSET + warmup_problems)
-                anyio.run(pipeline.run, _tasks(runtime, window, indices, cap=WARMUP_MAX_TOKENS),
+                anyio.run(pipeline.run, benchmark_tasks(runtime, window, indices, cap=WARMUP_MAX_TOKENS),
                           BenchmarkSink(warm, None, set(), 0))
                 engine.reset_stats()
             pipeline = runtime.pipeline(engine, signer)
             sink = BenchmarkSink(result, progress, sample_groups(num_problems, verify), verify)
             _synchronize(runtime)
             t0 = time.perf_counter()
-            anyio.run(pipeline.run, _tasks(runtime, window, range(num_problems)), sink)
+            anyio.run(pipeline.run, benchmark_tasks(runtime, window, range(num_problems)), sink)
             _synchronize(runtime)
             result.seconds = time.perf_counter() - t0
         result.gpu_reserved_gb, result.gpu_process_gb = memory.reserved_gb, memory.process_gb
@@ -226,7 +226,7 @@ def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_pr
         if verify:
             result.verify = verify_sample(runtime, sink.sample)
     except BaseException as exc:  # noqa: BLE001 - sorted below: OOM is a result, anything else re-raised
-        user = _user_error(exc)
+        user = find_user_error(exc)
         if user is not None:
             raise user from None
         if not _is_oom(exc):

@@ -32,9 +32,9 @@ from grail_pipeline.benchmark import (
     WARMUP_MAX_TOKENS,
     BatchResult,
     BenchmarkSink,
-    _tasks,
-    _user_error,
+    benchmark_tasks,
     benchmark_window,
+    find_user_error,
     verify_sample,
 )
 from grail_pipeline.clock import (
@@ -250,7 +250,7 @@ class Daemon:
         window = benchmark_window(self.settings.run_seed)
         indices = range(WARMUP_INDEX_OFFSET, WARMUP_INDEX_OFFSET + n)
         sink = BenchmarkSink(BatchResult(batch_size=self.batch_size), None, set(), 0)
-        await self.new_pipeline().run(_tasks(self.runtime, window, indices, cap=WARMUP_MAX_TOKENS), sink)
+        await self.new_pipeline().run(benchmark_tasks(self.runtime, window, indices, cap=WARMUP_MAX_TOKENS), sink)
         self.engine.reset_stats()
         logger.info("warm-up: %d problem(s) in %.1f s (not written)", n, time.perf_counter() - t0)
 
@@ -440,7 +440,7 @@ def _run(args: argparse.Namespace) -> int:
         if _contains(exc, _StopDuringStartup) or _contains(exc, KeyboardInterrupt):
             status.update(state="stopped", exit_reason="signal during start-up")
             raise
-        user = _user_error(exc)
+        user = find_user_error(exc)
         status.update(state="stopped", exit_reason=f"error: {user or type(exc).__name__}")
         if user is not None:
             raise user from None

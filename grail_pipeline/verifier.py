@@ -87,7 +87,7 @@ class VerifyResult:
         return (self.positions_passed + self.logprobs_passed) / checked if checked else 0.0
 
 
-def _structure_problems(record: dict[str, Any], profile: ProtocolProfile) -> list[str]:
+def structure_problems(record: dict[str, Any], profile: ProtocolProfile) -> list[str]:
     """The schema-level conditions the proof check relies on."""
     commit = record["commit"]
     rollout = commit["rollout"]
@@ -112,7 +112,7 @@ def _structure_problems(record: dict[str, Any], profile: ProtocolProfile) -> lis
     return problems
 
 
-def _signature_problems(record: dict[str, Any]) -> list[str]:
+def signature_problems(record: dict[str, Any]) -> list[str]:
     commit = record["commit"]
     binding = commit_binding(commit["tokens"], commit["beacon"]["randomness"], commit["model"]["name"],
                              commit["model"]["layer_index"], commit["commitments"])
@@ -126,10 +126,10 @@ def _signature_problems(record: dict[str, Any]) -> list[str]:
 
 def verify_rollout(model: PreTrainedModel, record: dict[str, Any], profile: ProtocolProfile = PROFILE) -> VerifyResult:
     """Check a rollout record as the validator's proof and logprob checks do, at every position."""
-    structure = _structure_problems(record, profile)
+    structure = structure_problems(record, profile)
     if structure:
         return VerifyResult(problems=structure)  # malformed: nothing sensible to recompute or verify
-    signatures = _signature_problems(record)
+    signatures = signature_problems(record)
     result = VerifyResult(signature_ok=not signatures, problems=signatures)
 
     commit = record["commit"]

@@ -24,16 +24,13 @@ from transformers import PreTrainedTokenizerBase
 
 from grail_pipeline.errors import UserError
 from grail_pipeline.model import LoadedModel
-from grail_pipeline.proof import commit_binding
 from grail_pipeline.protocol import PROFILE, ProtocolProfile
 from grail_pipeline.records import REQUIRED_METADATA, grpo_advantages, read_window_file
 from grail_pipeline.sat import SatProblem, problem_for_index, score_completion
 from grail_pipeline.tokenizer import decode_completion, prompt_ids
-from grail_pipeline.verifier import _structure_problems, verify_rollout
+from grail_pipeline.verifier import signature_problems, structure_problems, verify_rollout
 from grail_pipeline.wallet import (
     rollout_challenge,
-    verify_commit,
-    verify_rollout_signature,
 )
 
 MAX_PROBLEMS_SHOWN = 5
@@ -159,15 +156,8 @@ def _check_fields(check: Check, records: list[dict[str, Any]], metadata: dict[st
 
 
 def _check_signatures(check: Check, record: dict[str, Any]) -> None:
-    commit = record["commit"]
-    binding = commit_binding(commit["tokens"], commit["beacon"]["randomness"], commit["model"]["name"],
-                             commit["model"]["layer_index"], commit["commitments"])
-    problems = []
-    if not verify_commit(record["hotkey"], binding, commit["signature"]):
-        problems.append("commit signature")
-    if not verify_rollout_signature(record["hotkey"], record["challenge"], record["signature"]):
-        problems.append("rollout signature")
-    check.record(not problems, f"{_where(record)}: {' and '.join(problems)} do(es) not verify")
+    problems = signature_problems(record)
+    check.record(not problems, f"{_where(record)}: {'; '.join(problems)}")
 
 
 def _check_groups(check: Check, records: list[dict[str, Any]], profile: ProtocolProfile) -> None:
@@ -246,7 +236,7 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
     vocab = loaded.vocab_size if loaded is not None else None  # the model's embedding rows, not the tokenizer's
     well_formed = []
     for r in records:
-        structure = _structure_problems(r, profile)
+        structure = structure_problems(r, profile)
         checks["structure"].record(not structure, f"{_where(r)}: {'; '.join(structure)}")
         if structure:
             continue
