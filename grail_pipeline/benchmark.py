@@ -24,15 +24,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from grail_pipeline.benchmark_report import render_report, write_json
 from grail_pipeline.errors import UserError
 from grail_pipeline.gpu import PeakGpuMemory
+from grail_pipeline.model import resolve_device
+from grail_pipeline.model_ref import parse_model_ref
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.runtime import (
     DEFAULT_BATCH_SIZES,
     FULL_BATCH_SIZES,
     Runtime,
     add_runtime_arguments,
+    check_batch_size,
+    length_profile_for,
     parse_batch_sizes,
     positive_float,
     positive_int,
+    resolve_engine,
 )
 from grail_pipeline.tasks import ProblemTask, SignedGroup, WindowContext, make_task
 from grail_pipeline.verifier import verify_rollout
@@ -267,16 +272,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--verify takes a positive number of rollouts")
     spec = WindowSpec(blocks=args.window_blocks, block_time_s=args.block_time)
     out = sys.stderr if args.json == "-" else sys.stdout
-    signer = load_signer(required=False)
-    runtime = Runtime.from_args(args)
+    # every flag is checked before anything slow happens
+    engine_kind = resolve_engine(args.engine, resolve_device(args.device))
+    length_profile_for(args.model, args.length_profile)
+    parse_model_ref(args.model)
     if args.full_benchmark:
-        sizes = FULL_BATCH_SIZES[runtime.engine_kind]
+        sizes = FULL_BATCH_SIZES[engine_kind]
     elif args.batch_sizes is not None:
         sizes = parse_batch_sizes(args.batch_sizes)
     else:
-        sizes = DEFAULT_BATCH_SIZES[runtime.engine_kind]
+        sizes = DEFAULT_BATCH_SIZES[engine_kind]
     for size in sizes:
-        runtime.check_batch_size(size)
+        check_batch_size(engine_kind, size)
+    signer = load_signer(required=False)
+    runtime = Runtime.from_args(args)
     window = benchmark_window(args.seed)
     results: list[BatchResult] = []
     from rich.console import Console

@@ -82,6 +82,13 @@ def resolve_engine(kind: str, device: torch.device) -> str:
     return kind
 
 
+def check_batch_size(engine_kind: str, batch_size: int) -> None:
+    """The fast engine's batch size is its decode slots: at least one problem's rollouts."""
+    if engine_kind == "fast" and batch_size < PROFILE.rollouts_per_problem:
+        raise UserError(f"the fast engine's batch size is its number of decode slots and must be at least "
+                        f"{PROFILE.rollouts_per_problem} (one problem's rollouts); got {batch_size}")
+
+
 def length_profile_for(model: str, spec: str | None) -> LengthProfile:
     """W1 lengths for dummy models (they never stop by themselves), the model's own otherwise."""
     if spec is None:
@@ -115,9 +122,7 @@ class Runtime:
                    args.max_prompt_tokens)
 
     def check_batch_size(self, batch_size: int) -> None:
-        if self.engine_kind == "fast" and batch_size < PROFILE.rollouts_per_problem:
-            raise UserError(f"the fast engine's batch size is its number of decode slots and must be at least "
-                            f"{PROFILE.rollouts_per_problem} (one problem's rollouts); got {batch_size}")
+        check_batch_size(self.engine_kind, batch_size)
 
     def engine(self, batch_size: int) -> Engine:
         if self.engine_kind == "hf":
