@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from grail_pipeline.engines.base import Engine, SamplingParams
 from grail_pipeline.errors import UserError
 from grail_pipeline.lengths import W1_SPEC, LengthProfile, parse_length_profile
-from grail_pipeline.model import LoadedModel, load_model
+from grail_pipeline.model import LoadedModel, load_model, wants_multi_gpu
 from grail_pipeline.model_ref import parse_model_ref
 from grail_pipeline.pipeline import Pipeline, PipelineConfig
 from grail_pipeline.protocol import PROFILE
@@ -77,8 +77,13 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def resolve_engine(kind: str, device: torch.device) -> str:
+    """`auto` is the fast engine on a GPU and hf on the CPU; one model over several GPUs is hf only."""
+    spread = device.type == "cuda" and wants_multi_gpu()
     if kind == "auto":
-        return "fast" if device.type == "cuda" else "hf"
+        return "fast" if device.type == "cuda" and not spread else "hf"
+    if kind == "fast" and spread:
+        raise UserError("GRAIL_MULTI_GPU=1 spreads one model over every GPU, and the fast engine runs on one: "
+                        "use --engine hf, or one worker per GPU without GRAIL_MULTI_GPU")
     return kind
 
 
