@@ -101,13 +101,17 @@ def row_exact_linears(linears: list[torch.nn.Linear], lengths: list[int]) -> Ite
             return out
         return forward
 
+    previous = [vars(module).get("forward") for module in linears]  # a wrapper already on the instance, if any
     for module in linears:
         module.forward = exact(module)
     try:
         yield
     finally:
-        for module in linears:
-            del module.forward
+        for module, forward in zip(linears, previous):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 @dataclass
