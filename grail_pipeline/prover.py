@@ -150,6 +150,8 @@ class BatchedProver(Prover):
     def prove_many(self, jobs: Sequence[ProofJob]) -> list[list[RolloutProof]]:
         rows = [_Row(j, i, list(job.prompt_ids) + list(c), len(job.prompt_ids))
                 for j, job in enumerate(jobs) for i, c in enumerate(job.completions)]
+        if not rows:  # nothing to run (and nothing to concatenate below)
+            return [[] for _ in jobs]
         out: list[list[RolloutProof | None]] = [[None] * len(job.completions) for job in jobs]
         r_vecs = {h: r_vec(h).to(self.loaded.device) for h in {job.randomness_hex for job in jobs}}
         stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
