@@ -30,7 +30,10 @@ class LengthProfile:
     @property
     def spec(self) -> str:
         if self.kind == "lognormal":
-            return f"lognormal:{self.median}:{self.sigma:g}:{self.minimum}:{self.maximum}"
+            sigma = f"{self.sigma:g}"
+            if float(sigma) != self.sigma:  # :g keeps 6 digits; the spec must parse back to this profile
+                sigma = repr(self.sigma)
+            return f"lognormal:{self.median}:{sigma}:{self.minimum}:{self.maximum}"
         if self.kind == "fixed":
             return f"fixed:{self.median}"
         return "natural"
