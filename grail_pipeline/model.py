@@ -57,8 +57,15 @@ def resolve_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise UserError(f"unknown device '{device}' ({exc})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device '{device}' is not supported: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{device}' requested but no CUDA GPU is visible")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        visible = ("1 GPU is visible (cuda:0)" if count == 1
+                   else f"{count} GPUs are visible (cuda:0 to cuda:{count - 1})")
+        raise UserError(f"device '{device}' requested but only {visible}")
     return dev
 
 
