@@ -142,8 +142,10 @@ def _projections(console: Console, workers: int, spec: WindowSpec, results: list
     if not ok:
         console.print("No batch size completed.")
         return
-    table = Table(title=f"PROJECTED {workers}-WORKER THROUGHPUT (window: {spec.describe()}, cap {spec.cap} "
-                        f"rollouts/window = {spec.cap_rate():.1f} rollouts/s)", title_justify="left")
+    title = (f"PROJECTED {workers}-WORKER THROUGHPUT (window: {spec.describe()}, cap {spec.cap} "
+             f"rollouts/window = {spec.cap_rate():.1f} rollouts/s)")
+    # as wide as its title: rich wraps a title at the table's width, which split the window's description
+    table = Table(title=title, title_justify="left", min_width=len(title))
     for col in ("Batch", "Rollouts/s", "Rollouts/window", "Score factor"):
         table.add_column(col, justify="right")
     for r in ok:
