@@ -33,7 +33,7 @@ from grail_pipeline.runtime import (
     Runtime,
     add_runtime_arguments,
     check_batch_size,
-    length_profile_for,
+    checked_length_profile,
     parse_batch_sizes,
     positive_float,
     positive_int,
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stderr if args.json == "-" else sys.stdout
     # every flag is checked before anything slow happens
     engine_kind = resolve_engine(args.engine, resolve_device(args.device))
-    length_profile_for(args.model, args.length_profile)
+    checked_length_profile(args.model, args.length_profile, args.max_new_tokens)
     parse_model_ref(args.model)
     if args.full_benchmark:
         sizes = FULL_BATCH_SIZES[engine_kind]

@@ -101,6 +101,16 @@ def length_profile_for(model: str, spec: str | None) -> LengthProfile:
     return parse_length_profile(spec)
 
 
+def checked_length_profile(model: str, spec: str | None, max_new_tokens: int) -> LengthProfile:
+    """The run's length profile; one that draws more tokens than --max-new-tokens allows is a user error."""
+    lengths = length_profile_for(model, spec)
+    longest = lengths.longest
+    if longest is not None and longest > max_new_tokens:
+        raise UserError(f"length profile '{lengths.spec}' draws up to {longest} tokens, "
+                        f"more than --max-new-tokens {max_new_tokens}")
+    return lengths
+
+
 @dataclass
 class Runtime:
     """A loaded model and tokenizer, able to build engines, provers and pipelines on demand."""
@@ -114,11 +124,7 @@ class Runtime:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Runtime":
-        lengths = length_profile_for(args.model, args.length_profile)
-        longest = lengths.longest
-        if longest is not None and longest > args.max_new_tokens:
-            raise UserError(f"length profile '{lengths.spec}' draws up to {longest} tokens, "
-                            f"more than --max-new-tokens {args.max_new_tokens}")
+        lengths = checked_length_profile(args.model, args.length_profile, args.max_new_tokens)
         tokenizer = load_tokenizer(args.model)
         loaded = load_model(args.model, args.device)
         sampling = SamplingParams(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
