@@ -1,0 +1,291 @@
+"""`grail-pipeline benchmark` end to end on the CPU with `dummy:tiny`: tables, JSON, projections, bad input, OOM.
+
+The end-to-end runs are subprocesses of the real command with a real (unencrypted) wallet, so what
+is checked is what a user sees on stdout and stderr. Bad input runs in-process (each must fail
+before the wallet or the model is touched, so nothing slow runs); one case also runs as a process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from grail_pipeline import benchmark, cli
+from grail_pipeline.engines.base import Engine, GroupResult, RequestFeed
+from grail_pipeline.runtime import Runtime
+
+HEADERS = ("Batch", "Problems", "Rollouts", "Time(s)", "Roll/s", "Prob/s", "Tok/s", "GPU(GB)", "Success%", "Verified%")
+TINY = ["--model", "dummy:tiny", "--device", "cpu"]
+W1_SMALL = ["--length-profile", "fixed:20", "--max-new-tokens", "24"]
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRAIL_", "BT_WALLET_"))}
+    if "GRAIL_PIPELINE_CACHE" in os.environ:
+        env["GRAIL_PIPELINE_CACHE"] = os.environ["GRAIL_PIPELINE_CACHE"]  # the built tokenizer
+    return {**env, **(extra or {})}
+
+
+def run_benchmark(args: list[str], env: dict[str, str]) -> Run:
+    proc = subprocess.run([sys.executable, "-m", "grail_pipeline", "benchmark", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def wallet_vars(real_wallet: dict[str, str]) -> dict[str, str]:
+    return {k: real_wallet[k] for k in ("BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH")}
+
+
+def table_rows(text: str, title: str) -> list[list[str]]:
+    """The body rows of the rich table under `title`, as lists of cell texts."""
+    lines = text[text.index(title):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("┡"))
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.startswith("│"):
+            break
+        rows.append([cell.strip() for cell in line.strip("│").split("│")])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory, real_wallet) -> tuple[Run, dict]:
+    path = tmp_path_factory.mktemp("bench") / "out" / "fast.json"
+    run = run_benchmark([*TINY, "--engine", "fast", "--batch-sizes", "16", *W1_SMALL, "--num-problems", "2",
+                         "--warmup-problems", "1", "--verify", "4", "--workers", "4", "--json", str(path)],
+                        clean_env(wallet_vars(real_wallet)))
+    assert run.returncode == 0, run.stderr
+    return run, json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def hf_run(real_wallet) -> tuple[Run, dict]:
+    """The reference engine, JSON on stdout, a 50-block window. One problem, no warm-up: hf is slow on the CPU."""
+    run = run_benchmark([*TINY, "--engine", "hf", "--batch-sizes", "16", *W1_SMALL, "--num-problems", "1",
+                         "--warmup-problems", "0", "--verify", "4", "--json", "-", "--window-blocks", "50",
+                         "--block-time", "12"], clean_env(wallet_vars(real_wallet)))
+    assert run.returncode == 0, run.stderr
+    return run, json.loads(run.stdout)  # stdout holds the JSON and nothing else
+
+
+@pytest.mark.slow
+def test_fast_engine_tables(fast_run, real_wallet) -> None:
+    run, _ = fast_run
+    out = run.stdout
+    assert run.stderr == ""  # a configured wallet: no warning, no progress bar leftovers
+    assert "Traceback" not in out
+    assert f"hotkey {real_wallet['address']}" in out and "ephemeral" not in out
+    assert "│ Window      │ 30 blocks × 12 s = 360 s" in out
+    header = out[out.index("BENCHMARK RESULTS"):].splitlines()[2]
+    assert [cell.strip() for cell in header.strip("┃").split("┃")] == list(HEADERS)
+    (row,) = table_rows(out, "BENCHMARK RESULTS")
+    assert row[:3] == ["16", "2", "32"] and row[9] == "100.0 (n=4)"
+    assert float(row[4]) > 0 and row[7] == "-"  # no GPU memory on the CPU
+
+    projection = out[out.index("PROJECTED 4-WORKER THROUGHPUT"):]
+    assert "30 blocks × 12 s = 360 s" in projection
+    assert "cap 5120 rollouts/window = 14.2 rollouts/s" in projection
+    assert "Score factor" in projection
+    (proj,) = table_rows(out, "PROJECTED 4-WORKER THROUGHPUT")
+    assert proj[0] == "16" and float(proj[1]) == pytest.approx(4 * float(row[4]), abs=0.06)
+    best = [line for line in out.splitlines() if line.startswith("BEST:")]
+    assert len(best) == 1 and best[0].startswith(f"BEST: batch_size=16 -> {row[4]} rollouts/s; with 4 workers: ~")
+
+
+@pytest.mark.slow
+def test_fast_engine_json(fast_run, real_wallet) -> None:
+    _, report = fast_run
+    assert report["kind"] == "grail-pipeline-benchmark"
+    env = report["environment"]
+    assert env["torch"] == torch.__version__ and env["transformers"]
+    assert env["commit"] is None or isinstance(env["commit"], str)
+    assert env["gpus"] == [] and env["cuda"] == torch.version.cuda
+    cfg = report["config"]
+    assert cfg == {**cfg, "model": "dummy:tiny", "model_name": "dummy:tiny", "engine": "fast", "device": "cpu",
+                   "dtype": "float32", "attention": "sdpa", "batch_sizes": [16], "num_problems": 2,
+                   "rollouts_per_problem": 16, "warmup_problems": 1, "workers": 4, "max_new_tokens": 24,
+                   "length_profile": "fixed:20", "window": "30 blocks × 12 s = 360 s", "verify": 4}
+    assert report["signing"] == {"ephemeral": False, "hotkey": real_wallet["address"]}
+
+    (result,) = report["results"]
+    assert result["status"] == "ok" and result["batch_size"] == 16
+    assert result["problems"] == 2 and result["rollouts"] == 2 * 16 and result["dropped_groups"] == 0
+    assert result["completion_tokens"] == 32 * 20  # fixed:20, EOS included
+    assert result["rollouts_per_s"] == pytest.approx(result["rollouts"] / result["seconds"])
+    assert result["tokens_per_s"] == pytest.approx(result["completion_tokens"] / result["seconds"])
+    assert result["engine"]["generated_tokens"] == 32 * 20 and 0 < result["engine"]["batch_occupancy"] <= 1
+    verify = result["verify"]
+    assert verify["rollouts_checked"] == 4 and verify["rollouts_passed"] == verify["rollouts_checked"]
+    assert verify["positions_passed"] == verify["positions_checked"] > 0
+    assert verify["logprobs_passed"] == verify["logprobs_checked"] == 4 * 20
+
+    (projection,) = report["projection"]
+    rate = result["rollouts_per_s"]
+    assert projection["workers"] == 4 and projection["rollouts_per_s"] == pytest.approx(4 * rate)
+    assert projection["rollouts_per_window"] == pytest.approx(4 * rate * 360)
+    assert projection["score_factor"] == pytest.approx(min(1.0, 4 * rate * 360 / 5120) ** 4)
+    assert report["best"] == {"batch_size": 16, "rollouts_per_s": rate}
+
+
+@pytest.mark.slow
+def test_hf_engine_json_on_stdout_and_a_longer_window(hf_run) -> None:
+    run, report = hf_run
+    err = run.stderr
+    assert "Traceback" not in err
+    for title in ("GRAIL THROUGHPUT BENCHMARK", "BENCHMARK RESULTS", "WHERE THE TIME WENT", "BEST: batch_size=16"):
+        assert title in err  # the tables moved to stderr
+    assert "50 blocks × 12 s = 600 s" in err[err.index("PROJECTED 1-WORKER THROUGHPUT"):]
+    assert "360 s" not in err
+
+    assert report["config"]["engine"] == "hf" and report["config"]["window"] == "50 blocks × 12 s = 600 s"
+    (result,) = report["results"]
+    assert result["rollouts"] == result["problems"] * 16 == 16
+    assert result["verify"]["rollouts_passed"] == result["verify"]["rollouts_checked"] == 4
+    (projection,) = report["projection"]
+    assert projection["workers"] == 1
+    assert projection["rollouts_per_window"] == pytest.approx(result["rollouts_per_s"] * 600)
+    assert report["best"]["batch_size"] == 16
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+def main_exit_code(argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:  # argparse errors leave through parser.exit
+        return int(exc.code)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch-sizes", "0"], "batch sizes must be positive whole numbers, got '0'"),
+    (["--batch-sizes", "a,b"], "batch sizes must be positive whole numbers, got 'a'"),
+    (["--batch-sizes", "16,"], "batch sizes must be positive whole numbers"),
+    (["--num-problems", "0"], "argument --num-problems: '0' must be at least 1"),
+    (["--workers", "x"], "argument --workers: 'x' is not a whole number"),
+    (["--engine", "nope"], "argument --engine: invalid choice: 'nope'"),
+    (["--model", "dummy:nope"], "unknown model preset 'dummy:nope'"),
+    (["--model", "./no/such/model"], "model directory './no/such/model' does not exist"),
+    (["--length-profile", "weird"], "bad length profile 'weird'"),
+    (["--engine", "fast", "--batch-sizes", "4"], "must be at least 16 (one problem's rollouts); got 4"),
+    (["--length-profile", "fixed:30", "--max-new-tokens", "24"], "draws up to 30 tokens, more than --max-new-tokens 24"),
+    (["--device", "mps"], "device 'mps' is not supported"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--verify", "-1"], "--verify takes a positive number of rollouts"),
+    (["--warmup-problems", "-1"], "--warmup-problems cannot be negative"),
+    (["--block-time", "0"], "argument --block-time: '0' must be positive"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(capsys, caplog, monkeypatch, flags, words) -> None:
+    """Checked before the wallet is read: with no wallet configured, not even its warning appears."""
+    for name in ("BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH", "GRAIL_MULTI_GPU"):
+        monkeypatch.delenv(name, raising=False)
+    caplog.set_level(logging.WARNING)
+    assert main_exit_code(["benchmark", "--model", "dummy:tiny", "--device", "cpu", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("grail-pipeline benchmark: error: ")
+    assert words in captured.err
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_bad_input_in_a_real_process_is_one_line_without_a_wallet() -> None:
+    run = run_benchmark([*TINY, "--batch-sizes", "0"], clean_env())
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == "grail-pipeline benchmark: error: batch sizes must be positive whole numbers, got '0'\n"
+
+
+# --- out of memory -------------------------------------------------------------------------------------------------
+
+
+class OutOfMemoryEngine(Engine):
+    """Takes a group and runs out of GPU memory, as a too-large batch does (a stand-in: OOM needs a GPU)."""
+
+    name = "oom"
+
+    def run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
+        feed.next(wait=True)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (stand-in)")
+
+
+class FailingEngine(Engine):
+    name = "boom"
+
+    def run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
+        feed.next(wait=True)
+        raise RuntimeError("boom")
+
+
+def runtime_failing_at(sizes: set[int], engine: type[Engine] = OutOfMemoryEngine) -> type[Runtime]:
+    class FailingRuntime(Runtime):
+        def engine(self, batch_size: int) -> Engine:
+            return engine() if batch_size in sizes else super().engine(batch_size)
+
+    return FailingRuntime
+
+
+OOM_RUN = ["benchmark", *TINY, "--engine", "fast", "--length-profile", "fixed:16", "--max-new-tokens", "16",
+           "--num-problems", "1", "--warmup-problems", "0"]
+
+
+def test_out_of_memory_is_a_row_and_the_next_batch_size_still_runs(monkeypatch, capsys, tmp_path,
+                                                                    real_wallet) -> None:
+    """The engine at batch size 32 raises torch.OutOfMemoryError inside the pipeline (a stand-in engine,
+    since a real OOM needs a GPU); 16 then runs for real."""
+    for key, value in wallet_vars(real_wallet).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(benchmark, "Runtime", runtime_failing_at({32}))
+    path = tmp_path / "oom.json"
+    assert cli.main([*OOM_RUN, "--batch-sizes", "32,16", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out, "BENCHMARK RESULTS")
+    assert rows[0] == ["32", "OOM"] + ["-"] * 8
+    assert rows[1][:3] == ["16", "1", "16"]
+    assert [r[0] for r in table_rows(out, "WHERE THE TIME WENT")] == ["16"]
+    assert [r[0] for r in table_rows(out, "PROJECTED 1-WORKER THROUGHPUT")] == ["16"]
+    assert "BEST: batch_size=16" in out
+
+    report = json.loads(path.read_text())
+    assert [(r["batch_size"], r["status"]) for r in report["results"]] == [(32, "OOM"), (16, "ok")]
+    assert report["results"][0]["rollouts"] == 0 and report["results"][1]["rollouts"] == 16
+    assert [p["batch_size"] for p in report["projection"]] == [16] and report["best"]["batch_size"] == 16
+
+
+def test_every_batch_size_out_of_memory_exits_1(monkeypatch, capsys, real_wallet) -> None:
+    """Stand-in engines at every size (OOM needs a GPU): nothing completes, the exit code says so."""
+    for key, value in wallet_vars(real_wallet).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(benchmark, "Runtime", runtime_failing_at({16, 32}))
+    assert cli.main([*OOM_RUN, "--batch-sizes", "16,32"]) == 1
+    out = capsys.readouterr().out
+    assert [r[:2] for r in table_rows(out, "BENCHMARK RESULTS")] == [["16", "OOM"], ["32", "OOM"]]
+    assert "No batch size completed." in out and "BEST" not in out
+
+
+def test_other_engine_failures_are_not_hidden_as_oom(tiny, tok, real_wallet) -> None:
+    """measure_batch_size turns only OOM into a row; any other error propagates."""
+    from grail_pipeline.engines.base import SamplingParams
+    from grail_pipeline.lengths import parse_length_profile
+    from grail_pipeline.wallet import ephemeral_signer
+
+    runtime = runtime_failing_at({16}, FailingEngine)(
+        tiny, tok, "fast", SamplingParams(tok.eos_token_id, tok.pad_token_id, max_new_tokens=16),
+        parse_length_profile("fixed:16"), 512)
+    with pytest.raises(BaseExceptionGroup) as err:  # as the pipeline's task group raised it
+        benchmark.measure_batch_size(runtime, ephemeral_signer(), 16, 1, 0, benchmark.benchmark_window(0), 0, None)
+    assert err.group_contains(RuntimeError, match="^boom$")
+    assert not err.group_contains(torch.OutOfMemoryError)

@@ -1,0 +1,165 @@
+"""The fast engine against the reference engine (transformers `generate`) on the tiny model, CPU, eager.
+
+With top_k=1 both engines sample deterministically (the argmax after the repetition penalty and the
+target-length mask), so for the same prompts and targets they must produce the same tokens. The
+fast engine's continuous batching (more groups than slots, refilled slots, a lag of 1 or 3 steps
+between launch and read-back) must not change a single token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from grail_pipeline.engines.base import EngineStats, GroupRequest, GroupResult, SamplingParams
+from grail_pipeline.engines.fast import FastEngine
+from grail_pipeline.engines.hf import HFEngine, cut_at_eos
+from grail_pipeline.errors import UserError
+from grail_pipeline.sat import problem_for_seed
+from grail_pipeline.tokenizer import prompt_ids
+
+MAX_NEW = 8
+SLOTS = 6
+TEXTS = ["Hi", "The quick brown fox jumps over the lazy dog.", " ".join(f"word{i}" for i in range(30))]
+
+
+@pytest.fixture(scope="module")
+def prompts(tok) -> list[list[int]]:
+    """Prompts of 1, 10, 80 (over one 64-token prefill block) and ~200 tokens (a real SAT chat)."""
+    out = [tok(text).input_ids for text in TEXTS] + [prompt_ids(tok, problem_for_seed(7))]
+    assert [len(p) for p in out[:3]] == [1, 10, 80] and len(out[3]) > 128
+    return out
+
+
+def sampling(tok, **changes) -> SamplingParams:
+    """The miner's settings (temperature 0.7, top-p 0.95, repetition penalty 1.1) with top_k=1: deterministic."""
+    return dataclasses.replace(SamplingParams(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                              top_k=1, max_new_tokens=MAX_NEW), **changes)
+
+
+def requests(prompts: list[list[int]]) -> list[GroupRequest]:
+    """Five groups, 14 rollouts in all, for 6 slots: groups wait for free slots and slots are refilled."""
+    return [
+        GroupRequest("one-token prompt", prompts[0], [1, 4, 5]),
+        GroupRequest("sentence", prompts[1], [5, 2, 6, 3]),
+        GroupRequest("two blocks", prompts[2], [6, 6]),
+        GroupRequest("sat", prompts[3], [3, 5, 4, 6]),
+        GroupRequest("short", prompts[1][:3], [4]),
+    ]
+
+
+def by_key(results: list[GroupResult]) -> dict[str, list[list[int]]]:
+    keys = [r.request.key for r in results]
+    assert len(keys) == len(set(keys)), "a group was emitted twice"
+    return {r.request.key: r.completions for r in results}
+
+
+def check_stats(stats: EngineStats, results: list[GroupResult]) -> None:
+    assert stats.generated_tokens == sum(len(c) for r in results for c in r.completions)
+    assert stats.occupied_slot_steps == stats.generated_tokens
+    assert stats.decode_steps > 0 and 0 < stats.occupancy <= 1
+    assert stats.slot_steps >= stats.occupied_slot_steps
+    report = stats.as_dict()
+    assert report["generated_tokens"] == stats.generated_tokens and 0 < report["batch_occupancy"] <= 1
+
+
+_reference_cache: dict[float, tuple[list[GroupResult], EngineStats]] = {}
+
+
+def reference(tiny, tok, prompts, penalty: float) -> tuple[list[GroupResult], EngineStats]:
+    """The hf engine's results (one `generate` call per group), computed once per penalty."""
+    if penalty not in _reference_cache:
+        engine = HFEngine(tiny, sampling(tok, repetition_penalty=penalty), batch_size=4)
+        _reference_cache[penalty] = (engine.generate(requests(prompts)), engine.stats)
+    return _reference_cache[penalty]
+
+
+@pytest.mark.parametrize("penalty", [1.1, 2.0])  # 2.0: the argmax changes from step to step
+@pytest.mark.parametrize("lag", [1, 3])
+def test_fast_engine_matches_reference_with_forced_lengths(tiny, tok, prompts, lag, penalty) -> None:
+    ref_results, ref_stats = reference(tiny, tok, prompts, penalty)
+    engine = FastEngine(tiny, sampling(tok, repetition_penalty=penalty), slots=SLOTS, max_prompt_tokens=256, lag=lag)
+    assert engine._graph.graph is None and engine.runner._pre.__name__ == "pre_attention"  # eager on the CPU
+    results = engine.generate(requests(prompts))
+
+    expected, got = by_key(ref_results), by_key(results)
+    assert got == expected
+    eos = tok.eos_token_id
+    for result in results:
+        for completion, target in zip(result.completions, result.request.targets, strict=True):
+            assert len(completion) == target
+            assert completion[-1] == eos and eos not in completion[:-1]
+        assert result.seconds >= 0
+    if penalty == 2.0:
+        assert any(len(set(c[:-1])) > 2 for r in results for c in r.completions)  # not one repeated token
+
+    check_stats(ref_stats, ref_results)
+    check_stats(engine.stats, results)
+    stats = engine.stats
+    assert stats.slot_steps == stats.decode_steps * SLOTS
+    assert stats.prefill_seconds > 0 and stats.context_tokens > stats.generated_tokens
+    # groups overlapped: fewer steps than running them one after another
+    assert stats.decode_steps < sum(max(r.targets) for r in requests(prompts))
+
+
+def test_natural_lengths_stop_at_eos_or_max_new_tokens(tiny, tok, prompts) -> None:
+    """No targets: a completion ends at the model's own EOS, or after max_new_tokens.
+
+    A random model never picks the real <|im_end|>, so the EOS here is a token the model is known to
+    produce: the third token it generates greedily after prompt 0 (penalty 2.0 varies the tokens).
+    """
+    base = sampling(tok, repetition_penalty=2.0)
+    probe = FastEngine(tiny, base, slots=SLOTS, max_prompt_tokens=256)
+    first = probe.generate([GroupRequest("a", prompts[0], [None])])[0].completions[0]
+    assert len(first) == MAX_NEW and tok.eos_token_id not in first
+    stop = first[2]
+    assert stop not in first[:2]
+    params = dataclasses.replace(base, eos_token_id=stop)
+    groups = [GroupRequest("stops", prompts[0], [None, None]), GroupRequest("mixed", prompts[1], [None, 3]),
+              GroupRequest("sat", prompts[3], [None])]
+
+    hf = HFEngine(tiny, params, batch_size=4)
+    ref = by_key(hf.generate(groups))
+    for lag in (1, 3):
+        fast = FastEngine(tiny, params, slots=SLOTS, max_prompt_tokens=256, lag=lag)
+        results = fast.generate(groups)
+        assert by_key(results) == ref
+        check_stats(fast.stats, results)
+    assert ref["stops"] == [first[:3], first[:3]]
+    assert len(ref["mixed"][1]) == 3 and ref["mixed"][1][-1] == stop
+    natural = [ref["mixed"][0], ref["sat"][0]]
+    for completion in natural:
+        assert completion == cut_at_eos(completion, stop)
+        assert (completion[-1] == stop) or len(completion) == MAX_NEW
+    assert any(len(c) == MAX_NEW and stop not in c for c in natural)  # at least one ran to the limit
+
+
+def test_requests_the_fast_engine_cannot_hold_are_user_errors(tiny, tok, prompts) -> None:
+    engine = FastEngine(tiny, sampling(tok), slots=4, max_prompt_tokens=64)
+    with pytest.raises(UserError, match="a group of 5 rollouts needs at least that many slots"):
+        engine.generate([GroupRequest("big", prompts[1], [3] * 5)])
+    with pytest.raises(UserError, match="a prompt of 80 tokens exceeds the fast engine's limit of 64"):
+        engine.generate([GroupRequest("long", prompts[2], [3] * 4)])
+    # exactly the limit is fine, and so is a group as large as the slots
+    engine = FastEngine(tiny, sampling(tok), slots=4, max_prompt_tokens=80)
+    (result,) = engine.generate([GroupRequest("fits", prompts[2], [2] * 4)])
+    assert [len(c) for c in result.completions] == [2] * 4
+
+
+def test_targets_beyond_max_new_tokens_stop_at_the_limit(tiny, tok, prompts) -> None:
+    """Both engines cut a rollout at max_new_tokens, target or not (the runtime refuses such profiles)."""
+    group = [GroupRequest("g", prompts[1], [MAX_NEW + 3, 2])]
+    fast = FastEngine(tiny, sampling(tok), slots=SLOTS, max_prompt_tokens=64).generate(group)
+    hf = HFEngine(tiny, sampling(tok), batch_size=4).generate(group)
+    assert by_key(fast) == by_key(hf)
+    assert [len(c) for c in fast[0].completions] == [MAX_NEW, 2]
+
+
+def test_engine_stats_reset(tiny, tok, prompts) -> None:
+    engine = FastEngine(tiny, sampling(tok), slots=SLOTS, max_prompt_tokens=64)
+    engine.generate([GroupRequest("g", prompts[1], [2, 3])])
+    assert engine.stats.generated_tokens == 5
+    engine.reset_stats()
+    assert engine.stats == EngineStats() and engine.stats.occupancy == 0.0
+    assert EngineStats().as_dict()["step_ms"] == 0.0

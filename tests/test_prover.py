@@ -1,0 +1,185 @@
+"""The batched prover against the public miner's method (one unbatched forward per rollout) on the tiny model."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grail_pipeline.protocol import PROFILE
+from grail_pipeline.prover import BatchedProver, ProofJob, ReferenceProver, RolloutProof, row_exact_linears
+
+# (prompt length, completion lengths): a one-token completion, long and short rows, equal lengths
+GROUPS = [(3, [16, 30, 17, 29]), (11, [40, 1, 22]), (25, [33, 34, 20, 8, 33]), (1, [12])]
+
+
+@pytest.fixture(scope="module")
+def jobs(tiny) -> list[ProofJob]:
+    rng = random.Random(1)
+    vocab = tiny.vocab_size
+    out = []
+    for g, (prompt_len, lengths) in enumerate(GROUPS):
+        prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+        completions = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+        out.append(ProofJob(prompt, completions, hashlib.sha256(f"window {g}".encode()).hexdigest()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, jobs) -> list[list[RolloutProof]]:
+    return ReferenceProver(tiny).prove_many(jobs)
+
+
+def assert_same(got: list[list[RolloutProof]], expected: list[list[RolloutProof]], jobs: list[ProofJob]) -> None:
+    assert len(got) == len(expected) == len(jobs)
+    for group_got, group_expected, job in zip(got, expected, jobs, strict=True):
+        assert len(group_got) == len(group_expected) == len(job.completions)
+        for a, b, completion in zip(group_got, group_expected, job.completions, strict=True):
+            n = len(job.prompt_ids) + len(completion)
+            assert a.sketches.shape == (n,) and a.indices.shape == (n, PROFILE.proof_topk)
+            assert a.sketches.device.type == a.indices.device.type == "cpu"
+            assert torch.equal(a.sketches, b.sketches)
+            assert torch.equal(a.indices, b.indices)
+            assert len(a.token_logprobs) == len(b.token_logprobs) == n
+            assert a.token_logprobs[:len(job.prompt_ids)] == [0.0] * len(job.prompt_ids)
+            assert max(abs(x - y) for x, y in zip(a.token_logprobs, b.token_logprobs)) < 1e-4
+
+
+def test_reference_prover_shape(reference, jobs) -> None:
+    """Different randomness per group gives different sketches for the same hidden states."""
+    assert all(lp < 0 for group in reference for proof in group for lp in proof.token_logprobs[32:])
+    first = reference[0][0]
+    assert first.sketches.dtype == first.indices.dtype == torch.int64
+    assert ((first.sketches >= 0) & (first.sketches < PROFILE.prime_q)).all()
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),  # the defaults: 16384 tokens, 12 % waste
+    dict(max_batch_tokens=64, max_waste=0.0),  # only equal lengths share a batch
+    dict(max_batch_tokens=10**6, max_waste=1.0, logit_chunk=7),  # one batch of everything, logits in chunks of 7
+    dict(max_batch_tokens=1),  # one row per batch
+    dict(max_batch_tokens=200, max_waste=0.3, logit_chunk=1),
+], ids=["default", "no-waste", "one-batch", "one-row", "mixed"])
+def test_batched_prover_matches_reference(tiny, jobs, reference, settings) -> None:
+    prover = BatchedProver(tiny, **settings)
+    assert_same(prover.prove_many(jobs), reference, jobs)
+
+
+def test_prove_is_prove_many_of_one(tiny, jobs, reference) -> None:
+    prover = BatchedProver(tiny, max_batch_tokens=128)
+    for job, expected in zip(jobs, reference):
+        assert_same([prover.prove(job.prompt_ids, job.completions, job.randomness_hex)], [expected], [job])
+    reference_prover = ReferenceProver(tiny)
+    job = jobs[1]
+    assert_same([reference_prover.prove(job.prompt_ids, job.completions, job.randomness_hex)], [reference[1]], [job])
+
+
+def test_groups_sharing_a_batch_keep_their_own_randomness(tiny, jobs) -> None:
+    """The same rollout under two randomness values: same indices, different sketches, each matching its own."""
+    job = jobs[0]
+    other = ProofJob(job.prompt_ids, job.completions, hashlib.sha256(b"another window").hexdigest())
+    both = BatchedProver(tiny, max_batch_tokens=10**6, max_waste=1.0).prove_many([job, other])
+    alone = ReferenceProver(tiny).prove_many([job, other])
+    assert_same(both, alone, [job, other])
+    assert torch.equal(both[0][0].indices, both[1][0].indices)
+    assert not torch.equal(both[0][0].sketches, both[1][0].sketches)
+
+
+def test_nothing_to_prove(tiny) -> None:
+    empty = ProofJob([1, 2, 3], [], "ab" * 32)
+    for prover in (BatchedProver(tiny), ReferenceProver(tiny)):
+        assert prover.prove_many([]) == []
+        assert prover.prove_many([empty, empty]) == [[], []]
+
+
+@pytest.mark.parametrize("max_batch_tokens, max_waste", [(1, 0.12), (64, 0.0), (300, 0.12), (1000, 0.5),
+                                                          (16384, 0.12), (10**9, 1.0)])
+def test_batches_respect_budget_and_padding_and_cover_every_row(tiny, max_batch_tokens, max_waste) -> None:
+    prover = BatchedProver(tiny, max_batch_tokens=max_batch_tokens, max_waste=max_waste)
+    rng = random.Random(max_batch_tokens)
+    for trial in range(50):
+        lengths = [rng.randint(1, 400) for _ in range(rng.randint(0, 60))]
+        if trial % 5 == 0:
+            lengths = [rng.choice([17, 17, 200]) for _ in lengths]  # many equal lengths
+        batches = prover.batches(lengths)
+        flat = [i for batch in batches for i in batch]
+        assert sorted(flat) == list(range(len(lengths)))  # every index exactly once
+        widths = [max(lengths[i] for i in batch) for batch in batches]
+        assert widths == sorted(widths, reverse=True)  # longest first
+        for batch, width in zip(batches, widths):
+            assert batch and lengths[batch[0]] == width
+            assert len(batch) == 1 or len(batch) * width <= max_batch_tokens
+            assert min(lengths[i] for i in batch) >= (1.0 - max_waste) * width
+    assert prover.batches([]) == []
+    assert prover.batches([5000]) == [[0]]  # a row over the budget is a batch of its own
+
+
+def test_batches_fill_up_to_the_budget(tiny) -> None:
+    prover = BatchedProver(tiny, max_batch_tokens=100, max_waste=0.5)
+    assert prover.batches([10] * 25) == [list(range(10)), list(range(10, 20)), list(range(20, 25))]
+    assert prover.batches([10, 6, 4]) == [[0, 1], [2]]  # 4 < (1 - 0.5) * 10
+
+
+def _linears(n: int = 3) -> list[torch.nn.Linear]:
+    torch.manual_seed(0)
+    return [torch.nn.Linear(6, 5) for _ in range(n)]
+
+
+def test_row_exact_linears_computes_each_row_alone_and_restores_forward() -> None:
+    linears = _linears()
+    lengths = [4, 2, 3]
+    x = torch.randn(3, 4, 6)
+    with row_exact_linears(linears, lengths):
+        for m in linears:
+            assert "forward" in vars(m)
+            out = m(x)
+            for b, n in enumerate(lengths):
+                assert torch.equal(out[b, :n], F.linear(x[b, :n], m.weight, m.bias))
+                assert (out[b, n:] == 0).all()  # padding is not computed
+    for m in linears:
+        assert "forward" not in vars(m)
+        assert torch.equal(m(x), F.linear(x, m.weight, m.bias))
+
+
+def test_row_exact_linears_restores_forward_after_an_exception() -> None:
+    linears = _linears()
+    with pytest.raises(RuntimeError, match="boom"):
+        with row_exact_linears(linears, [1, 2]):
+            raise RuntimeError("boom")
+    assert all("forward" not in vars(m) for m in linears)
+
+
+def test_row_exact_linears_keeps_an_existing_instance_forward() -> None:
+    """A forward already set on the instance (a hook wrapper, as accelerate installs) is put back, not dropped."""
+    linears = _linears(2)
+    wrapped = linears[0].forward
+    calls = []
+
+    def hooked(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape)
+        return wrapped(x)
+
+    linears[0].forward = hooked
+    with row_exact_linears(linears, [1, 2]):
+        assert linears[0].forward is not hooked
+    assert linears[0].forward is hooked and "forward" not in vars(linears[1])
+    linears[0](torch.randn(2, 6))
+    assert calls == [(2, 6)]
+
+
+def test_row_exact_linears_single_row_changes_nothing() -> None:
+    linears = _linears(1)
+    with row_exact_linears(linears, [4]):
+        assert "forward" not in vars(linears[0])  # one row is already the validator's shape
+
+
+def test_batched_prover_patches_only_the_down_projection(tiny) -> None:
+    prover = BatchedProver(tiny)
+    hidden = tiny.model.config.hidden_size
+    names = {name.rsplit(".", 1)[-1] for name, m in tiny.model.named_modules() if any(m is x for x in prover.linears)}
+    assert names == {"down_proj"}
+    assert len(prover.linears) == tiny.model.config.num_hidden_layers
+    assert all(m.in_features > hidden for m in prover.linears)
