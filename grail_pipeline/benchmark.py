@@ -24,20 +24,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from grail_pipeline.benchmark_report import render_report, write_json
 from grail_pipeline.errors import UserError
 from grail_pipeline.gpu import PeakGpuMemory
-from grail_pipeline.model import resolve_device
-from grail_pipeline.model_ref import parse_model_ref
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.runtime import (
     DEFAULT_BATCH_SIZES,
     FULL_BATCH_SIZES,
     Runtime,
     add_runtime_arguments,
-    check_batch_size,
-    checked_length_profile,
     parse_batch_sizes,
     positive_float,
     positive_int,
-    resolve_engine,
+    preflight,
 )
 from grail_pipeline.tasks import ProblemTask, SignedGroup, WindowContext, make_task
 from grail_pipeline.verifier import verify_rollout
@@ -272,18 +268,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--verify takes a positive number of rollouts")
     spec = WindowSpec(blocks=args.window_blocks, block_time_s=args.block_time)
     out = sys.stderr if args.json == "-" else sys.stdout
-    # every flag is checked before anything slow happens
-    engine_kind = resolve_engine(args.engine, resolve_device(args.device))
-    checked_length_profile(args.model, args.length_profile, args.max_new_tokens)
-    parse_model_ref(args.model)
+    explicit = parse_batch_sizes(args.batch_sizes) if args.batch_sizes is not None else None
+    engine_kind = preflight(args, explicit)  # every flag is checked before anything slow happens
     if args.full_benchmark:
         sizes = FULL_BATCH_SIZES[engine_kind]
-    elif args.batch_sizes is not None:
-        sizes = parse_batch_sizes(args.batch_sizes)
     else:
-        sizes = DEFAULT_BATCH_SIZES[engine_kind]
-    for size in sizes:
-        check_batch_size(engine_kind, size)
+        sizes = explicit or DEFAULT_BATCH_SIZES[engine_kind]
     signer = load_signer(required=False)
     runtime = Runtime.from_args(args)
     window = benchmark_window(args.seed)

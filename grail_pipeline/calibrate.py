@@ -33,7 +33,14 @@ from grail_pipeline.gpu import driver_version
 from grail_pipeline.model import resolve_device
 from grail_pipeline.model_ref import parse_model_ref
 from grail_pipeline.protocol import PROFILE
-from grail_pipeline.runtime import Runtime, add_runtime_arguments, parse_batch_sizes, positive_float, positive_int
+from grail_pipeline.runtime import (
+    Runtime,
+    add_runtime_arguments,
+    parse_batch_sizes,
+    positive_float,
+    positive_int,
+    preflight,
+)
 from grail_pipeline.wallet import load_signer
 
 DEFAULT_HEADROOM_GB = 12.0
@@ -206,10 +213,9 @@ def run(args: argparse.Namespace) -> int:
         load_calibrations(args.calibration)  # refuse a corrupt file before a long sweep, not after it
     budget = memory_budget(args)
     explicit = sorted(set(parse_batch_sizes(args.batch_sizes))) if args.batch_sizes is not None else None
+    preflight(args, explicit)  # every flag is checked before the wallet and the model
     signer = load_signer(required=False)
     runtime = Runtime.from_args(args)
-    for size in explicit or []:
-        runtime.check_batch_size(size)
     on_gpu = runtime.loaded.device.type == "cuda"
     console = Console(width=None if sys.stdout.isatty() else 150)
     console.print(f"Calibrating {runtime.engine_kind} engine on {budget.gpu_name}: budget {budget.budget_gb:.1f} GB = "

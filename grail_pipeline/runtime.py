@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from grail_pipeline.engines.base import Engine, SamplingParams
 from grail_pipeline.errors import UserError
 from grail_pipeline.lengths import W1_SPEC, LengthProfile, parse_length_profile
-from grail_pipeline.model import LoadedModel, load_model, wants_multi_gpu
+from grail_pipeline.model import LoadedModel, load_model, resolve_device, wants_multi_gpu
 from grail_pipeline.model_ref import parse_model_ref
 from grail_pipeline.pipeline import Pipeline, PipelineConfig
 from grail_pipeline.protocol import PROFILE
@@ -109,6 +109,16 @@ def checked_length_profile(model: str, spec: str | None, max_new_tokens: int) ->
         raise UserError(f"length profile '{lengths.spec}' draws up to {longest} tokens, "
                         f"more than --max-new-tokens {max_new_tokens}")
     return lengths
+
+
+def preflight(args: argparse.Namespace, batch_sizes: list[int] | None) -> str:
+    """Check the shared flags (and any batch sizes) before anything slow; returns the engine kind."""
+    engine_kind = resolve_engine(args.engine, resolve_device(args.device))
+    checked_length_profile(args.model, args.length_profile, args.max_new_tokens)
+    parse_model_ref(args.model)
+    for size in batch_sizes or []:
+        check_batch_size(engine_kind, size)
+    return engine_kind
 
 
 @dataclass
