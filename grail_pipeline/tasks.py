@@ -36,7 +36,6 @@ class ProblemTask:
     prompt_ids: list[int]
     targets: list[int | None]
     block: int = 0  # the block at which the problem was issued
-    created: float = field(default_factory=time.perf_counter)
 
 
 def make_task(window: WindowContext, index: int, hotkey: str, tokenizer: PreTrainedTokenizerBase,

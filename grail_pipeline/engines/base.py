@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from grail_pipeline.protocol import PROFILE
@@ -82,14 +82,13 @@ class EngineStats:
     occupied_slot_steps: int = 0  # sum over decode steps of active sequences
     slot_steps: int = 0  # sum over decode steps of the batch width
     context_tokens: int = 0  # sum over occupied slot-steps of the context attended (KV read)
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def occupancy(self) -> float:
         return self.occupied_slot_steps / self.slot_steps if self.slot_steps else 0.0
 
     def as_dict(self) -> dict[str, float]:
-        out = {
+        return {
             "generated_tokens": self.generated_tokens,
             "decode_steps": self.decode_steps,
             "decode_seconds": round(self.decode_seconds, 4),
@@ -98,8 +97,6 @@ class EngineStats:
             "step_ms": round(1000 * self.decode_seconds / self.decode_steps, 3) if self.decode_steps else 0.0,
             "mean_context": round(self.context_tokens / self.occupied_slot_steps, 1) if self.occupied_slot_steps else 0.0,
         }
-        out.update(self.extra)
-        return out
 
 
 class Engine(ABC):
