@@ -14,8 +14,6 @@ import base64
 import contextlib
 import functools
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -27,6 +25,7 @@ from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from grail_pipeline.atomic import write_atomically
 from grail_pipeline.model_ref import parse_model_ref, unavailable
 from grail_pipeline.paths import cache_root
 from grail_pipeline.protocol import PROFILE
@@ -171,19 +170,6 @@ def _from_cache(path: Path) -> PreTrainedTokenizerFast | None:
     return tokenizer if len(tokenizer) == FIRST_SPECIAL_ID + len(SPECIAL_TOKENS) else None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Temp file then rename, so concurrent miners never read a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_build(directory: Path) -> PreTrainedTokenizerFast:
     """Qwen2.5's tokenizer from the cache in `directory`, (re)built when missing or corrupt.
 
@@ -197,7 +183,7 @@ def load_or_build(directory: Path) -> PreTrainedTokenizerFast:
         return cached
     backend = _build_backend(data)
     with contextlib.suppress(OSError):
-        _write_atomically(path, backend.to_str())
+        write_atomically(path, backend.to_str().encode())
     return _wrap(tokenizer_object=backend)
 
 
