@@ -7,13 +7,13 @@ the test can count exactly how much work is inside the pipeline at any moment.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 import torch
 
-from grail_pipeline.engines.base import EndOfRequests, Engine, GroupResult, RequestFeed
+from grail_pipeline.engines.base import GroupRequest, GroupResult, OneGroupEngine
 from grail_pipeline.pipeline import Pipeline, PipelineConfig
 from grail_pipeline.prover import ProofJob, Prover, RolloutProof
 from grail_pipeline.tasks import ProblemTask, ProvedGroup, SignedGroup, WindowContext
@@ -21,19 +21,13 @@ from grail_pipeline.tasks import ProblemTask, ProvedGroup, SignedGroup, WindowCo
 WINDOW = WindowContext(window_start=0, block_hash="0x" + "00" * 32, randomness="11" * 32)
 
 
-class InstantEngine(Engine):
+class InstantEngine(OneGroupEngine):
     """Takes one group at a time and finishes it at once (16 completions of 20 tokens)."""
 
     name = "instant"
 
-    def run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
-        while True:
-            try:
-                request = feed.next(wait=True)
-            except EndOfRequests:
-                return
-            if request is not None:
-                emit(GroupResult(request, [[7] * 20 for _ in request.targets], seconds=0.0))
+    def generate_group(self, request: GroupRequest) -> GroupResult:
+        return GroupResult(request, [[7] * 20 for _ in request.targets], seconds=0.0)
 
 
 class InstantProver(Prover):

@@ -119,3 +119,20 @@ class Engine(ABC):
         results: list[GroupResult] = []
         self.run(ListFeed(requests), results.append)
         return results
+
+
+class OneGroupEngine(Engine):
+    """An engine that finishes each group before it takes the next (the reference method's shape)."""
+
+    def run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
+        while True:
+            try:
+                request = feed.next(wait=True)
+            except EndOfRequests:
+                return
+            if request is not None:
+                emit(self.generate_group(request))
+
+    @abstractmethod
+    def generate_group(self, request: GroupRequest) -> GroupResult:
+        """All completions of one group."""

@@ -7,12 +7,11 @@ every speed figure.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from grail_pipeline.engines.base import EndOfRequests, Engine, GroupRequest, GroupResult, RequestFeed, SamplingParams
+from grail_pipeline.engines.base import GroupRequest, GroupResult, OneGroupEngine, SamplingParams
 from grail_pipeline.model import LoadedModel
 
 
@@ -45,7 +44,7 @@ def cut_at_eos(tokens: list[int], eos_token_id: int) -> list[int]:
         return tokens
 
 
-class HFEngine(Engine):
+class HFEngine(OneGroupEngine):
     """`model.generate` with B identical prompts per call (B = batch size, at most the group size)."""
 
     name = "hf"
@@ -56,16 +55,7 @@ class HFEngine(Engine):
         self.sampling = sampling
         self.batch_size = batch_size
 
-    def run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
-        while True:
-            try:
-                request = feed.next(wait=True)
-            except EndOfRequests:
-                return
-            if request is not None:
-                emit(self._generate_group(request))
-
-    def _generate_group(self, request: GroupRequest) -> GroupResult:
+    def generate_group(self, request: GroupRequest) -> GroupResult:
         start = time.perf_counter()
         completions: list[list[int]] = []
         for first in range(0, request.num_samples, self.batch_size):
