@@ -95,8 +95,16 @@ def sketch_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def commitments_to_dicts(sketches: torch.Tensor, indices: torch.Tensor) -> list[dict[str, Any]]:
     """The commitment dicts of the upload, `{"sketch", "indices", "position"}` for every position."""
-    sketch_list = sketches.tolist()
-    index_lists = indices.tolist()
+    return _dicts(sketches.tolist(), indices.tolist())
+
+
+def commitments_with_json(sketches: torch.Tensor, indices: torch.Tensor) -> tuple[list[dict[str, Any]], bytes]:
+    """The dicts and their compact sorted JSON together, converting the arrays to lists once (per rollout)."""
+    sketch_list, index_lists = sketches.tolist(), indices.tolist()
+    return _dicts(sketch_list, index_lists), _compact_json(sketch_list, index_lists)
+
+
+def _dicts(sketch_list: list[int], index_lists: list[list[int]]) -> list[dict[str, Any]]:
     return [
         {"sketch": sketch, "indices": idx, "position": position}
         for position, (sketch, idx) in enumerate(zip(sketch_list, index_lists, strict=True))
@@ -119,11 +127,15 @@ def compact_commitments_json(sketches: torch.Tensor, indices: torch.Tensor) -> b
     The binding hashes this text for every rollout; writing it directly is several times faster than
     encoding hundreds of dicts, and it holds the interpreter lock in shorter pieces.
     """
-    rows = json.dumps(indices.tolist(), separators=(",", ":"))[2:-2].split("],[")
+    return _compact_json(sketches.tolist(), indices.tolist())
+
+
+def _compact_json(sketch_list: list[int], index_lists: list[list[int]]) -> bytes:
+    rows = json.dumps(index_lists, separators=(",", ":"))[2:-2].split("],[")
     if rows == [""]:
         rows = []
     body = ",".join(f'{{"indices":[{row}],"position":{pos},"sketch":{sketch}}}'
-                    for pos, (row, sketch) in enumerate(zip(rows, sketches.tolist(), strict=True)))
+                    for pos, (row, sketch) in enumerate(zip(rows, sketch_list, strict=True)))
     return f"[{body}]".encode()
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from grail_pipeline.proof import commit_binding, commitments_to_dicts, compact_commitments_json
+from grail_pipeline.proof import commit_binding, commitments_with_json
 from grail_pipeline.protocol import PROFILE, ProtocolProfile
 from grail_pipeline.records import build_rollout_record, grpo_advantages
 from grail_pipeline.sat import answer_solves, score_completion
@@ -59,9 +59,8 @@ class GroupSigner:
         task = group.task
         window = task.window
         tokens = task.prompt_ids + completion
-        commitments = commitments_to_dicts(proof.sketches, proof.indices)
-        binding = commit_binding(tokens, window.randomness, self.model_name, self.profile.layer_index,
-                                 compact_commitments_json(proof.sketches, proof.indices))
+        commitments, compact = commitments_with_json(proof.sketches, proof.indices)
+        binding = commit_binding(tokens, window.randomness, self.model_name, self.profile.layer_index, compact)
         nonce = self.profile.nonce(task.index, index)
         challenge = rollout_challenge(window.block_hash, nonce)
         return build_rollout_record(

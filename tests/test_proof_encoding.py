@@ -13,6 +13,7 @@ import torch
 from grail_pipeline.proof import (
     commit_binding,
     commitments_to_dicts,
+    commitments_with_json,
     compact_commitments_json,
     hash_tokens,
     r_vec,
@@ -35,6 +36,7 @@ def test_compact_commitments_json_is_the_json_dumps_text(positions) -> None:
         indices[-1, 0] = 0
     text = compact_commitments_json(sketches, indices)
     assert text == plain_json(sketches, indices)
+    assert commitments_with_json(sketches, indices) == (commitments_to_dicts(sketches, indices), text)
     assert json.loads(text) == commitments_to_dicts(sketches, indices)
     # the binding hashes the same bytes whichever form it is given
     tokens = list(range(positions + 1))
