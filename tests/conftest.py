@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import transformers
 from bittensor_wallet import Keypair, Wallet
 
+from grail_pipeline.cli import main
 from grail_pipeline.model import LoadedModel, load_model
 from grail_pipeline.tokenizer import builtin_tokenizer
 
@@ -27,13 +30,34 @@ def tok() -> transformers.PreTrainedTokenizerFast:
     return builtin_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def real_wallet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """An unencrypted hotkey written by bittensor_wallet; the environment variables that name it, and its address."""
-    root = tmp_path_factory.mktemp("wallets")
-    wallet = Wallet(name="cold", hotkey="hot", path=str(root))
+def write_wallet(root: Path, cold: str = "cold", hot: str = "hot") -> str:
+    """A real unencrypted hotkey (and cold public key) written by bittensor_wallet under `root`; its address."""
+    wallet = Wallet(name=cold, hotkey=hot, path=str(root))
     wallet.set_coldkeypub(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), overwrite=True)
     hotkey = Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
     wallet.set_hotkey(hotkey, encrypt=False, overwrite=True)
-    return {"BT_WALLET_COLD": "cold", "BT_WALLET_HOT": "hot", "BT_WALLET_PATH": str(root),
-            "address": hotkey.ss58_address}
+    return hotkey.ss58_address
+
+
+@pytest.fixture(scope="session")
+def real_wallet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An unencrypted hotkey on disk; the environment variables that name it, and its address."""
+    root = tmp_path_factory.mktemp("wallets")
+    address = write_wallet(root)
+    return {"BT_WALLET_COLD": "cold", "BT_WALLET_HOT": "hot", "BT_WALLET_PATH": str(root), "address": address}
+
+
+@pytest.fixture(scope="session")
+def wallet_env(real_wallet: dict[str, str]) -> dict[str, str]:
+    """Only the BT_WALLET_* variables of `real_wallet`."""
+    return {k: real_wallet[k] for k in WALLET_VARS}
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`grail-pipeline ARGV` in-process: exit code (argparse's SystemExit included), stdout, stderr."""
+    try:
+        rc = main(list(argv))
+    except SystemExit as exc:  # argparse errors leave through parser.exit
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return int(rc or 0), out, err

@@ -47,10 +47,6 @@ def run_benchmark(args: list[str], env: dict[str, str]) -> Run:
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
-def wallet_vars(real_wallet: dict[str, str]) -> dict[str, str]:
-    return {k: real_wallet[k] for k in ("BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH")}
-
-
 def table_rows(text: str, title: str) -> list[list[str]]:
     """The body rows of the rich table under `title`, as lists of cell texts."""
     lines = text[text.index(title):].splitlines()
@@ -64,21 +60,21 @@ def table_rows(text: str, title: str) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def fast_run(tmp_path_factory, real_wallet) -> tuple[Run, dict]:
+def fast_run(tmp_path_factory, wallet_env) -> tuple[Run, dict]:
     path = tmp_path_factory.mktemp("bench") / "out" / "fast.json"
     run = run_benchmark([*TINY, "--engine", "fast", "--batch-sizes", "16", *W1_SMALL, "--num-problems", "2",
                          "--warmup-problems", "1", "--verify", "4", "--workers", "4", "--json", str(path)],
-                        clean_env(wallet_vars(real_wallet)))
+                        clean_env(wallet_env))
     assert run.returncode == 0, run.stderr
     return run, json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
-def hf_run(real_wallet) -> tuple[Run, dict]:
+def hf_run(wallet_env) -> tuple[Run, dict]:
     """The reference engine, JSON on stdout, a 50-block window. One problem, no warm-up: hf is slow on the CPU."""
     run = run_benchmark([*TINY, "--engine", "hf", "--batch-sizes", "16", *W1_SMALL, "--num-problems", "1",
                          "--warmup-problems", "0", "--verify", "4", "--json", "-", "--window-blocks", "50",
-                         "--block-time", "12"], clean_env(wallet_vars(real_wallet)))
+                         "--block-time", "12"], clean_env(wallet_env))
     assert run.returncode == 0, run.stderr
     return run, json.loads(run.stdout)  # stdout holds the JSON and nothing else
 
@@ -243,10 +239,10 @@ OOM_RUN = ["benchmark", *TINY, "--engine", "fast", "--length-profile", "fixed:16
 
 
 def test_out_of_memory_is_a_row_and_the_next_batch_size_still_runs(monkeypatch, capsys, tmp_path,
-                                                                    real_wallet) -> None:
+                                                                    wallet_env) -> None:
     """The engine at batch size 32 raises torch.OutOfMemoryError inside the pipeline (a stand-in engine,
     since a real OOM needs a GPU); 16 then runs for real."""
-    for key, value in wallet_vars(real_wallet).items():
+    for key, value in wallet_env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(benchmark, "Runtime", runtime_failing_at({32}))
     path = tmp_path / "oom.json"
@@ -265,9 +261,9 @@ def test_out_of_memory_is_a_row_and_the_next_batch_size_still_runs(monkeypatch, 
     assert [p["batch_size"] for p in report["projection"]] == [16] and report["best"]["batch_size"] == 16
 
 
-def test_every_batch_size_out_of_memory_exits_1(monkeypatch, capsys, real_wallet) -> None:
+def test_every_batch_size_out_of_memory_exits_1(monkeypatch, capsys, wallet_env) -> None:
     """Stand-in engines at every size (OOM needs a GPU): nothing completes, the exit code says so."""
-    for key, value in wallet_vars(real_wallet).items():
+    for key, value in wallet_env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(benchmark, "Runtime", runtime_failing_at({16, 32}))
     assert cli.main([*OOM_RUN, "--batch-sizes", "16,32"]) == 1

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 
 from grail_pipeline.benchmark import BatchResult
 from grail_pipeline.calibrate import (
@@ -21,7 +22,6 @@ from grail_pipeline.calibrate import (
     sweep,
 )
 from grail_pipeline.calibration import load_calibrations, read_choice, save_entry
-from grail_pipeline.cli import main
 from grail_pipeline.errors import UserError
 
 FAST_CPU = ["--model", "dummy:tiny", "--device", "cpu", "--length-profile", "fixed:16", "--max-new-tokens", "16",
@@ -43,12 +43,7 @@ calibrations:
 
 
 def calibrate(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        rc = main(["calibrate", *argv])
-    except SystemExit as exc:  # argparse errors
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return run_cli(capsys, "calibrate", *argv)
 
 
 def test_cpu_calibration_adds_to_the_file(tmp_path, capsys) -> None:

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-from bittensor_wallet import Keypair, Wallet
 
 from grail_pipeline import cli
 from grail_pipeline.clock import simulated_block_hash
@@ -36,15 +35,6 @@ FAST = ["--model", "dummy:tiny", "--device", "cpu", "--length-profile", "fixed:1
         "--batch-size", "16", "--warmup-problems", "0", "--block-time", BLOCK_TIME, "--log-level", "debug"]
 SUNK = re.compile(r"sunk window=(\d+) group=(\d+) rollouts=(\d+)( dropped)?")
 STOP_SEED = int(os.environ.get("GRAIL_TEST_STOP_SEED", str(time.time_ns() % 2**32)))
-
-
-@pytest.fixture(scope="module")
-def wallet_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("wallets")
-    wallet = Wallet(name="cold", hotkey="hot", path=str(root))
-    wallet.set_coldkeypub(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), overwrite=True)
-    wallet.set_hotkey(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), encrypt=False, overwrite=True)
-    return {"BT_WALLET_COLD": "cold", "BT_WALLET_HOT": "hot", "BT_WALLET_PATH": str(root)}
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from bittensor_wallet import Keypair, Wallet
+from conftest import run_cli, write_wallet
 
 from grail_pipeline.calibration import save_entry
-from grail_pipeline.cli import COMMAND_MODULES, main
+from grail_pipeline.cli import COMMAND_MODULES
 from grail_pipeline.records import read_window_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,12 +56,7 @@ def calibration(tmp_path: Path) -> Path:
 
 
 def emit(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        rc = main(["emit-pm2", *argv])
-    except SystemExit as exc:  # argparse errors
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return run_cli(capsys, "emit-pm2", *argv)
 
 
 def load_apps(text: str, tmp_path: Path) -> list[dict]:
@@ -295,15 +290,6 @@ def pm2_bin() -> Path:
     return binary
 
 
-def _wallet(root: Path) -> str:
-    """A real unencrypted hotkey under `root`; returns its address."""
-    hotkey = Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
-    wallet = Wallet(name="fleet-cold", hotkey="fleet-hot", path=str(root))
-    wallet.set_coldkeypub(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), overwrite=True)
-    wallet.set_hotkey(hotkey, encrypt=False, overwrite=True)
-    return hotkey.ss58_address
-
-
 def _logs(logs: Path) -> str:
     return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.log")))
 
@@ -312,7 +298,7 @@ def _logs(logs: Path) -> str:
 def test_dry_run_fleet_under_pm2(tmp_path, capsys, pm2_bin) -> None:
     if "mine" not in COMMAND_MODULES or find_spec("grail_pipeline.mine") is None:
         pytest.skip("`grail-pipeline mine` is not registered yet")
-    hotkey = _wallet(tmp_path / "wallets")
+    hotkey = write_wallet(tmp_path / "wallets", "fleet-cold", "fleet-hot")
     calibration = tmp_path / "calibration.yaml"
     save_entry(calibration, entry("cpu", "hf", 16, model="dummy:tiny", max_new_tokens=24, length_profile="fixed:20"))
     rc, out, err = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "0,1",
