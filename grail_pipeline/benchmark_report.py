@@ -19,6 +19,7 @@ from rich.table import Table
 
 from grail_pipeline import __version__
 from grail_pipeline.atomic import write_atomically
+from grail_pipeline.errors import UserError
 from grail_pipeline.gpu import describe_gpus, driver_version
 from grail_pipeline.runtime import Runtime
 from grail_pipeline.wallet import Signer
@@ -188,4 +189,7 @@ def write_json(path: str, args, runtime, signer, spec, results) -> None:
     if path == "-":
         print(text)
     else:
-        write_atomically(path, text.encode())
+        try:
+            write_atomically(path, text.encode())
+        except OSError as exc:
+            raise UserError(f"cannot write --json {path}: {exc.strerror or exc}") from None
