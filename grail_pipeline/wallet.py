@@ -4,16 +4,21 @@ The daemon must never mine with a key it cannot sign with, so every way a hotkey
 (missing, unreadable, encrypted, corrupt, public only) becomes one `UserError` line naming the
 file. The benchmark may run without a wallet: it then signs with an in-memory key, so that signing
 costs what it costs in production. Key material never reaches a message or a log.
+
+Signing runs in worker processes on the GPU (signing.SigningPool), and a bittensor `Keypair` can be
+neither pickled nor asked for its private key, so a `Signer` pickles as the way to rebuild its key:
+the ephemeral key's seed (which therefore stays in memory), or the hotkey file's path, read again
+with the same checks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from bittensor_wallet import Keypair, Wallet
+from bittensor_wallet import Keyfile, Keypair, Wallet
 
 from grail_pipeline.errors import UserError
 
@@ -27,10 +32,15 @@ DEFAULT_WALLET_PATH = "~/.bittensor/wallets"
 
 @dataclass(frozen=True)
 class Signer:
-    """A hotkey that can sign; `ephemeral` marks a throw-away key made for a benchmark."""
+    """A hotkey that can sign; `ephemeral` marks a throw-away key made for a benchmark.
+
+    `_rebuild` (function and arguments) is what the signer pickles as, so that a worker process can
+    make the same key; a signer built from a bare Keypair has none and refuses to be pickled.
+    """
 
     keypair: Keypair = field(repr=False)
     ephemeral: bool = False
+    _rebuild: tuple[Callable[..., Signer], tuple[str, ...]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ss58_address(self) -> str:
@@ -40,10 +50,30 @@ class Signer:
         """A 64-byte sr25519 signature (randomised: two signatures of the same data differ)."""
         return bytes(self.keypair.sign(data))
 
+    def __reduce__(self) -> tuple[Callable[..., Signer], tuple[str, ...]]:
+        if self._rebuild is None:
+            raise TypeError(f"the signer for {self.ss58_address} was built from a bare Keypair and cannot be "
+                            f"pickled (use ephemeral_signer or load_signer)")
+        return self._rebuild
+
 
 def ephemeral_signer() -> Signer:
-    """A fresh in-memory sr25519 key whose mnemonic is dropped at once."""
-    return Signer(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), ephemeral=True)
+    """A fresh in-memory sr25519 key from a random seed, kept (in memory only) so that workers can sign with it."""
+    return _seed_signer(os.urandom(32).hex())
+
+
+def _seed_signer(seed_hex: str) -> Signer:
+    """The ephemeral signer of this seed; also how it unpickles."""
+    return Signer(Keypair.create_from_seed(seed_hex), ephemeral=True, _rebuild=(_seed_signer, (seed_hex,)))
+
+
+def _hotkey_signer(path: str, expected_ss58: str | None = None) -> Signer:
+    """The hotkey in the file at `path`; also how it unpickles, where the file must still hold the same key."""
+    keypair = _read_hotkey(path)
+    if expected_ss58 is not None and keypair.ss58_address != expected_ss58:
+        raise UserError(f"hotkey file {path} now holds {keypair.ss58_address}, not {expected_ss58}: "
+                        f"it changed while the miner was running")
+    return Signer(keypair, _rebuild=(_hotkey_signer, (path, keypair.ss58_address)))
 
 
 def verify_signature(ss58_address: str, data: bytes, signature: bytes) -> bool:
@@ -76,13 +106,12 @@ def load_signer(required: bool, env: Mapping[str, str] = os.environ) -> Signer:
         missing, present = (ENV_COLD, ENV_HOT) if not cold else (ENV_HOT, ENV_COLD)
         raise UserError(f"{present} is set but {missing} is not: set both to name the wallet and its hotkey")
     root = os.path.expanduser(env.get(ENV_PATH, "").strip() or DEFAULT_WALLET_PATH)
-    return Signer(_read_hotkey(Wallet(name=cold, hotkey=hot, path=root)))
+    return _hotkey_signer(Wallet(name=cold, hotkey=hot, path=root).hotkey_file.path)
 
 
-def _read_hotkey(wallet: Wallet) -> Keypair:
-    """The wallet's hotkey, or a UserError naming the file (never the library's text: it may quote the key)."""
-    keyfile = wallet.hotkey_file
-    path = keyfile.path
+def _read_hotkey(path: str) -> Keypair:
+    """The hotkey in the file, or a UserError naming the file (never the library's text: it may quote the key)."""
+    keyfile = Keyfile(path)
     if not keyfile.exists_on_device():
         raise UserError(f"hotkey file {path} does not exist (check {ENV_COLD}, {ENV_HOT} and {ENV_PATH})")
     if not os.path.isfile(path) or not keyfile.is_readable():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from grail_pipeline.errors import UserError
 from grail_pipeline.proof import commit_binding
 from grail_pipeline.wallet import (
     Signer,
+    ephemeral_signer,
     load_signer,
     rollout_challenge,
     sign_commit,
@@ -199,3 +201,38 @@ def test_rollout_challenge_and_signature() -> None:
     signature = sign_rollout(signer, challenge)
     assert verify_rollout_signature(signer.ss58_address, challenge, signature)
     assert not verify_rollout_signature(signer.ss58_address, rollout_challenge(block_hash, 1204), signature)
+
+
+def test_ephemeral_signer_pickles_as_its_seed() -> None:
+    signer = ephemeral_signer()
+    copy = pickle.loads(pickle.dumps(signer))
+    assert copy.ss58_address == signer.ss58_address and copy.ephemeral
+    assert verify_signature(signer.ss58_address, b"x", copy.sign(b"x"))
+    seed = signer._rebuild[1][0]
+    assert len(bytes.fromhex(seed)) == 32 and seed not in repr(signer)
+    assert pickle.loads(pickle.dumps(copy)).ss58_address == signer.ss58_address
+
+
+def test_wallet_signer_pickles_as_its_hotkey_file_and_rereads_it(wallet_dir) -> None:
+    env, hotkey, secrets = wallet_dir
+    signer = load_signer(required=True, env=env)
+    data = pickle.dumps(signer)
+    assert_nothing_secret(secrets, data.decode("latin-1"), repr(signer))  # the path travels, not the key
+    copy = pickle.loads(data)
+    assert copy.ss58_address == hotkey.ss58_address and not copy.ephemeral
+    assert verify_signature(hotkey.ss58_address, b"x", copy.sign(b"x"))
+
+    # the worker reads the file again with the same checks; a different key there is refused, not used
+    path = hotkey_path(env)
+    wallet = Wallet(name=env["BT_WALLET_COLD"], hotkey=env["BT_WALLET_HOT"], path=env["BT_WALLET_PATH"])
+    wallet.set_hotkey(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), encrypt=False, overwrite=True)
+    with pytest.raises(UserError, match="changed while the miner was running"):
+        pickle.loads(data)
+    path.unlink()
+    with pytest.raises(UserError, match="does not exist"):
+        pickle.loads(data)
+
+
+def test_a_signer_without_a_source_refuses_to_pickle() -> None:
+    with pytest.raises(TypeError, match="bare Keypair"):
+        pickle.dumps(Signer(Keypair.create_from_mnemonic(Keypair.generate_mnemonic())))
