@@ -9,11 +9,12 @@ between launch and read-back) must not change a single token.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 
 from grail_pipeline.engines.base import EngineStats, GroupRequest, GroupResult, SamplingParams
-from grail_pipeline.engines.fast import FastEngine
+from grail_pipeline.engines.fast import FastEngine, switch_interval
 from grail_pipeline.engines.hf import HFEngine, cut_at_eos
 from grail_pipeline.errors import UserError
 from grail_pipeline.sat import problem_for_seed
@@ -163,3 +164,12 @@ def test_engine_stats_reset(tiny, tok, prompts) -> None:
     engine.reset_stats()
     assert engine.stats == EngineStats() and engine.stats.occupancy == 0.0
     assert EngineStats().as_dict()["step_ms"] == 0.0
+
+
+def test_switch_interval_is_set_for_the_run_and_put_back() -> None:
+    before = sys.getswitchinterval()
+    with pytest.raises(RuntimeError):
+        with switch_interval(1e-4):
+            assert sys.getswitchinterval() == pytest.approx(1e-4)
+            raise RuntimeError("engine failed")
+    assert sys.getswitchinterval() == before

@@ -10,9 +10,11 @@ load concentrates at the front and the step can run on a smaller captured width.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +34,23 @@ class _Group:
     slots: list[int]
     started: float
     completions: dict[int, list[int]] = field(default_factory=dict)
+
+
+@contextmanager
+def switch_interval(seconds: float) -> Iterator[None]:
+    """The interpreter's thread switch interval set to `seconds` for a while, then put back.
+
+    The host loop gives up the interpreter lock inside every CUDA call and must take it back. While
+    another thread runs Python (the proof forward, signing), CPython makes the waiter wait a whole
+    switch interval (5 ms by default) before it asks the holder to let go: a few of those per 5 ms
+    decode step leave the GPU idle.
+    """
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 class _StepGraph:
@@ -65,7 +84,8 @@ class FastEngine(Engine):
     name = "fast"
 
     def __init__(self, loaded: LoadedModel, sampling: SamplingParams, slots: int, max_prompt_tokens: int = 512,
-                 compile_step: bool | None = None, cuda_graphs: bool | None = None, lag: int = 3) -> None:
+                 compile_step: bool | None = None, cuda_graphs: bool | None = None, lag: int = 3,
+                 switch_seconds: float = 2e-4) -> None:
         super().__init__()
         on_gpu = loaded.device.type == "cuda"
         self.sampling = sampling
@@ -79,10 +99,15 @@ class FastEngine(Engine):
         self.startup_seconds = time.perf_counter() - t0
         # steps in flight ahead of the host: the GPU stays fed while the host waits for the interpreter lock
         self.lag = lag
+        self.switch_seconds = switch_seconds
         self._pinned = [torch.zeros(slots, dtype=torch.long, pin_memory=on_gpu) for _ in range(self.lag + 1)]
         self._events = [torch.cuda.Event() if on_gpu else None for _ in range(self.lag + 1)]
 
     def run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
+        with switch_interval(self.switch_seconds):
+            self._run(feed, emit)
+
+    def _run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
         s = self.slots
         free = list(range(s))  # kept sorted: lowest slot first
         owner: list[_Group | None] = [None] * s
