@@ -115,7 +115,9 @@ def row_exact_linears(linears: list[torch.nn.Linear], lengths: list[int]) -> Ite
 
 
 @dataclass
-class _Row:
+class ProofRow:
+    """One rollout as a whole sequence, and where its proof goes in the answer."""
+
     job: int
     index: int
     tokens: list[int]
@@ -148,14 +150,14 @@ class BatchedProver(Prover):
 
     @torch.inference_mode()
     def prove_many(self, jobs: Sequence[ProofJob]) -> list[list[RolloutProof]]:
-        rows = [_Row(j, i, list(job.prompt_ids) + list(c), len(job.prompt_ids))
+        rows = [ProofRow(j, i, list(job.prompt_ids) + list(c), len(job.prompt_ids))
                 for j, job in enumerate(jobs) for i, c in enumerate(job.completions)]
         if not rows:  # nothing to run (and nothing to concatenate below)
             return [[] for _ in jobs]
         out: list[list[RolloutProof | None]] = [[None] * len(job.completions) for job in jobs]
         r_vecs = {h: r_vec(h).to(self.loaded.device) for h in {job.randomness_hex for job in jobs}}
         stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
-        order: list[_Row] = []
+        order: list[ProofRow] = []
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         with stream:
             # every batch is queued before anything comes back, so the GPU never waits for the host
@@ -192,7 +194,7 @@ class BatchedProver(Prover):
             tensor = tensor.pin_memory()
         return tensor.to(self.loaded.device, non_blocking=True)
 
-    def _prove_batch(self, rows: list[_Row],
+    def _prove_batch(self, rows: list[ProofRow],
                      r_vecs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sketches, top-k indices (every position of every row, in order) and completion logprobs."""
         lengths = [len(row.tokens) for row in rows]
@@ -218,15 +220,17 @@ class BatchedProver(Prover):
         parts = [sketch_hidden(chunk, r) for chunk, r in zip(flat.split(lengths), r_vecs)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _completion_logprobs(self, hidden: torch.Tensor, ids: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    def _completion_logprobs(self, hidden: torch.Tensor, ids: torch.Tensor, rows: list[ProofRow]) -> torch.Tensor:
         """log_softmax(logits[p-1])[token_p] for every completion token, in chunks, on the device."""
         index_rows = torch.cat([torch.full((len(r.tokens) - r.prompt_len,), b, dtype=torch.long)
                                 for b, r in enumerate(rows)])
         index_cols = torch.cat([torch.arange(r.prompt_len, len(r.tokens), dtype=torch.long) for r in rows])
         index_rows, index_cols = self._to_device(index_rows), self._to_device(index_cols)
-        states = hidden[index_rows, index_cols - 1]
-        targets = ids[index_rows, index_cols]
-        out = torch.empty(len(targets), dtype=torch.float32, device=ids.device)
+        return self._token_logprobs(hidden[index_rows, index_cols - 1], ids[index_rows, index_cols])
+
+    def _token_logprobs(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log_softmax(lm_head(state))[target] per row, float32, in chunks of `logit_chunk` rows."""
+        out = torch.empty(len(targets), dtype=torch.float32, device=states.device)
         for start in range(0, len(targets), self.logit_chunk):
             sl = slice(start, start + self.logit_chunk)
             logits = self.lm_head(states[sl]).float()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from grail_pipeline.prefix_prover import PrefixProver, RowInvariance
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.prover import BatchedProver, ProofJob, ReferenceProver, RolloutProof, row_exact_linears
 
@@ -183,3 +185,48 @@ def test_batched_prover_patches_only_the_down_projection(tiny) -> None:
     assert names == {"down_proj"}
     assert len(prover.linears) == tiny.model.config.num_hidden_layers
     assert all(m.in_features > hidden for m in prover.linears)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),  # every row count exact (off the GPU), each group one run
+    dict(max_rows=40),  # groups cut into runs of at most 40 completion rows; a 40-row rollout alone
+    dict(inexact=(12, 28, 46), max_rows=48),  # a 12-token sequence proved whole; runs of 28 and 46 rows padded
+], ids=["default", "runs", "inexact-lengths"])
+def test_prefix_prover_matches_reference(tiny, jobs, reference, settings) -> None:
+    settings = dict(settings)
+    inexact = settings.pop("inexact", ())
+    invariance = None
+    if inexact:
+        exact = np.ones(200, dtype=bool)
+        exact[list(inexact)] = False
+        invariance = RowInvariance(exact, max_length=100)
+    prover = PrefixProver(tiny, invariance=invariance, **settings)
+    assert_same(prover.prove_many(jobs), reference, jobs)
+
+
+def test_prefix_prover_sends_inexact_lengths_whole(tiny, jobs) -> None:
+    exact = np.ones(200, dtype=bool)
+    exact[[33, 58]] = False  # three sequences of 33 tokens and two of 58 in GROUPS
+    prover = PrefixProver(tiny, invariance=RowInvariance(exact, max_length=100))
+    shared, whole = prover._plan(jobs)
+    assert sorted(len(row.tokens) for row in whole) == [33, 33, 33, 58, 58]
+    assert sum(len(chunk.members) for chunk in shared) + len(whole) == sum(len(job.completions) for job in jobs)
+
+
+def test_row_invariance_padding_and_lengths() -> None:
+    exact = np.array([False, True, True, False, False, True, False, True])
+    invariance = RowInvariance(exact, max_length=5)
+    assert invariance.inexact_lengths == [3, 4]
+    assert [invariance.padded(n) for n in (1, 3, 4, 6, 7)] == [1, 5, 5, 7, 7]
+    assert RowInvariance(exact[:7], max_length=5).padded(6) is None
+    assert invariance.sequence_is_exact(5) and not invariance.sequence_is_exact(4)
+    assert not invariance.sequence_is_exact(7)  # exact rows, but longer than any measured sequence
+
+
+def test_row_invariance_measures_every_length_and_each_step(tiny) -> None:
+    invariance = RowInvariance.measure(tiny.model.get_decoder(), max_length=20, max_rows=64, step=16)
+    measured = set(range(1, 21)) | {32, 48, 64}
+    assert len(invariance.exact) == 65
+    unmeasured = [m for m in range(65) if m not in measured]
+    assert not invariance.exact[unmeasured].any()
+    assert invariance.exact[sorted(measured)].sum() >= len(measured) // 2  # CPU kernels mostly agree
