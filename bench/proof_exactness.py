@@ -3,9 +3,10 @@
 For W1-shaped rollouts (real SAT prompts, random completions of W1 lengths) it compares, per position,
 the prover's sketch with the sketch the validator computes from its own unbatched forward at the
 prover's indices: exact equality and the v1 tolerance. Variants: pooled length-sorted batches, one
-rollout per forward, each alone and while the fast engine decodes in another thread. (An earlier
-version of the batched prover, with batched projections, was exact on 63 of 64 rollouts: see
-bench/NOTES.md.)
+rollout per forward, the prompt once per group (PrefixProver), each alone and while the fast engine
+decodes in another thread. (An earlier version of the batched prover, with batched projections, was
+exact on 63 of 64 rollouts: see bench/NOTES.md.) Also checks, kernel by kernel, that bottom-right
+causal attention of completion rows over a cached prompt gives the bits of full causal attention.
 
     python bench/proof_exactness.py --groups 4
 """
@@ -24,6 +25,7 @@ from grail_pipeline.engines.base import GroupRequest, SamplingParams
 from grail_pipeline.engines.fast import FastEngine
 from grail_pipeline.lengths import W1_SPEC, parse_length_profile
 from grail_pipeline.model import load_model
+from grail_pipeline.prefix_prover import PrefixProver
 from grail_pipeline.proof import r_vec, sketch_at_indices, sketch_distance
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.prover import BatchedProver, ProofJob
@@ -87,21 +89,54 @@ def decode_in_background(loaded, stop: threading.Event) -> threading.Thread:
     return thread
 
 
+def suffix_attention_scan(prompt_lengths=(220, 270, 301), completion_lengths=(1, 31, 64, 127, 128, 129, 400, 1024),
+                          batch: int = 4) -> dict:
+    """Rows of full causal attention (the validator's call) against the same rows as a suffix over cached keys."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    report = {}
+    for p in prompt_lengths:
+        for c in completion_lengths:
+            n = p + c
+            q = torch.randn(batch, 16, n, 128, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(batch, 2, n, 128, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(batch, 2, n, 128, device="cuda", dtype=torch.bfloat16)
+            full = torch.nn.functional.scaled_dot_product_attention(q[:1], k[:1], v[:1], is_causal=True,
+                                                                     enable_gqa=True)
+            suffix = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, p:], k, v, attn_mask=causal_lower_right(c, n), enable_gqa=True)
+            report[f"{p}+{c}"] = bool(torch.equal(full[0, :, p:], suffix[0]))
+    params = torch.backends.cuda.SDPAParams(q[:1], k[:1], v[:1], None, 0.0, True, True)
+    report["flash_serves_validator_call"] = bool(torch.backends.cuda.can_use_flash_attention(params, True))
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--skip-concurrent", action="store_true", help="only the provers alone")
+    p.add_argument("--skip-one-per-forward", action="store_true")
     args = p.parse_args()
     loaded = load_model("dummy:qwen2.5-3b", "cuda")
     jobs = jobs_for(args.groups, seed=11)
     reference = reference_hidden(loaded.model, jobs)
+    report: dict = dict(suffix_attention=suffix_attention_scan())
+    print("suffix attention", json.dumps(report["suffix_attention"]), flush=True)
+    t0 = time.perf_counter()
+    prefix = PrefixProver(loaded, max_length=384 + 1024)
+    report["prefix_startup_s"] = time.perf_counter() - t0
+    report["inexact_lengths"] = prefix.invariance.inexact_lengths
+    print("inexact lengths", report["inexact_lengths"], "startup", report["prefix_startup_s"], flush=True)
     variants = {
+        "prefix": prefix,
         "pooled_row_exact": BatchedProver(loaded),
         "one_per_forward": BatchedProver(loaded, max_batch_tokens=1),
     }
-    report: dict = dict(sdpa=dict(flash=torch.backends.cuda.flash_sdp_enabled(),
-                                  cudnn=torch.backends.cuda.cudnn_sdp_enabled(),
-                                  mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled()))
-    for concurrent in (False, True):
+    report["sdpa"] = dict(flash=torch.backends.cuda.flash_sdp_enabled(), cudnn=torch.backends.cuda.cudnn_sdp_enabled(),
+                          mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled())
+    if args.skip_one_per_forward:
+        del variants["one_per_forward"]
+    for concurrent in (False,) if args.skip_concurrent else (False, True):
         stop = threading.Event()
         thread = decode_in_background(loaded, stop) if concurrent else None
         if concurrent:
@@ -109,12 +144,14 @@ def main() -> None:
         for name, prover in variants.items():
             prover.prove_many(jobs[:1])  # warm
             torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, cpu = time.perf_counter(), time.thread_time()
             proofs = prover.prove_many(jobs)
             torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.thread_time() - cpu
             key = f"{name}{'_while_decoding' if concurrent else ''}"
-            report[key] = dict(seconds=seconds, ms_per_rollout=1000 * seconds / sum(len(j.completions) for j in jobs),
+            rollouts = sum(len(j.completions) for j in jobs)
+            report[key] = dict(seconds=seconds, ms_per_rollout=1000 * seconds / rollouts,
+                               cpu_ms_per_rollout=1000 * cpu / rollouts,
                                **compare(reference, jobs, proofs))
             print(key, json.dumps(report[key]), flush=True)
         if thread is not None:
