@@ -3,7 +3,10 @@
 The validator runs prompt + completion alone through the model. The 16 rollouts of a group share their
 prompt, and in a causal model the prompt's keys, values and hidden states do not depend on what follows,
 so they are computed once per group; the completions then run as packed rows (no padding in the
-products) that attend to the prompt's cached keys and values (causal attention aligned bottom-right).
+products). Attention alone sees whole sequences: the validator's causal call on [prompt, completion],
+with the prompt's cached queries, keys and values copied in (attention is a few percent of the work,
+and attending from the completion rows alone over cached keys rounds differently on an H100:
+bench/proof_exactness.py).
 
 That gives the validator's bits only where each per-row function (a projection, a norm) rounds a row the
 same way at our row count as at the validator's, its sequence length. `RowInvariance` measures which row
@@ -22,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from grail_pipeline.model import LoadedModel
 from grail_pipeline.proof import r_vec, sketch_hidden
@@ -108,6 +110,7 @@ class _PromptPass:
     """A group's prompt through every layer: keys and values per layer, and the final hidden rows."""
 
     length: int
+    queries: list[torch.Tensor]  # [P, heads, head dim] per layer, after rotary embedding
     keys: list[torch.Tensor]  # [P, kv heads, head dim] per layer, after rotary embedding
     values: list[torch.Tensor]
     hidden: torch.Tensor  # [P, hidden], after the final norm
@@ -272,10 +275,12 @@ class PrefixProver(BatchedProver):
     def _prompt_pass(self, prompt_ids: Sequence[int], rows: int) -> _PromptPass:
         """The prompt alone (padded to `rows`), causal, as the validator's forward computes its first rows."""
         p = len(prompt_ids)
+        queries: list[torch.Tensor] = []
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            queries.append(q[:p])
             keys.append(k[:p])
             values.append(v[:p])
             out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
@@ -285,7 +290,7 @@ class PrefixProver(BatchedProver):
 
         positions = self._to_device(torch.cat((torch.arange(p), torch.zeros(rows - p, dtype=torch.long))))
         hidden = self._layers(self._embed(list(prompt_ids), rows), positions, attend)
-        return _PromptPass(p, keys, values, hidden[:p])
+        return _PromptPass(p, queries, keys, values, hidden[:p])
 
     def _completion_pass(self, prompt: _PromptPass, completions: list[list[int]], rows: int) -> torch.Tensor:
         """Every completion's rows after the final norm [sum of lengths, hidden], packed in order (padded to `rows`)."""
@@ -294,30 +299,23 @@ class PrefixProver(BatchedProver):
         total = sum(lengths)
         width = max(lengths)
         batch = len(completions)
-        # where each packed row sits in the [batch, width] query grid and the [batch, p + width] key grid
-        grid = torch.cat([b * width + torch.arange(n) for b, n in enumerate(lengths)])
-        key_grid = grid + p * (grid // width + 1)
+        # where each packed row sits in the [batch, p + width] grid of whole sequences
+        key_grid = torch.cat([b * (p + width) + p + torch.arange(n) for b, n in enumerate(lengths)])
         positions = torch.cat([p + torch.arange(n) for n in lengths])
         positions = torch.cat((positions, torch.zeros(rows - total, dtype=torch.long)))
-        grid, key_grid, positions = (self._to_device(t) for t in (grid, key_grid, positions))
-        mask = causal_lower_right(width, p + width)
+        key_grid, positions = self._to_device(key_grid), self._to_device(positions)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            heads, kv_heads = q.shape[1], k.shape[1]
-            queries = q.new_zeros(batch * width, heads, self.head_dim)
-            queries[grid] = q[:total]
-            cached = []
-            for new, prefix in ((k, prompt.keys[layer]), (v, prompt.values[layer])):
-                full = new.new_zeros(batch, p + width, kv_heads, self.head_dim)
+            # the validator's call on [prompt, completion] per row; the prompt's rows are recomputed and dropped
+            grids = []
+            for new, prefix in ((q, prompt.queries[layer]), (k, prompt.keys[layer]), (v, prompt.values[layer])):
+                full = new.new_zeros(batch, p + width, new.shape[1], self.head_dim)
                 full[:, :p] = prefix
-                full.view(-1, kv_heads, self.head_dim)[key_grid] = new[:total]
-                cached.append(full.transpose(1, 2))
-            out = F.scaled_dot_product_attention(queries.view(batch, width, heads, -1).transpose(1, 2), *cached,
-                                                 attn_mask=mask, scale=self.scaling, enable_gqa=True)
-            packed = out.transpose(1, 2).reshape(batch * width, heads, -1)[grid]
-            if rows > total:
-                packed = torch.cat((packed, packed.new_zeros(rows - total, heads, self.head_dim)))
-            return packed
+                full.view(-1, new.shape[1], self.head_dim)[key_grid] = new[:total]
+                grids.append(full.transpose(1, 2))
+            out = F.scaled_dot_product_attention(*grids, is_causal=True, scale=self.scaling, enable_gqa=True)
+            packed = out.transpose(1, 2).reshape(batch * (p + width), q.shape[1], -1)[key_grid]
+            return torch.cat((packed, packed.new_zeros(rows - total, q.shape[1], self.head_dim)))
 
         tokens = [t for c in completions for t in c]
         return self._layers(self._embed(tokens, rows), positions, attend)[:total]
