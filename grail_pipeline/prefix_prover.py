@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from grail_pipeline.model import LoadedModel
 from grail_pipeline.proof import r_vec, sketch_hidden
-from grail_pipeline.prover import BatchedProver, ProofJob, ProofRow, RolloutProof
+from grail_pipeline.prover import ATTENTION_SPAN, BatchedProver, ProofJob, ProofRow, RolloutProof, round_up
 
 log = logging.getLogger("grail_pipeline")
 
@@ -85,10 +85,11 @@ class RowInvariance:
         """Whether the validator's shape for a sequence of this length rounds as ours will."""
         return length <= self.max_length and bool(self.exact[length])
 
-    def padded(self, rows: int) -> int | None:
-        """The fewest exact row counts at or above `rows` (None past the measured range)."""
-        later = np.flatnonzero(self.exact[rows:])
-        return rows + int(later[0]) if len(later) else None
+    def padded(self, rows: int, multiple: int = 1) -> int | None:
+        """The fewest exact row counts at or above `rows` that `multiple` divides (None past the measured range)."""
+        start = round_up(rows, multiple)
+        later = np.flatnonzero(self.exact[start::multiple])
+        return start + multiple * int(later[0]) if len(later) else None
 
     @property
     def inexact_lengths(self) -> list[int]:
@@ -175,7 +176,7 @@ class PrefixProver(BatchedProver):
         whole: list[ProofRow] = []
         for j, job in enumerate(jobs):
             p = len(job.prompt_ids)
-            prompt_rows = self.invariance.padded(p)
+            prompt_rows = self.invariance.padded(p, ATTENTION_SPAN)
             members = []
             for i, completion in enumerate(job.completions):
                 if (prompt_rows is not None and self.invariance.sequence_is_exact(p + len(completion))
@@ -273,7 +274,7 @@ class PrefixProver(BatchedProver):
         return torch.cat((embedded, embedded.new_zeros(rows - len(tokens), embedded.shape[1])))
 
     def _prompt_pass(self, prompt_ids: Sequence[int], rows: int) -> _PromptPass:
-        """The prompt alone (padded to `rows`), causal, as the validator's forward computes its first rows."""
+        """The prompt alone (padded to `rows`, a multiple of ATTENTION_SPAN), causal, as the validator computes it."""
         p = len(prompt_ids)
         queries: list[torch.Tensor] = []
         keys: list[torch.Tensor] = []
@@ -297,25 +298,29 @@ class PrefixProver(BatchedProver):
         p = prompt.length
         lengths = [len(c) for c in completions]
         total = sum(lengths)
-        width = max(lengths)
+        span = round_up(p + max(lengths), ATTENTION_SPAN)
         batch = len(completions)
-        # where each packed row sits in the [batch, p + width] grid of whole sequences
-        key_grid = torch.cat([b * (p + width) + p + torch.arange(n) for b, n in enumerate(lengths)])
-        positions = torch.cat([p + torch.arange(n) for n in lengths])
-        positions = torch.cat((positions, torch.zeros(rows - total, dtype=torch.long)))
-        key_grid, positions = self._to_device(key_grid), self._to_device(positions)
+        # where each packed row sits in the [batch, span] grid of whole sequences (padding rows repeat the last)
+        at_batch = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)])
+        at_position = torch.cat([p + torch.arange(n) for n in lengths])
+        padding = torch.full((rows - total,), len(lengths) - 1)
+        at_batch, at_position = torch.cat((at_batch, padding)), torch.cat((at_position, padding * 0 + p))
+        positions = torch.cat((at_position[:total], torch.zeros(rows - total, dtype=torch.long)))
+        at_batch, at_position, positions = (self._to_device(t) for t in (at_batch, at_position, positions))
+        real = (at_batch[:total], at_position[:total])
+        prefixes = (prompt.queries, prompt.keys, prompt.values)
+        grids: list[torch.Tensor] = []  # [batch, span, heads, head dim] for q, k, v; padding stays zero
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             # the validator's call on [prompt, completion] per row; the prompt's rows are recomputed and dropped
-            grids = []
-            for new, prefix in ((q, prompt.queries[layer]), (k, prompt.keys[layer]), (v, prompt.values[layer])):
-                full = new.new_zeros(batch, p + width, new.shape[1], self.head_dim)
-                full[:, :p] = prefix
-                full.view(-1, new.shape[1], self.head_dim)[key_grid] = new[:total]
-                grids.append(full.transpose(1, 2))
-            out = F.scaled_dot_product_attention(*grids, is_causal=True, scale=self.scaling, enable_gqa=True)
-            packed = out.transpose(1, 2).reshape(batch * (p + width), q.shape[1], -1)[key_grid]
-            return torch.cat((packed, packed.new_zeros(rows - total, q.shape[1], self.head_dim)))
+            if not grids:
+                grids.extend(t.new_zeros(batch, span, t.shape[1], self.head_dim) for t in (q, k, v))
+            for grid, new, prefix in zip(grids, (q, k, v), prefixes):
+                grid[:, :p] = prefix[layer]
+                grid[real] = new[:total]
+            out = F.scaled_dot_product_attention(*(g.transpose(1, 2) for g in grids), is_causal=True,
+                                                 scale=self.scaling, enable_gqa=True)
+            return out.transpose(1, 2)[at_batch, at_position]
 
         tokens = [t for c in completions for t in c]
         return self._layers(self._embed(tokens, rows), positions, attend)[:total]

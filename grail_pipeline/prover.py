@@ -20,6 +20,14 @@ from grail_pipeline.model import LoadedModel
 from grail_pipeline.proof import r_vec, sketch_hidden
 from grail_pipeline.verifier import validator_forward
 
+# attention runs on sequence lengths rounded up to this: each new shape costs cuDNN's attention a plan of its
+# own, milliseconds of host time (bench/proof_profile.py); padding after the last real token changes no real row
+ATTENTION_SPAN = 64
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
 
 @dataclass
 class RolloutProof:
@@ -198,7 +206,7 @@ class BatchedProver(Prover):
                      r_vecs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sketches, top-k indices (every position of every row, in order) and completion logprobs."""
         lengths = [len(row.tokens) for row in rows]
-        width = max(lengths)
+        width = round_up(max(lengths), ATTENTION_SPAN)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         for b, row in enumerate(rows):
             ids[b, : lengths[b]] = torch.tensor(row.tokens)

@@ -219,6 +219,7 @@ def test_row_invariance_padding_and_lengths() -> None:
     assert invariance.inexact_lengths == [3, 4]
     assert [invariance.padded(n) for n in (1, 3, 4, 6, 7)] == [1, 5, 5, 7, 7]
     assert RowInvariance(exact[:7], max_length=5).padded(6) is None
+    assert [invariance.padded(n, multiple=2) for n in (1, 2, 3)] == [2, 2, None]  # 4 and 6 are inexact
     assert invariance.sequence_is_exact(5) and not invariance.sequence_is_exact(4)
     assert not invariance.sequence_is_exact(7)  # exact rows, but longer than any measured sequence
 
