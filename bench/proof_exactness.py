@@ -59,8 +59,9 @@ def reference_hidden(model, jobs: list[ProofJob]) -> list[list[torch.Tensor]]:
 def compare(reference: list[list[torch.Tensor]], jobs: list[ProofJob], proofs) -> dict:
     r = r_vec(jobs[0].randomness_hex).cuda()
     equal = passed = total = rollouts_exact = 0
-    for ref_group, group in zip(reference, proofs):
-        for hidden, proof in zip(ref_group, group):
+    failures = []
+    for g, (ref_group, group, job) in enumerate(zip(reference, proofs, jobs)):
+        for i, (hidden, proof) in enumerate(zip(ref_group, group)):
             own = sketch_at_indices(hidden, proof.indices.cuda(), r).cpu()
             dist = sketch_distance(own, proof.sketches)
             tol = torch.tensor([PROFILE.sketch_tolerance_at(p) for p in range(len(own))])
@@ -68,8 +69,12 @@ def compare(reference: list[list[torch.Tensor]], jobs: list[ProofJob], proofs) -
             passed += int((dist <= tol).sum())
             total += len(own)
             rollouts_exact += int(bool((dist == 0).all()))
+            bad = torch.nonzero(dist != 0).flatten().tolist()
+            if bad:
+                failures.append(dict(group=g, rollout=i, prompt=len(job.prompt_ids), length=len(own),
+                                     positions_differing=len(bad), first=bad[0], last=bad[-1]))
     return dict(positions=total, exact=equal / total, within_tolerance=passed / total,
-                rollouts_exact=rollouts_exact, rollouts=sum(len(j.completions) for j in jobs))
+                rollouts_exact=rollouts_exact, rollouts=sum(len(j.completions) for j in jobs), failures=failures[:20])
 
 
 def decode_in_background(loaded, stop: threading.Event) -> threading.Thread:
@@ -129,6 +134,7 @@ def main() -> None:
     print("inexact lengths", report["inexact_lengths"], "startup", report["prefix_startup_s"], flush=True)
     variants = {
         "prefix": prefix,
+        "prefix_span_1": PrefixProver(loaded, max_length=384 + 1024, invariance=prefix.invariance, attention_span=1),
         "pooled_row_exact": BatchedProver(loaded),
         "one_per_forward": BatchedProver(loaded, max_batch_tokens=1),
     }

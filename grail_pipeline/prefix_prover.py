@@ -10,8 +10,8 @@ bench/proof_exactness.py).
 
 That gives the validator's bits only where each per-row function (a projection, a norm) rounds a row the
 same way at our row count as at the validator's, its sequence length. `RowInvariance` measures which row
-counts do on the device at start-up; a rollout whose length is not among them goes through
-BatchedProver's whole-sequence path, and our own row counts are padded to ones that are.
+counts do on the device at start-up; a rollout whose length is not among them is proved alone, unpadded,
+in the validator's own shapes, and our own row counts are padded to ones that are.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from grail_pipeline.model import LoadedModel
 from grail_pipeline.proof import r_vec, sketch_hidden
-from grail_pipeline.prover import ATTENTION_SPAN, BatchedProver, ProofJob, ProofRow, RolloutProof, round_up
+from grail_pipeline.prover import BatchedProver, ProofJob, ProofRow, RolloutProof, round_up
 
 log = logging.getLogger("grail_pipeline")
 
@@ -162,10 +162,8 @@ class PrefixProver(BatchedProver):
             for chunk in shared:
                 job = jobs[chunk.job]
                 results.append((chunk, self._prove_shared(job, chunk, r_vecs[job.randomness_hex])))
-            for batch in self.batches([len(row.tokens) for row in whole]):
-                rows = [whole[k] for k in batch]
-                r = [r_vecs[jobs[row.job].randomness_hex] for row in rows]
-                results.append((rows, self._prove_batch(rows, r)))
+            for row in whole:  # alone and unpadded: every product in the validator's own shape
+                results.append(([row], self._prove_batch([row], [r_vecs[jobs[row.job].randomness_hex]], span=1)))
             flat = [torch.cat(parts).cpu() for parts in zip(*(tensors for _, tensors in results))]
         self._unpack(jobs, results, flat, out)
         return [[p for p in group if p is not None] for group in out]
@@ -176,7 +174,7 @@ class PrefixProver(BatchedProver):
         whole: list[ProofRow] = []
         for j, job in enumerate(jobs):
             p = len(job.prompt_ids)
-            prompt_rows = self.invariance.padded(p, ATTENTION_SPAN)
+            prompt_rows = self.invariance.padded(p, self.attention_span)
             members = []
             for i, completion in enumerate(job.completions):
                 if (prompt_rows is not None and self.invariance.sequence_is_exact(p + len(completion))
@@ -274,7 +272,7 @@ class PrefixProver(BatchedProver):
         return torch.cat((embedded, embedded.new_zeros(rows - len(tokens), embedded.shape[1])))
 
     def _prompt_pass(self, prompt_ids: Sequence[int], rows: int) -> _PromptPass:
-        """The prompt alone (padded to `rows`, a multiple of ATTENTION_SPAN), causal, as the validator computes it."""
+        """The prompt alone (padded to `rows`, a multiple of the attention span), causal, as the validator computes it."""
         p = len(prompt_ids)
         queries: list[torch.Tensor] = []
         keys: list[torch.Tensor] = []
@@ -298,7 +296,7 @@ class PrefixProver(BatchedProver):
         p = prompt.length
         lengths = [len(c) for c in completions]
         total = sum(lengths)
-        span = round_up(p + max(lengths), ATTENTION_SPAN)
+        span = round_up(p + max(lengths), self.attention_span)
         batch = len(completions)
         # where each packed row sits in the [batch, span] grid of whole sequences (padding rows repeat the last)
         at_batch = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)])

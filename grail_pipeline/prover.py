@@ -143,8 +143,9 @@ class BatchedProver(Prover):
     name = "batched"
 
     def __init__(self, loaded: LoadedModel, max_batch_tokens: int = 16384, max_waste: float = 0.12,
-                 logit_chunk: int = 2048) -> None:
+                 logit_chunk: int = 2048, attention_span: int = ATTENTION_SPAN) -> None:
         super().__init__(loaded)
+        self.attention_span = attention_span
         self.max_batch_tokens = max_batch_tokens
         self.max_waste = max_waste
         self.logit_chunk = logit_chunk
@@ -202,11 +203,14 @@ class BatchedProver(Prover):
             tensor = tensor.pin_memory()
         return tensor.to(self.loaded.device, non_blocking=True)
 
-    def _prove_batch(self, rows: list[ProofRow],
-                     r_vecs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sketches, top-k indices (every position of every row, in order) and completion logprobs."""
+    def _prove_batch(self, rows: list[ProofRow], r_vecs: list[torch.Tensor],
+                     span: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sketches, top-k indices (every position of every row, in order) and completion logprobs.
+
+        The batch is right-padded to a multiple of `span` (default: the attention span).
+        """
         lengths = [len(row.tokens) for row in rows]
-        width = round_up(max(lengths), ATTENTION_SPAN)
+        width = round_up(max(lengths), span or self.attention_span)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         for b, row in enumerate(rows):
             ids[b, : lengths[b]] = torch.tensor(row.tokens)
