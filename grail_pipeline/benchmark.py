@@ -204,6 +204,7 @@ def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_pr
         with PeakGpuMemory(runtime.loaded.device) as memory:
             t0 = time.perf_counter()
             engine = runtime.engine(batch_size)
+            runtime.prover()  # made once per run: the first batch size's start-up includes it
             result.startup_seconds = time.perf_counter() - t0
             if warmup_problems > 0:
                 warm = BatchResult(batch_size=batch_size)

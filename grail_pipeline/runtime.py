@@ -7,7 +7,7 @@ the daemon runs.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -18,6 +18,7 @@ from grail_pipeline.lengths import W1_SPEC, LengthProfile, parse_length_profile
 from grail_pipeline.model import LoadedModel, load_model, resolve_device, wants_multi_gpu
 from grail_pipeline.model_ref import parse_model_ref
 from grail_pipeline.pipeline import Pipeline, PipelineConfig
+from grail_pipeline.prefix_prover import PrefixProver, supports_prefix_proofs
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.prover import BatchedProver, Prover, ReferenceProver
 from grail_pipeline.signing import GroupSigner
@@ -131,6 +132,7 @@ class Runtime:
     sampling: SamplingParams
     lengths: LengthProfile
     max_prompt_tokens: int
+    _provers: dict[str, Prover] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Runtime":
@@ -155,7 +157,18 @@ class Runtime:
         return FastEngine(self.loaded, self.sampling, slots=batch_size, max_prompt_tokens=self.max_prompt_tokens)
 
     def prover(self) -> Prover:
-        return ReferenceProver(self.loaded) if self.engine_kind == "hf" else BatchedProver(self.loaded)
+        """The engine kind's prover, made once per runtime (the prefix prover measures the device at start-up)."""
+        prover = self._provers.get(self.engine_kind)
+        if prover is None:
+            prover = self._provers[self.engine_kind] = self._new_prover()
+        return prover
+
+    def _new_prover(self) -> Prover:
+        if self.engine_kind == "hf":
+            return ReferenceProver(self.loaded)  # the reference method, as the public miner proves
+        if supports_prefix_proofs(self.loaded):
+            return PrefixProver(self.loaded, max_length=self.max_prompt_tokens + self.sampling.max_new_tokens)
+        return BatchedProver(self.loaded)
 
     def pipeline_config(self) -> PipelineConfig:
         # the reference method handles one problem at a time with nothing overlapped

@@ -231,3 +231,19 @@ def test_row_invariance_measures_every_length_and_each_step(tiny) -> None:
     unmeasured = [m for m in range(65) if m not in measured]
     assert not invariance.exact[unmeasured].any()
     assert invariance.exact[sorted(measured)].sum() >= len(measured) // 2  # CPU kernels mostly agree
+
+
+def test_runtime_makes_one_prover_per_engine_kind(tiny) -> None:
+    """Qwen2 on the fast engine proves on shared prompts; the reference method keeps the public miner's prover."""
+    from grail_pipeline.engines.base import SamplingParams
+    from grail_pipeline.runtime import Runtime
+
+    sampling = SamplingParams(eos_token_id=1, pad_token_id=0, max_new_tokens=64)
+    runtime = Runtime(tiny, None, "fast", sampling, None, 32)
+    prover = runtime.prover()
+    assert isinstance(prover, PrefixProver) and runtime.prover() is prover
+    assert prover.invariance.max_length == 32 + 64
+    runtime.engine_kind = "hf"
+    assert type(runtime.prover()) is ReferenceProver
+    runtime.engine_kind = "fast"
+    assert runtime.prover() is prover
