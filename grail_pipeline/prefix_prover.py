@@ -16,17 +16,22 @@ in the validator's own shapes, and our own row counts are padded to ones that ar
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from grail_pipeline.atomic import write_atomically
 from grail_pipeline.model import LoadedModel
+from grail_pipeline.paths import cache_root
 from grail_pipeline.proof import r_vec, sketch_hidden
 from grail_pipeline.prover import BatchedProver, ProofJob, ProofRow, RolloutProof, round_up
 
@@ -61,14 +66,25 @@ class RowInvariance:
         return cls(np.ones(max(max_length, max_rows) + 1, dtype=bool), max_length)
 
     @classmethod
+    def cached(cls, decoder: torch.nn.Module, max_length: int, max_rows: int, step: int = 128,
+               root: Path | None = None) -> "RowInvariance":
+        """`measure`, kept on disk per device, software stack and shapes: it takes seconds, a restart should not."""
+        path = (root or cache_root()) / "row-invariance" / f"{_stack_key(decoder, max_length, max_rows, step)}.npy"
+        with contextlib.suppress(OSError, ValueError):
+            exact = np.load(path, allow_pickle=False)
+            if exact.dtype == np.bool_ and exact.shape == (_counts(max_length, max_rows, step)[-1] + 1,):
+                return cls(exact, max_length)
+        invariance = cls.measure(decoder, max_length, max_rows, step)
+        with contextlib.suppress(OSError):
+            write_atomically(path, lambda fh: np.save(fh, invariance.exact))
+        return invariance
+
+    @classmethod
     @torch.inference_mode()
     def measure(cls, decoder: torch.nn.Module, max_length: int, max_rows: int, step: int = 128) -> "RowInvariance":
-        counts = sorted(set(range(1, max_length + 1)) | set(range(step, max_rows + 1, step)))
+        counts = _counts(max_length, max_rows, step)
         top = counts[-1]
-        layer = decoder.layers[0]
-        attn, mlp = layer.self_attn, layer.mlp
-        functions = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
-                     layer.input_layernorm, decoder.norm]
+        functions = _row_functions(decoder)
         weight = decoder.norm.weight
         generator = torch.Generator(weight.device).manual_seed(0)
         differs = torch.zeros(len(counts), dtype=torch.bool, device=weight.device)
@@ -94,6 +110,32 @@ class RowInvariance:
     @property
     def inexact_lengths(self) -> list[int]:
         return [int(m) for m in np.flatnonzero(~self.exact[1:self.max_length + 1]) + 1]
+
+
+def _counts(max_length: int, max_rows: int, step: int) -> list[int]:
+    return sorted(set(range(1, max_length + 1)) | set(range(step, max_rows + 1, step)))
+
+
+def _row_functions(decoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """Layer 0's per-row functions: every layer has the same shapes, so the same kernels."""
+    layer = decoder.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+            layer.input_layernorm, decoder.norm]
+
+
+def _stack_key(decoder: torch.nn.Module, max_length: int, max_rows: int, step: int) -> str:
+    """What the measured rounding depends on: the device, the libraries and the functions' shapes."""
+    device = decoder.norm.weight.device
+    described: dict[str, object] = dict(
+        version=1, torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+        device=str(device), lengths=[max_length, max_rows, step],
+        functions=[[type(fn).__name__, [list(p.shape) for p in fn.parameters()], str(fn.weight.dtype),
+                    repr(getattr(fn, "variance_epsilon", None))] for fn in _row_functions(decoder)])
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        described["gpu"] = [props.name, props.major, props.minor, props.multi_processor_count]
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
 
 
 @dataclass
@@ -129,7 +171,7 @@ class PrefixProver(BatchedProver):
         t0 = time.perf_counter()
         if invariance is None:
             on_gpu = loaded.device.type == "cuda"
-            invariance = (RowInvariance.measure(self.decoder, max_length, max_rows + 128) if on_gpu
+            invariance = (RowInvariance.cached(self.decoder, max_length, max_rows + 128) if on_gpu
                           else RowInvariance.everywhere(max_length, max_rows))
         self.invariance = invariance
         self.startup_seconds = time.perf_counter() - t0
@@ -155,7 +197,7 @@ class PrefixProver(BatchedProver):
         if not shared and not whole:
             return [[] for _ in jobs]
         r_vecs = {h: r_vec(h).to(self.loaded.device) for h in {job.randomness_hex for job in jobs}}
-        stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         results: list[tuple[_Chunk | list[ProofRow], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
         with stream:
             # every batch is queued before anything comes back, so the GPU never waits for the host

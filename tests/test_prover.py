@@ -247,3 +247,23 @@ def test_runtime_makes_one_prover_per_engine_kind(tiny) -> None:
     assert type(runtime.prover()) is ReferenceProver
     runtime.engine_kind = "fast"
     assert runtime.prover() is prover
+
+
+def test_row_invariance_is_cached_per_stack_and_shapes(tiny, tmp_path, monkeypatch) -> None:
+    decoder = tiny.model.get_decoder()
+    first = RowInvariance.cached(decoder, max_length=20, max_rows=64, step=16, root=tmp_path)
+    files = list((tmp_path / "row-invariance").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npy"
+
+    def fail(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RowInvariance, "measure", classmethod(fail))
+        again = RowInvariance.cached(decoder, max_length=20, max_rows=64, step=16, root=tmp_path)
+    assert np.array_equal(again.exact, first.exact) and again.max_length == 20
+    other = RowInvariance.cached(decoder, max_length=24, max_rows=64, step=16, root=tmp_path)  # other shapes
+    assert len(other.exact) == 65 and len(list((tmp_path / "row-invariance").iterdir())) == 2
+    files[0].write_bytes(b"not an array")  # a corrupt entry is measured again and rewritten
+    assert np.array_equal(RowInvariance.cached(decoder, 20, 64, 16, root=tmp_path).exact, first.exact)
+    assert np.load(files[0]).dtype == np.bool_
