@@ -98,8 +98,12 @@ def commitments_to_dicts(sketches: torch.Tensor, indices: torch.Tensor) -> list[
     return _dicts(sketches.tolist(), indices.tolist())
 
 
-def commitments_with_json(sketches: torch.Tensor, indices: torch.Tensor) -> tuple[list[dict[str, Any]], bytes]:
-    """The dicts and their compact sorted JSON together, converting the arrays to lists once (per rollout)."""
+def commitments_with_json(sketches: torch.Tensor | np.ndarray,
+                          indices: torch.Tensor | np.ndarray) -> tuple[list[dict[str, Any]], bytes]:
+    """The dicts and their compact sorted JSON together, converting the arrays to lists once (per rollout).
+
+    Tensors in the pipeline's own thread, numpy arrays in a signing worker process (SigningPool).
+    """
     sketch_list, index_lists = sketches.tolist(), indices.tolist()
     return _dicts(sketch_list, index_lists), _compact_json(sketch_list, index_lists)
 

@@ -4,15 +4,26 @@ Runs in the pipeline's thread pool, one group at a time, and turns a proved grou
 the window file. The reward is computed on the completion decoded with its special tokens, exactly as
 miner and validator do (so an EOS-terminated answer scores −0.111); whether the answer solves the
 formula is kept apart for people.
+
+Signing costs milliseconds of pure-Python CPU per rollout under the interpreter lock, which on the GPU
+starves the engine's host loop; there `SigningPool` runs the same `GroupSigner` in worker processes,
+and the pipeline's signing threads only pickle groups in and records out.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
+import pickle
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from grail_pipeline import signing_worker
 from grail_pipeline.proof import commit_binding, commitments_with_json
 from grail_pipeline.protocol import PROFILE, ProtocolProfile
 from grail_pipeline.records import build_rollout_record, grpo_advantages
@@ -88,3 +99,53 @@ class GroupSigner:
             challenge=challenge,
             signature=sign_rollout(self.signer, challenge),
         )
+
+
+class SigningPool:
+    """A GroupSigner in `workers` spawned processes: call it with a ProvedGroup from any thread, it blocks for the result.
+
+    The workers ignore SIGINT and SIGTERM (signing_worker says why) and leave by themselves when the
+    parent is gone. A worker that dies breaks the pool: every call from then on raises
+    BrokenProcessPool instead of waiting.
+    """
+
+    exit_grace_s: float = 10.0
+
+    def __init__(self, sign: GroupSigner, workers: int) -> None:
+        self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=signing_worker.start, initargs=(pickle.dumps(sign),))
+        for _ in range(workers):  # start every worker now (each takes seconds to import), not on the first groups
+            self._executor.submit(signing_worker.started)
+
+    def __call__(self, group: ProvedGroup) -> SignedGroup:
+        signed = self._executor.submit(signing_worker.sign, _portable(group)).result()
+        # the caller's own task object, and the time it came back here
+        return dataclasses.replace(signed, task=group.task, done=time.perf_counter())
+
+    def close(self) -> None:
+        """Stop the workers and wait for them; any still there after `exit_grace_s` is killed.
+
+        Idle workers leave at once. But once a worker has died, the executor's own clean-up stops the
+        others with SIGTERM, which they ignore, and would wait for them forever.
+        """
+        workers = list((self._executor._processes or {}).values())
+        timer = threading.Timer(self.exit_grace_s, lambda: [w.kill() for w in workers])
+        timer.start()
+        try:
+            self._executor.shutdown(wait=True)
+        finally:
+            timer.cancel()
+
+    def __enter__(self) -> SigningPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _portable(group: ProvedGroup) -> ProvedGroup:
+    """The group with numpy arrays for tensors: pickling copies only each proof's own slice of the
+    prover's output, without torch's shared-memory reductions."""
+    proofs = [dataclasses.replace(p, sketches=np.asarray(p.sketches), indices=np.asarray(p.indices))
+              for p in group.proofs]
+    return dataclasses.replace(group, proofs=proofs)
