@@ -81,19 +81,22 @@ def main() -> None:
     rows: dict[str, list[dict]] = {"fast": [], "hf": []}
     plan = [("fast", args.fast_batch_sizes, args.fast_problems, args.fast_warmup, args.verify),
             ("hf", args.hf_batch_sizes, args.hf_problems, args.hf_warmup, args.hf_verify)]
-    for engine, sizes, problems, warmup, verify in plan:
-        runtime.engine_kind = engine
-        for size in (int(s) for s in sizes.split(",") if s):
-            result = measure_batch_size(runtime, signer, size, problems, warmup, window, verify, progress=None)
-            row = dict(engine_kind=engine, **result.as_dict())
-            if engine == "fast" and result.ok:
-                row["roofline"] = roofline(row, weight_bytes, bandwidth)
-            rows[engine].append(row)
-            print(json.dumps(row, default=str), flush=True)
-            print(f"{engine} batch {size}: {result.status} {result.rollouts_per_s:.2f} roll/s, "
-                  f"{result.tokens_per_s:.0f} tok/s, peak {result.gpu_reserved_gb:.1f} GB reserved "
-                  f"({result.gpu_process_gb} GB process), start-up {result.startup_seconds:.1f} s, "
-                  f"stages {result.stage_seconds}, engine {result.engine}, verify {result.verify}", flush=True)
+    try:
+        for engine, sizes, problems, warmup, verify in plan:
+            runtime.engine_kind = engine
+            for size in (int(s) for s in sizes.split(",") if s):
+                result = measure_batch_size(runtime, signer, size, problems, warmup, window, verify, progress=None)
+                row = dict(engine_kind=engine, **result.as_dict())
+                if engine == "fast" and result.ok:
+                    row["roofline"] = roofline(row, weight_bytes, bandwidth)
+                rows[engine].append(row)
+                print(json.dumps(row, default=str), flush=True)
+                print(f"{engine} batch {size}: {result.status} {result.rollouts_per_s:.2f} roll/s, "
+                      f"{result.tokens_per_s:.0f} tok/s, peak {result.gpu_reserved_gb:.1f} GB reserved "
+                      f"({result.gpu_process_gb} GB process), start-up {result.startup_seconds:.1f} s, "
+                      f"stages {result.stage_seconds}, engine {result.engine}, verify {result.verify}", flush=True)
+    finally:
+        runtime.close()  # the fast engine's signing worker processes
 
     def best(engine: str) -> dict | None:
         ok = [r for r in rows[engine] if r["status"] == "ok" and r["rollouts"]]

@@ -283,11 +283,14 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(file=out, width=None if out.isatty() else 150)
     render_report(console, args, runtime, signer, spec, sizes, results, header_only=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        for size in sizes:
-            results.append(measure_batch_size(runtime, signer, size, args.num_problems, args.warmup_problems,
-                                              window, args.verify, progress))
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console, transient=True) as progress:
+            for size in sizes:
+                results.append(measure_batch_size(runtime, signer, size, args.num_problems, args.warmup_problems,
+                                                  window, args.verify, progress))
+    finally:
+        runtime.close()
     render_report(console, args, runtime, signer, spec, sizes, results, header_only=False)
     if args.json:
         write_json(args.json, args, runtime, signer, spec, results)

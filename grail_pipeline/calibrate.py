@@ -223,15 +223,18 @@ def run(args: argparse.Namespace) -> int:
                   f"model {runtime.loaded.name}, lengths {runtime.lengths.spec}")
     window = benchmark_window(args.seed)
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        def measure(size: int) -> Row:
-            result = measure_batch_size(runtime, signer, size, problems_for(size, args.num_problems),
-                                        args.warmup_problems, window, 0, progress)
-            return Row(result, peak_gb(result, on_gpu))
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console, transient=True) as progress:
+            def measure(size: int) -> Row:
+                result = measure_batch_size(runtime, signer, size, problems_for(size, args.num_problems),
+                                            args.warmup_problems, window, 0, progress)
+                return Row(result, peak_gb(result, on_gpu))
 
-        sizes = explicit if explicit is not None else default_sizes(runtime.engine_kind)
-        rows = sweep(measure, sizes, budget.budget_gb, grow=explicit is None)
+            sizes = explicit if explicit is not None else default_sizes(runtime.engine_kind)
+            rows = sweep(measure, sizes, budget.budget_gb, grow=explicit is None)
+    finally:
+        runtime.close()
     best = choose(rows, budget.budget_gb)
     peak_source = CPU_PEAK if not on_gpu else GPU_PEAK if any(r.result.gpu_process_gb for r in rows) else GPU_PEAK_NO_NVML
     _print_rows(console, rows, explicit, peak_source)

@@ -62,7 +62,6 @@ from grail_pipeline.runtime import (
     positive_float,
     positive_int,
 )
-from grail_pipeline.signing import GroupSigner
 from grail_pipeline.sink import WindowReport, WindowSink, remove_stale_temporaries
 from grail_pipeline.tasks import ProblemTask, WindowContext, make_task
 from grail_pipeline.wallet import Signer, load_signer
@@ -216,8 +215,8 @@ class Daemon:
         return dataclasses.replace(self.runtime.pipeline_config(), **self.settings.pipeline_overrides)
 
     def new_pipeline(self) -> Pipeline:
-        sign = GroupSigner(self.runtime.tokenizer, self.signer, self.runtime.loaded.name)
-        return Pipeline(self.engine, self.runtime.prover(), sign, self.pipeline_config())
+        return Pipeline(self.engine, self.runtime.prover(), self.runtime.group_signer(self.signer),
+                        self.pipeline_config())
 
     def make_task(self, window: WindowContext, index: int, block: int) -> ProblemTask:
         """The protocol's problem `index` of the window for our hotkey (the signer's ss58 address)."""
@@ -420,6 +419,7 @@ def _run(args: argparse.Namespace) -> int:
     removed += remove_stale_status_temporaries(settings.status_file)
     if removed:
         logger.info("removed %d temporary file(s) a previous run of this worker left behind", len(removed))
+    runtime: Runtime | None = None
     try:
         runtime = Runtime.from_args(args)
         batch_size = settings.batch_size or DEFAULT_BATCH_SIZES[runtime.engine_kind][0]
@@ -445,3 +445,6 @@ def _run(args: argparse.Namespace) -> int:
         if user is not None:
             raise user from None
         raise
+    finally:
+        if runtime is not None:
+            runtime.close()

@@ -7,6 +7,8 @@ the daemon runs.
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +23,8 @@ from grail_pipeline.pipeline import Pipeline, PipelineConfig
 from grail_pipeline.prefix_prover import PrefixProver, supports_prefix_proofs
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.prover import BatchedProver, Prover, ReferenceProver
-from grail_pipeline.signing import GroupSigner
+from grail_pipeline.signing import GroupSigner, SigningPool
+from grail_pipeline.tasks import ProvedGroup, SignedGroup
 from grail_pipeline.tokenizer import load_tokenizer
 from grail_pipeline.wallet import Signer
 
@@ -124,7 +127,10 @@ def preflight(args: argparse.Namespace, batch_sizes: list[int] | None) -> str:
 
 @dataclass
 class Runtime:
-    """A loaded model and tokenizer, able to build engines, provers and pipelines on demand."""
+    """A loaded model and tokenizer, able to build engines, provers and pipelines on demand.
+
+    It may own signing worker processes (group_signer): call close() when done with it.
+    """
 
     loaded: LoadedModel
     tokenizer: PreTrainedTokenizerBase
@@ -132,6 +138,7 @@ class Runtime:
     sampling: SamplingParams
     lengths: LengthProfile
     max_prompt_tokens: int
+    _signing_pools: dict[str, SigningPool] = field(default_factory=dict, init=False, repr=False)
     _provers: dict[str, Prover] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
@@ -174,6 +181,26 @@ class Runtime:
         # the reference method handles one problem at a time with nothing overlapped
         return PipelineConfig(max_in_flight=1, proof_pool=1) if self.engine_kind == "hf" else PipelineConfig()
 
-    def pipeline(self, engine: Engine, signer: Signer) -> Pipeline:
+    def group_signer(self, signer: Signer) -> Callable[[ProvedGroup], SignedGroup]:
+        """How the pipeline signs: in worker processes for the fast engine on a GPU, in its own threads otherwise.
+
+        On the GPU, signing in the engine's interpreter would take the lock its host loop needs
+        between decode steps. The pool is made once per hotkey and kept until close(), so several
+        pipelines (the benchmark's batch sizes) share its warm workers.
+        """
         sign = GroupSigner(self.tokenizer, signer, self.loaded.name)
-        return Pipeline(engine, self.prover(), sign, self.pipeline_config())
+        if self.engine_kind != "fast" or self.loaded.device.type != "cuda":
+            return sign  # the hf engine, CPU runs and the tests: nothing to gain from processes
+        pool = self._signing_pools.get(signer.ss58_address)
+        if pool is None:
+            workers = min(PipelineConfig().sign_workers, os.cpu_count() or 1)
+            pool = self._signing_pools[signer.ss58_address] = SigningPool(sign, workers)
+        return pool
+
+    def pipeline(self, engine: Engine, signer: Signer) -> Pipeline:
+        return Pipeline(engine, self.prover(), self.group_signer(signer), self.pipeline_config())
+
+    def close(self) -> None:
+        """Stop the signing workers, if any (waits for them to exit)."""
+        while self._signing_pools:
+            self._signing_pools.popitem()[1].close()

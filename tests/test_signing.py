@@ -6,6 +6,7 @@ pool of 2 spawned workers serves the module (a worker takes seconds to start).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -18,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from grail_pipeline import runtime as runtime_module
 from grail_pipeline.lengths import parse_length_profile
 from grail_pipeline.proof import commit_binding
 from grail_pipeline.protocol import PROFILE
 from grail_pipeline.prover import RolloutProof
+from grail_pipeline.runtime import Runtime
 from grail_pipeline.signing import GroupSigner, SigningPool
 from grail_pipeline.tasks import ProvedGroup, WindowContext, make_task
 from grail_pipeline.wallet import ephemeral_signer, verify_commit, verify_rollout_signature
@@ -180,3 +183,35 @@ def test_a_dead_worker_is_an_error_not_a_hang(sign, tok) -> None:
     finally:
         # the survivor ignores the SIGTERM the executor's own clean-up sends: close() must still return
         within(60, broken.close)
+
+
+class FakePool:
+    """Stands in for SigningPool: records what the runtime asked for, starts nothing."""
+
+    made: list[FakePool] = []
+
+    def __init__(self, sign: GroupSigner, workers: int) -> None:
+        self.sign, self.workers, self.closed = sign, workers, False
+        FakePool.made.append(self)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_runtime_signs_in_processes_only_for_the_fast_engine_on_a_gpu(monkeypatch, tiny, tok) -> None:
+    monkeypatch.setattr(runtime_module, "SigningPool", FakePool)
+    FakePool.made.clear()
+    signer, other = ephemeral_signer(), ephemeral_signer()
+    on_gpu = dataclasses.replace(tiny, device=torch.device("cuda", 0))  # a label only: nothing runs on it
+    for loaded, kind in ((tiny, "hf"), (tiny, "fast"), (on_gpu, "hf")):
+        sign = Runtime(loaded, tok, kind, None, None, 0).group_signer(signer)
+        assert type(sign) is GroupSigner and sign.signer is signer and sign.model_name == tiny.name
+    runtime = Runtime(on_gpu, tok, "fast", None, None, 0)
+    pool = runtime.group_signer(signer)
+    assert type(pool) is FakePool and pool.sign.signer is signer
+    assert pool.workers == min(4, os.cpu_count() or 1)
+    assert runtime.group_signer(signer) is pool  # several pipelines share one pool per hotkey
+    assert runtime.group_signer(other) is not pool
+    runtime.close()
+    assert len(FakePool.made) == 2 and all(p.closed for p in FakePool.made)
+    assert runtime.group_signer(signer) is not pool  # a closed pool is not handed out again
