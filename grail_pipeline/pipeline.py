@@ -3,7 +3,8 @@
 Each stage is an anyio task joined to the next by a bounded memory object stream, so a slow stage
 throttles the ones before it instead of filling memory. The engine and the prover each run in one
 long-lived worker thread (compiled CUDA graphs are bound to the thread that recorded them); scoring
-and sr25519 signing run in a small thread pool. The benchmark, the calibration and the daemon all run
+and sr25519 signing run in a small thread pool, whose threads hand each group to a worker process on
+the GPU (Runtime.group_signer). The benchmark, the calibration and the daemon all run
 this same pipeline. A run ends when its task source ends: everything already taken in is finished
 and handed to the sink, which is how a stop signal drains in-flight work.
 """
