@@ -16,6 +16,7 @@ import pytest
 from grail_pipeline.engines.base import EngineStats, GroupRequest, GroupResult, SamplingParams
 from grail_pipeline.engines.fast import FastEngine, switch_interval
 from grail_pipeline.engines.hf import HFEngine, cut_at_eos
+from grail_pipeline.engines.runner import prefill_width
 from grail_pipeline.errors import UserError
 from grail_pipeline.sat import problem_for_seed
 from grail_pipeline.tokenizer import prompt_ids
@@ -173,3 +174,10 @@ def test_switch_interval_is_set_for_the_run_and_put_back() -> None:
             assert sys.getswitchinterval() == pytest.approx(1e-4)
             raise RuntimeError("engine failed")
     assert sys.getswitchinterval() == before
+
+
+def test_prefill_widths_are_multiples_of_64_capped_by_the_cache() -> None:
+    assert [prefill_width(n, 1536) for n in (1, 63, 64, 65, 270, 511)] == [64, 64, 64, 128, 320, 512]
+    assert prefill_width(700, 600) == 599  # a prompt near the cache's end fills it
+    # capture_prefills' set: every width a prompt of up to 512 tokens can need
+    assert sorted({prefill_width(n, 1536) for n in range(1, 512)}) == list(range(64, 513, 64))

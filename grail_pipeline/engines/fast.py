@@ -24,6 +24,7 @@ from grail_pipeline.engines.base import EndOfRequests, Engine, GroupRequest, Gro
 from grail_pipeline.engines.runner import SlotRunner
 from grail_pipeline.errors import UserError
 from grail_pipeline.model import LoadedModel
+from grail_pipeline.protocol import PROFILE
 
 log = logging.getLogger("grail_pipeline")
 
@@ -96,6 +97,8 @@ class FastEngine(Engine):
         self.runner = SlotRunner(loaded.model, sampling, slots, self.max_len,
                                  compile_step=on_gpu if compile_step is None else compile_step)
         self._graph = _StepGraph(self.runner, use_graph=on_gpu if cuda_graphs is None else cuda_graphs)
+        if self._graph.graph is not None:
+            self.runner.capture_prefills(PROFILE.rollouts_per_problem, max_prompt_tokens)
         self.startup_seconds = time.perf_counter() - t0
         # steps in flight ahead of the host: the GPU stays fed while the host waits for the interpreter lock
         self.lag = lag

@@ -26,6 +26,11 @@ from grail_pipeline.paths import cache_root
 PREFILL_ALIGN = 64
 
 
+def prefill_width(n: int, max_len: int) -> int:
+    """The padded width a prompt of n + 1 tokens is prefilled at (its last token waits for decode)."""
+    return min(max_len - 1, -(-max(n, 1) // PREFILL_ALIGN) * PREFILL_ALIGN)
+
+
 @dataclass
 class LayerWeights:
     ln1: torch.Tensor
@@ -174,7 +179,7 @@ class SlotRunner:
         them), so on a GPU each padded width is one CUDA graph, replayed for every problem.
         """
         n = len(prompt_ids) - 1
-        width = min(self.max_len - 1, -(-max(n, 1) // PREFILL_ALIGN) * PREFILL_ALIGN)
+        width = prefill_width(n, self.max_len)
         padded = list(prompt_ids) + [prompt_ids[-1]] * (width + 1 - len(prompt_ids))
         packed = torch.tensor(padded + [n] + list(slots) + list(targets), dtype=torch.long)
         if self.device.type == "cuda":
@@ -195,6 +200,17 @@ class SlotRunner:
         index = index.to(self.device, non_blocking=True)
         self.positions.index_put_((index,), torch.zeros_like(index))
 
+    def capture_prefills(self, group: int, max_prompt_tokens: int) -> None:
+        """The prefill graph of every width a prompt of up to `max_prompt_tokens` needs, captured now.
+
+        Capturing one later, while the prover thread runs kernels of its own, fails in the default
+        capture mode (seen on an H100 in `mine`), and takes the host away from decoding in any mode.
+        """
+        if self.device.type != "cuda":
+            return
+        for width in sorted({prefill_width(n, self.max_len) for n in range(1, max_prompt_tokens)}):
+            self._prefill_graph((width, group))
+
     def _prefill_graph(self, key: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if key not in self._prefill_graphs:
             width, group = key
@@ -206,7 +222,8 @@ class SlotRunner:
                 self._prefill(static, width, group)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            # thread_local: a width first met mid-run is captured while other threads use the GPU
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 self._prefill(static, width, group)
             self._prefill_graphs[key] = (graph, static)
         return self._prefill_graphs[key]
