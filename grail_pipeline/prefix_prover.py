@@ -33,7 +33,7 @@ from grail_pipeline.atomic import write_atomically
 from grail_pipeline.model import LoadedModel
 from grail_pipeline.paths import cache_root
 from grail_pipeline.proof import r_vec, sketch_hidden
-from grail_pipeline.prover import BatchedProver, ProofJob, ProofRow, RolloutProof, round_up
+from grail_pipeline.prover import BatchedProver, ProofJob, ProofRow, RolloutProof, place_rows, round_up
 
 log = logging.getLogger("grail_pipeline")
 
@@ -264,12 +264,7 @@ class PrefixProver(BatchedProver):
                     pos += c
                     lp_pos += c
                 continue
-            for row in what:
-                n, c = len(row.tokens), len(row.tokens) - row.prompt_len
-                out[row.job][row.index] = RolloutProof(sketches[pos:pos + n], indices[pos:pos + n],
-                                                       [0.0] * row.prompt_len + logprobs[lp_pos:lp_pos + c].tolist())
-                pos += n
-                lp_pos += c
+            pos, lp_pos = place_rows(what, flat, (pos, lp_pos), out)
 
     def _prove_shared(self, job: ProofJob, chunk: _Chunk,
                       r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -132,6 +132,21 @@ class ProofRow:
     prompt_len: int
 
 
+def place_rows(rows: Sequence[ProofRow], flat: Sequence[torch.Tensor], start: tuple[int, int],
+               out: list[list[RolloutProof | None]]) -> tuple[int, int]:
+    """Cut whole-sequence rows' proofs from read-back (sketches, indices, logprobs), beginning at `start`
+    (position, logprob offsets), into `out[job][index]`; returns where the next proof begins."""
+    sketches, indices, logprobs = flat
+    pos, lp_pos = start
+    for row in rows:
+        n, c = len(row.tokens), len(row.tokens) - row.prompt_len
+        out[row.job][row.index] = RolloutProof(sketches[pos:pos + n], indices[pos:pos + n],
+                                               [0.0] * row.prompt_len + logprobs[lp_pos:lp_pos + c].tolist())
+        pos += n
+        lp_pos += c
+    return pos, lp_pos
+
+
 class BatchedProver(Prover):
     """Right-padded batches of whole rollouts from one or more groups, on a CUDA stream of its own.
 
@@ -175,13 +190,7 @@ class BatchedProver(Prover):
                 parts.append(self._prove_batch(members, [r_vecs[jobs[row.job].randomness_hex] for row in members]))
                 order.extend(members)
             sketches, indices, logprobs = (torch.cat(t).cpu() for t in zip(*parts))
-        pos = lp_pos = 0
-        for row in order:
-            n, c = len(row.tokens), len(row.tokens) - row.prompt_len
-            out[row.job][row.index] = RolloutProof(sketches[pos:pos + n], indices[pos:pos + n],
-                                                   [0.0] * row.prompt_len + logprobs[lp_pos:lp_pos + c].tolist())
-            pos += n
-            lp_pos += c
+        place_rows(order, (sketches, indices, logprobs), (0, 0), out)
         return [[p for p in group if p is not None] for group in out]
 
     def batches(self, lengths: Sequence[int]) -> list[list[int]]:
