@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,13 +167,11 @@ class PrefixProver(BatchedProver):
                  invariance: RowInvariance | None = None, **batched: int | float) -> None:
         super().__init__(loaded, **batched)
         self.max_rows = max_rows
-        t0 = time.perf_counter()
         if invariance is None:
             on_gpu = loaded.device.type == "cuda"
             invariance = (RowInvariance.cached(self.decoder, max_length, max_rows + 128) if on_gpu
                           else RowInvariance.everywhere(max_length, max_rows))
         self.invariance = invariance
-        self.startup_seconds = time.perf_counter() - t0
         if invariance.inexact_lengths:
             log.info("prefix prover: %d row counts up to %d round differently (their rollouts are proved whole)",
                      len(invariance.inexact_lengths), max_length)
@@ -339,7 +336,8 @@ class PrefixProver(BatchedProver):
         at_batch = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)])
         at_position = torch.cat([p + torch.arange(n) for n in lengths])
         padding = torch.full((rows - total,), len(lengths) - 1)
-        at_batch, at_position = torch.cat((at_batch, padding)), torch.cat((at_position, padding * 0 + p))
+        at_batch = torch.cat((at_batch, padding))
+        at_position = torch.cat((at_position, torch.full((rows - total,), p)))
         positions = torch.cat((at_position[:total], torch.zeros(rows - total, dtype=torch.long)))
         at_batch, at_position, positions = (self._to_device(t) for t in (at_batch, at_position, positions))
         real = (at_batch[:total], at_position[:total])

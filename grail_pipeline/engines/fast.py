@@ -3,8 +3,8 @@
 Every step advances all slots by one token on the device. The host never waits for the step it has
 just launched: it reads the tokens of the step before (copied to pinned memory), appends them to each
 slot's completion, retires finished rollouts and refills their slots with the next problem's prompt
-(prefilled once, shared by its 16 rollouts). Slots are handed out lowest index first, so a shrinking
-load concentrates at the front and the step can run on a smaller captured width.
+(prefilled once, shared by its 16 rollouts). Slots are handed out lowest index first; a freed slot is
+parked at position 0 so that until it is refilled its attention reads one key.
 """
 
 from __future__ import annotations
