@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -141,11 +143,27 @@ def test_daemon_mines_windows_that_verify(tmp_path, monkeypatch, wallet_env, cap
 # --- stops at random moments, in subprocesses ------------------------------------------------------
 
 
-def start_daemon(out: Path, env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
+@contextmanager
+def running_daemon(out: Path, env: dict[str, str], log: Path, *extra: str) -> Iterator[subprocess.Popen]:
+    """`mine --dry-run` in a subprocess logging to `log`; killed on the way out if it is still running."""
     with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "grail_pipeline", "mine", "--dry-run", *FAST,
+        proc = subprocess.Popen([sys.executable, "-m", "grail_pipeline", "mine", "--dry-run", *FAST,
                                  "--out-dir", str(out), "--drain-timeout", "40", *extra],
                                 stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def signal_and_wait(proc: subprocess.Popen, sig: int, timeout: float = 30.0) -> tuple[int, float]:
+    """Send `sig` and wait for the exit: its code and the seconds it took."""
+    proc.send_signal(sig)
+    t0 = time.monotonic()
+    rc = proc.wait(timeout=timeout)
+    return rc, time.monotonic() - t0
 
 
 def wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -200,19 +218,11 @@ def check_graceful_stop(out: Path, log_text: str, run_seed: int, context: str) -
 def stop_at_random(out: Path, env: dict[str, str], rng: random.Random, run_seed: int, context: str,
                    after: str = r"INFO starting worker", up_to: float = 7.0) -> tuple[str, float]:
     log = out.parent / f"{out.name}-{run_seed}.log"
-    proc = start_daemon(out, env, log, "--run-seed", str(run_seed))
-    try:
+    with running_daemon(out, env, log, "--run-seed", str(run_seed)) as proc:
         wait_for(log, after, proc)
         delay = rng.uniform(0.0, up_to)
         time.sleep(delay)
-        proc.send_signal(signal.SIGTERM)
-        t0 = time.monotonic()
-        rc = proc.wait(timeout=60)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        rc, took = signal_and_wait(proc, signal.SIGTERM, timeout=60)
     text = log.read_text()
     assert rc == 0, f"{context}, delay {delay:.2f} s: exit {rc}\n{text}"
     assert took < 40 + 10, f"{context}: {took:.1f} s to stop"
@@ -238,16 +248,10 @@ def test_sigkill_leaves_no_incomplete_file_and_a_restart_cleans_up(tmp_path, wal
     context = f"GRAIL_TEST_STOP_SEED={STOP_SEED}"
     out = tmp_path / "windows"
     log = tmp_path / "killed.log"
-    proc = start_daemon(out, wallet_env, log, "--run-seed", "11")
-    try:
+    with running_daemon(out, wallet_env, log, "--run-seed", "11") as proc:
         wait_for(log, SUNK.pattern, proc)
         time.sleep(rng.uniform(0.0, 5.0))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        signal_and_wait(proc, signal.SIGKILL)
     check_files_complete(out)  # whatever made it to a final name is whole
     hotkey = json.loads((out / "status-worker-0.json").read_text())["hotkey"]
     ours = out / f".{hotkey}-window-30-worker-0.parquet.0123456789ab.tmp"
@@ -269,16 +273,9 @@ def test_drain_timeout_and_second_signal_exit_in_bounded_time(tmp_path, wallet_e
     a second signal exits at once. Either way, files under final names are whole."""
     out = tmp_path / "timeout"
     log = tmp_path / "timeout.log"
-    proc = start_daemon(out, wallet_env, log, "--drain-timeout", "0.5")  # a group takes seconds on this CPU
-    try:
+    with running_daemon(out, wallet_env, log, "--drain-timeout", "0.5") as proc:  # a group takes seconds here
         wait_for(log, SUNK.pattern, proc)
-        proc.send_signal(signal.SIGTERM)
-        t0 = time.monotonic()
-        rc = proc.wait(timeout=30)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        rc, took = signal_and_wait(proc, signal.SIGTERM)
     text = log.read_text()
     assert rc == 0 and took < 0.5 + 5, (rc, took, text)
     assert "did not finish within --drain-timeout" in text
@@ -290,18 +287,11 @@ def test_drain_timeout_and_second_signal_exit_in_bounded_time(tmp_path, wallet_e
 
     out = tmp_path / "twice"
     log = tmp_path / "twice.log"
-    proc = start_daemon(out, wallet_env, log)
-    try:
+    with running_daemon(out, wallet_env, log) as proc:
         wait_for(log, r"INFO mining", proc)
         proc.send_signal(signal.SIGINT)
         wait_for(log, r"SIGINT: stopping intake", proc)
-        proc.send_signal(signal.SIGTERM)
-        t0 = time.monotonic()
-        rc = proc.wait(timeout=30)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        rc, took = signal_and_wait(proc, signal.SIGTERM)
     text = log.read_text()
     assert rc == 128 + signal.SIGTERM and took < 3, (rc, took, text)
     assert "second SIGTERM: exiting now" in text
