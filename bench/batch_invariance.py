@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from grail_pipeline.model import load_model
+from grail_pipeline.inference.loading import load_model
 
 
 def gemm_scan(weights: dict[str, torch.Tensor], lengths: range) -> dict[str, list[int]]:

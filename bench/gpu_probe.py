@@ -17,16 +17,16 @@ import time
 
 import torch
 
-from grail_pipeline.engines.base import GroupRequest, SamplingParams
-from grail_pipeline.engines.decode_attention import decode_attention_reference, decode_attention_triton
-from grail_pipeline.engines.fast import FastEngine
-from grail_pipeline.engines.hf import HFEngine
-from grail_pipeline.lengths import W1_SPEC, parse_length_profile
-from grail_pipeline.model import load_model
-from grail_pipeline.proof import r_vec, sketch_at_indices, sketch_distance
-from grail_pipeline.protocol import PROFILE
-from grail_pipeline.prover import BatchedProver, ReferenceProver
-from grail_pipeline.verifier import validator_forward
+from grail_pipeline.inference.decode_attention import decode_attention_reference, decode_attention_triton
+from grail_pipeline.inference.engine import GroupRequest, SamplingParams
+from grail_pipeline.inference.fast_engine import FastEngine
+from grail_pipeline.inference.hf_engine import HFEngine
+from grail_pipeline.inference.loading import load_model
+from grail_pipeline.mining.lengths import W1_SPEC, parse_length_profile
+from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.sketches import r_vec, sketch_at_indices, sketch_distance
+from grail_pipeline.proving.provers import BatchedProver, ReferenceProver
+from grail_pipeline.proving.validator import validator_forward
 
 EOS, PAD = 151645, 151643
 
@@ -111,7 +111,7 @@ def check_prover(loaded, report: dict, groups: int) -> None:
 
 def prover_parts(loaded, prover, comps, prompt, r) -> dict:
     """Milliseconds of the batched prover's parts on one group (forward, sketches, logprobs)."""
-    from grail_pipeline.proof import sketch_hidden
+    from grail_pipeline.protocol.sketches import sketch_hidden
     seqs = [prompt + c for c in comps]
     out = {}
     for budget in (8192, 16384, 32768):

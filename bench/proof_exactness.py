@@ -21,17 +21,17 @@ import time
 
 import torch
 
-from grail_pipeline.engines.base import GroupRequest, SamplingParams
-from grail_pipeline.engines.fast import FastEngine
-from grail_pipeline.lengths import W1_SPEC, parse_length_profile
-from grail_pipeline.model import load_model
-from grail_pipeline.prefix_prover import PrefixProver
-from grail_pipeline.proof import r_vec, sketch_at_indices, sketch_distance
-from grail_pipeline.protocol import PROFILE
-from grail_pipeline.prover import BatchedProver, ProofJob
-from grail_pipeline.tasks import WindowContext, make_task
-from grail_pipeline.tokenizer import builtin_tokenizer
-from grail_pipeline.verifier import validator_forward
+from grail_pipeline.inference.engine import GroupRequest, SamplingParams
+from grail_pipeline.inference.fast_engine import FastEngine
+from grail_pipeline.inference.loading import load_model
+from grail_pipeline.mining.lengths import W1_SPEC, parse_length_profile
+from grail_pipeline.mining.messages import WindowContext, make_task
+from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.sketches import r_vec, sketch_at_indices, sketch_distance
+from grail_pipeline.protocol.tokenizer import builtin_tokenizer
+from grail_pipeline.proving.prefix import PrefixProver
+from grail_pipeline.proving.provers import BatchedProver, ProofJob
+from grail_pipeline.proving.validator import validator_forward
 
 EOS = 151645
 

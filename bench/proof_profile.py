@@ -15,9 +15,9 @@ import torch
 from proof_exactness import jobs_for  # bench scripts run with bench/ on the path
 from torch.profiler import ProfilerActivity, profile
 
-from grail_pipeline.model import load_model
-from grail_pipeline.prefix_prover import PrefixProver
-from grail_pipeline.prover import BatchedProver
+from grail_pipeline.inference.loading import load_model
+from grail_pipeline.proving.prefix import PrefixProver
+from grail_pipeline.proving.provers import BatchedProver
 
 
 def main() -> None:

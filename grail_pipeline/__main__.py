@@ -1,5 +1,5 @@
 """`python -m grail_pipeline` runs the command line."""
 
-from grail_pipeline.cli import main
+from grail_pipeline.cli.main import main
 
 raise SystemExit(main())

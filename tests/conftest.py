@@ -8,9 +8,9 @@ import pytest
 import transformers
 from bittensor_wallet import Keypair, Wallet
 
-from grail_pipeline.cli import main
-from grail_pipeline.model import LoadedModel, load_model
-from grail_pipeline.tokenizer import builtin_tokenizer
+from grail_pipeline.cli.main import main
+from grail_pipeline.inference.loading import LoadedModel, load_model
+from grail_pipeline.protocol.tokenizer import builtin_tokenizer
 
 WALLET_VARS = ("BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH")
 

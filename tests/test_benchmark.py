@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from grail_pipeline import benchmark, cli
-from grail_pipeline.engines.base import Engine, GroupResult, RequestFeed
-from grail_pipeline.runtime import Runtime
+from grail_pipeline.cli import benchmark
+from grail_pipeline.cli import main as cli
+from grail_pipeline.inference.engine import Engine, GroupResult, RequestFeed
+from grail_pipeline.mining.runtime import Runtime
 
 HEADERS = ("Batch", "Problems", "Rollouts", "Time(s)", "Roll/s", "Prob/s", "Tok/s", "GPU(GB)", "Success%", "Verified%")
 TINY = ["--model", "dummy:tiny", "--device", "cpu"]
@@ -274,9 +275,9 @@ def test_every_batch_size_out_of_memory_exits_1(monkeypatch, capsys, wallet_env)
 
 def test_other_engine_failures_are_not_hidden_as_oom(tiny, tok, real_wallet) -> None:
     """measure_batch_size turns only OOM into a row; any other error propagates."""
-    from grail_pipeline.engines.base import SamplingParams
-    from grail_pipeline.lengths import parse_length_profile
-    from grail_pipeline.wallet import ephemeral_signer
+    from grail_pipeline.inference.engine import SamplingParams
+    from grail_pipeline.mining.lengths import parse_length_profile
+    from grail_pipeline.protocol.wallet import ephemeral_signer
 
     runtime = runtime_failing_at({16}, FailingEngine)(
         tiny, tok, "fast", SamplingParams(tok.eos_token_id, tok.pad_token_id, max_new_tokens=16),

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from grail_pipeline.benchmark import BatchResult
-from grail_pipeline.calibrate import (
+from grail_pipeline.cli.benchmark import BatchResult
+from grail_pipeline.cli.calibrate import (
     MAX_FAST_SLOTS,
     MIN_GAIN,
     Row,
@@ -21,8 +21,8 @@ from grail_pipeline.calibrate import (
     problems_for,
     sweep,
 )
-from grail_pipeline.calibration import load_calibrations, read_choice, save_entry
-from grail_pipeline.errors import UserError
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.tools.calibration_file import load_calibrations, read_choice, save_entry
 
 FAST_CPU = ["--model", "dummy:tiny", "--device", "cpu", "--length-profile", "fixed:16", "--max-new-tokens", "16",
             "--warmup-problems", "0", "--num-problems", "1"]

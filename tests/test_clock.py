@@ -8,7 +8,8 @@ import re
 import anyio
 import pytest
 
-from grail_pipeline.clock import (
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.mining.chain import (
     ProblemSource,
     WindowClock,
     WindowClose,
@@ -19,8 +20,7 @@ from grail_pipeline.clock import (
     simulated_block_hash,
     simulated_drand,
 )
-from grail_pipeline.errors import UserError
-from grail_pipeline.tasks import ProblemTask, WindowContext
+from grail_pipeline.mining.messages import ProblemTask, WindowContext
 
 
 class FakeTime:

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from grail_pipeline.engines.decode_attention import decode_attention, decode_attention_reference
+from grail_pipeline.inference.decode_attention import decode_attention, decode_attention_reference
 
 
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,13 @@ import sys
 
 import pytest
 
-from grail_pipeline.engines.base import EngineStats, GroupRequest, GroupResult, SamplingParams
-from grail_pipeline.engines.fast import FastEngine, switch_interval
-from grail_pipeline.engines.hf import HFEngine, cut_at_eos
-from grail_pipeline.engines.runner import prefill_width
-from grail_pipeline.errors import UserError
-from grail_pipeline.sat import problem_for_seed
-from grail_pipeline.tokenizer import prompt_ids
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.inference.engine import EngineStats, GroupRequest, GroupResult, SamplingParams
+from grail_pipeline.inference.fast_engine import FastEngine, switch_interval
+from grail_pipeline.inference.hf_engine import HFEngine, cut_at_eos
+from grail_pipeline.inference.model_runner import prefill_width
+from grail_pipeline.protocol.sat import problem_for_seed
+from grail_pipeline.protocol.tokenizer import prompt_ids
 
 MAX_NEW = 8
 SLOTS = 6

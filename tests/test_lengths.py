@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from grail_pipeline.errors import UserError
-from grail_pipeline.lengths import W1_SPEC, LengthProfile, _unit_interval, parse_length_profile
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.mining.lengths import W1_SPEC, LengthProfile, _unit_interval, parse_length_profile
 
 
 @pytest.mark.parametrize("spec", [W1_SPEC, "lognormal:100:0.25:1:4096", "lognormal:5:0:5:5", "lognormal:400:1:32:1024",

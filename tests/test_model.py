@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from grail_pipeline import model as model_module
-from grail_pipeline.errors import UserError
-from grail_pipeline.model import (
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.inference import loading as model_module
+from grail_pipeline.inference.loading import (
     DUMMY_SEED,
     attention_implementation,
     dummy_config,
@@ -19,7 +19,7 @@ from grail_pipeline.model import (
     resolve_device,
     wants_multi_gpu,
 )
-from grail_pipeline.model_ref import parse_model_ref
+from grail_pipeline.inference.model_ref import parse_model_ref
 
 QWEN_VOCAB = 151936
 

@@ -13,10 +13,10 @@ import anyio
 import pytest
 import torch
 
-from grail_pipeline.engines.base import GroupRequest, GroupResult, OneGroupEngine
-from grail_pipeline.pipeline import Pipeline, PipelineConfig
-from grail_pipeline.prover import ProofJob, Prover, RolloutProof
-from grail_pipeline.tasks import ProblemTask, ProvedGroup, SignedGroup, WindowContext
+from grail_pipeline.inference.engine import GroupRequest, GroupResult, OneGroupEngine
+from grail_pipeline.mining.messages import ProblemTask, ProvedGroup, SignedGroup, WindowContext
+from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
+from grail_pipeline.proving.provers import ProofJob, Prover, RolloutProof
 
 WINDOW = WindowContext(window_start=0, block_hash="0x" + "00" * 32, randomness="11" * 32)
 

@@ -11,16 +11,14 @@ import subprocess
 import sys
 import time
 import tomllib
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import run_cli, write_wallet
 
-from grail_pipeline.calibration import save_entry
-from grail_pipeline.cli import COMMAND_MODULES
-from grail_pipeline.records import read_window_file
+from grail_pipeline.protocol.records import read_window_file
+from grail_pipeline.tools.calibration_file import save_entry
 
 REPO = Path(__file__).resolve().parent.parent
 PM2_DIR = Path(__file__).resolve().parent / "pm2"
@@ -239,13 +237,14 @@ def test_deploy_example_is_what_emit_pm2_renders(capsys, monkeypatch, tmp_path) 
 
 
 def test_every_subpackage_is_packaged() -> None:
-    """pyproject lists packages explicitly (for the templates mapping): a new subpackage must be added."""
+    """pyproject finds the packages (no list kept by hand): every folder of modules is a regular package it finds,
+    and the top-level template folder is one of them through the grail_pipeline/templates link."""
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    packages = set(config["packages"])
-    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "grail_pipeline").rglob("*.py")
-               if "__pycache__" not in p.parts}
-    assert on_disk <= packages
-    assert config["package-dir"]["grail_pipeline.templates"] == "templates"
+    assert config["packages"]["find"]["include"] == ["grail_pipeline", "grail_pipeline.*"]
+    folders = {p.parent for p in (REPO / "grail_pipeline").rglob("*.py") if "__pycache__" not in p.parts}
+    assert all((folder / "__init__.py").is_file() for folder in folders), "a folder without __init__.py is not found"
+    link = REPO / "grail_pipeline" / "templates"
+    assert link.is_symlink() and link.resolve() == (REPO / "templates").resolve()
     assert (REPO / "templates" / "ecosystem.config.js.j2").is_file()
 
 
@@ -296,8 +295,6 @@ def _logs(logs: Path) -> str:
 
 @pytest.mark.slow
 def test_dry_run_fleet_under_pm2(tmp_path, capsys, pm2_bin) -> None:
-    if "mine" not in COMMAND_MODULES or find_spec("grail_pipeline.mine") is None:
-        pytest.skip("`grail-pipeline mine` is not registered yet")
     hotkey = write_wallet(tmp_path / "wallets", "fleet-cold", "fleet-hot")
     calibration = tmp_path / "calibration.yaml"
     save_entry(calibration, entry("cpu", "hf", 16, model="dummy:tiny", max_new_tokens=24, length_profile="fixed:20"))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grail_pipeline.proof import (
+from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.sketches import (
     commit_binding,
     commitments_to_dicts,
     hash_commitments,
@@ -22,7 +23,6 @@ from grail_pipeline.proof import (
     sketch_distance,
     sketch_hidden,
 )
-from grail_pipeline.protocol import PROFILE
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "proof.json").read_text())
 CASES = GOLDEN["cases"]

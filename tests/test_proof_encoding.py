@@ -10,7 +10,8 @@ import struct
 import pytest
 import torch
 
-from grail_pipeline.proof import (
+from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.sketches import (
     commit_binding,
     commitments_to_dicts,
     commitments_with_json,
@@ -19,7 +20,6 @@ from grail_pipeline.proof import (
     r_vec,
     sketch_hidden,
 )
-from grail_pipeline.protocol import PROFILE
 
 
 def plain_json(sketches: torch.Tensor, indices: torch.Tensor) -> bytes:

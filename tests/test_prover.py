@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grail_pipeline.prefix_prover import PrefixProver, RowInvariance
-from grail_pipeline.protocol import PROFILE
-from grail_pipeline.prover import BatchedProver, ProofJob, ReferenceProver, RolloutProof, row_exact_linears
+from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.proving.prefix import PrefixProver, RowInvariance
+from grail_pipeline.proving.provers import BatchedProver, ProofJob, ReferenceProver, RolloutProof, row_exact_linears
 
 # (prompt length, completion lengths): a one-token completion, long and short rows, equal lengths
 GROUPS = [(3, [16, 30, 17, 29]), (11, [40, 1, 22]), (25, [33, 34, 20, 8, 33]), (1, [12])]
@@ -232,7 +232,7 @@ def test_row_invariance_measures_every_length_and_each_step(tiny) -> None:
     assert not invariance.exact[unmeasured].any()
     # what `exact` means, checked again with other random rows: a count is exact if and only if every
     # per-row function of layer 0 gives its rows the bits they get inside the 64-row product
-    from grail_pipeline.prefix_prover import _row_functions
+    from grail_pipeline.proving.prefix import _row_functions
 
     generator = torch.Generator().manual_seed(7)
     for m in sorted(measured):
@@ -247,8 +247,8 @@ def test_row_invariance_measures_every_length_and_each_step(tiny) -> None:
 
 def test_runtime_makes_one_prover_per_engine_kind(tiny) -> None:
     """Qwen2 on the fast engine proves on shared prompts; the reference method keeps the public miner's prover."""
-    from grail_pipeline.engines.base import SamplingParams
-    from grail_pipeline.runtime import Runtime
+    from grail_pipeline.inference.engine import SamplingParams
+    from grail_pipeline.mining.runtime import Runtime
 
     sampling = SamplingParams(eos_token_id=1, pad_token_id=0, max_new_tokens=64)
     runtime = Runtime(tiny, None, "fast", sampling, None, 32)

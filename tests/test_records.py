@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grail_pipeline.errors import UserError
-from grail_pipeline.protocol import PROFILE
-from grail_pipeline.records import (
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.records import (
     INFERENCE_SCHEMA,
     WindowFileError,
     build_rollout_record,

@@ -14,8 +14,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from grail_pipeline.engines.hf import TargetLengthProcessor
-from grail_pipeline.engines.sampler import apply_target_lengths, penalize_repeats, sample_top_k_top_p
+from grail_pipeline.inference.hf_engine import TargetLengthProcessor
+from grail_pipeline.inference.sampler import apply_target_lengths, penalize_repeats, sample_top_k_top_p
 
 EOS = 7
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from grail_pipeline.protocol import PROFILE, SAT_INSTRUCTIONS
-from grail_pipeline.sat import (
+from grail_pipeline.protocol.profile import PROFILE, SAT_INSTRUCTIONS
+from grail_pipeline.protocol.sat import (
     ParsedCompletion,
     SatProblem,
     answer_solves,

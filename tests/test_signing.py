@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from grail_pipeline import runtime as runtime_module
-from grail_pipeline.lengths import parse_length_profile
-from grail_pipeline.proof import commit_binding
-from grail_pipeline.protocol import PROFILE
-from grail_pipeline.prover import RolloutProof
-from grail_pipeline.runtime import Runtime
-from grail_pipeline.signing import GroupSigner, SigningPool
-from grail_pipeline.tasks import ProvedGroup, WindowContext, make_task
-from grail_pipeline.wallet import ephemeral_signer, verify_commit, verify_rollout_signature
+from grail_pipeline.mining import runtime as runtime_module
+from grail_pipeline.mining.lengths import parse_length_profile
+from grail_pipeline.mining.messages import ProvedGroup, WindowContext, make_task
+from grail_pipeline.mining.runtime import Runtime
+from grail_pipeline.mining.signing import GroupSigner, SigningPool
+from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.sketches import commit_binding
+from grail_pipeline.protocol.wallet import ephemeral_signer, verify_commit, verify_rollout_signature
+from grail_pipeline.proving.provers import RolloutProof
 
 MODEL = "dummy:tiny"
 WINDOW = WindowContext(window_start=4350, block_hash="0x496aca80e4d8f29fb8e8cd816c3afb48d3f103970b3a2ee1600c08ca67326dee",

@@ -9,23 +9,23 @@ from pathlib import Path
 import anyio
 import pytest
 
-from grail_pipeline.clock import WindowClose, WorkerSlot
-from grail_pipeline.daemon_status import (
-    StatusFile,
-    default_status_path,
-    read_status,
-    remove_stale_status_temporaries,
-)
-from grail_pipeline.errors import UserError
-from grail_pipeline.protocol import PROFILE
-from grail_pipeline.records import build_rollout_record, read_window_file
-from grail_pipeline.sink import (
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.mining.chain import WindowClose, WorkerSlot
+from grail_pipeline.mining.messages import ProblemTask, SignedGroup, WindowContext
+from grail_pipeline.mining.sink import (
     WindowReport,
     WindowSink,
     remove_stale_temporaries,
     window_file_name,
 )
-from grail_pipeline.tasks import ProblemTask, SignedGroup, WindowContext
+from grail_pipeline.mining.status import (
+    StatusFile,
+    default_status_path,
+    read_status,
+    remove_stale_status_temporaries,
+)
+from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.records import build_rollout_record, read_window_file
 
 HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
 

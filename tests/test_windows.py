@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from grail_pipeline.windows import WindowSpec
+from grail_pipeline.tools.projection import WindowSpec
 
 
 def test_protocol_window() -> None:

@@ -1,0 +1,54 @@
+"""The `grail-pipeline` command line: one module per job, each registering its subcommand here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from grail_pipeline import __version__
+from grail_pipeline.common.errors import UserError
+
+# Each module provides `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
+COMMAND_MODULES: tuple[str, ...] = ("grail_pipeline.cli.benchmark", "grail_pipeline.cli.mine",
+                                   "grail_pipeline.cli.verify", "grail_pipeline.cli.calibrate",
+                                   "grail_pipeline.tools.pm2")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags end in one line on stderr and exit code 2, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="grail-pipeline",
+        description="Fast, network-free GRAIL mining: benchmark, calibrate, emit a PM2 fleet, dry-run mine.",
+    )
+    parser.add_argument("--version", action="version", version=f"grail-pipeline {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"grail-pipeline {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"grail-pipeline {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,242 @@
+"""The rollout record the miner uploads, and the window Parquet file that carries them.
+
+Pure data: signatures come in as arguments (wallet.py makes them), so the shape of a record can be
+tested without keys. The file layout is the reference's `INFERENCE_SCHEMA`, byte-compatible for
+the validator's pyarrow reader. Files are written atomically: a crash at any point leaves either
+the complete file or no file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from grail_pipeline.common.atomic import write_atomically
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.protocol.profile import PROFILE, ProtocolProfile
+
+_MODEL = pa.struct([("name", pa.string()), ("layer_index", pa.int32())])
+_ROLLOUT = pa.struct([
+    ("trajectory", pa.string()),  # JSON
+    ("total_reward", pa.float64()),
+    ("advantage", pa.float64()),
+    ("success", pa.bool_()),
+    ("token_logprobs", pa.list_(pa.float64())),
+    ("prompt_length", pa.int32()),
+    ("completion_length", pa.int32()),
+    ("satisfied_clauses", pa.int32()),
+    ("assignment", pa.list_(pa.bool_())),
+])
+_COMMIT = pa.struct([
+    ("tokens", pa.list_(pa.int32())),
+    ("commitments", pa.string()),  # JSON
+    ("proof_version", pa.string()),
+    ("model", _MODEL),
+    ("signature", pa.string()),
+    ("beacon", pa.string()),  # JSON
+    ("rollout", _ROLLOUT),
+])
+INFERENCE_SCHEMA = pa.schema([
+    ("window_start", pa.int64()),
+    ("block", pa.int64()),
+    ("nonce", pa.int64()),
+    ("block_hash", pa.string()),
+    ("randomness", pa.string()),
+    ("use_drand", pa.bool_()),
+    ("rollout_group", pa.int64()),
+    ("rollout_index", pa.int32()),
+    ("total_in_group", pa.int32()),
+    ("checkpoint_window", pa.int64()),
+    ("commit", _COMMIT),
+    ("timestamp", pa.float64()),
+    ("challenge", pa.string()),
+    ("hotkey", pa.string()),
+    ("signature", pa.string()),
+])
+"""One row per rollout (F `parquet_io.INFERENCE_SCHEMA`); window metadata is added when writing."""
+
+_JSON_FIELDS = frozenset({("commit", "commitments"), ("commit", "beacon"), ("commit", "rollout", "trajectory")})
+REQUIRED_METADATA = ("wallet", "window_start", "window_length")
+
+
+class WindowFileError(UserError):
+    """A window file that cannot be read back (missing, truncated, corrupt, foreign schema)."""
+
+
+def grpo_advantages(rewards: Sequence[float]) -> list[float]:
+    """GRPO advantages as the validator recomputes them: (r − mean) / max(population std, 1e-8)."""
+    if not rewards:
+        return []
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+    return [(r - mean) / max(std, 1e-8) for r in rewards]
+
+
+def build_rollout_record(
+    *,
+    window_start: int,
+    block: int,
+    block_hash: str,
+    randomness: str,
+    use_drand: bool,
+    checkpoint_window: int,
+    rollout_group: int,
+    rollout_index: int,
+    total_in_group: int,
+    nonce: int,
+    tokens: Sequence[int],
+    prompt_length: int,
+    commitments: Sequence[dict[str, Any]],
+    token_logprobs: Sequence[float],
+    model_name: str,
+    commit_signature: str,
+    total_reward: float,
+    advantage: float,
+    success: bool,
+    assignment: Sequence[bool],
+    hotkey: str,
+    challenge: str,
+    signature: str,
+    timestamp: float | None = None,
+    profile: ProtocolProfile = PROFILE,
+) -> dict[str, Any]:
+    """One rollout exactly as F's miner packages it (`package_rollout_data` + `sign_rollout`).
+
+    `commit_signature` is the hex signature over proof.commit_binding(...); `signature` the hex
+    signature over `challenge` (wallet.rollout_challenge(block_hash, nonce)). `randomness` is the
+    combined beacon hex, stored both at the top level and as `commit.beacon.randomness`.
+    """
+    if not len(tokens) == len(commitments) == len(token_logprobs):
+        raise ValueError(f"tokens ({len(tokens)}), commitments ({len(commitments)}) and token_logprobs "
+                         f"({len(token_logprobs)}) must have one entry per position")
+    if not 0 < prompt_length < len(tokens):
+        raise ValueError(f"prompt_length {prompt_length} must leave a completion in {len(tokens)} tokens")
+    assignment = [bool(a) for a in assignment]
+    return {
+        "window_start": int(window_start),
+        "block": int(block),
+        "nonce": int(nonce),
+        "block_hash": block_hash,
+        "randomness": randomness,
+        "use_drand": bool(use_drand),
+        "rollout_group": int(rollout_group),
+        "rollout_index": int(rollout_index),
+        "total_in_group": int(total_in_group),
+        "checkpoint_window": int(checkpoint_window),
+        "commit": {
+            "tokens": [int(t) for t in tokens],
+            "commitments": list(commitments),
+            "proof_version": profile.proof_version,
+            "model": {"name": model_name, "layer_index": profile.layer_index},
+            "signature": commit_signature,
+            "beacon": {"randomness": randomness},
+            "rollout": {
+                "trajectory": [[0, assignment, float(total_reward)]],
+                "total_reward": float(total_reward),
+                "advantage": float(advantage),
+                "success": bool(success),
+                "token_logprobs": [float(lp) for lp in token_logprobs],
+                "prompt_length": int(prompt_length),
+                "completion_length": len(tokens) - int(prompt_length),
+                "satisfied_clauses": 0,  # the reference always sends 0; no check reads it
+                "assignment": assignment,
+            },
+        },
+        "timestamp": time.time() if timestamp is None else float(timestamp),
+        "challenge": challenge,
+        "hotkey": hotkey,
+        "signature": signature,
+    }
+
+
+def _encode(value: Mapping[str, Any], struct: pa.Schema | pa.StructType, path: tuple[str, ...] = ()) -> dict:
+    """A record as a Parquet row: the schema's keys exactly (a typo fails here), JSON fields as text."""
+    fields = list(struct)  # a schema and a struct type both iterate over their fields
+    names = [f.name for f in fields]
+    if set(value) != set(names):
+        where = ".".join(path) or "record"
+        raise ValueError(f"{where}: missing {sorted(set(names) - set(value))}, unexpected {sorted(set(value) - set(names))}")
+    row = {}
+    for f in fields:
+        key = (*path, f.name)
+        if key in _JSON_FIELDS:
+            row[f.name] = json.dumps(value[f.name], separators=(",", ":"))
+        elif pa.types.is_struct(f.type):
+            row[f.name] = _encode(value[f.name], f.type, key)
+        else:
+            row[f.name] = value[f.name]
+    return row
+
+
+def _decode(row: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The inverse of _encode: JSON text back to lists and dicts, nested structs recursively."""
+    for name, value in row.items():
+        key = (*path, name)
+        if key in _JSON_FIELDS:
+            row[name] = json.loads(value)
+        elif isinstance(value, dict):
+            _decode(value, key)
+    return row
+
+
+def records_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Records as rows of INFERENCE_SCHEMA, without window metadata.
+
+    A window's groups can be converted as they arrive (Arrow holds them far more compactly than the
+    record dicts) and concatenated in file order for write_window_table.
+    """
+    return pa.Table.from_pylist([_encode(r, INFERENCE_SCHEMA) for r in records], schema=INFERENCE_SCHEMA)
+
+
+def _with_metadata(table: pa.Table, metadata: Mapping[str, object]) -> pa.Table:
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ValueError(f"window metadata needs {missing}")
+    meta = {"timestamp": time.time(), **metadata, "inference_count": table.num_rows}
+    return table.replace_schema_metadata({str(k): str(v) for k, v in meta.items()})
+
+
+def write_window_file(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]],
+                      metadata: Mapping[str, object]) -> None:
+    """Write the window's rollouts atomically: temp file, fsync, rename, fsync of the directory.
+
+    `metadata` needs wallet, window_start and window_length; timestamp defaults to now,
+    inference_count is always len(records), and any extra keys (worker_id, partial) are kept as
+    strings. The temp name is hidden and does not end in .parquet, so no reader picks it up.
+    """
+    write_window_table(path, records_table(records), metadata)  # conversion errors happen before any file exists
+
+
+def write_window_table(path: str | os.PathLike[str], table: pa.Table, metadata: Mapping[str, object]) -> None:
+    """write_window_file for rows already converted with records_table (and concatenated in file order)."""
+    if not table.schema.remove_metadata().equals(INFERENCE_SCHEMA):
+        raise ValueError("window table does not have the GRAIL window schema")
+    table = _with_metadata(table, metadata)
+    write_atomically(path, lambda fh: pq.write_table(table, fh, compression="snappy", use_dictionary=True,
+                                                      write_statistics=True))
+
+
+def read_window_file(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The records (shaped as build_rollout_record makes them) and the string metadata of a window file."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise WindowFileError(f"window file {path} does not exist") from None
+    except (pa.ArrowException, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WindowFileError(f"window file {path} is not a readable Parquet file ({reason[:160]})") from None
+    if not table.schema.remove_metadata().equals(INFERENCE_SCHEMA):
+        raise WindowFileError(f"window file {path} does not have the GRAIL window schema")
+    metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    try:
+        records = [_decode(row) for row in table.to_pylist()]
+    except ValueError as exc:
+        raise WindowFileError(f"window file {path} holds a malformed JSON field ({exc})") from None
+    return records, metadata
