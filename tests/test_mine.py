@@ -26,11 +26,10 @@ import pytest
 from grail_pipeline.cli import main as cli
 from grail_pipeline.cli.mine import default_out_dir, resolve_settings
 from grail_pipeline.cli.verify import check_window_file
-from grail_pipeline.inference.loading import load_model
+from grail_pipeline.inference.loading import load_model, load_tokenizer
 from grail_pipeline.mining.chain import simulated_block_hash
 from grail_pipeline.mining.status import read_status
 from grail_pipeline.protocol.records import read_window_file
-from grail_pipeline.protocol.tokenizer import load_tokenizer
 
 BLOCK_TIME = "0.2"
 FAST = ["--model", "dummy:tiny", "--device", "cpu", "--length-profile", "fixed:16", "--max-new-tokens", "16",

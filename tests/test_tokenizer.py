@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 import grail_pipeline
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.inference.loading import load_tokenizer
 from grail_pipeline.protocol import tokenizer as tokenizer_module
 from grail_pipeline.protocol.profile import SYSTEM_PROMPT
 from grail_pipeline.protocol.sat import generate_problem, problem_for_seed
@@ -27,7 +28,6 @@ from grail_pipeline.protocol.tokenizer import (
     SPECIAL_TOKENS,
     builtin_tokenizer,
     decode_completion,
-    load_tokenizer,
     prompt_ids,
 )
 

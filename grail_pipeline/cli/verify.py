@@ -313,8 +313,7 @@ def render(report: FileReport, out: Any = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grail_pipeline.inference.loading import load_model
-    from grail_pipeline.protocol.tokenizer import load_tokenizer
+    from grail_pipeline.inference.loading import load_model, load_tokenizer
 
     if args.proof_sample < 0:
         raise UserError("--proof-sample takes a number of rollouts, at least 0")

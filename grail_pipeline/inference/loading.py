@@ -11,10 +11,11 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.model_ref import ModelRef, parse_model_ref, unavailable
+from grail_pipeline.protocol.tokenizer import CHAT_TEMPLATE, builtin_tokenizer
 
 log = logging.getLogger("grail_pipeline")
 
@@ -153,3 +154,18 @@ def _spread_over_gpus(net: PreTrainedModel) -> PreTrainedModel:
         raise UserError("GRAIL_MULTI_GPU=1 needs the 'accelerate' package (pip install accelerate)") from None
     device_map = infer_auto_device_map(net, no_split_module_classes=net._no_split_modules)
     return dispatch_model(net, device_map=device_map)
+
+
+def load_tokenizer(model_ref: str) -> PreTrainedTokenizerFast:
+    """The tokenizer for a `--model` value, with the protocol chat template, as the miner sets it up."""
+    ref = parse_model_ref(model_ref)
+    if ref.is_dummy:
+        return builtin_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.raw)
+    except Exception as exc:  # OSError, ValueError, hub errors: all mean "not loadable here"
+        raise unavailable(ref, exc) from exc
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

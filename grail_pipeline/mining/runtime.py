@@ -16,14 +16,13 @@ from transformers import PreTrainedTokenizerBase
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.engine import Engine, SamplingParams
-from grail_pipeline.inference.loading import LoadedModel, load_model, resolve_device, wants_multi_gpu
+from grail_pipeline.inference.loading import LoadedModel, load_model, load_tokenizer, resolve_device, wants_multi_gpu
 from grail_pipeline.inference.model_ref import parse_model_ref
 from grail_pipeline.mining.lengths import W1_SPEC, LengthProfile, parse_length_profile
 from grail_pipeline.mining.messages import ProvedGroup, SignedGroup
 from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
 from grail_pipeline.mining.signing import GroupSigner, SigningPool
 from grail_pipeline.protocol.profile import PROFILE
-from grail_pipeline.protocol.tokenizer import load_tokenizer
 from grail_pipeline.protocol.wallet import Signer
 from grail_pipeline.proving.prefix import PrefixProver, supports_prefix_proofs
 from grail_pipeline.proving.provers import BatchedProver, Prover, ReferenceProver

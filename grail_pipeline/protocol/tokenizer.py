@@ -22,12 +22,11 @@ import tokenizers
 import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from grail_pipeline.common.atomic import write_atomically
 from grail_pipeline.common.paths import cache_root
-from grail_pipeline.inference.model_ref import parse_model_ref, unavailable
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.sat import SatProblem
 
@@ -191,21 +190,6 @@ def load_or_build(directory: Path) -> PreTrainedTokenizerFast:
 def builtin_tokenizer() -> PreTrainedTokenizerFast:
     """Qwen2.5's tokenizer with the protocol chat template; shared per process, so do not mutate it."""
     return load_or_build(cache_dir())
-
-
-def load_tokenizer(model_ref: str) -> PreTrainedTokenizerFast:
-    """The tokenizer for a `--model` value, with the protocol chat template, as the miner sets it up."""
-    ref = parse_model_ref(model_ref)
-    if ref.is_dummy:
-        return builtin_tokenizer()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ref.raw)
-    except Exception as exc:  # OSError, ValueError, hub errors: all mean "not loadable here"
-        raise unavailable(ref, exc) from exc
-    tokenizer.chat_template = CHAT_TEMPLATE
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: SatProblem) -> list[int]:
