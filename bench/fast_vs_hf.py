@@ -1,7 +1,7 @@
 """Fast engine against the reference method (hf) on W1, side by side in one process on one GPU.
 
 Both engines run the same pipeline (full proofs, signatures, re-verification of a sample with the
-validator's method) on the same problems through `grail_pipeline.cli.benchmark.measure_batch_size`; the
+validator's method) on the same problems through `grail_pipeline.tools.measurement.measure_batch_size`; the
 model is loaded once. Writes `fast_vs_hf_<gpu>_<date>.json` (to --out) with both engines' rows, the
 ratio of the best rates, the measured copy bandwidth and the decode roofline it implies.
 
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from grail_pipeline.cli.benchmark import benchmark_window, measure_batch_size
 from grail_pipeline.mining.runtime import Runtime
+from grail_pipeline.mining.workload import benchmark_window
 from grail_pipeline.protocol.wallet import load_signer
 from grail_pipeline.tools.benchmark_report import environment
+from grail_pipeline.tools.measurement import measure_batch_size
 from grail_pipeline.tools.projection import WindowSpec
 
 KV_BYTES_PER_TOKEN = 36 * 2 * 2 * 128 * 2  # layers × (K, V) × kv heads × head dim × bf16

@@ -24,8 +24,9 @@ import torch
 from grail_pipeline.inference.engine import GroupRequest, SamplingParams
 from grail_pipeline.inference.fast_engine import FastEngine
 from grail_pipeline.inference.loading import load_model
+from grail_pipeline.mining.chain import WindowContext
 from grail_pipeline.mining.lengths import W1_SPEC, parse_length_profile
-from grail_pipeline.mining.messages import WindowContext, make_task
+from grail_pipeline.mining.messages import make_task
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.sketches import r_vec, sketch_at_indices, sketch_distance
 from grail_pipeline.protocol.tokenizer import builtin_tokenizer

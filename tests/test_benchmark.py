@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from grail_pipeline.cli import benchmark
 from grail_pipeline.cli import main as cli
 from grail_pipeline.inference.engine import Engine, GroupResult, RequestFeed
+from grail_pipeline.mining import runtime as runtime_module
 from grail_pipeline.mining.runtime import Runtime
+from grail_pipeline.mining.workload import benchmark_window
+from grail_pipeline.tools.measurement import measure_batch_size
 
 HEADERS = ("Batch", "Problems", "Rollouts", "Time(s)", "Roll/s", "Prob/s", "Tok/s", "GPU(GB)", "Success%", "Verified%")
 TINY = ["--model", "dummy:tiny", "--device", "cpu"]
@@ -245,7 +247,7 @@ def test_out_of_memory_is_a_row_and_the_next_batch_size_still_runs(monkeypatch, 
     since a real OOM needs a GPU); 16 then runs for real."""
     for key, value in wallet_env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(benchmark, "Runtime", runtime_failing_at({32}))
+    monkeypatch.setattr(runtime_module, "Runtime", runtime_failing_at({32}))
     path = tmp_path / "oom.json"
     assert cli.main([*OOM_RUN, "--batch-sizes", "32,16", "--json", str(path)]) == 0
     out = capsys.readouterr().out
@@ -266,7 +268,7 @@ def test_every_batch_size_out_of_memory_exits_1(monkeypatch, capsys, wallet_env)
     """Stand-in engines at every size (OOM needs a GPU): nothing completes, the exit code says so."""
     for key, value in wallet_env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(benchmark, "Runtime", runtime_failing_at({16, 32}))
+    monkeypatch.setattr(runtime_module, "Runtime", runtime_failing_at({16, 32}))
     assert cli.main([*OOM_RUN, "--batch-sizes", "16,32"]) == 1
     out = capsys.readouterr().out
     assert [r[:2] for r in table_rows(out, "BENCHMARK RESULTS")] == [["16", "OOM"], ["32", "OOM"]]
@@ -283,6 +285,6 @@ def test_other_engine_failures_are_not_hidden_as_oom(tiny, tok, real_wallet) -> 
         tiny, tok, "fast", SamplingParams(tok.eos_token_id, tok.pad_token_id, max_new_tokens=16),
         parse_length_profile("fixed:16"), 512)
     with pytest.raises(BaseExceptionGroup) as err:  # as the pipeline's task group raised it
-        benchmark.measure_batch_size(runtime, ephemeral_signer(), 16, 1, 0, benchmark.benchmark_window(0), 0, None)
+        measure_batch_size(runtime, ephemeral_signer(), 16, 1, 0, benchmark_window(0), 0, None)
     assert err.group_contains(RuntimeError, match="^boom$")
     assert not err.group_contains(torch.OutOfMemoryError)

@@ -10,19 +10,19 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from grail_pipeline.cli.benchmark import BatchResult
-from grail_pipeline.cli.calibrate import (
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.tools.calibration_file import load_calibrations, read_choice, save_entry
+from grail_pipeline.tools.calibration_sweep import (
     MAX_FAST_SLOTS,
     MIN_GAIN,
     Row,
-    _model_for_workers,
     choose,
     default_sizes,
+    model_for_workers,
     problems_for,
     sweep,
 )
-from grail_pipeline.common.errors import UserError
-from grail_pipeline.tools.calibration_file import load_calibrations, read_choice, save_entry
+from grail_pipeline.tools.measurement import BatchResult
 
 FAST_CPU = ["--model", "dummy:tiny", "--device", "cpu", "--length-profile", "fixed:16", "--max-new-tokens", "16",
             "--warmup-problems", "0", "--num-problems", "1"]
@@ -223,5 +223,5 @@ def test_a_local_model_is_recorded_absolute(tmp_path, monkeypatch) -> None:
     """PM2 workers run in --cwd, not where calibrate ran."""
     (tmp_path / "ckpt").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert _model_for_workers("ckpt") == str(tmp_path / "ckpt")
-    assert _model_for_workers("dummy:tiny") == "dummy:tiny"
+    assert model_for_workers("ckpt") == str(tmp_path / "ckpt")
+    assert model_for_workers("dummy:tiny") == "dummy:tiny"

@@ -10,17 +10,17 @@ import pytest
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.mining.chain import (
-    ProblemSource,
+    SIMULATED_CHAIN,
     WindowClock,
-    WindowClose,
+    WindowContext,
     WorkerSlot,
     block_time_from_env,
     proof_randomness,
     safety_blocks_from_env,
-    simulated_block_hash,
-    simulated_drand,
+    stand_in,
 )
-from grail_pipeline.mining.messages import ProblemTask, WindowContext
+from grail_pipeline.mining.messages import ProblemTask
+from grail_pipeline.mining.source import ProblemSource, WindowClose
 
 
 class FakeTime:
@@ -44,8 +44,8 @@ def test_window_context_is_replayable_from_the_run_seed() -> None:
     assert a == b  # same seed and window: same chain, whatever the timing
     assert re.fullmatch(r"0x[0-9a-f]{64}", a.block_hash)
     assert re.fullmatch(r"[0-9a-f]{64}", a.randomness)  # the validator's hex regex, unlike the raw hash
-    assert a.randomness == proof_randomness(a.block_hash, simulated_drand(7, 90))
-    assert a.block_hash == simulated_block_hash(7, 90) and a.window_start == 90 and a.use_drand
+    assert a.randomness == proof_randomness(a.block_hash, stand_in(SIMULATED_CHAIN, "drand", 7, 90))
+    assert a.block_hash == "0x" + stand_in(SIMULATED_CHAIN, "block", 7, 90) and a.window_start == 90 and a.use_drand
     others = {WindowClock(run_seed=s, genesis=0.0).context(w).block_hash for s in (7, 8) for w in (90, 120)}
     assert len(others) == 4
 

@@ -25,11 +25,11 @@ import pytest
 
 from grail_pipeline.cli import main as cli
 from grail_pipeline.cli.mine import default_out_dir, resolve_settings
-from grail_pipeline.cli.verify import check_window_file
 from grail_pipeline.inference.loading import load_model, load_tokenizer
-from grail_pipeline.mining.chain import simulated_block_hash
+from grail_pipeline.mining.chain import SIMULATED_CHAIN, simulated_window
 from grail_pipeline.mining.status import read_status
 from grail_pipeline.protocol.records import read_window_file
+from grail_pipeline.tools.window_check import check_window_file
 
 BLOCK_TIME = "0.2"
 FAST = ["--model", "dummy:tiny", "--device", "cpu", "--length-profile", "fixed:16", "--max-new-tokens", "16",
@@ -120,7 +120,7 @@ def test_daemon_mines_windows_that_verify(tmp_path, monkeypatch, wallet_env, cap
         starts.append(report.window_start)
         assert path.name == f"{hotkey}-window-{report.window_start}-worker-1.parquet"
         assert meta["partial"] == "false" and meta["worker_id"] == "1" and meta["total_workers"] == "2"
-        assert meta["block_hash"] == simulated_block_hash(5, report.window_start)
+        assert meta["block_hash"] == simulated_window(SIMULATED_CHAIN, report.window_start, 5, report.window_start).block_hash
         records, _ = read_window_file(path)
         groups = [r["rollout_group"] for r in records]
         issued = int(meta["issued_groups"])
@@ -202,13 +202,13 @@ def check_graceful_stop(out: Path, log_text: str, run_seed: int, context: str) -
     for window, group, rollouts, dropped in sunk:
         assert window in files, f"{context}: window {window} has no file\n{log_text}"
         meta, counts = files[window]
-        assert meta["block_hash"] == simulated_block_hash(run_seed, window), context
+        assert meta["block_hash"] == simulated_window(SIMULATED_CHAIN, window, run_seed, window).block_hash, context
         if dropped:
             assert group not in counts, context
         else:
             assert counts.get(group) == rollouts == 16, f"{context}: group {group} of window {window} missing"
     for window, (meta, counts) in files.items():
-        if meta["block_hash"] == simulated_block_hash(run_seed, window):
+        if meta["block_hash"] == simulated_window(SIMULATED_CHAIN, window, run_seed, window).block_hash:
             assert meta["missing_groups"] == "", f"{context}: a graceful stop left groups out: {meta}"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], context
     assert json.loads((out / "status-worker-0.json").read_text())["state"] == "stopped", context

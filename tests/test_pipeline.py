@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from grail_pipeline.inference.engine import GroupRequest, GroupResult, OneGroupEngine
-from grail_pipeline.mining.messages import ProblemTask, ProvedGroup, SignedGroup, WindowContext
+from grail_pipeline.mining.chain import WindowContext
+from grail_pipeline.mining.messages import ProblemTask, ProvedGroup, SignedGroup
 from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
 from grail_pipeline.proving.provers import ProofJob, Prover, RolloutProof
 

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from grail_pipeline.mining import runtime as runtime_module
+from grail_pipeline.mining.chain import WindowContext
 from grail_pipeline.mining.lengths import parse_length_profile
-from grail_pipeline.mining.messages import ProvedGroup, WindowContext, make_task
+from grail_pipeline.mining.messages import ProvedGroup, make_task
 from grail_pipeline.mining.runtime import Runtime
 from grail_pipeline.mining.signing import GroupSigner, SigningPool
 from grail_pipeline.protocol.profile import PROFILE

@@ -10,14 +10,15 @@ import anyio
 import pytest
 
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.mining.chain import WindowClose, WorkerSlot
-from grail_pipeline.mining.messages import ProblemTask, SignedGroup, WindowContext
+from grail_pipeline.mining.chain import WindowContext, WorkerSlot
+from grail_pipeline.mining.messages import ProblemTask, SignedGroup
 from grail_pipeline.mining.sink import (
     WindowReport,
     WindowSink,
     remove_stale_temporaries,
     window_file_name,
 )
+from grail_pipeline.mining.source import WindowClose
 from grail_pipeline.mining.status import (
     StatusFile,
     default_status_path,

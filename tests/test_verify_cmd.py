@@ -13,14 +13,15 @@ import anyio
 import pytest
 
 from grail_pipeline.cli import main as cli
-from grail_pipeline.cli.verify import check_window_file
 from grail_pipeline.inference.loading import LoadedModel
-from grail_pipeline.mining.chain import WindowClock, WindowClose, WorkerSlot
+from grail_pipeline.mining.chain import WindowClock, WorkerSlot
 from grail_pipeline.mining.messages import make_task
 from grail_pipeline.mining.runtime import Runtime
 from grail_pipeline.mining.sink import WindowSink
+from grail_pipeline.mining.source import WindowClose
 from grail_pipeline.protocol.records import read_window_file, write_window_file
 from grail_pipeline.protocol.wallet import ephemeral_signer
+from grail_pipeline.tools.window_check import check_window_file
 
 Records = list[dict[str, Any]]
 

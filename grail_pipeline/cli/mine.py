@@ -1,70 +1,29 @@
 """`grail-pipeline mine --dry-run`: the mining daemon, with a simulated chain and no upload.
 
-Behaves like a miner in every way except that it talks to no chain and uploads nothing: a
-WindowClock stands in for the chain (blocks from elapsed time, per-window block hash and drand
-derived from --run-seed), a ProblemSource issues this worker's problems of each window while it is
-open, the same pipeline the benchmark measures generates, proves and signs them, and a WindowSink
-writes one atomic Parquet file per window and worker. SIGINT/SIGTERM (what PM2 sends) stops intake,
-drains the in-flight work into the current window's file (marked partial) and exits 0 within
---drain-timeout; a second signal exits at once. A JSON status file tells a health check what the
-daemon is doing.
+This module reads the flags and environment, checks them before anything loads (one line and exit 2
+for a mistake), turns a SIGTERM during start-up into a clean exit, and runs `mining.daemon.Daemon`,
+which says what the daemon does.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
-import sys
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup, TaskStatus
 
-from grail_pipeline.cli.benchmark import (
-    WARMUP_INDEX_OFFSET,
-    WARMUP_MAX_TOKENS,
-    BatchResult,
-    BenchmarkSink,
-    benchmark_tasks,
-    benchmark_window,
-    find_user_error,
-    verify_sample,
-)
-from grail_pipeline.common.errors import UserError
+from grail_pipeline.cli.arguments import DEFAULT_BATCH_SIZES, add_runtime_arguments, positive_float, positive_int
+from grail_pipeline.common.errors import UserError, find_in_group
 from grail_pipeline.common.paths import ENV_CACHE, cache_root
-from grail_pipeline.inference.engine import Engine
-from grail_pipeline.mining.chain import (
-    ENV_BLOCK_TIME,
-    ProblemSource,
-    WindowClock,
-    WorkerSlot,
-    block_time_from_env,
-    safety_blocks_from_env,
-)
-from grail_pipeline.mining.messages import ProblemTask, WindowContext, make_task
-from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
-from grail_pipeline.mining.runtime import (
-    DEFAULT_BATCH_SIZES,
-    Runtime,
-    add_runtime_arguments,
-    positive_float,
-    positive_int,
-)
-from grail_pipeline.mining.sink import WindowReport, WindowSink, remove_stale_temporaries
-from grail_pipeline.mining.status import (
-    StatusFile,
-    default_status_path,
-    remove_stale_status_temporaries,
-)
+from grail_pipeline.mining.chain import ENV_BLOCK_TIME, WorkerSlot, block_time_from_env, safety_blocks_from_env
+from grail_pipeline.mining.settings import MineSettings
+from grail_pipeline.mining.status import StatusFile, default_status_path, remove_stale_status_temporaries
 from grail_pipeline.protocol.profile import PROFILE
-from grail_pipeline.protocol.wallet import Signer, load_signer
 
 logger = logging.getLogger("grail_pipeline")
 
@@ -101,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-windows", type=positive_int, default=None,
                    help="stop after N complete windows (tests, rehearsals)")
     p.add_argument("--warmup-problems", type=int, default=1,
-                   help=f"untimed problems before the clock starts (lengths capped at {WARMUP_MAX_TOKENS} tokens)")
+                   help="untimed problems with short completions before the clock starts (every kernel compiled once)")
     p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info",
                    help="debug adds one line per group handed to the sink")
     tuning = p.add_argument_group("pipeline tuning (defaults: the engine's)")
@@ -112,30 +71,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def default_out_dir(env: Mapping[str, str] = os.environ) -> Path:
     return cache_root(env) / "windows"
-
-
-@dataclass(frozen=True)
-class MineSettings:
-    """Everything the daemon needs besides the model, resolved from flags and environment."""
-
-    worker: WorkerSlot
-    block_time_s: float
-    window_blocks: int
-    safety_blocks: int
-    run_seed: int
-    genesis: float | None
-    out_dir: Path
-    status_file: Path
-    drain_timeout_s: float
-    verify_sample: int
-    max_windows: int | None
-    batch_size: int | None  # None: the engine's default
-    warmup_problems: int
-    pipeline_overrides: dict[str, int]
-
-    @property
-    def window_seconds(self) -> float:
-        return self.window_blocks * self.block_time_s
 
 
 def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> MineSettings:
@@ -163,14 +98,6 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] = os.envir
                         warmup_problems=args.warmup_problems, pipeline_overrides=overrides)
 
 
-def _hard_exit(code: int) -> NoReturn:
-    """Leave now, abandoning worker threads (a GPU call cannot be interrupted); files are already safe."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 class _StopDuringStartup(BaseException):
     """SIGTERM before the event loop took over the signals (model loading); a BaseException, like
     KeyboardInterrupt, so that no library's `except Exception` turns it into a load error."""
@@ -178,202 +105,6 @@ class _StopDuringStartup(BaseException):
 
 def _raise_stop(signum: int, frame: Any) -> None:
     raise _StopDuringStartup(signal.Signals(signum).name)
-
-
-def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
-    if isinstance(exc, kind):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_contains(e, kind) for e in exc.exceptions)
-    return False
-
-
-class Daemon:
-    """One worker's mining loop: clock, source, pipeline and sink, plus signals, status and self-check."""
-
-    def __init__(self, settings: MineSettings, runtime: Runtime, signer: Signer, engine: Engine,
-                 batch_size: int, status: StatusFile) -> None:
-        self.settings = settings
-        self.runtime = runtime
-        self.signer = signer
-        self.engine = engine
-        self.batch_size = batch_size
-        self.status = status
-        self.clock: WindowClock | None = None
-        self.source: ProblemSource | None = None
-        self.sink: WindowSink | None = None
-        self.pipeline: Pipeline | None = None
-        self.stopping = False
-        self.stop_reason = "end of run"
-        self.windows_written = 0
-        self.totals = {"rollouts": 0, "groups": 0, "dropped_groups": 0}
-        self._stage_mark: dict[str, float] = {}
-        self._self_check: ObjectSendStream[tuple[int, list[dict]]] | None = None
-
-    # -- assembling ---------------------------------------------------------------------------------
-    def pipeline_config(self) -> PipelineConfig:
-        return dataclasses.replace(self.runtime.pipeline_config(), **self.settings.pipeline_overrides)
-
-    def new_pipeline(self) -> Pipeline:
-        return Pipeline(self.engine, self.runtime.prover(), self.runtime.group_signer(self.signer),
-                        self.pipeline_config())
-
-    def make_task(self, window: WindowContext, index: int, block: int) -> ProblemTask:
-        """The protocol's problem `index` of the window for our hotkey (the signer's ss58 address)."""
-        return make_task(window, index, self.signer.ss58_address, self.runtime.tokenizer, self.runtime.lengths,
-                         block=block)
-
-    async def _status(self, **fields: Any) -> None:
-        await anyio.to_thread.run_sync(lambda: self.status.update(**fields))
-
-    # -- the run ------------------------------------------------------------------------------------
-    async def main(self) -> int:
-        async with anyio.create_task_group() as tg:
-            await tg.start(self._watch_signals, tg)
-            try:
-                if self.settings.warmup_problems and not self.stopping:
-                    await self._warm_up()
-                if not self.stopping:
-                    await self._mine(tg)
-            except BaseException:
-                if self.sink is not None:
-                    with anyio.CancelScope(shield=True):
-                        await self.sink.finish("the daemon failed")
-                raise
-            tg.cancel_scope.cancel()
-        return 0
-
-    async def _warm_up(self) -> None:
-        n = self.settings.warmup_problems
-        t0 = time.perf_counter()
-        window = benchmark_window(self.settings.run_seed)
-        indices = range(WARMUP_INDEX_OFFSET, WARMUP_INDEX_OFFSET + n)
-        sink = BenchmarkSink(BatchResult(batch_size=self.batch_size), None, set(), 0)
-        await self.new_pipeline().run(benchmark_tasks(self.runtime, window, indices, cap=WARMUP_MAX_TOKENS), sink)
-        self.engine.reset_stats()
-        logger.info("warm-up: %d problem(s) in %.1f s (not written)", n, time.perf_counter() - t0)
-
-    async def _mine(self, tg: TaskGroup) -> None:
-        s = self.settings
-        self.clock = clock = WindowClock(s.block_time_s, s.window_blocks, s.safety_blocks, s.run_seed, s.genesis)
-        self.sink = sink = WindowSink(
-            s.out_dir, self.signer.ss58_address, s.worker, s.window_blocks, block_time_s=s.block_time_s,
-            genesis=clock.genesis, on_written=self._window_written, sample_size=s.verify_sample,
-            run_seed=s.run_seed,
-            extra_metadata={"dry_run": "true", "run_seed": s.run_seed, "model": self.runtime.loaded.name,
-                            "engine": self.runtime.engine_kind, "batch_size": self.batch_size},
-        )
-        self.source = source = ProblemSource(clock, s.worker, self.make_task, sink.close_window, s.max_windows)
-        self.pipeline = pipeline = self.new_pipeline()
-        self._stage_mark = pipeline.stage_seconds()
-        await self._status(state="mining", genesis=clock.genesis, block_time_s=s.block_time_s,
-                           window_blocks=s.window_blocks, safety_blocks=s.safety_blocks, run_seed=s.run_seed,
-                           out_dir=str(s.out_dir))
-        logger.info("mining (dry run: simulated chain, nothing uploaded) as %s; %s", s.worker.describe(),
-                    clock.describe())
-        tg.start_soon(self._heartbeat)
-        async with anyio.create_task_group() as checks:
-            if s.verify_sample:
-                send, receive = anyio.create_memory_object_stream[tuple[int, list[dict]]](2)
-                self._self_check = send
-                checks.start_soon(self._self_check_worker, receive)
-            try:
-                await pipeline.run(source.tasks(), sink)
-                await sink.finish("end of run")  # nothing is left after a clean drain
-            finally:
-                if self._self_check is not None:
-                    self._self_check.close()
-        logger.info("stopped (%s): %d window file(s), %d rollouts in %d groups (%d dropped)", self.stop_reason,
-                    self.windows_written, self.totals["rollouts"], self.totals["groups"],
-                    self.totals["dropped_groups"])
-
-    # -- per window ---------------------------------------------------------------------------------
-    async def _window_written(self, report: WindowReport, sample: list[dict]) -> None:
-        self.windows_written += 1
-        self.totals["rollouts"] += report.rollouts
-        self.totals["groups"] += report.groups
-        self.totals["dropped_groups"] += report.dropped_groups
-        assert self.pipeline is not None
-        stages = self.pipeline.stage_seconds()
-        busy = {k: round(v - self._stage_mark.get(k, 0.0), 3) for k, v in stages.items()}
-        self._stage_mark = stages
-        depths = self.pipeline.queue_depths()
-        logger.info(
-            "window %d %s: %d rollouts (%d groups, %d dropped%s) %.2f rollouts/s, success %.1f %% (answer "
-            "satisfies the formula; validator's flag with EOS: %.1f %%), mean reward %.3f | queues %s | "
-            "busy s since last window %s | %s%s",
-            report.window_start, self.settings.worker.describe(), report.rollouts, report.groups,
-            report.dropped_groups, f", {len(report.missing_groups)} missing" if report.missing_groups else "",
-            report.rollouts_per_s, report.success_pct, report.validator_success_pct, report.mean_reward,
-            " ".join(f"{k}={v}" for k, v in depths.items()), " ".join(f"{k}={v:g}" for k, v in busy.items()),
-            Path(report.file).name, " PARTIAL" if report.partial else "")
-        last = report.as_dict()
-        last.update(queue_depths=depths, stage_seconds=busy)
-        await self._status(windows_written=self.windows_written, last_window=last, totals=dict(self.totals),
-                           current_window=self.source.current_window if self.source else None)
-        if sample and self._self_check is not None:
-            try:
-                self._self_check.send_nowait((report.window_start, list(sample)))
-            except anyio.WouldBlock:
-                logger.warning("window %d: self-check skipped (the previous ones are still running)",
-                               report.window_start)
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                pass
-
-    async def _self_check_worker(self, receive: ObjectReceiveStream[tuple[int, list[dict]]]) -> None:
-        async with receive:
-            async for window_start, records in receive:
-                totals = await anyio.to_thread.run_sync(verify_sample, self.runtime, records)
-                checked, passed = totals["rollouts_checked"], totals["rollouts_passed"]
-                rate = 100.0 * passed / checked if checked else 0.0
-                log = logger.info if passed == checked else logger.error
-                log("window %d self-check (validator's method, every position): %d/%d rollouts pass (%.1f %%)",
-                    window_start, passed, checked, rate)
-                await self._status(self_check={"window_start": window_start, **totals, "pass_pct": round(rate, 2)})
-
-    async def _heartbeat(self) -> None:
-        interval = min(30.0, max(0.5, self.settings.window_seconds / 4))
-        while True:
-            await anyio.sleep(interval)
-            fields: dict[str, Any] = {}
-            if self.clock is not None:
-                fields["block"] = self.clock.block()
-            if self.source is not None:
-                fields["current_window"] = self.source.current_window
-            if self.pipeline is not None:
-                fields["queue_depths"] = self.pipeline.queue_depths()
-            if self.sink is not None:
-                fields["open_windows"] = {str(k): {"arrived": a, "issued": i} for k, (a, i) in self.sink.pending().items()}
-            await self._status(**fields)
-
-    # -- stopping -----------------------------------------------------------------------------------
-    async def _watch_signals(self, tg: TaskGroup, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            task_status.started()
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if self.stopping:
-                    logger.warning("second %s: exiting now, in-flight work is abandoned", name)
-                    self.status.update(state="stopped", exit_reason=f"second {name}")
-                    _hard_exit(128 + signum)
-                self.stopping = True
-                self.stop_reason = name
-                logger.info("%s: stopping intake, finishing in-flight work (at most %g s; a second signal exits "
-                            "at once)", name, self.settings.drain_timeout_s)
-                if self.source is not None:
-                    self.source.stop()
-                await self._status(state="draining")
-                tg.start_soon(self._drain_deadline)
-
-    async def _drain_deadline(self) -> None:
-        await anyio.sleep(self.settings.drain_timeout_s)
-        logger.error("in-flight work did not finish within --drain-timeout %g s: writing what arrived and exiting",
-                     self.settings.drain_timeout_s)
-        with anyio.CancelScope(shield=True):
-            if self.sink is not None:
-                await self.sink.finish("drain timeout")
-        self.status.update(state="stopped", exit_reason="drain timeout", windows_written=self.windows_written)
-        _hard_exit(0)
 
 
 def _configure_logging(level: str) -> None:
@@ -390,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except BaseException as exc:
-        if _contains(exc, _StopDuringStartup) or _contains(exc, KeyboardInterrupt):
+        if any(find_in_group(exc, kind) is not None for kind in (_StopDuringStartup, KeyboardInterrupt)):
             logger.info("stopped before mining started")
             return 0
         raise
@@ -400,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from grail_pipeline.mining.daemon import Daemon
+    from grail_pipeline.mining.runtime import Runtime
+    from grail_pipeline.mining.sink import remove_stale_temporaries
+    from grail_pipeline.protocol.wallet import load_signer
+
     _configure_logging(args.log_level)
     settings = resolve_settings(args, os.environ)
     signer = load_signer(required=True)
@@ -437,10 +173,10 @@ def _run(args: argparse.Namespace) -> int:
                       open_windows={}, queue_depths={})
         return code
     except BaseException as exc:
-        if _contains(exc, _StopDuringStartup) or _contains(exc, KeyboardInterrupt):
+        if any(find_in_group(exc, kind) is not None for kind in (_StopDuringStartup, KeyboardInterrupt)):
             status.update(state="stopped", exit_reason="signal during start-up")
             raise
-        user = find_user_error(exc)
+        user = find_in_group(exc, UserError)
         status.update(state="stopped", exit_reason=f"error: {user or type(exc).__name__}")
         if user is not None:
             raise user from None

@@ -1,35 +1,29 @@
-"""The simulated chain the dry-run daemon mines against, and the problem source that follows it.
+"""The simulated chain the dry-run daemon and the benchmark mine against.
 
 `WindowClock` stands in for the chain: block = seconds since genesis / block time, windows of 30
-blocks, and per-window block-hash and drand stand-ins derived from a run seed, so a run can be
+blocks. Per-window block-hash and drand stand-ins are derived from a domain and a key (the daemon's run
+seed and window, or the benchmark's seed) by one function, `simulated_window`, so any run can be
 replayed. Problem seeds and proof randomness are then derived exactly as the protocol does
 (grail-protocol.md §2): the problem seed from (hotkey, block hash, index), the proof randomness as
 sha256((block_hash + drand_randomness).encode()).hexdigest().
 
-`ProblemSource` issues this worker's problem indices of the open window (worker k of T takes k,
-k+T, …) while the window is open for generation, i.e. until GRAIL_MINER_SAFETY_BLOCKS blocks before
-its end; it then tells the sink how many it issued and waits for the next window. No coordinator:
-processes on one or many nodes split the index space by their worker id alone.
+`WorkerSlot` is this process's share of every window's problem indices (worker k of T takes k, k+T, …);
+the environment readers check GRAIL_WORKER_ID, GRAIL_TOTAL_WORKERS, GRAIL_MINER_SAFETY_BLOCKS and
+GRAIL_BLOCK_TIME before anything slow starts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-import anyio
-
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.mining.messages import ProblemTask, WindowContext
 from grail_pipeline.protocol.profile import PROFILE
-
-logger = logging.getLogger("grail_pipeline")
 
 ENV_WORKER_ID = "GRAIL_WORKER_ID"
 ENV_TOTAL_WORKERS = "GRAIL_TOTAL_WORKERS"
@@ -37,22 +31,38 @@ ENV_SAFETY_BLOCKS = "GRAIL_MINER_SAFETY_BLOCKS"
 ENV_BLOCK_TIME = "GRAIL_BLOCK_TIME"
 DEFAULT_SAFETY_BLOCKS = 1
 
-_DOMAIN = "grail-pipeline-sim"
+@dataclass
+class WindowContext:
+    """What the chain would say about a window: its start block, block hash and proof randomness."""
+
+    window_start: int
+    block_hash: str  # 0x-prefixed, used verbatim for problem seeds
+    randomness: str  # hex, bound into every commit (block hash + drand, hashed)
+    use_drand: bool = True
+    checkpoint_window: int = 0
 
 
-def simulated_block_hash(run_seed: int, window_start: int) -> str:
-    """The stand-in for the chain's hash of block `window_start`: 0x-prefixed hex, used verbatim."""
-    return "0x" + hashlib.sha256(f"{_DOMAIN}|block|{run_seed}|{window_start}".encode()).hexdigest()
+
+SIMULATED_CHAIN = "grail-pipeline-sim"  # the daemon's chain: key (run seed, window start)
+BENCHMARK_CHAIN = "grail-pipeline-benchmark"  # the benchmark's one window: key (seed,)
 
 
-def simulated_drand(run_seed: int, window_start: int) -> str:
-    """The stand-in for the drand round the miner fetches for the window (hex randomness)."""
-    return hashlib.sha256(f"{_DOMAIN}|drand|{run_seed}|{window_start}".encode()).hexdigest()
+def stand_in(domain: str, kind: str, *key: object) -> str:
+    """sha256("domain|kind|key…") as hex: a replayable stand-in for a value the chain or drand would give."""
+    return hashlib.sha256("|".join(map(str, (domain, kind, *key))).encode()).hexdigest()
 
 
 def proof_randomness(block_hash: str, drand_randomness: str) -> str:
     """The protocol's combined beacon: sha256((block_hash + drand_randomness).encode()).hexdigest()."""
     return hashlib.sha256((block_hash + drand_randomness).encode()).hexdigest()
+
+
+def simulated_window(domain: str, window_start: int, *key: object) -> WindowContext:
+    """What the chain and drand would say about a window: a 0x-prefixed block hash (used verbatim for problem
+    seeds), a drand round, and the proof randomness combined from both as the protocol does."""
+    block_hash = "0x" + stand_in(domain, "block", *key)
+    randomness = proof_randomness(block_hash, stand_in(domain, "drand", *key))
+    return WindowContext(window_start=window_start, block_hash=block_hash, randomness=randomness, use_drand=True)
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -170,100 +180,8 @@ class WindowClock:
 
     def context(self, window_start: int) -> WindowContext:
         """What the chain and drand would say about a window (replayable from the run seed)."""
-        block_hash = simulated_block_hash(self.run_seed, window_start)
-        randomness = proof_randomness(block_hash, simulated_drand(self.run_seed, window_start))
-        return WindowContext(window_start=window_start, block_hash=block_hash, randomness=randomness, use_drand=True)
+        return simulated_window(SIMULATED_CHAIN, window_start, self.run_seed, window_start)
 
     def describe(self) -> str:
         return (f"{self.window_blocks} blocks × {self.block_time_s:g} s = {self.window_seconds:g} s per window, "
                 f"generation stops {self.safety_blocks} block(s) before the end, run seed {self.run_seed}")
-
-
-@dataclass(frozen=True)
-class WindowClose:
-    """What the source tells the sink when it stops issuing problems for a window."""
-
-    window: WindowContext
-    indices: tuple[int, ...]  # issued, in order
-    partial: bool  # the daemon stopped while the window was still open for generation
-    opened: float  # unix time the first problem was issued
-    closed: float  # unix time issuing stopped
-
-    @property
-    def window_start(self) -> int:
-        return self.window.window_start
-
-
-MakeTask = Callable[[WindowContext, int, int], ProblemTask]  # (window, index, block) -> task
-
-
-class ProblemSource:
-    """Issues this worker's problems of each window while the clock says it is open.
-
-    Iterate `tasks()` (the pipeline's task source). `stop()` ends intake at the next problem: the
-    window being issued is closed as partial, and the iteration ends, which drains the pipeline.
-    `max_windows` ends the iteration after that many windows were closed by the stop rule.
-    """
-
-    def __init__(self, clock: WindowClock, worker: WorkerSlot, make_task: MakeTask,
-                 on_close: Callable[[WindowClose], Awaitable[None]], max_windows: int | None = None) -> None:
-        self.clock = clock
-        self.worker = worker
-        self.make_task = make_task
-        self.on_close = on_close
-        self.max_windows = max_windows
-        self.windows_closed = 0
-        self.current_window: int | None = None
-        self.issued_total = 0
-        self._stop = anyio.Event()
-        self._stop_block: int | None = None
-
-    def stop(self) -> None:
-        """End intake; the window open at this moment is closed as partial."""
-        if self._stop_block is None:
-            self._stop_block = self.clock.block()
-        self._stop.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    async def _sleep_until(self, when: float) -> None:
-        """Sleep until unix time `when`, or until stop() is called."""
-        delay = when - self.clock.time_fn()
-        if delay > 0:
-            with anyio.move_on_after(delay):
-                await self._stop.wait()
-
-    async def tasks(self) -> AsyncIterator[ProblemTask]:
-        clock = self.clock
-        while not self.stopping:
-            block = clock.block()
-            start = clock.next_generation_window(block)
-            if start > block:  # between windows: wait for the next one to begin
-                await self._sleep_until(clock.time_of_block(start))
-                continue
-            window = clock.context(start)
-            self.current_window = start
-            logger.debug("window %d open for generation until block %d (block hash %s)", start,
-                         clock.generation_end(start), window.block_hash)
-            issued: list[int] = []
-            opened = clock.time_fn()
-            partial = False
-            for index in self.worker.indices():
-                if self.stopping:  # possibly noticed late: the source waits while the pipeline is full
-                    partial = clock.generation_open(start, self._stop_block)
-                    break
-                block = clock.block()
-                if not clock.generation_open(start, block):
-                    break
-                issued.append(index)
-                self.issued_total += 1
-                yield self.make_task(window, index, block)
-            if issued:
-                await self.on_close(WindowClose(window, tuple(issued), partial, opened, clock.time_fn()))
-            if self.stopping:
-                return
-            self.windows_closed += 1 if issued else 0
-            if self.max_windows is not None and self.windows_closed >= self.max_windows:
-                return

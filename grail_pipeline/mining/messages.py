@@ -7,22 +7,12 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
+from grail_pipeline.mining.chain import WindowContext
 from grail_pipeline.mining.lengths import LengthProfile
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.sat import SatProblem, derive_env_seed, problem_for_seed
 from grail_pipeline.protocol.tokenizer import prompt_ids
 from grail_pipeline.proving.provers import RolloutProof
-
-
-@dataclass
-class WindowContext:
-    """What the chain would say about a window: its start block, block hash and proof randomness."""
-
-    window_start: int
-    block_hash: str  # 0x-prefixed, used verbatim for problem seeds
-    randomness: str  # hex, bound into every commit (block hash + drand, hashed)
-    use_drand: bool = True
-    checkpoint_window: int = 0
 
 
 @dataclass

@@ -23,8 +23,9 @@ import anyio
 import pyarrow as pa
 
 from grail_pipeline.common.atomic import stale_temporaries
-from grail_pipeline.mining.chain import WindowClose, WorkerSlot
-from grail_pipeline.mining.messages import SignedGroup, WindowContext
+from grail_pipeline.mining.chain import WindowContext, WorkerSlot
+from grail_pipeline.mining.messages import SignedGroup
+from grail_pipeline.mining.source import WindowClose
 from grail_pipeline.protocol.records import INFERENCE_SCHEMA, records_table, write_window_table
 
 logger = logging.getLogger("grail_pipeline")

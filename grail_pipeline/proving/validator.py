@@ -165,3 +165,18 @@ def verify_rollout(model: PreTrainedModel, record: dict[str, Any], profile: Prot
         result.problems.append(f"{result.logprobs_checked - result.logprobs_passed} of {result.logprobs_checked} "
                                f"logprobs outside tolerance (first at position {first})")
     return result
+
+
+def verify_sample(model: PreTrainedModel, records: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """`verify_rollout` over sampled records, totalled: rollouts, positions and logprobs checked and passed."""
+    totals = dict(rollouts_checked=0, rollouts_passed=0, positions_checked=0, positions_passed=0,
+                  logprobs_checked=0, logprobs_passed=0)
+    for record in records:
+        res = verify_rollout(model, record)
+        totals["rollouts_checked"] += 1
+        totals["rollouts_passed"] += int(res.passed)
+        totals["positions_checked"] += res.positions_checked
+        totals["positions_passed"] += res.positions_passed
+        totals["logprobs_checked"] += res.logprobs_checked
+        totals["logprobs_passed"] += res.logprobs_passed
+    return totals

@@ -26,7 +26,7 @@ from grail_pipeline.protocol.wallet import Signer
 from grail_pipeline.tools.projection import WindowSpec
 
 if TYPE_CHECKING:
-    from grail_pipeline.cli.benchmark import BatchResult
+    from grail_pipeline.tools.measurement import BatchResult
 
 ENV_KEYS = ("GRAIL_USE_FLASH_ATTENTION", "GRAIL_MULTI_GPU", "CUDA_VISIBLE_DEVICES", "GRAIL_WORKER_ID",
             "GRAIL_TOTAL_WORKERS")

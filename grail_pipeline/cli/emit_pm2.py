@@ -1,0 +1,65 @@
+"""`grail-pipeline emit-pm2`: a PM2 ecosystem file with one miner per GPU, from calibration.yaml.
+
+The file is `tools.pm2`'s; this module reads the flags and writes the rendered file to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from grail_pipeline.cli.arguments import positive_float, positive_int
+from grail_pipeline.tools.pm2 import DEFAULT_DRAIN_S, KILL_MARGIN_S, NAME_PREFIX, TARGETS, build_context, render
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("emit-pm2", help="print a PM2 ecosystem file: one miner per GPU, batch size per GPU kind",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--calibration", default="calibration.yaml", metavar="PATH", help="written by `calibrate`")
+    p.add_argument("--target", choices=TARGETS, default="grail",
+                   help="grail = the production `grail mine`; dry-run = `grail-pipeline mine --dry-run` (a rehearsal)")
+    p.add_argument("--gpus", default=None, help="comma list of GPU indices (nvidia-smi order); default every GPU")
+    p.add_argument("--gpu-kind", default=None, metavar="NAME[,NAME...]",
+                   help="the calibration entry of each listed GPU (one name for all) when they are not detected "
+                        "here, e.g. when writing another node's file")
+    p.add_argument("--engine", choices=("hf", "fast"), default=None,
+                   help="which calibration to use; default hf for grail (its batch size is HF generate's), "
+                        "for dry-run fast where calibrated, else hf")
+    p.add_argument("--node-index", type=int, default=0, help="this node's index, 0-based")
+    p.add_argument("--nodes", type=positive_int, default=1, help="nodes in the fleet")
+    p.add_argument("--gpus-per-node", type=positive_int, default=None,
+                   help="GPUs (workers) on every node; default the number of GPUs here")
+    p.add_argument("--wallet-cold", default=os.environ.get("BT_WALLET_COLD"), help="default $BT_WALLET_COLD")
+    p.add_argument("--wallet-hot", default=os.environ.get("BT_WALLET_HOT"), help="default $BT_WALLET_HOT")
+    p.add_argument("--wallet-path", default=os.environ.get("BT_WALLET_PATH"),
+                   help="default $BT_WALLET_PATH (unset: the miner's ~/.bittensor/wallets)")
+    p.add_argument("--safety-blocks", type=positive_int, default=6,
+                   help="GRAIL_MINER_SAFETY_BLOCKS: stop generating this many blocks before the window ends "
+                        "(6 in the fork's production configs)")
+    p.add_argument("--flash-attention", choices=("0", "1"), default=None,
+                   help="GRAIL_USE_FLASH_ATTENTION; default what the calibration ran with")
+    p.add_argument("--cwd", default=None, help="working directory of every app; default the current one")
+    p.add_argument("--log-dir", default=None, help="PM2 log files; default <cwd>/logs")
+    p.add_argument("--name-prefix", default=None, help="app names are <prefix>-<worker id>; default "
+                   + " / ".join(f"{NAME_PREFIX[t]} ({t})" for t in TARGETS))
+    p.add_argument("--max-memory-restart", default="80G",
+                   help="PM2 restarts a worker whose host memory (RSS) passes this, e.g. 80G (the fork's value)")
+    p.add_argument("--drain-timeout", type=positive_float, default=DEFAULT_DRAIN_S,
+                   help="seconds a stopping worker gets to finish; PM2's kill_timeout is this plus "
+                        f"{KILL_MARGIN_S:g} s")
+    p.add_argument("--grail-bin", default=".venv/bin/grail", help="grail target: the miner, relative to --cwd")
+    p.add_argument("--out-dir", default=None, help="dry-run target: window and status files; default <cwd>/dry-run")
+    p.add_argument("--block-time", type=positive_float, default=None,
+                   help="dry-run target: seconds per simulated block (GRAIL_BLOCK_TIME; the daemon's default 12)")
+    p.add_argument("--genesis", type=float, default=None, metavar="UNIX_TIME",
+                   help="dry-run target: time of simulated block 0, shared by every worker so they mine the same "
+                        "windows; default now (give every node's file the same value)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for every app, e.g. GRAIL_REDIS_URL=redis://hub:6379/0 (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sys.stdout.write(render(build_context(args)))
+    return 0

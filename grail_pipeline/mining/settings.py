@@ -1,0 +1,35 @@
+"""What the daemon is told besides the model: the worker's slot, the chain's timing, where files go, limits.
+
+Plain data, resolved and checked from flags and environment by the command line before anything loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from grail_pipeline.mining.chain import WorkerSlot
+
+
+@dataclass(frozen=True)
+class MineSettings:
+    """Everything the daemon needs besides the model, resolved from flags and environment."""
+
+    worker: WorkerSlot
+    block_time_s: float
+    window_blocks: int
+    safety_blocks: int
+    run_seed: int
+    genesis: float | None
+    out_dir: Path
+    status_file: Path
+    drain_timeout_s: float
+    verify_sample: int
+    max_windows: int | None
+    batch_size: int | None  # None: the engine's default
+    warmup_problems: int
+    pipeline_overrides: dict[str, int]
+
+    @property
+    def window_seconds(self) -> float:
+        return self.window_blocks * self.block_time_s
