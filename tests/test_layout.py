@@ -107,3 +107,13 @@ def test_help_imports_neither_torch_nor_transformers(argv) -> None:
     assert run.returncode == 0, run.stderr
     assert "usage: grail-pipeline" in run.stdout
     assert json.loads(run.stderr.strip().splitlines()[-1]) == []
+
+
+def test_console_script_runs() -> None:
+    """The installed `grail-pipeline` entry point (pyproject's [project.scripts]) names a callable."""
+    script = Path(sys.executable).with_name("grail-pipeline")
+    if not script.exists():
+        pytest.skip("grail-pipeline is not installed next to this interpreter")
+    run = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("grail-pipeline ")
