@@ -25,7 +25,8 @@ from grail_pipeline.inference.loading import load_model
 from grail_pipeline.mining.lengths import W1_SPEC, parse_length_profile
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.sketches import r_vec, sketch_at_indices, sketch_distance
-from grail_pipeline.proving.provers import BatchedProver, ReferenceProver
+from grail_pipeline.proving.batched import BatchedProver
+from grail_pipeline.proving.reference import ReferenceProver
 from grail_pipeline.proving.validator import validator_forward
 
 EOS, PAD = 151645, 151643
@@ -146,7 +147,7 @@ def probe_fast(loaded, report: dict, slot_list: list[int], groups: int) -> None:
         t0 = time.perf_counter()
         engine = FastEngine(loaded, sampling, slots=slots, max_prompt_tokens=512)
         startup = time.perf_counter() - t0
-        step_ms = timed(engine._graph, reps=50)
+        step_ms = timed(engine.runner.step, reps=50)
         engine.generate(requests(slots // 16, 280, seed0=7))  # warm run: fill and drain once
         engine.reset_stats()
         reqs = requests(groups, 280, seed0=1000)

@@ -30,8 +30,9 @@ from grail_pipeline.mining.messages import make_task
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.sketches import r_vec, sketch_at_indices, sketch_distance
 from grail_pipeline.protocol.tokenizer import builtin_tokenizer
+from grail_pipeline.proving.batched import BatchedProver
 from grail_pipeline.proving.prefix import PrefixProver
-from grail_pipeline.proving.provers import BatchedProver, ProofJob
+from grail_pipeline.proving.proofs import ProofJob
 from grail_pipeline.proving.validator import validator_forward
 
 EOS = 151645

@@ -16,8 +16,8 @@ from proof_exactness import jobs_for  # bench scripts run with bench/ on the pat
 from torch.profiler import ProfilerActivity, profile
 
 from grail_pipeline.inference.loading import load_model
+from grail_pipeline.proving.batched import BatchedProver
 from grail_pipeline.proving.prefix import PrefixProver
-from grail_pipeline.proving.provers import BatchedProver
 
 
 def main() -> None:

@@ -12,12 +12,14 @@ import dataclasses
 import sys
 
 import pytest
+import torch
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.engine import EngineStats, GroupRequest, GroupResult, SamplingParams
 from grail_pipeline.inference.fast_engine import FastEngine, switch_interval
 from grail_pipeline.inference.hf_engine import HFEngine, cut_at_eos
-from grail_pipeline.inference.model_runner import prefill_width
+from grail_pipeline.inference.kv_cache import KVCache
+from grail_pipeline.inference.model_runner import STEP, prefill_width
 from grail_pipeline.protocol.sat import problem_for_seed
 from grail_pipeline.protocol.tokenizer import prompt_ids
 
@@ -82,7 +84,7 @@ def reference(tiny, tok, prompts, penalty: float) -> tuple[list[GroupResult], En
 def test_fast_engine_matches_reference_with_forced_lengths(tiny, tok, prompts, lag, penalty) -> None:
     ref_results, ref_stats = reference(tiny, tok, prompts, penalty)
     engine = FastEngine(tiny, sampling(tok, repetition_penalty=penalty), slots=SLOTS, max_prompt_tokens=256, lag=lag)
-    assert engine._graph.graph is None and engine.runner._pre.__name__ == "pre_attention"  # eager on the CPU
+    assert STEP not in engine.runner.graphs and engine.runner._pre.__name__ == "pre_attention"  # eager on the CPU
     results = engine.generate(requests(prompts))
 
     expected, got = by_key(ref_results), by_key(results)
@@ -179,5 +181,24 @@ def test_switch_interval_is_set_for_the_run_and_put_back() -> None:
 def test_prefill_widths_are_multiples_of_64_capped_by_the_cache() -> None:
     assert [prefill_width(n, 1536) for n in (1, 63, 64, 65, 270, 511)] == [64, 64, 64, 128, 320, 512]
     assert prefill_width(700, 600) == 599  # a prompt near the cache's end fills it
-    # capture_prefills' set: every width a prompt of up to 512 tokens can need
+    # capture_graphs' set: every width a prompt of up to 512 tokens can need
     assert sorted({prefill_width(n, 1536) for n in range(1, 512)}) == list(range(64, 513, 64))
+
+
+def test_kv_cache_prefill_fill_and_decode_writes() -> None:
+    layers, slots, kv_heads, max_len, head_dim = 2, 4, 2, 10, 3
+    cache = KVCache(layers, slots, kv_heads, max_len, head_dim, torch.float32, torch.device("cpu"))
+    assert cache.k.shape == cache.v.shape == (layers, slots, kv_heads, max_len, head_dim)
+    assert cache.nbytes == 2 * layers * slots * kv_heads * max_len * head_dim * 4
+    prompt_k, prompt_v = torch.randn(kv_heads, 5, head_dim), torch.randn(kv_heads, 5, head_dim)
+    cache.fill(1, torch.tensor([2, 0]), prompt_k, prompt_v)  # one prompt into the slots of its rollouts
+    k1, v1 = cache.layer(1)
+    for slot in (0, 2):
+        assert torch.equal(k1[slot, :, :5], prompt_k) and torch.equal(v1[slot, :, :5], prompt_v)
+    assert not k1[[1, 3]].any() and not cache.layer(0)[0].any()
+    step_k, step_v = torch.randn(slots, kv_heads, head_dim), torch.randn(slots, kv_heads, head_dim)
+    positions = torch.tensor([5, 0, 5, 9])
+    cache.write_step(1, torch.arange(slots), positions, step_k, step_v)  # each slot at its own position
+    for slot, pos in enumerate(positions.tolist()):
+        assert torch.equal(k1[slot, :, pos], step_k[slot]) and torch.equal(v1[slot, :, pos], step_v[slot])
+    assert torch.equal(k1[2, :, :5], prompt_k)  # the prompt before the written position is kept

@@ -10,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.inference import loading as model_module
 from grail_pipeline.inference.loading import (
     DUMMY_SEED,
     attention_implementation,
@@ -19,7 +18,7 @@ from grail_pipeline.inference.loading import (
     resolve_device,
     wants_multi_gpu,
 )
-from grail_pipeline.inference.model_ref import parse_model_ref
+from grail_pipeline.inference.model_ref import PRESETS, parse_model_ref
 
 QWEN_VOCAB = 151936
 
@@ -174,4 +173,30 @@ def test_model_refs() -> None:
     hub = parse_model_ref("Qwen/Qwen2.5-3B-Instruct")
     assert (hub.kind, hub.preset, hub.is_dummy) == ("hub", None, False)
     assert parse_model_ref(" dummy:qwen2.5-3b ").raw == "dummy:qwen2.5-3b"
-    assert model_module.PRESETS.keys() == {"qwen2.5-3b", "qwen2.5-0.5b", "tiny"}
+    assert PRESETS.keys() == {"qwen2.5-3b", "qwen2.5-0.5b", "tiny"}
+
+
+# The architecture each preset stands for (DESIGN.md §3 for W1), and what every Qwen2.5 checkpoint shares. The
+# same config gives the same random weights (same seed, same init), so the benchmark's W1 model and the test model
+# stay what they were before the presets became one table.
+_SHARED = dict(model_type="qwen2", vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+               rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"}, use_sliding_window=False,
+               bos_token_id=151643, eos_token_id=151645, num_key_value_heads=2, hidden_act="silu")
+_SIZES = {
+    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       max_position_embeddings=32768),
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         max_position_embeddings=32768),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=4096),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(_SIZES))
+def test_preset_configs_are_the_architectures_they_stand_for(preset) -> None:
+    got = dummy_config(preset).to_dict()
+    expected = dict(_SHARED, **_SIZES[preset])
+    assert {key: got[key] for key in expected} == expected
+    assert PRESETS[preset].model_type == got["model_type"]
+    dummy_config(preset).rope_parameters["rope_theta"] = 1.0  # the table is not shared with a built config
+    assert dummy_config(preset).rope_parameters["rope_theta"] == 1_000_000.0

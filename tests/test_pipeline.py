@@ -17,7 +17,7 @@ from grail_pipeline.inference.engine import GroupRequest, GroupResult, OneGroupE
 from grail_pipeline.mining.chain import WindowContext
 from grail_pipeline.mining.messages import ProblemTask, ProvedGroup, SignedGroup
 from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
-from grail_pipeline.proving.provers import ProofJob, Prover, RolloutProof
+from grail_pipeline.proving.proofs import ProofJob, Prover, RolloutProof
 
 WINDOW = WindowContext(window_start=0, block_hash="0x" + "00" * 32, randomness="11" * 32)
 

@@ -11,8 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from grail_pipeline.protocol.profile import PROFILE
-from grail_pipeline.proving.prefix import PrefixProver, RowInvariance
-from grail_pipeline.proving.provers import BatchedProver, ProofJob, ReferenceProver, RolloutProof, row_exact_linears
+from grail_pipeline.proving.batched import BatchedProver, row_exact_linears
+from grail_pipeline.proving.prefix import PrefixProver
+from grail_pipeline.proving.proofs import ProofJob, RolloutProof
+from grail_pipeline.proving.reference import ReferenceProver
+from grail_pipeline.proving.row_invariance import RowInvariance, row_functions
 
 # (prompt length, completion lengths): a one-token completion, long and short rows, equal lengths
 GROUPS = [(3, [16, 30, 17, 29]), (11, [40, 1, 22]), (25, [33, 34, 20, 8, 33]), (1, [12])]
@@ -232,13 +235,11 @@ def test_row_invariance_measures_every_length_and_each_step(tiny) -> None:
     assert not invariance.exact[unmeasured].any()
     # what `exact` means, checked again with other random rows: a count is exact if and only if every
     # per-row function of layer 0 gives its rows the bits they get inside the 64-row product
-    from grail_pipeline.proving.prefix import _row_functions
-
     generator = torch.Generator().manual_seed(7)
     for m in sorted(measured):
         same = []
         with torch.inference_mode():
-            for fn in _row_functions(tiny.model.get_decoder()):
+            for fn in row_functions(tiny.model.get_decoder()):
                 width = fn.in_features if isinstance(fn, torch.nn.Linear) else tiny.model.config.hidden_size
                 x = torch.randn(64, width, generator=generator)
                 same.append(torch.equal(fn(x[:m]), fn(x)[:m]))

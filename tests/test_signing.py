@@ -28,7 +28,7 @@ from grail_pipeline.mining.signing import GroupSigner, SigningPool
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.sketches import commit_binding
 from grail_pipeline.protocol.wallet import ephemeral_signer, verify_commit, verify_rollout_signature
-from grail_pipeline.proving.provers import RolloutProof
+from grail_pipeline.proving.proofs import RolloutProof
 
 MODEL = "dummy:tiny"
 WINDOW = WindowContext(window_start=4350, block_hash="0x496aca80e4d8f29fb8e8cd816c3afb48d3f103970b3a2ee1600c08ca67326dee",

@@ -199,7 +199,9 @@ def test_cache_key_follows_the_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     data = tokenizer_module._tiktoken_bytes()
     key = tokenizer_module._cache_key(data)
     assert tokenizer_module._cache_key(data + b"\n") != key
-    monkeypatch.setattr(transformers, "__version__", "0.0.0")
+    # the module the key reads: transformers 5.x replaces its lazy module in sys.modules when a model class is
+    # first imported, so `transformers` here need not be the object tokenizer.py holds
+    monkeypatch.setattr(tokenizer_module.transformers, "__version__", "0.0.0")
     assert tokenizer_module._cache_key(data) != key
 
 

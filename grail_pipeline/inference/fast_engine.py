@@ -5,17 +5,18 @@ just launched: it reads the tokens of the step before (copied to pinned memory),
 slot's completion, retires finished rollouts and refills their slots with the next problem's prompt
 (prefilled once, shared by its 16 rollouts). Slots are handed out lowest index first; a freed slot is
 parked at position 0 so that until it is refilled its attention reads one key.
+
+This file is the loop alone: which slot holds what is the scheduler's (scheduler.py, host state only),
+the decoding is the runner's (model_runner.py, device state, its CUDA graphs in cuda_graphs.py).
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,17 +32,8 @@ from grail_pipeline.inference.engine import (
 )
 from grail_pipeline.inference.loading import LoadedModel
 from grail_pipeline.inference.model_runner import SlotRunner
+from grail_pipeline.inference.scheduler import SlotScheduler
 from grail_pipeline.protocol.profile import PROFILE
-
-log = logging.getLogger("grail_pipeline")
-
-
-@dataclass
-class _Group:
-    request: GroupRequest
-    slots: list[int]
-    started: float
-    completions: dict[int, list[int]] = field(default_factory=dict)
 
 
 @contextmanager
@@ -61,31 +53,6 @@ def switch_interval(seconds: float) -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
-class _StepGraph:
-    """`runner.step` captured once as a CUDA graph (or called directly off the GPU)."""
-
-    def __init__(self, runner: SlotRunner, use_graph: bool, warmup_steps: int = 3) -> None:
-        self.runner = runner
-        self.graph: torch.cuda.CUDAGraph | None = None
-        if not use_graph:
-            return
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup_steps):  # compiles, autotunes and loads every kernel outside the capture
-                runner.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            runner.step()
-
-    def __call__(self) -> torch.Tensor:
-        if self.graph is None:
-            return self.runner.step()
-        self.graph.replay()
-        return self.runner.next_tokens
-
-
 class FastEngine(Engine):
     """Continuous batching of many problems' rollouts in `slots` decode slots."""
 
@@ -103,9 +70,10 @@ class FastEngine(Engine):
         t0 = time.perf_counter()
         self.runner = SlotRunner(loaded.model, sampling, slots, self.max_len,
                                  compile_step=on_gpu if compile_step is None else compile_step)
-        self._graph = _StepGraph(self.runner, use_graph=on_gpu if cuda_graphs is None else cuda_graphs)
-        if self._graph.graph is not None:
-            self.runner.capture_prefills(PROFILE.rollouts_per_problem, max_prompt_tokens)
+        if cuda_graphs is None:
+            cuda_graphs = on_gpu
+        if cuda_graphs:
+            self.runner.capture_graphs(PROFILE.rollouts_per_problem, max_prompt_tokens)
         self.startup_seconds = time.perf_counter() - t0
         # steps in flight ahead of the host: the GPU stays fed while the host waits for the interpreter lock
         self.lag = lag
@@ -118,62 +86,15 @@ class FastEngine(Engine):
             self._run(feed, emit)
 
     def _run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
-        s = self.slots
-        free = list(range(s))  # kept sorted: lowest slot first
-        owner: list[_Group | None] = [None] * s
-        occupied = np.zeros(s, dtype=bool)
-        first_step = np.zeros(s, dtype=np.int64)  # the first step whose token belongs to the occupant
-        count = np.zeros(s, dtype=np.int64)
-        limit = np.zeros(s, dtype=np.int64)
-        prompt_len = np.zeros(s, dtype=np.int64)
-        out = np.zeros((s, self.sampling.max_new_tokens), dtype=np.int64)
-        eos = self.sampling.eos_token_id
+        scheduler = SlotScheduler(self.slots, self.sampling.max_new_tokens, self.sampling.eos_token_id)
         waiting: GroupRequest | None = None
         feed_open = True
         step = 0
         pending: deque[int] = deque()  # launched steps whose tokens are not read yet, oldest first
         ring = len(self._pinned)
-
-        def admit(request: GroupRequest) -> None:
-            taken = [free.pop(0) for _ in range(request.num_samples)]
-            targets = [t or 0 for t in request.targets]
-            t0 = time.perf_counter()
-            self.runner.admit(request.prompt_ids, taken, targets)
-            self.stats.prefill_seconds += time.perf_counter() - t0
-            group = _Group(request, taken, time.perf_counter())
-            prompt_len[taken] = len(request.prompt_ids)
-            for slot, target in zip(taken, targets):
-                owner[slot] = group
-                first_step[slot] = step
-                count[slot] = 0
-                limit[slot] = min(target, self.sampling.max_new_tokens) if target else self.sampling.max_new_tokens
-            occupied[taken] = True
-
-        def retire(tokens: np.ndarray, step_index: int) -> None:
-            idx = np.nonzero(occupied & (first_step <= step_index))[0]
-            out[idx, count[idx]] = tokens[idx]
-            count[idx] += 1
-            self.stats.generated_tokens += len(idx)
-            self.stats.occupied_slot_steps += len(idx)
-            self.stats.context_tokens += int((prompt_len[idx] + count[idx]).sum())
-            done = idx[(tokens[idx] == eos) | (count[idx] >= limit[idx])]
-            if not len(done):
-                return
-            occupied[done] = False
-            for slot in done.tolist():
-                group = owner[slot]
-                owner[slot] = None
-                group.completions[slot] = out[slot, : count[slot]].tolist()
-                if len(group.completions) == len(group.slots):
-                    emit(GroupResult(group.request, [group.completions[i] for i in group.slots],
-                                     seconds=time.perf_counter() - group.started))
-            self.runner.release(done.tolist())
-            free.extend(done.tolist())
-            free.sort()
-
         while True:
             while True:  # admit as many waiting groups as there are free slots for
-                idle = not occupied.any() and not pending
+                idle = not scheduler.busy and not pending
                 if waiting is None and feed_open:
                     try:
                         waiting = feed.next(wait=idle)
@@ -181,30 +102,50 @@ class FastEngine(Engine):
                         feed_open = False
                     if waiting is not None:
                         self._check(waiting)
-                if waiting is None or len(free) < waiting.num_samples:
+                if waiting is None or scheduler.free_slots < waiting.num_samples:
                     break
-                admit(waiting)
+                self._admit(scheduler, waiting, step)
                 waiting = None
-            if not occupied.any() and not pending:
+            if not scheduler.busy and not pending:
                 if not feed_open and waiting is None:
                     return
                 continue
             t0 = time.perf_counter()
-            if occupied.any():
-                tokens = self._graph()
+            if scheduler.busy:
+                tokens = self.runner.step()
                 self._pinned[step % ring].copy_(tokens, non_blocking=True)
                 if self._events[step % ring] is not None:
                     self._events[step % ring].record()
                 pending.append(step)
                 step += 1
                 self.stats.decode_steps += 1
-                self.stats.slot_steps += s
-            while pending and (len(pending) > self.lag or not occupied.any()):
+                self.stats.slot_steps += self.slots
+            while pending and (len(pending) > self.lag or not scheduler.busy):
                 oldest = pending.popleft()
                 if self._events[oldest % ring] is not None:
                     self._events[oldest % ring].synchronize()
-                retire(self._pinned[oldest % ring].numpy(), oldest)
+                self._retire(scheduler, self._pinned[oldest % ring].numpy(), oldest, emit)
             self.stats.decode_seconds += time.perf_counter() - t0
+
+    def _admit(self, scheduler: SlotScheduler, request: GroupRequest, step: int) -> None:
+        """The group into the lowest free slots, its prompt prefilled; its tokens count from `step` on."""
+        group = scheduler.admit(request, step)
+        t0 = time.perf_counter()
+        self.runner.admit(request.prompt_ids, group.slots, [t or 0 for t in request.targets])
+        group.started = time.perf_counter()
+        self.stats.prefill_seconds += group.started - t0
+
+    def _retire(self, scheduler: SlotScheduler, tokens: np.ndarray, step_index: int,
+                emit: Callable[[GroupResult], None]) -> None:
+        """One step's tokens to their rollouts: finished groups emitted, their slots parked for the next."""
+        retired = scheduler.retire(tokens, step_index)
+        self.stats.generated_tokens += retired.tokens
+        self.stats.occupied_slot_steps += retired.tokens
+        self.stats.context_tokens += retired.context
+        for group in retired.finished:
+            emit(GroupResult(group.request, group.ordered_completions(), seconds=time.perf_counter() - group.started))
+        if retired.freed:
+            self.runner.release(retired.freed)
 
     def _check(self, request: GroupRequest) -> None:
         if request.num_samples > self.slots:

@@ -1,37 +1,32 @@
 """Loading the policy model: a hub id, a local checkpoint, or a random-initialised preset.
 
-Dummy presets carry the exact architecture of the model they stand in for, so that speed and memory
-measured on them hold for the real weights (the values do not change the arithmetic).
+Dummy presets (inference/model_ref.py) carry the exact architecture of the model they stand in for, so
+that speed and memory measured on them hold for the real weights (the values do not change the arithmetic).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.inference.model_ref import ModelRef, parse_model_ref, unavailable
+from grail_pipeline.inference.model_ref import PRESETS, ModelRef, parse_model_ref, unavailable
 from grail_pipeline.protocol.tokenizer import CHAT_TEMPLATE, builtin_tokenizer
 
 log = logging.getLogger("grail_pipeline")
 
-_QWEN_VOCAB = 151936
-_ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0}
-
-PRESETS: dict[str, dict] = {
-    # Qwen2.5-3B-Instruct's architecture (the standard benchmark workload W1)
-    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768),
-    # small enough for CPU tests, with the real vocabulary so the real tokenizer fits
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
-}
 DUMMY_SEED = 1234
 
 
@@ -70,17 +65,10 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def dummy_config(preset: str) -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=_QWEN_VOCAB,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-        rope_parameters=dict(_ROPE),
-        use_sliding_window=False,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        **PRESETS[preset],
-    )
+def dummy_config(preset: str) -> PreTrainedConfig:
+    """The transformers config of a preset (model_ref.PRESETS), its fields copied: the table stays as written."""
+    entry = PRESETS[preset]
+    return AutoConfig.for_model(entry.model_type, **copy.deepcopy(dict(entry.config)))
 
 
 def attention_implementation(device: torch.device, env: dict[str, str] | None = None) -> str:

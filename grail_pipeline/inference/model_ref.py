@@ -6,13 +6,43 @@ parser, and so that a miss is always the same clear line.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from grail_pipeline.common.errors import UserError
 
 DUMMY_PREFIX = "dummy:"
-DUMMY_PRESETS = ("qwen2.5-3b", "qwen2.5-0.5b", "tiny")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A random-initialised model: its transformers model type and config fields (inference/loading.py
+    builds the config). Each carries the exact architecture of the model it stands in for, so that speed
+    and memory measured on it hold for the real weights."""
+
+    model_type: str
+    config: Mapping[str, object]
+
+
+# what every Qwen2.5 checkpoint shares: the vocabulary (the real one, so the real tokenizer fits), the tied
+# head, the norm epsilon, rotary base and the special tokens
+_QWEN2_5 = dict(vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, use_sliding_window=False,
+                bos_token_id=151643, eos_token_id=151645)
+
+PRESETS: dict[str, Preset] = {
+    # Qwen2.5-3B-Instruct's architecture (the standard benchmark workload W1)
+    "qwen2.5-3b": Preset("qwen2", dict(_QWEN2_5, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                       num_attention_heads=16, num_key_value_heads=2,
+                                       max_position_embeddings=32768)),
+    "qwen2.5-0.5b": Preset("qwen2", dict(_QWEN2_5, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                         num_attention_heads=14, num_key_value_heads=2,
+                                         max_position_embeddings=32768)),
+    # small enough for CPU tests
+    "tiny": Preset("qwen2", dict(_QWEN2_5, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)),
+}
 
 
 @dataclass(frozen=True)
@@ -35,8 +65,8 @@ def parse_model_ref(value: str) -> ModelRef:
         raise UserError("--model is empty")
     if value.startswith(DUMMY_PREFIX):
         preset = value[len(DUMMY_PREFIX):]
-        if preset not in DUMMY_PRESETS:
-            known = ", ".join(DUMMY_PREFIX + p for p in DUMMY_PRESETS)
+        if preset not in PRESETS:
+            known = ", ".join(DUMMY_PREFIX + p for p in PRESETS)
             raise UserError(f"unknown model preset '{value}' (known: {known})")
         return ModelRef(raw=value, kind="dummy", preset=preset)
     if Path(value).expanduser().is_dir():

@@ -12,7 +12,7 @@ from grail_pipeline.mining.lengths import LengthProfile
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.sat import SatProblem, derive_env_seed, problem_for_seed
 from grail_pipeline.protocol.tokenizer import prompt_ids
-from grail_pipeline.proving.provers import RolloutProof
+from grail_pipeline.proving.proofs import RolloutProof
 
 
 @dataclass

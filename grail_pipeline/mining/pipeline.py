@@ -22,7 +22,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from grail_pipeline.inference.engine import EndOfRequests, Engine, GroupRequest, GroupResult
 from grail_pipeline.mining.messages import ProblemTask, ProvedGroup, SignedGroup
-from grail_pipeline.proving.provers import ProofJob, Prover
+from grail_pipeline.proving.proofs import ProofJob, Prover
 
 
 @dataclass(frozen=True)

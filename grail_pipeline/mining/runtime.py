@@ -24,8 +24,10 @@ from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
 from grail_pipeline.mining.signing import GroupSigner, SigningPool
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.wallet import Signer
+from grail_pipeline.proving.batched import BatchedProver
 from grail_pipeline.proving.prefix import PrefixProver, supports_prefix_proofs
-from grail_pipeline.proving.provers import BatchedProver, Prover, ReferenceProver
+from grail_pipeline.proving.proofs import Prover
+from grail_pipeline.proving.reference import ReferenceProver
 
 
 def resolve_engine(kind: str, device: torch.device) -> str:

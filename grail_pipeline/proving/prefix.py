@@ -9,30 +9,27 @@ and attending from the completion rows alone over cached keys rounds differently
 bench/proof_exactness.py).
 
 That gives the validator's bits only where each per-row function (a projection, a norm) rounds a row the
-same way at our row count as at the validator's, its sequence length. `RowInvariance` measures which row
-counts do on the device at start-up; a rollout whose length is not among them is proved alone, unpadded,
-in the validator's own shapes, and our own row counts are padded to ones that are.
+same way at our row count as at the validator's, its sequence length. `RowInvariance` (row_invariance.py)
+measures which row counts do on the device at start-up; a rollout whose length is not among them is
+proved alone, unpadded, in the validator's own shapes, and our own row counts are padded to ones that are.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grail_pipeline.common.atomic import write_atomically
-from grail_pipeline.common.paths import cache_root
 from grail_pipeline.inference.loading import LoadedModel
+from grail_pipeline.inference.models import family_for, find_family
 from grail_pipeline.protocol.sketches import r_vec, sketch_hidden
-from grail_pipeline.proving.provers import BatchedProver, ProofJob, ProofRow, RolloutProof, place_rows, round_up
+from grail_pipeline.proving.batched import BatchedProver
+from grail_pipeline.proving.proofs import ProofJob, ProofRow, RolloutProof, place_rows, round_up
+from grail_pipeline.proving.row_invariance import RowInvariance
 
 log = logging.getLogger("grail_pipeline")
 
@@ -40,101 +37,9 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def supports_prefix_proofs(loaded: LoadedModel) -> bool:
-    """The layer loop below reproduces transformers' Qwen2 decoder with SDPA attention, nothing else."""
-    config = loaded.model.config
-    return config.model_type == "qwen2" and loaded.attn_implementation == "sdpa" and not getattr(
-        config, "use_sliding_window", False)
-
-
-class RowInvariance:
-    """The row counts at which every per-row function of a decoder layer rounds each row as a large product does.
-
-    A matrix product's kernel, and with it the rounding of a row, can depend on the number of rows (on an
-    H100 the MLP down projection does at 40 of 1020 lengths: bench/NOTES.md). Checked here with random
-    rows through layer 0's own modules: every count from 1 to `max_length` (the validator's shapes) and
-    every multiple of `step` up to `max_rows` (ours, after padding).
-    """
-
-    def __init__(self, exact: np.ndarray, max_length: int) -> None:
-        self.exact = exact  # exact[m]: m rows give the reference bits
-        self.max_length = max_length
-
-    @classmethod
-    def everywhere(cls, max_length: int, max_rows: int) -> "RowInvariance":
-        """Every row count taken as exact: off the GPU, where proofs are checked against the tolerance only."""
-        return cls(np.ones(max(max_length, max_rows) + 1, dtype=bool), max_length)
-
-    @classmethod
-    def cached(cls, decoder: torch.nn.Module, max_length: int, max_rows: int, step: int = 128,
-               root: Path | None = None) -> "RowInvariance":
-        """`measure`, kept on disk per device, software stack and shapes: it takes seconds, a restart should not."""
-        path = (root or cache_root()) / "row-invariance" / f"{_stack_key(decoder, max_length, max_rows, step)}.npy"
-        with contextlib.suppress(OSError, ValueError):
-            exact = np.load(path, allow_pickle=False)
-            if exact.dtype == np.bool_ and exact.shape == (_counts(max_length, max_rows, step)[-1] + 1,):
-                return cls(exact, max_length)
-        invariance = cls.measure(decoder, max_length, max_rows, step)
-        with contextlib.suppress(OSError):
-            write_atomically(path, lambda fh: np.save(fh, invariance.exact))
-        return invariance
-
-    @classmethod
-    @torch.inference_mode()
-    def measure(cls, decoder: torch.nn.Module, max_length: int, max_rows: int, step: int = 128) -> "RowInvariance":
-        counts = _counts(max_length, max_rows, step)
-        top = counts[-1]
-        functions = _row_functions(decoder)
-        weight = decoder.norm.weight
-        generator = torch.Generator(weight.device).manual_seed(0)
-        differs = torch.zeros(len(counts), dtype=torch.bool, device=weight.device)
-        for fn in functions:
-            width = fn.in_features if isinstance(fn, torch.nn.Linear) else weight.shape[0]
-            x = torch.randn(top, width, generator=generator, device=weight.device, dtype=weight.dtype)
-            reference = fn(x)
-            differs |= torch.stack([(fn(x[:m]) != reference[:m]).any() for m in counts])
-        exact = np.zeros(top + 1, dtype=bool)
-        exact[counts] = ~differs.cpu().numpy()
-        return cls(exact, max_length)
-
-    def sequence_is_exact(self, length: int) -> bool:
-        """Whether the validator's shape for a sequence of this length rounds as ours will."""
-        return length <= self.max_length and bool(self.exact[length])
-
-    def padded(self, rows: int, multiple: int = 1) -> int | None:
-        """The fewest exact row counts at or above `rows` that `multiple` divides (None past the measured range)."""
-        start = round_up(rows, multiple)
-        later = np.flatnonzero(self.exact[start::multiple])
-        return start + multiple * int(later[0]) if len(later) else None
-
-    @property
-    def inexact_lengths(self) -> list[int]:
-        return [int(m) for m in np.flatnonzero(~self.exact[1:self.max_length + 1]) + 1]
-
-
-def _counts(max_length: int, max_rows: int, step: int) -> list[int]:
-    return sorted(set(range(1, max_length + 1)) | set(range(step, max_rows + 1, step)))
-
-
-def _row_functions(decoder: torch.nn.Module) -> list[torch.nn.Module]:
-    """Layer 0's per-row functions: every layer has the same shapes, so the same kernels."""
-    layer = decoder.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
-    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
-            layer.input_layernorm, decoder.norm]
-
-
-def _stack_key(decoder: torch.nn.Module, max_length: int, max_rows: int, step: int) -> str:
-    """What the measured rounding depends on: the device, the libraries and the functions' shapes."""
-    device = decoder.norm.weight.device
-    described: dict[str, object] = dict(
-        version=1, torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-        device=str(device), lengths=[max_length, max_rows, step],
-        functions=[[type(fn).__name__, [list(p.shape) for p in fn.parameters()], str(fn.weight.dtype),
-                    repr(getattr(fn, "variance_epsilon", None))] for fn in _row_functions(decoder)])
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        described["gpu"] = [props.name, props.major, props.minor, props.multi_processor_count]
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
+    """A model family (inference/models/) reproduces the decoder op for op, and attention is SDPA's, the call
+    the prover's attention makes: the validator's bits, nothing else."""
+    return find_family(loaded.model.config) is not None and loaded.attn_implementation == "sdpa"
 
 
 @dataclass
@@ -175,17 +80,12 @@ class PrefixProver(BatchedProver):
         if invariance.inexact_lengths:
             log.info("prefix prover: %d row counts up to %d round differently (their rollouts are proved whole)",
                      len(invariance.inexact_lengths), max_length)
-        config = loaded.model.config
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.family = family_for(loaded.model.config)
+        self.head_dim = self.family.Dims.of(loaded.model.config).head_dim
         self.scaling = self.head_dim ** -0.5
-        self.layers = list(self.decoder.layers)
-        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
-
-        self.rotary = apply_rotary_pos_emb
-        positions = torch.arange(invariance.max_length + 1, device=loaded.device)[None]
-        probe = torch.zeros(1, dtype=loaded.dtype, device=loaded.device)
-        cos, sin = self.decoder.rotary_emb(probe, positions)  # transformers' own table, position by position
-        self.cos, self.sin = cos[0], sin[0]
+        # transformers' own table, position by position
+        self.cos, self.sin = self.family.rotary_tables(self.decoder, invariance.max_length + 1, loaded.dtype,
+                                                       loaded.device)
 
     @torch.inference_mode()
     def prove_many(self, jobs: Sequence[ProofJob]) -> list[list[RolloutProof]]:
@@ -283,19 +183,9 @@ class PrefixProver(BatchedProver):
         return sketches, indices, self._token_logprobs(states, targets)
 
     def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """transformers' Qwen2 decoder layers on rows [N, hidden], op for op, with attention left to `attend`."""
-        cos, sin = self.cos[positions], self.sin[positions]
-        n = hidden.shape[0]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(n, -1, self.head_dim)
-            k = attn.k_proj(x).view(n, -1, self.head_dim)
-            v = attn.v_proj(x).view(n, -1, self.head_dim)
-            q, k = self.rotary(q, k, cos, sin)
-            hidden = hidden + attn.o_proj(attend(i, q, k, v).reshape(n, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.decoder.norm(hidden)
+        """The family's decoder layers on rows [N, hidden] at `positions`, op for op, attention left to `attend`."""
+        return self.family.validator_rows(self.decoder, hidden, self.cos[positions], self.sin[positions],
+                                          self.head_dim, attend)
 
     def _embed(self, tokens: list[int], rows: int) -> torch.Tensor:
         """Token embeddings, then zero rows up to `rows` (padding that no real row attends to)."""

@@ -1,90 +1,25 @@
-"""Proof data for finished rollouts: last-layer sketches at every position and completion logprobs.
+"""Proofs from right-padded batches of whole rollouts, logits kept on the device.
 
-Two ways to get them. `ReferenceProver` is the public miner's method (one unbatched forward per rollout,
-full logits copied to the CPU), kept as the baseline. `BatchedProver` runs right-padded batches with a
-plain causal mask, so every real position sees exactly the context it sees alone, and keeps the logits
-on the device; its pass rate against the validator's method is measured, not assumed.
+Right-padded batches with a plain causal mask, so every real position sees exactly the context it sees
+alone; its pass rate against the validator's method is measured, not assumed (bench/proof_exactness.py).
+The fallback for models without a family (inference/models/) the prefix prover can run.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from grail_pipeline.inference.loading import LoadedModel
 from grail_pipeline.protocol.sketches import r_vec, sketch_hidden
-from grail_pipeline.proving.validator import validator_forward
+from grail_pipeline.proving.proofs import ProofJob, ProofRow, Prover, RolloutProof, place_rows, round_up
 
 # attention runs on sequence lengths rounded up to this: each new shape costs cuDNN's attention a plan of its
 # own, milliseconds of host time (bench/proof_profile.py); padding after the last real token changes no real row
 ATTENTION_SPAN = 64
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-@dataclass
-class RolloutProof:
-    """What a rollout's commit needs from the model, on the CPU."""
-
-    sketches: torch.Tensor  # int64 [L]
-    indices: torch.Tensor  # int64 [L, TOPK], top-k order
-    token_logprobs: list[float]  # 0.0 for prompt positions, then one per completion token
-
-
-@dataclass
-class ProofJob:
-    """One group to prove: its prompt, its completions and the window's proof randomness."""
-
-    prompt_ids: Sequence[int]
-    completions: Sequence[Sequence[int]]
-    randomness_hex: str
-
-
-class Prover(ABC):
-    name: str = "base"
-
-    def __init__(self, loaded: LoadedModel) -> None:
-        self.loaded = loaded
-
-    @abstractmethod
-    def prove_many(self, jobs: Sequence[ProofJob]) -> list[list[RolloutProof]]:
-        """Proofs for several groups, each list in the order of that group's completions."""
-
-    def prove(self, prompt_ids: Sequence[int], completions: Sequence[Sequence[int]],
-              randomness_hex: str) -> list[RolloutProof]:
-        return self.prove_many([ProofJob(prompt_ids, completions, randomness_hex)])[0]
-
-
-class ReferenceProver(Prover):
-    """One unbatched forward per rollout, logits copied to the CPU (the public miner's method)."""
-
-    name = "reference"
-
-    def prove_many(self, jobs: Sequence[ProofJob]) -> list[list[RolloutProof]]:
-        return [self._prove_group(job) for job in jobs]
-
-    @torch.inference_mode()
-    def _prove_group(self, job: ProofJob) -> list[RolloutProof]:
-        r = r_vec(job.randomness_hex).to(self.loaded.device)
-        prompt_len = len(job.prompt_ids)
-        proofs = []
-        for completion in job.completions:
-            tokens = list(job.prompt_ids) + list(completion)
-            hidden, logits = validator_forward(self.loaded.model, tokens)
-            sketches, indices = sketch_hidden(hidden, r)
-            cpu_logits = logits.to("cpu")
-            logprobs = torch.log_softmax(cpu_logits[prompt_len - 1:-1], dim=-1)
-            chosen = torch.tensor(completion, dtype=torch.long).unsqueeze(1)
-            lps = logprobs.gather(1, chosen).squeeze(1).float().tolist()
-            proofs.append(RolloutProof(sketches.cpu(), indices.cpu(), [0.0] * prompt_len + lps))
-        return proofs
 
 
 @contextmanager
@@ -120,31 +55,6 @@ def row_exact_linears(linears: list[torch.nn.Linear], lengths: list[int]) -> Ite
                 del module.forward
             else:
                 module.forward = forward
-
-
-@dataclass
-class ProofRow:
-    """One rollout as a whole sequence, and where its proof goes in the answer."""
-
-    job: int
-    index: int
-    tokens: list[int]
-    prompt_len: int
-
-
-def place_rows(rows: Sequence[ProofRow], flat: Sequence[torch.Tensor], start: tuple[int, int],
-               out: list[list[RolloutProof | None]]) -> tuple[int, int]:
-    """Cut whole-sequence rows' proofs from read-back (sketches, indices, logprobs), beginning at `start`
-    (position, logprob offsets), into `out[job][index]`; returns where the next proof begins."""
-    sketches, indices, logprobs = flat
-    pos, lp_pos = start
-    for row in rows:
-        n, c = len(row.tokens), len(row.tokens) - row.prompt_len
-        out[row.job][row.index] = RolloutProof(sketches[pos:pos + n], indices[pos:pos + n],
-                                               [0.0] * row.prompt_len + logprobs[lp_pos:lp_pos + c].tolist())
-        pos += n
-        lp_pos += c
-    return pos, lp_pos
 
 
 class BatchedProver(Prover):

@@ -1,0 +1,108 @@
+"""Which row counts round every per-row function of the decoder as the validator's shapes do, measured on the device.
+
+The prefix prover (prefix.py) gives the validator's bits only where each per-row function (a projection,
+a norm) rounds a row the same way at its row count as at the validator's, the sequence length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grail_pipeline.common.atomic import write_atomically
+from grail_pipeline.common.paths import cache_root
+from grail_pipeline.inference.models import family_for
+from grail_pipeline.proving.proofs import round_up
+
+
+class RowInvariance:
+    """The row counts at which every per-row function of a decoder layer rounds each row as a large product does.
+
+    A matrix product's kernel, and with it the rounding of a row, can depend on the number of rows (on an
+    H100 the MLP down projection does at 40 of 1020 lengths: bench/NOTES.md). Checked here with random
+    rows through layer 0's own modules: every count from 1 to `max_length` (the validator's shapes) and
+    every multiple of `step` up to `max_rows` (ours, after padding).
+    """
+
+    def __init__(self, exact: np.ndarray, max_length: int) -> None:
+        self.exact = exact  # exact[m]: m rows give the reference bits
+        self.max_length = max_length
+
+    @classmethod
+    def everywhere(cls, max_length: int, max_rows: int) -> "RowInvariance":
+        """Every row count taken as exact: off the GPU, where proofs are checked against the tolerance only."""
+        return cls(np.ones(max(max_length, max_rows) + 1, dtype=bool), max_length)
+
+    @classmethod
+    def cached(cls, decoder: torch.nn.Module, max_length: int, max_rows: int, step: int = 128,
+               root: Path | None = None) -> "RowInvariance":
+        """`measure`, kept on disk per device, software stack and shapes: it takes seconds, a restart should not."""
+        path = (root or cache_root()) / "row-invariance" / f"{_stack_key(decoder, max_length, max_rows, step)}.npy"
+        with contextlib.suppress(OSError, ValueError):
+            exact = np.load(path, allow_pickle=False)
+            if exact.dtype == np.bool_ and exact.shape == (_counts(max_length, max_rows, step)[-1] + 1,):
+                return cls(exact, max_length)
+        invariance = cls.measure(decoder, max_length, max_rows, step)
+        with contextlib.suppress(OSError):
+            write_atomically(path, lambda fh: np.save(fh, invariance.exact))
+        return invariance
+
+    @classmethod
+    @torch.inference_mode()
+    def measure(cls, decoder: torch.nn.Module, max_length: int, max_rows: int, step: int = 128) -> "RowInvariance":
+        counts = _counts(max_length, max_rows, step)
+        top = counts[-1]
+        functions = row_functions(decoder)
+        weight = decoder.norm.weight
+        generator = torch.Generator(weight.device).manual_seed(0)
+        differs = torch.zeros(len(counts), dtype=torch.bool, device=weight.device)
+        for fn in functions:
+            width = fn.in_features if isinstance(fn, torch.nn.Linear) else weight.shape[0]
+            x = torch.randn(top, width, generator=generator, device=weight.device, dtype=weight.dtype)
+            reference = fn(x)
+            differs |= torch.stack([(fn(x[:m]) != reference[:m]).any() for m in counts])
+        exact = np.zeros(top + 1, dtype=bool)
+        exact[counts] = ~differs.cpu().numpy()
+        return cls(exact, max_length)
+
+    def sequence_is_exact(self, length: int) -> bool:
+        """Whether the validator's shape for a sequence of this length rounds as ours will."""
+        return length <= self.max_length and bool(self.exact[length])
+
+    def padded(self, rows: int, multiple: int = 1) -> int | None:
+        """The fewest exact row counts at or above `rows` that `multiple` divides (None past the measured range)."""
+        start = round_up(rows, multiple)
+        later = np.flatnonzero(self.exact[start::multiple])
+        return start + multiple * int(later[0]) if len(later) else None
+
+    @property
+    def inexact_lengths(self) -> list[int]:
+        return [int(m) for m in np.flatnonzero(~self.exact[1:self.max_length + 1]) + 1]
+
+
+def _counts(max_length: int, max_rows: int, step: int) -> list[int]:
+    return sorted(set(range(1, max_length + 1)) | set(range(step, max_rows + 1, step)))
+
+
+def row_functions(decoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The per-row functions the decoder's family runs in the prover (models/: `row_functions`)."""
+    return family_for(decoder.config).row_functions(decoder)
+
+
+def _stack_key(decoder: torch.nn.Module, max_length: int, max_rows: int, step: int) -> str:
+    """What the measured rounding depends on: the device, the libraries and the functions' shapes."""
+    device = decoder.norm.weight.device
+    described: dict[str, object] = dict(
+        version=1, torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+        device=str(device), lengths=[max_length, max_rows, step],
+        functions=[[type(fn).__name__, [list(p.shape) for p in fn.parameters()], str(fn.weight.dtype),
+                    repr(getattr(fn, "variance_epsilon", None))] for fn in row_functions(decoder)])
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        described["gpu"] = [props.name, props.major, props.minor, props.multi_processor_count]
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
