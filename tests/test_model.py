@@ -10,14 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.inference.loading import (
-    DUMMY_SEED,
-    attention_implementation,
-    dummy_config,
-    load_model,
-    resolve_device,
-    wants_multi_gpu,
-)
+from grail_pipeline.inference.checkpoints import DUMMY_SEED, dummy_config
+from grail_pipeline.inference.loading import attention_implementation, load_model, resolve_device, wants_multi_gpu
 from grail_pipeline.inference.model_ref import PRESETS, parse_model_ref
 
 QWEN_VOCAB = 151936

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.inference.checkpoints import dummy_config
 from grail_pipeline.inference.engine import SamplingParams
 from grail_pipeline.inference.fast_engine import FastEngine
-from grail_pipeline.inference.loading import LoadedModel, dummy_config, load_model
+from grail_pipeline.inference.loading import LoadedModel, load_model
 from grail_pipeline.inference.models import family_for, find_family, qwen2
 from grail_pipeline.proving.prefix import PrefixProver, supports_prefix_proofs
 from grail_pipeline.proving.proofs import ProofJob
@@ -30,7 +31,7 @@ def small_llama() -> LoadedModel:
     config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    return LoadedModel(model, "llama", torch.device("cpu"), torch.float32, "sdpa")
+    return LoadedModel(model, "llama", torch.device("cpu"), torch.float32, "sdpa", source="llama")
 
 
 def test_qwen2_configs_find_the_qwen2_family_before_any_weights_load() -> None:

@@ -1,44 +1,45 @@
-"""Loading the policy model: a hub id, a local checkpoint, or a random-initialised preset.
+"""Loading the policy model: a hub id, a local checkpoint, or a random-initialised preset, all one way.
 
-Dummy presets (inference/model_ref.py) carry the exact architecture of the model they stand in for, so
-that speed and memory measured on them hold for the real weights (the values do not change the arithmetic).
+Every model is loaded as the protocol's `get_model` and every validator load it: `from_pretrained` with
+bf16 (float32 on the CPU) into host memory, then `.to(device)`. A dummy preset (inference/model_ref.py)
+is first written as a checkpoint directory (inference/checkpoints.py says why) and then loaded from it
+like any other. The name that goes into every commit is the checkpoint's `metadata.json` `model_name`
+where it has one (as `get_model` sets it), else the path or hub id.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.inference.model_ref import PRESETS, ModelRef, parse_model_ref, unavailable
+from grail_pipeline.inference.checkpoints import checkpoint_metadata, dummy_checkpoint
+from grail_pipeline.inference.model_ref import ModelRef, parse_model_ref, unavailable
 from grail_pipeline.protocol.tokenizer import CHAT_TEMPLATE, builtin_tokenizer
 
 log = logging.getLogger("grail_pipeline")
 
-DUMMY_SEED = 1234
-
-
 @dataclass
 class LoadedModel:
-    """A model ready for generation and proofs, with the name that goes into every commit."""
+    """A model ready for generation and proofs, with the name that goes into every commit.
+
+    `source` is what `from_pretrained` was given (a checkpoint directory or a hub id): a check that must
+    not share state with this object loads its own model from there (proving/validator_process.py).
+    """
 
     model: PreTrainedModel
     name: str
     device: torch.device
     dtype: torch.dtype
     attn_implementation: str
+    source: str
 
     @property
     def vocab_size(self) -> int:
@@ -63,12 +64,6 @@ def resolve_device(device: str) -> torch.device:
                    else f"{count} GPUs are visible (cuda:0 to cuda:{count - 1})")
         raise UserError(f"device '{device}' requested but only {visible}")
     return dev
-
-
-def dummy_config(preset: str) -> PreTrainedConfig:
-    """The transformers config of a preset (model_ref.PRESETS), its fields copied: the table stays as written."""
-    entry = PRESETS[preset]
-    return AutoConfig.for_model(entry.model_type, **copy.deepcopy(dict(entry.config)))
 
 
 def attention_implementation(device: torch.device, env: dict[str, str] | None = None) -> str:
@@ -99,49 +94,45 @@ def load_model(model: str, device: str = "auto") -> LoadedModel:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     attn = attention_implementation(dev)
     multi = dev.type == "cuda" and wants_multi_gpu()
-    if ref.is_dummy:
-        net = _build_dummy(ref, dev, dtype, attn, multi)
-        name = ref.raw
-    else:
-        net = _load_pretrained(ref, dev, dtype, attn, multi)
-        name = str(net.name_or_path or ref.raw)
+    source = str(dummy_checkpoint(ref.preset)) if ref.is_dummy and ref.preset else ref.raw
+    net = _load_pretrained(ref, source, dev, dtype, attn, multi)
     net.eval()
     net.requires_grad_(False)
+    name = str(checkpoint_metadata(source).get("model_name") or net.name_or_path or ref.raw)
     if multi:
         dev = torch.device("cuda:0")  # inputs go to the first shard
-    return LoadedModel(model=net, name=name, device=dev, dtype=dtype, attn_implementation=attn)
+    return LoadedModel(model=net, name=name, device=dev, dtype=dtype, attn_implementation=attn, source=source)
 
 
-def _build_dummy(ref: ModelRef, dev: torch.device, dtype: torch.dtype, attn: str, multi: bool) -> PreTrainedModel:
-    config = dummy_config(ref.preset or "tiny")
-    torch.manual_seed(DUMMY_SEED)
-    build_device = torch.device("cpu") if multi else dev
-    with torch.device(build_device):
-        net = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    if multi:
-        return _spread_over_gpus(net)
-    return net
-
-
-def _load_pretrained(ref: ModelRef, dev: torch.device, dtype: torch.dtype, attn: str, multi: bool) -> PreTrainedModel:
+def _load_pretrained(ref: ModelRef, source: str, dev: torch.device, dtype: torch.dtype, attn: str,
+                     multi: bool) -> PreTrainedModel:
+    """`from_pretrained` into host memory, then the device (`GRAIL_MULTI_GPU=1`: spread over every GPU)."""
     kwargs: dict = dict(dtype=dtype, attn_implementation=attn, use_safetensors=True)
     if multi:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise UserError("GRAIL_MULTI_GPU=1 needs the 'accelerate' package (pip install accelerate)") from None
         kwargs["device_map"] = "auto"
     try:
-        net = AutoModelForCausalLM.from_pretrained(ref.raw, **kwargs)
+        with _quiet_loading():
+            net = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise unavailable(ref, exc) from None
     return net if multi else net.to(dev)
 
 
-def _spread_over_gpus(net: PreTrainedModel) -> PreTrainedModel:
-    """One model over all visible GPUs (`GRAIL_MULTI_GPU=1`), layer by layer."""
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' per-tensor "Loading weights" bar off while we load: our commands print their own progress,
+    and a bar on stderr in every worker and check process is noise in logs (and in JSON users)."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        from accelerate import dispatch_model, infer_auto_device_map
-    except ImportError:
-        raise UserError("GRAIL_MULTI_GPU=1 needs the 'accelerate' package (pip install accelerate)") from None
-    device_map = infer_auto_device_map(net, no_split_module_classes=net._no_split_modules)
-    return dispatch_model(net, device_map=device_map)
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(model_ref: str) -> PreTrainedTokenizerFast:

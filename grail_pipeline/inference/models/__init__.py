@@ -19,7 +19,7 @@ FAMILIES = (qwen2,)
 
 def find_family(config) -> ModuleType | None:
     """The family that runs a transformers config, or None. Reads the config only, so it can be asked before
-    any weights are loaded (a config from `AutoConfig.from_pretrained` or `dummy_config`)."""
+    any weights are loaded (a config from `AutoConfig.from_pretrained` or `checkpoints.dummy_config`)."""
     return next((family for family in FAMILIES if family.unsupported(config) is None), None)
 
 

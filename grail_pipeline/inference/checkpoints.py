@@ -1,0 +1,104 @@
+"""A dummy model is a checkpoint: each preset is written once as a checkpoint directory in the cache, and
+every process loads it from there with `from_pretrained`, as any checkpoint and as a validator would.
+
+Why: a model built in memory is not one a validator can rebuild. Measured on an H100 (issue #17), the
+rotary `inv_freq` buffer of a model created directly on the GPU differs by 1.9e-9 from the one
+`from_pretrained` computes on the CPU; that changed the bf16 hidden states of 241 of 700 positions, and
+46 of 96 rollouts failed the protocol's own proof check, while every parameter was equal. Loaded from a
+directory, the miner's model is the validator's, buffers included.
+
+The directory holds what the protocol's checkpoints hold: `config.json`, `model.safetensors` (bf16, as
+the trainer publishes), the tokenizer with the protocol's chat template, and `metadata.json` with
+`model_name` (the name that goes into every commit) and `window`. It is keyed by preset, seed and the
+preset's config, built on the CPU from a fixed seed, under a lock (two workers of one node build it
+once) and renamed into place whole, so a reader never sees half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+
+from grail_pipeline import __version__
+from grail_pipeline.common.paths import cache_root
+from grail_pipeline.inference.model_ref import DUMMY_PREFIX, PRESETS
+from grail_pipeline.protocol.tokenizer import builtin_tokenizer
+
+log = logging.getLogger("grail_pipeline")
+
+DUMMY_SEED = 1234
+METADATA = "metadata.json"
+FORMAT = 1  # bump when what a dummy checkpoint holds changes: its directory name changes with it
+
+
+def dummy_config(preset: str) -> PreTrainedConfig:
+    """The transformers config of a preset (model_ref.PRESETS), its fields copied: the table stays as written."""
+    entry = PRESETS[preset]
+    return AutoConfig.for_model(entry.model_type, **copy.deepcopy(dict(entry.config)))
+
+
+def checkpoint_root() -> Path:
+    """Where dummy checkpoints are kept: `$GRAIL_PIPELINE_CACHE/checkpoints`."""
+    return cache_root() / "checkpoints"
+
+
+def dummy_checkpoint(preset: str, seed: int = DUMMY_SEED, root: Path | None = None) -> Path:
+    """The checkpoint directory of `dummy:<preset>`, written first if it is not there yet."""
+    root = root or checkpoint_root()
+    key = json.dumps(dict(format=FORMAT, preset=preset, seed=seed, config=PRESETS[preset].config,
+                          model_type=PRESETS[preset].model_type), sort_keys=True)
+    path = root / f"{preset}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (path / METADATA).is_file():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process of this node may be writing it right now
+        if not (path / METADATA).is_file():
+            for stale in root.glob(f".{path.name}.*.tmp"):  # a writer killed half-way (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            _write(path, preset, seed)
+    return path
+
+
+def _write(path: Path, preset: str, seed: int) -> None:
+    """Random weights from `seed` on the CPU (the same on every machine with the same libraries), saved as bf16."""
+    log.info("writing the dummy:%s checkpoint (seed %d) to %s, once", preset, seed, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            model = AutoModelForCausalLM.from_config(dummy_config(preset), dtype=torch.bfloat16)
+        model.save_pretrained(tmp)
+        builtin_tokenizer().save_pretrained(tmp)
+        metadata = dict(model_name=DUMMY_PREFIX + preset, window=0, preset=preset, seed=seed, format=FORMAT,
+                        dtype="bfloat16", written_by=f"grail-pipeline {__version__}", torch=torch.__version__,
+                        transformers=transformers.__version__)
+        (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+        for file in tmp.iterdir():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(tmp)
+
+
+def checkpoint_metadata(path: str | os.PathLike[str]) -> dict:
+    """A checkpoint directory's `metadata.json` ({} where there is none or it is not a JSON object)."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads((Path(path) / METADATA).read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return data
+    return {}
