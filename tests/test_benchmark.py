@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from grail_pipeline.cli import main as cli
+from grail_pipeline.inference.checkpoints import dummy_checkpoint
 from grail_pipeline.inference.engine import Engine, GroupResult, RequestFeed
 from grail_pipeline.mining import runtime as runtime_module
 from grail_pipeline.mining.runtime import Runtime
@@ -132,6 +133,7 @@ def test_fast_engine_json(fast_run, real_wallet) -> None:
     assert verify["rollouts_checked"] == 4 and verify["rollouts_passed"] == verify["rollouts_checked"]
     assert verify["positions_passed"] == verify["positions_checked"] > 0
     assert verify["logprobs_passed"] == verify["logprobs_checked"] == 4 * 20
+    assert verify["model_path"] == str(dummy_checkpoint("tiny"))  # checked on a model of its own, loaded from there
 
     (projection,) = report["projection"]
     rate = result["rollouts_per_s"]

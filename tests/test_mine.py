@@ -25,6 +25,7 @@ import pytest
 
 from grail_pipeline.cli import main as cli
 from grail_pipeline.cli.mine import default_out_dir, resolve_settings
+from grail_pipeline.inference.checkpoints import dummy_checkpoint
 from grail_pipeline.inference.loading import load_model, load_tokenizer
 from grail_pipeline.mining.chain import SIMULATED_CHAIN, simulated_window
 from grail_pipeline.mining.status import read_status
@@ -133,6 +134,7 @@ def test_daemon_mines_windows_that_verify(tmp_path, monkeypatch, wallet_env, cap
     assert last["window_start"] == max(starts) and last["file"].endswith(".parquet") and last["partial"] is False
     assert last["rollouts"] > 0 and last["rollouts_per_s"] > 0 and 0 <= last["success_pct"] <= 100
     assert status["self_check"]["rollouts_checked"] == status["self_check"]["rollouts_passed"] == 2
+    assert status["self_check"]["model_path"] == loaded.source == str(dummy_checkpoint("tiny"))  # its own load
     summaries = [r.getMessage() for r in caplog.records if "rollouts/s" in r.getMessage()]
     assert len(summaries) == 2 and all("queues generate=" in m and "busy s" in m for m in summaries)
     assert sum("self-check" in r.getMessage() and "2/2 rollouts pass" in r.getMessage() for r in caplog.records) == 2

@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from grail_pipeline.cli import main as cli
+from grail_pipeline.inference.checkpoints import dummy_checkpoint
 from grail_pipeline.inference.loading import LoadedModel
 from grail_pipeline.mining.chain import WindowClock, WorkerSlot
 from grail_pipeline.mining.messages import make_task
@@ -61,6 +62,7 @@ def test_an_honest_file_passes_with_a_table(window_file: Path, capsys) -> None:
     for name in ("metadata", "structure", "fields", "signatures", "tokens", "prompt", "reward", "groups", "proofs"):
         assert name in out
     assert "32 rollouts in 2 groups" in out
+    assert f"on the model loaded from {dummy_checkpoint('tiny')}" in " ".join(out.split())
 
 
 def test_json_for_programs(window_file: Path, capsys) -> None:

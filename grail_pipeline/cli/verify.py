@@ -45,6 +45,8 @@ def render(report: FileReport, out: Any = None) -> None:
     console.print(f"window {report.window_start}, hotkey {report.hotkey}, {worker}, model {report.model}, "
                   f"{report.rollouts} rollouts in {report.groups} groups"
                   + (" [yellow]PARTIAL (the daemon stopped during this window)[/yellow]" if report.partial else ""))
+    if report.model_path is not None:
+        console.print(f"proofs checked with the validator's forward on the model loaded from {report.model_path}")
     table = Table(show_lines=False)
     for column in ("Check", "Checked", "Passed", "Result", "Detail (first problem when it fails)"):
         table.add_column(column, justify="right" if column in ("Checked", "Passed") else "left")

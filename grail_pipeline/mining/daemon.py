@@ -35,7 +35,7 @@ from grail_pipeline.mining.source import ProblemSource
 from grail_pipeline.mining.status import StatusFile
 from grail_pipeline.mining.workload import benchmark_window, warm_up
 from grail_pipeline.protocol.wallet import Signer
-from grail_pipeline.proving.validator import verify_sample
+from grail_pipeline.proving.validator_process import ValidatorProcess
 
 logger = logging.getLogger("grail_pipeline")
 
@@ -178,15 +178,27 @@ class Daemon:
                 pass
 
     async def _self_check_worker(self, receive: ObjectReceiveStream[tuple[int, list[dict]]]) -> None:
-        async with receive:
-            async for window_start, records in receive:
-                totals = await anyio.to_thread.run_sync(verify_sample, self.runtime.loaded.model, records)
-                checked, passed = totals["rollouts_checked"], totals["rollouts_passed"]
-                rate = 100.0 * passed / checked if checked else 0.0
-                log = logger.info if passed == checked else logger.error
-                log("window %d self-check (validator's method, every position): %d/%d rollouts pass (%.1f %%)",
-                    window_start, passed, checked, rate)
-                await self._status(self_check={"window_start": window_start, **totals, "pass_pct": round(rate, 2)})
+        """Each window's sample through the validator's method, in a process of its own that loads the checkpoint
+        as a validator does (started at the first sample, kept until mining ends)."""
+        check: ValidatorProcess | None = None
+        try:
+            async with receive:
+                async for window_start, records in receive:
+                    if check is None:
+                        loaded = self.runtime.loaded
+                        check = ValidatorProcess(loaded.source, str(loaded.device))
+                    totals = await anyio.to_thread.run_sync(check.verify, records)
+                    checked, passed = totals["rollouts_checked"], totals["rollouts_passed"]
+                    rate = 100.0 * passed / checked if checked else 0.0
+                    log = logger.info if passed == checked else logger.error
+                    log("window %d self-check (validator's method, every position, model loaded from %s): "
+                        "%d/%d rollouts pass (%.1f %%)", window_start, check.source, passed, checked, rate)
+                    await self._status(self_check={"window_start": window_start, **totals,
+                                                   "pass_pct": round(rate, 2)})
+        finally:
+            if check is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(check.close)
 
     async def _heartbeat(self) -> None:
         interval = min(30.0, max(0.5, self.settings.window_seconds / 4))

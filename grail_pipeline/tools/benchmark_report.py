@@ -119,6 +119,10 @@ def _results(console: Console, results: list["BatchResult"]) -> None:
     console.print(table)
     console.print("GPU(GB) = peak torch reserved (process total from NVML in brackets, where available). "
                   + SUCCESS_NOTE, style="dim")
+    checked = sorted({r.verify["model_path"] for r in results if r.ok and r.verify and "model_path" in r.verify})
+    if checked:
+        console.print("Verified% = rollouts whose every sketch and logprob pass the validator's method, checked in a "
+                      f"separate process on the model loaded from {', '.join(checked)}.", style="dim")
     dropped = sum(r.dropped_groups for r in results)
     if dropped:
         console.print(f"{dropped} group(s) dropped: a completion shorter than 16 tokens voids the whole group.")

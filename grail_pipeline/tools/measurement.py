@@ -20,6 +20,7 @@ from rich.progress import Progress
 
 from grail_pipeline.common.errors import UserError, find_in_group
 from grail_pipeline.inference.devices import PeakGpuMemory
+from grail_pipeline.inference.loading import LoadedModel
 from grail_pipeline.mining.chain import WindowContext
 from grail_pipeline.mining.messages import SignedGroup
 from grail_pipeline.mining.runtime import Runtime
@@ -27,6 +28,7 @@ from grail_pipeline.mining.workload import benchmark_tasks, warm_up
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.wallet import Signer
 from grail_pipeline.proving.validator import verify_sample
+from grail_pipeline.proving.validator_process import ValidatorProcess
 
 
 @dataclass
@@ -50,7 +52,7 @@ class BatchResult:
     max_queue_depth: dict[str, int] = field(default_factory=dict)
     stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
     engine: dict[str, float] = field(default_factory=dict)
-    verify: dict[str, float] | None = None
+    verify: dict | None = None  # verify_independently's totals and the model path the check loaded
 
     @property
     def ok(self) -> bool:
@@ -122,9 +124,12 @@ def sample_groups(num_problems: int, sample_size: int) -> set[int]:
 def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_problems: int,
                        warmup_problems: int, window: WindowContext, verify: int,
                        progress: Progress | None) -> BatchResult:
-    """Warm up, then run `num_problems` through the pipeline at one batch size."""
+    """Warm up, then run `num_problems` through the pipeline at one batch size; then re-verify `verify`
+    rollouts with the validator's method in a process of its own (proving/validator_process.py), once the
+    engine's memory is given back."""
     result = BatchResult(batch_size=batch_size)
     engine = None
+    sample: list[dict] = []
     try:
         with PeakGpuMemory(runtime.loaded.device) as memory:
             t0 = time.perf_counter()
@@ -146,8 +151,7 @@ def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_pr
         result.max_queue_depth = dict(pipeline.times.max_depth)
         result.stage_cpu_seconds = {k: round(v, 3) for k, v in pipeline.times.cpu.items()}
         result.engine = engine.stats.as_dict()
-        if verify:
-            result.verify = verify_sample(runtime.loaded.model, sink.sample)
+        sample = sink.sample
     except BaseException as exc:  # noqa: BLE001 - sorted below: OOM is a result, anything else re-raised
         user = find_in_group(exc, UserError)
         if user is not None:
@@ -160,7 +164,17 @@ def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_pr
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if verify and result.ok:
+        result.verify = verify_independently(runtime.loaded, sample)
     return result
+
+
+def verify_independently(loaded: LoadedModel, records: list[dict]) -> dict:
+    """The validator's method on `records`, on a model loaded from the checkpoint in a fresh process."""
+    if not records:
+        return {**verify_sample(loaded.model, []), "model_path": loaded.source}
+    with ValidatorProcess(loaded.source, str(loaded.device)) as check:
+        return check.verify(records)
 
 
 def _synchronize(runtime: Runtime) -> None:

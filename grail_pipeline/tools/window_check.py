@@ -71,6 +71,7 @@ class FileReport:
     window_start: int | None
     model: str | None
     checks: list[Check]
+    model_path: str | None = None  # the checkpoint the proof check loaded its model from (None: no proof check)
 
     @property
     def partial(self) -> bool:
@@ -86,7 +87,8 @@ class FileReport:
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "passed": self.passed, "partial": self.partial, "rollouts": self.rollouts,
                 "groups": self.groups, "hotkey": self.hotkey, "window_start": self.window_start,
-                "model": self.model, "metadata": self.metadata, "checks": [c.as_dict() for c in self.checks]}
+                "model": self.model, "model_path": self.model_path, "metadata": self.metadata,
+                "checks": [c.as_dict() for c in self.checks]}
 
 
 def _where(record: dict[str, Any]) -> str:
@@ -259,4 +261,5 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
         window_start=first["window_start"] if first else (int(metadata["window_start"]) if "window_start" in metadata else None),
         model=first["commit"]["model"]["name"] if first else None,
         checks=list(checks.values()),
+        model_path=loaded.source if loaded is not None else None,
     )
