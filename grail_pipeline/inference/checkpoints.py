@@ -25,11 +25,13 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers.utils import logging as hf_logging
 
 from grail_pipeline import __version__
 from grail_pipeline.common.paths import cache_root
@@ -80,7 +82,8 @@ def _write(path: Path, preset: str, seed: int) -> None:
         torch.manual_seed(seed)
         with torch.device("cpu"):
             model = AutoModelForCausalLM.from_config(dummy_config(preset), dtype=torch.bfloat16)
-        model.save_pretrained(tmp)
+        with transformers_progress_off():
+            model.save_pretrained(tmp)
         builtin_tokenizer().save_pretrained(tmp)
         metadata = dict(model_name=DUMMY_PREFIX + preset, window=0, preset=preset, seed=seed, format=FORMAT,
                         dtype="bfloat16", written_by=f"grail-pipeline {__version__}", torch=torch.__version__,
@@ -93,6 +96,20 @@ def _write(path: Path, preset: str, seed: int) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def transformers_progress_off() -> Iterator[None]:
+    """transformers' per-shard "Loading weights" / "Writing model shards" bars off while we load or write a
+    checkpoint: our commands say what they do themselves, and a bar on stderr from every worker and check
+    process is noise in logs (and in what programs read)."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def checkpoint_metadata(path: str | os.PathLike[str]) -> dict:

@@ -9,18 +9,15 @@ where it has one (as `get_model` sets it), else the path or hub id.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
 
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.inference.checkpoints import checkpoint_metadata, dummy_checkpoint
+from grail_pipeline.inference.checkpoints import checkpoint_metadata, dummy_checkpoint, transformers_progress_off
 from grail_pipeline.inference.model_ref import ModelRef, parse_model_ref, unavailable
 from grail_pipeline.protocol.tokenizer import CHAT_TEMPLATE, builtin_tokenizer
 
@@ -115,24 +112,11 @@ def _load_pretrained(ref: ModelRef, source: str, dev: torch.device, dtype: torch
             raise UserError("GRAIL_MULTI_GPU=1 needs the 'accelerate' package (pip install accelerate)") from None
         kwargs["device_map"] = "auto"
     try:
-        with _quiet_loading():
+        with transformers_progress_off():
             net = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise unavailable(ref, exc) from None
     return net if multi else net.to(dev)
-
-
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """transformers' per-tensor "Loading weights" bar off while we load: our commands print their own progress,
-    and a bar on stderr in every worker and check process is noise in logs (and in JSON users)."""
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(model_ref: str) -> PreTrainedTokenizerFast:
