@@ -8,6 +8,7 @@ passed what the protocol's validator rejected.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -15,13 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from transformers import AutoModelForCausalLM
 
 from grail_pipeline.inference.checkpoints import DUMMY_SEED, checkpoint_metadata, dummy_checkpoint
 from grail_pipeline.inference.engine import SamplingParams
 from grail_pipeline.inference.fast_engine import FastEngine
 from grail_pipeline.inference.loading import load_model
-from grail_pipeline.proving.validator_process import ValidatorProcess
+from grail_pipeline.proving.validator_process import CheckUnavailable, ValidatorProcess
 
 SAMPLING = SamplingParams(eos_token_id=151645, pad_token_id=151643, max_new_tokens=8)
 
@@ -122,3 +124,29 @@ def test_the_validator_process_checks_on_its_own_model(honest_records) -> None:
     assert honest["rollouts_checked"] == honest["rollouts_passed"] == len(honest_records) == 4
     assert honest["positions_passed"] == honest["positions_checked"] > 0
     assert tampered["rollouts_passed"] == 0 and tampered["positions_passed"] == tampered["positions_checked"] - 1
+
+
+def test_an_unwritable_cache_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("GRAIL_PIPELINE_CACHE", str(blocker / "cache"))  # a directory that cannot be made
+    rc, out, err = run_cli(capsys, "benchmark", "--model", "dummy:tiny", "--device", "cpu", "--num-problems", "1")
+    assert rc == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("grail-pipeline benchmark: error: cannot write the dummy:tiny checkpoint to ")
+    assert "set GRAIL_PIPELINE_CACHE to a writable directory" in err
+
+
+def test_a_check_that_cannot_load_its_model_says_so_in_one_line(tmp_path: Path, capfd) -> None:
+    with ValidatorProcess(str(tmp_path / "no-checkpoint-here"), "cpu") as check:
+        with pytest.raises(CheckUnavailable, match=r"^the check process could not load .*no-checkpoint-here") as err:
+            check.verify([{}])
+    assert "\n" not in str(err.value)
+    assert "Traceback" not in capfd.readouterr().err  # nothing from the child either
+
+
+def test_the_benchmark_reports_a_check_that_could_not_run(tiny, honest_records, tmp_path: Path) -> None:
+    from grail_pipeline.tools.measurement import verify_independently
+
+    result = verify_independently(dataclasses.replace(tiny, source=str(tmp_path / "gone")), honest_records[:1])
+    assert result["model_path"] == str(tmp_path / "gone") and "could not load" in result["error"]
+    assert "rollouts_passed" not in result  # no pass rate is made up

@@ -34,7 +34,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.utils import logging as hf_logging
 
 from grail_pipeline import __version__
-from grail_pipeline.common.paths import cache_root
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.common.paths import ENV_CACHE, cache_root
 from grail_pipeline.inference.model_ref import DUMMY_PREFIX, PRESETS
 from grail_pipeline.protocol.tokenizer import builtin_tokenizer
 
@@ -64,13 +65,17 @@ def dummy_checkpoint(preset: str, seed: int = DUMMY_SEED, root: Path | None = No
     path = root / f"{preset}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (path / METADATA).is_file():
         return path
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{path.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process of this node may be writing it right now
-        if not (path / METADATA).is_file():
-            for stale in root.glob(f".{path.name}.*.tmp"):  # a writer killed half-way (we hold the lock)
-                shutil.rmtree(stale, ignore_errors=True)
-            _write(path, preset, seed)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / f".{path.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process of this node may be writing it right now
+            if not (path / METADATA).is_file():
+                for stale in root.glob(f".{path.name}.*.tmp"):  # a writer killed half-way (we hold the lock)
+                    shutil.rmtree(stale, ignore_errors=True)
+                _write(path, preset, seed)
+    except OSError as exc:  # an unwritable cache or a full disk: nothing half-written stays behind
+        raise UserError(f"cannot write the {DUMMY_PREFIX}{preset} checkpoint to {root} ({exc.strerror or exc}); "
+                        f"set {ENV_CACHE} to a writable directory with room for it") from None
     return path
 
 

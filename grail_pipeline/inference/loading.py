@@ -23,6 +23,7 @@ from grail_pipeline.protocol.tokenizer import CHAT_TEMPLATE, builtin_tokenizer
 
 log = logging.getLogger("grail_pipeline")
 
+
 @dataclass
 class LoadedModel:
     """A model ready for generation and proofs, with the name that goes into every commit.
@@ -91,7 +92,7 @@ def load_model(model: str, device: str = "auto") -> LoadedModel:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     attn = attention_implementation(dev)
     multi = dev.type == "cuda" and wants_multi_gpu()
-    source = str(dummy_checkpoint(ref.preset)) if ref.is_dummy and ref.preset else ref.raw
+    source = str(dummy_checkpoint(ref.preset)) if ref.preset else ref.raw
     net = _load_pretrained(ref, source, dev, dtype, attn, multi)
     net.eval()
     net.requires_grad_(False)

@@ -35,7 +35,7 @@ from grail_pipeline.mining.source import ProblemSource
 from grail_pipeline.mining.status import StatusFile
 from grail_pipeline.mining.workload import benchmark_window, warm_up
 from grail_pipeline.protocol.wallet import Signer
-from grail_pipeline.proving.validator_process import ValidatorProcess
+from grail_pipeline.proving.validator_process import CheckUnavailable, ValidatorProcess
 
 logger = logging.getLogger("grail_pipeline")
 
@@ -187,7 +187,12 @@ class Daemon:
                     if check is None:
                         loaded = self.runtime.loaded
                         check = ValidatorProcess(loaded.source, str(loaded.device))
-                    totals = await anyio.to_thread.run_sync(check.verify, records)
+                    try:
+                        totals = await anyio.to_thread.run_sync(check.verify, records)
+                    except CheckUnavailable as exc:  # mining goes on; the self-check stops, said once
+                        logger.error("window %d self-check not run, none from now on: %s", window_start, exc)
+                        await self._status(self_check={"window_start": window_start, "error": str(exc)})
+                        return
                     checked, passed = totals["rollouts_checked"], totals["rollouts_passed"]
                     rate = 100.0 * passed / checked if checked else 0.0
                     log = logger.info if passed == checked else logger.error

@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from grail_pipeline.common.worker_process import shelter
 
 _model: Any = None  # the worker's own model, once _start has run
+_failure: str | None = None  # why _start could not load it
+
+
+class CheckUnavailable(RuntimeError):
+    """The check could not run (its process could not load the model, or died): one line says why.
+
+    Not a verdict on the rollouts: the caller reports it and goes on (the daemon keeps mining)."""
 
 
 class ValidatorProcess:
@@ -36,7 +44,10 @@ class ValidatorProcess:
 
     def verify(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         """Totals of rollouts, positions and logprobs checked and passed, and the model path the check used."""
-        totals = self._executor.submit(_verify, records).result()
+        try:
+            totals = self._executor.submit(_verify, records).result()
+        except BrokenProcessPool:
+            raise CheckUnavailable(f"the check process for {self.source} died (out of host memory?)") from None
         return {**totals, "model_path": self.source}
 
     def close(self) -> None:
@@ -50,14 +61,22 @@ class ValidatorProcess:
 
 
 def _start(source: str, device: str) -> None:
+    """Load the model (heavy imports here, after the signals are sheltered); a failure is kept for `_verify`
+    to report as one line, since an initializer that raises breaks the pool with a traceback on stderr."""
     shelter()
-    from grail_pipeline.inference.loading import load_model
+    global _model, _failure
+    try:
+        from grail_pipeline.inference.loading import load_model
 
-    global _model
-    _model = load_model(source, device).model
+        _model = load_model(source, device).model
+    except Exception as exc:  # noqa: BLE001 - any load failure is the same for the caller: no check
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        _failure = f"the check process could not load {source} ({type(exc).__name__}: {reason})"
 
 
 def _verify(records: list[dict[str, Any]]) -> dict[str, int]:
     from grail_pipeline.proving.validator import verify_sample
 
+    if _failure is not None:
+        raise CheckUnavailable(_failure)
     return verify_sample(_model, records)

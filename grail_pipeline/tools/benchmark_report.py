@@ -110,7 +110,9 @@ def _results(console: Console, results: list["BatchResult"]) -> None:
             table.add_row(str(r.batch_size), *[r.status] + ["-"] * 8)
             continue
         verified = "-"
-        if r.verify:
+        if r.verify and "error" in r.verify:
+            verified = "not run"
+        elif r.verify:
             v = r.verify
             verified = f"{100 * v['rollouts_passed'] / max(1, v['rollouts_checked']):.1f} (n={v['rollouts_checked']})"
         table.add_row(str(r.batch_size), str(r.problems), str(r.rollouts), f"{r.seconds:.1f}",
@@ -119,7 +121,10 @@ def _results(console: Console, results: list["BatchResult"]) -> None:
     console.print(table)
     console.print("GPU(GB) = peak torch reserved (process total from NVML in brackets, where available). "
                   + SUCCESS_NOTE, style="dim")
-    checked = sorted({r.verify["model_path"] for r in results if r.ok and r.verify and "model_path" in r.verify})
+    for r in results:
+        if r.ok and r.verify and "error" in r.verify:
+            console.print(f"batch {r.batch_size}: proofs not re-verified: {r.verify['error']}", style="bold red")
+    checked = sorted({r.verify["model_path"] for r in results if r.ok and r.verify and "error" not in r.verify})
     if checked:
         console.print("Verified% = rollouts whose every sketch and logprob pass the validator's method, checked in a "
                       f"separate process on the model loaded from {', '.join(checked)}.", style="dim")

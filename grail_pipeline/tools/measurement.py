@@ -28,7 +28,7 @@ from grail_pipeline.mining.workload import benchmark_tasks, warm_up
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.wallet import Signer
 from grail_pipeline.proving.validator import verify_sample
-from grail_pipeline.proving.validator_process import ValidatorProcess
+from grail_pipeline.proving.validator_process import CheckUnavailable, ValidatorProcess
 
 
 @dataclass
@@ -174,7 +174,10 @@ def verify_independently(loaded: LoadedModel, records: list[dict]) -> dict:
     if not records:
         return {**verify_sample(loaded.model, []), "model_path": loaded.source}
     with ValidatorProcess(loaded.source, str(loaded.device)) as check:
-        return check.verify(records)
+        try:
+            return check.verify(records)
+        except CheckUnavailable as exc:  # the measurement stands; the report says the check did not run
+            return {"error": str(exc), "model_path": loaded.source}
 
 
 def _synchronize(runtime: Runtime) -> None:
