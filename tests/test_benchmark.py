@@ -102,7 +102,8 @@ def test_fast_engine_tables(fast_run, real_wallet) -> None:
     assert "cap 5120 rollouts/window = 14.2 rollouts/s" in projection
     assert "Score factor" in projection
     (proj,) = table_rows(out, "PROJECTED 4-WORKER THROUGHPUT")
-    assert proj[0] == "16" and float(proj[1]) == pytest.approx(4 * float(row[4]), abs=0.06)
+    # the projection is printed to 0.1 (±0.05) and the row to 0.01 (±0.005, times 4 workers)
+    assert proj[0] == "16" and float(proj[1]) == pytest.approx(4 * float(row[4]), abs=0.05 + 4 * 0.005 + 1e-9)
     best = [line for line in out.splitlines() if line.startswith("BEST:")]
     assert len(best) == 1 and best[0].startswith(f"BEST: batch_size=16 -> {row[4]} rollouts/s; with 4 workers: ~")
 
