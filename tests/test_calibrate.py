@@ -11,9 +11,12 @@ import yaml
 from conftest import run_cli
 
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.mining.rules import FAST_MAX_SLOTS
 from grail_pipeline.tools.calibration_file import load_calibrations, read_choice, save_entry
 from grail_pipeline.tools.calibration_sweep import (
-    MAX_FAST_SLOTS,
+    CPU_LENGTH_PROFILE,
+    CPU_PROBLEMS,
+    CPU_SIZES,
     MIN_GAIN,
     Row,
     choose,
@@ -49,14 +52,13 @@ def calibrate(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str,
 def test_cpu_calibration_adds_to_the_file(tmp_path, capsys) -> None:
     path = tmp_path / "calibration.yaml"
     path.write_text(OTHER_NODE)
-    rc, out, err = calibrate(capsys, *FAST_CPU, "--batch-sizes", "16,8", "--memory-gb", "64",
-                             "--calibration", str(path))
+    rc, out, err = calibrate(capsys, *FAST_CPU, "--memory-gb", "64", "--calibration", str(path))  # CPU sizes
     assert rc == 0, err
     calibrations = load_calibrations(path)
     assert read_choice(calibrations, path, "NVIDIA H100 80GB HBM3", "hf").batch_size == 16  # kept
     entry = calibrations["cpu"]["hf"]
     rows = entry["rows"]
-    assert [r["batch_size"] for r in rows] == [8, 16]  # measured smallest first
+    assert [r["batch_size"] for r in rows] == list(CPU_SIZES["hf"]) == [4, 16]  # the CPU's default, smallest first
     assert all(r["status"] == "ok" and r["rollouts"] == 16 and r["rollouts_per_s"] > 0 for r in rows)
     assert all(0.1 < r["peak_gb"] < 64 and r["reason"] for r in rows)
     fastest = max(rows, key=lambda r: r["rollouts_per_s"])
@@ -71,6 +73,7 @@ def test_cpu_calibration_adds_to_the_file(tmp_path, capsys) -> None:
     choice = read_choice(calibrations, path, "cpu", "hf")
     assert (choice.batch_size, choice.model, choice.attention) == (fastest["batch_size"], "dummy:tiny", "sdpa")
     assert "CHOSEN: batch size" in out and "rejected" in out and "high-water" in out
+    assert "batch sizes 4, 16 at most" in " ".join(out.split())
 
 
 def test_nothing_fits_leaves_the_file_alone(tmp_path, capsys) -> None:
@@ -88,7 +91,7 @@ def test_nothing_fits_leaves_the_file_alone(tmp_path, capsys) -> None:
     (["--memory-gb", "8", "--headroom-gb", "8"], "leaves nothing"),
     (["--memory-gb", "64", "--batch-sizes", "4,x"], "positive whole numbers"),
     (["--memory-gb", "lots"], "not a number"),
-    (["--memory-gb", "64", "--headroom-gb", "-1"], "must be positive"),
+    (["--memory-gb", "64", "--headroom-gb", "-1"], "cannot be negative"),
     (["--memory-gb", "64", "--engine", "fast", "--batch-sizes", "8"], "at least 16"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, message) -> None:
@@ -167,9 +170,14 @@ def test_nothing_fits() -> None:
 def test_sizes_and_work() -> None:
     assert list(default_sizes("hf")) == [1, 2, 4, 8, 16]
     fast = list(default_sizes("fast"))
-    assert fast[0] == 16 and fast[-1] == MAX_FAST_SLOTS and all(b == 2 * a for a, b in zip(fast, fast[1:]))
+    assert fast[0] == 16 and fast[-1] == FAST_MAX_SLOTS and all(b == 2 * a for a, b in zip(fast, fast[1:]))
     assert [problems_for(b, None) for b in (1, 16, 256)] == [2, 2, 32]  # two fills of the batch
     assert problems_for(256, 3) == 3
+    # on the CPU (issue #15: the GPU defaults ran past 14 minutes on 2 cores): two sizes, one problem each,
+    # short completions for dummy models
+    assert [list(default_sizes(e, on_gpu=False)) for e in ("hf", "fast")] == [[4, 16], [16, 32]]
+    assert problems_for(16, None, on_gpu=False) == CPU_PROBLEMS == 1 and problems_for(16, 3, on_gpu=False) == 3
+    assert CPU_LENGTH_PROFILE == "fixed:32"
 
 
 # --- calibration.yaml ------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ prompt limit), the batch-size list and the number types argparse checks.
 from __future__ import annotations
 
 import argparse
+import math
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.mining.lengths import W1_SPEC
@@ -31,6 +32,26 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, default_model: str) -
                              "(the W1 workload) for dummy models, natural for real weights")
     parser.add_argument("--max-prompt-tokens", type=positive_int, default=512,
                         help="longest prompt the fast engine reserves KV cache for")
+    parser.add_argument("--memory-gb", type=positive_float, default=None, metavar="N",
+                        help="cap this process's GPU memory at N GB (torch's per-process memory fraction, set before "
+                             "anything allocates), so a big card rehearses a smaller one (e.g. 24 on an H100); on the "
+                             "CPU nothing is capped (calibrate: the total memory to budget from)")
+
+
+def apply_memory_cap(args: argparse.Namespace) -> str | None:
+    """`--memory-gb` on the GPU: the cap, set now (call it before the model loads). On the CPU there is no
+    GPU memory to cap: the flag is ignored and the note to print about it is returned."""
+    if args.memory_gb is None:
+        return None
+    from grail_pipeline.inference.loading import resolve_device
+
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        return f"--memory-gb {args.memory_gb:g}: no GPU, nothing to cap (ignored on the CPU)"
+    from grail_pipeline.inference.devices import cap_process_memory
+
+    cap_process_memory(device, args.memory_gb)
+    return None
 
 
 def positive_int(text: str) -> int:
@@ -43,13 +64,38 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' cannot be negative")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A number; inf and nan are refused here (an infinite block time or drain broke the clock and PM2's file)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"'{text}' must be positive")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' cannot be negative")
     return value
 
 

@@ -17,12 +17,14 @@ from grail_pipeline.cli.arguments import (
     DEFAULT_BATCH_SIZES,
     FULL_BATCH_SIZES,
     add_runtime_arguments,
+    apply_memory_cap,
     parse_batch_sizes,
     positive_float,
     positive_int,
 )
 from grail_pipeline.cli.progress import rate_progress
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.mining.rules import check_block_time, check_writable
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.tools.projection import WindowSpec
 
@@ -53,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--warmup-problems cannot be negative")
     if args.verify < 0:
         raise UserError("--verify takes a positive number of rollouts")
-    spec = WindowSpec(blocks=args.window_blocks, block_time_s=args.block_time)
+    spec = WindowSpec(blocks=args.window_blocks, block_time_s=check_block_time(args.block_time))
+    if args.json and args.json != "-":
+        check_writable(args.json, "--json")  # before the run, not after it
     out = sys.stderr if args.json == "-" else sys.stdout
     explicit = parse_batch_sizes(args.batch_sizes) if args.batch_sizes is not None else None
     from grail_pipeline.mining.runtime import Runtime, preflight
@@ -63,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     from grail_pipeline.tools.measurement import BatchResult, measure_batch_size
 
     engine_kind = preflight(args, explicit)  # every flag is checked before anything slow happens
+    note = apply_memory_cap(args)  # before the model allocates anything
+    if note:
+        print(note, file=sys.stderr)
     if args.full_benchmark:
         sizes = FULL_BATCH_SIZES[engine_kind]
     else:

@@ -1,15 +1,19 @@
 """`grail-pipeline emit-pm2`: a PM2 ecosystem file with one miner per GPU, from calibration.yaml.
 
-The file is `tools.pm2`'s; this module reads the flags and writes the rendered file to stdout.
+The file is `tools.pm2`'s; this module reads the flags and writes the rendered file to stdout, or to --out
+atomically (a failed run leaves the old file as it was; `> file` would leave it empty, which the error says).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 
-from grail_pipeline.cli.arguments import positive_float, positive_int
+from grail_pipeline.cli.arguments import finite_float, nonnegative_int, positive_float, positive_int
+from grail_pipeline.common.atomic import write_atomically
+from grail_pipeline.common.errors import UserError
 from grail_pipeline.tools.pm2 import DEFAULT_DRAIN_S, KILL_MARGIN_S, NAME_PREFIX, TARGETS, build_context, render
 
 
@@ -34,9 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--wallet-hot", default=os.environ.get("BT_WALLET_HOT"), help="default $BT_WALLET_HOT")
     p.add_argument("--wallet-path", default=os.environ.get("BT_WALLET_PATH"),
                    help="default $BT_WALLET_PATH (unset: the miner's ~/.bittensor/wallets)")
-    p.add_argument("--safety-blocks", type=positive_int, default=6,
+    p.add_argument("--safety-blocks", type=nonnegative_int, default=6,
                    help="GRAIL_MINER_SAFETY_BLOCKS: stop generating this many blocks before the window ends "
-                        "(6 in the fork's production configs)")
+                        "(6 in the fork's production configs; 0 to 29)")
     p.add_argument("--flash-attention", choices=("0", "1"), default=None,
                    help="GRAIL_USE_FLASH_ATTENTION; default what the calibration ran with")
     p.add_argument("--cwd", default=None, help="working directory of every app; default the current one")
@@ -52,14 +56,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default=None, help="dry-run target: window and status files; default <cwd>/dry-run")
     p.add_argument("--block-time", type=positive_float, default=None,
                    help="dry-run target: seconds per simulated block (GRAIL_BLOCK_TIME; the daemon's default 12)")
-    p.add_argument("--genesis", type=float, default=None, metavar="UNIX_TIME",
+    p.add_argument("--genesis", type=finite_float, default=None, metavar="UNIX_TIME",
                    help="dry-run target: time of simulated block 0, shared by every worker so they mine the same "
                         "windows; default now (give every node's file the same value)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for every app, e.g. GRAIL_REDIS_URL=redis://hub:6379/0 (repeatable)")
+                   help="extra environment for every app, e.g. OMP_NUM_THREADS=8 (repeatable)")
+    p.add_argument("--redis-url", default=None, metavar="URL",
+                   help="GRAIL_REDIS_URL of every worker, for a fleet of several workers of one hotkey (default on one "
+                        "node: redis://127.0.0.1:6379/0; several nodes must give the hub's, the same on every node)")
+    p.add_argument("--redis-node", type=int, default=0, help="the node whose file runs the fleet's Redis (default 0)")
+    p.add_argument("--redis-app", action=argparse.BooleanOptionalAction, default=True,
+                   help="an app for redis-server on --redis-node (--no-redis-app: you run the server yourself)")
+    p.add_argument("--redis-server", default=None, metavar="PATH", help="the redis-server binary (default: on PATH)")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="write the file here, whole or not at all (default stdout)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    sys.stdout.write(render(build_context(args)))
+    try:
+        text = render(build_context(args))
+    except UserError as exc:
+        if args.out is None and _stdout_is_a_file():
+            raise UserError(f"{exc} (nothing was written: the file stdout goes to is left empty; "
+                            f"--out PATH keeps the previous file)") from None
+        raise
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        write_atomically(os.path.expanduser(args.out), text.encode("utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot write --out {args.out} ({exc.strerror or exc})") from None
     return 0
+
+
+def _stdout_is_a_file() -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # captured or closed stdout: no file to speak of
+        return False

@@ -4,6 +4,9 @@ The budget is total memory − headroom (the guide asks for 10–15 GB to load a
 sweep doubles the batch size and stops at an out-of-memory error, at a peak over the budget, or once a
 doubling adds less than MIN_GAIN; every size gets a verdict and a reason, and the result becomes one
 entry of calibration.yaml (`calibration_file`), which `emit-pm2` turns into each GPU's batch size.
+On the CPU (a rehearsal, not a GPU to size) the defaults are small: the GPU defaults ran for more than
+14 minutes on a 2-core machine before they were stopped (issue #15); two sizes of one problem each with
+32-token completions took 85 s on dummy:tiny there, most of it loading.
 Kept free of torch at import (the command's flags read its constants).
 """
 
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 from grail_pipeline import __version__
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.model_ref import parse_model_ref
+from grail_pipeline.mining.rules import FAST_MAX_SLOTS
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.tools.calibration_file import CPU_KIND
 
@@ -30,8 +34,10 @@ if TYPE_CHECKING:
     from grail_pipeline.tools.measurement import BatchResult
 
 MIN_GAIN = 0.02  # a doubling must add 2 % rollouts/s over the best so far, else the sweep stops
-MAX_FAST_SLOTS = 4096
 MIN_PROBLEMS = 2
+CPU_SIZES = {"hf": (4, 16), "fast": (16, 32)}
+CPU_PROBLEMS = 1
+CPU_LENGTH_PROFILE = "fixed:32"  # for dummy models on the CPU when --length-profile is not given
 GPU_PEAK = "GPU: the larger of torch's reserved peak and NVML's figure for this process"
 GPU_PEAK_NO_NVML = "GPU: torch's reserved peak (NVML has no per-process figure here)"
 CPU_PEAK = "CPU: the process's resident memory high-water mark (getrusage), not GPU memory"
@@ -61,7 +67,7 @@ class Row:
                     peak_gb=_round(self.peak_gb), gpu_reserved_gb=_round(r.gpu_reserved_gb),
                     gpu_process_gb=_round(r.gpu_process_gb), problems=r.problems, rollouts=r.rollouts,
                     dropped_groups=r.dropped_groups, seconds=round(r.seconds, 3),
-                    startup_seconds=round(r.startup_seconds, 3))
+                    startup_seconds=round(r.startup_seconds, 3), memory=r.memory)
 
 
 def _round(value: float | None) -> float | None:
@@ -75,17 +81,51 @@ def doubling(start: int, limit: int) -> Iterator[int]:
         size *= 2
 
 
-def default_sizes(engine_kind: str) -> Iterator[int]:
-    """hf: 1..16 (its generate batch never exceeds one problem's 16 rollouts); fast: 16 slots and up."""
+def default_sizes(engine_kind: str, on_gpu: bool = True) -> Iterator[int]:
+    """hf: 1..16 (its generate batch never exceeds one problem's 16 rollouts); fast: 16 slots and up;
+    on the CPU two sizes (CPU_SIZES)."""
+    if not on_gpu:
+        return iter(CPU_SIZES[engine_kind])
     group = PROFILE.rollouts_per_problem
-    return doubling(1, group) if engine_kind == "hf" else doubling(group, MAX_FAST_SLOTS)
+    return doubling(1, group) if engine_kind == "hf" else doubling(group, FAST_MAX_SLOTS)
 
 
-def problems_for(batch_size: int, fixed: int | None) -> int:
-    """Enough problems to fill the batch twice, so a large batch is not judged on its ramp and tail."""
+def problems_for(batch_size: int, fixed: int | None, on_gpu: bool = True) -> int:
+    """Enough problems to fill the batch twice, so a large batch is not judged on its ramp and tail
+    (on the CPU one: its figures rehearse the fleet, they size no GPU)."""
     if fixed is not None:
         return fixed
+    if not on_gpu:
+        return CPU_PROBLEMS
     return max(MIN_PROBLEMS, 2 * math.ceil(batch_size / PROFILE.rollouts_per_problem))
+
+
+SKIPPED = "skipped"
+
+
+def too_big(runtime: Runtime, batch_size: int, budget_gb: float) -> Row | None:
+    """A row for a size whose weights and KV cache alone exceed the budget (not run), else None.
+
+    Both are exact from shapes (inference/kv_cache.py), so the sweep need not build the engine to learn it.
+    """
+    from grail_pipeline.inference.kv_cache import kv_cache_bytes, positions_per_slot
+    from grail_pipeline.inference.memory import GB, module_bytes
+    from grail_pipeline.inference.models.decoder import Dims
+    from grail_pipeline.tools.measurement import BatchResult
+
+    model = runtime.loaded.model
+    weights = module_bytes(model)
+    kv = 0
+    if runtime.engine_kind == "fast":
+        dims = Dims.of(model.config)
+        kv = kv_cache_bytes(model.config.num_hidden_layers, batch_size, dims.kv_heads,
+                            positions_per_slot(runtime.max_prompt_tokens, runtime.sampling.max_new_tokens),
+                            dims.head_dim, runtime.loaded.dtype.itemsize)
+    if (weights + kv) / GB <= budget_gb:
+        return None
+    reason = (f"does not fit: weights {weights / GB:.2f} GB + KV cache {kv / GB:.2f} GB > budget {budget_gb:.2f} GB; "
+              f"not run")
+    return Row(BatchResult(batch_size=batch_size, status=SKIPPED), None, reason=reason)
 
 
 def sweep(measure: Callable[[int], Row], sizes: Iterable[int], budget_gb: float, grow: bool) -> list[Row]:
@@ -115,8 +155,10 @@ def choose(rows: list[Row], budget_gb: float) -> Row | None:
         r.verdict = "chosen" if r is best else "rejected"
         if r is best:
             r.reason = f"fastest that fits: peak {r.peak_gb:.2f} GB <= budget {budget_gb:.2f} GB"
+        elif r.result.status == SKIPPED:
+            pass  # too_big gave the reason
         elif not r.result.ok:
-            r.reason = f"{r.result.status}: ran out of memory; larger sizes not tried"
+            r.reason = f"{r.result.status}: does not fit, ran out of memory; larger sizes not tried"
         elif not r.result.rollouts:
             r.reason = "no rollouts (every group dropped)"
         elif r.peak_gb is None or r.peak_gb > budget_gb:
@@ -189,7 +231,8 @@ def calibration_entry(args: argparse.Namespace, runtime: Runtime, budget: Budget
         attention=runtime.loaded.attn_implementation,
         dtype=str(runtime.loaded.dtype).removeprefix("torch."),
         memory=dict(headroom_gb=budget.headroom_gb, budget_gb=round(budget.budget_gb, 3), peak=peak_source),
-        workload=dict(problems_per_size=args.num_problems or f"max({MIN_PROBLEMS}, two fills of the batch)",
+        workload=dict(problems_per_size=args.num_problems or (f"max({MIN_PROBLEMS}, two fills of the batch)"
+                                                              if budget.gpu_name != CPU_KIND else CPU_PROBLEMS),
                       warmup_problems=args.warmup_problems, rollouts_per_problem=PROFILE.rollouts_per_problem,
                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=runtime.max_prompt_tokens,
                       length_profile=runtime.lengths.spec, seed=args.seed),
