@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 from typing import Any
 
@@ -102,10 +103,19 @@ def test_prove_unbatched_format(model, honest) -> None:
 
 
 def test_honest_rollout_passes_everywhere(model, honest) -> None:
-    result = verify_rollout(model, honest)
-    assert result == VerifyResult(positions_checked=64, positions_passed=64, logprobs_checked=40,
-                                  logprobs_passed=40, signature_ok=True, problems=[])
+    result = verify_rollout(model, honest, eos_id=honest["commit"]["tokens"][-1])
+    counts = VerifyResult(positions_checked=64, positions_passed=64, logprobs_checked=40, logprobs_passed=40,
+                          signature_ok=True, problems=[])
+    assert (result.positions_checked, result.positions_passed, result.logprobs_checked, result.logprobs_passed,
+            result.signature_ok, result.problems) == (counts.positions_checked, counts.positions_passed,
+                                                      counts.logprobs_checked, counts.logprobs_passed,
+                                                      counts.signature_ok, counts.problems)
     assert result.passed and result.pass_rate == 1.0
+    assert result.sketch_ok == [True] * 64 and result.logprob_ok == [True] * 40
+    # what F's termination and distribution checks read: probabilities from the same forward
+    lps = honest["commit"]["rollout"]["token_logprobs"][PROMPT_LEN:]
+    assert result.chosen_probs == pytest.approx([math.exp(lp) for lp in lps], rel=1e-4)
+    assert result.eos_probability == pytest.approx(math.exp(lps[-1]), rel=1e-4)  # softmax(logits[-2])[last]
 
 
 def test_changed_token_fails(model, honest, signer) -> None:

@@ -53,6 +53,23 @@ class SamplingDefaults:
 
 
 @dataclass(frozen=True)
+class ValidatorRules:
+    """How F's validator samples a window file and judges its rollouts beyond the proof
+    (F `miner_validator.py`, `validators/schema.py`, `validators/distribution.py`; grail-protocol.md §5)."""
+
+    check_all_max_rollouts: int = 20  # files with at most this many rollouts are checked whole
+    group_sample_rate: float = 0.10  # otherwise this fraction of the groups ...
+    max_sampled_rollouts: int = 32  # ... but at most this many rollouts' worth of whole groups (2 of 16)
+    soft_fail_fraction: float = 0.51  # the miner is gated when soft fails >= ceil(this * checked)
+    min_sequence_tokens: int = 10  # the schema's minimum len(tokens)
+    distribution_min_steps: int = 30  # fewer chosen-token probabilities: "insufficient" (a soft fail)
+    distribution_median_max: float = 0.30  # suspicious if the median is <= this
+    distribution_min_prob: float = 1e-5  # suspicious if any probability is <= this
+    distribution_q10_max: float = 0.025  # suspicious if the 10th percentile (overall or early) is <= this
+    distribution_initial_steps: int = 50  # the early window for the second q10
+
+
+@dataclass(frozen=True)
 class ProtocolProfile:
     """One version of the GRAIL mining protocol."""
 
@@ -77,10 +94,13 @@ class ProtocolProfile:
     logprob_rel_tol: float
     logprob_max_mismatches: int
     min_eos_probability: float
+    upload_deadline_slack_s: float  # the deadline is the chain time of block window_start + window length, minus this
+    min_file_bytes: int  # the validator skips smaller window files
     unique_rollouts_cap_per_window: int
     superlinear_exponent: float
     sat: SatRules = field(default_factory=SatRules)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    validator: ValidatorRules = field(default_factory=ValidatorRules)
     system_prompt: str = SYSTEM_PROMPT
     env_seed_domain: bytes = b"seed|"  # problem seed = sha256(domain + b"hotkey:block_hash:index")[:4 bytes]
 
@@ -92,6 +112,10 @@ class ProtocolProfile:
         """The validator's position-dependent sketch tolerance."""
         decay = self.position_importance_decay
         return int(self.sketch_tolerance * (2.0 - 1.0 / (1.0 + position / decay)))
+
+    def window_file_name(self, hotkey: str, window_start: int) -> str:
+        """The object key's file name the validator looks for: one file per hotkey and window."""
+        return f"{hotkey}-window-{window_start}.parquet"
 
     def nonce(self, problem_index: int, rollout_index: int) -> int:
         return problem_index * self.nonce_stride + rollout_index
@@ -119,6 +143,8 @@ V1 = ProtocolProfile(
     logprob_rel_tol=0.02,
     logprob_max_mismatches=1,
     min_eos_probability=0.02,
+    upload_deadline_slack_s=4.0,
+    min_file_bytes=200,
     unique_rollouts_cap_per_window=5120,
     superlinear_exponent=4.0,
 )

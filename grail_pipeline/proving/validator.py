@@ -4,10 +4,15 @@ The validator (F `validators/proof.py`, `logprobs_valid`) runs one unbatched, un
 per rollout and compares its own last hidden layer, at the miner's top-k indices, with the miner's
 sketches at 16 random completion positions. We check every position and every completion logprob,
 so a fast prover's output can be measured against exactly this method before a validator sees it.
+The same forward also gives what F's other model checks read (`validators/termination.py`,
+`distribution.py`): the EOS probability at the step before the last token and the chosen-token
+probabilities; `termination_problem`, `distribution_problem` and `challenged_problem` apply F's rules
+to them, so `verify` can judge a rollout both as F does (16 challenged positions) and at every position.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +25,7 @@ from grail_pipeline.protocol.profile import PROFILE, ProtocolProfile
 from grail_pipeline.protocol.sketches import (
     commit_binding,
     commitments_to_dicts,
+    indices_from_root,
     r_vec,
     sketch_at_indices,
     sketch_distance,
@@ -75,6 +81,10 @@ class VerifyResult:
     logprobs_passed: int = 0
     signature_ok: bool = False
     problems: list[str] = field(default_factory=list)
+    sketch_ok: list[bool] = field(default_factory=list)  # per position, prompt included
+    logprob_ok: list[bool] = field(default_factory=list)  # per completion position (index 0 = prompt_length)
+    eos_probability: float | None = None  # softmax(logits[-2])[eos] at T = 1, when an EOS id was given
+    chosen_probs: list[float] = field(default_factory=list)  # softmax(logits[t-1])[tokens[t]] over the completion
 
     @property
     def passed(self) -> bool:
@@ -105,6 +115,11 @@ def structure_problems(record: dict[str, Any], profile: ProtocolProfile) -> list
     if rollout["completion_length"] < profile.min_completion_tokens:
         problems.append(f"completion of {rollout['completion_length']} tokens is shorter than "
                         f"{profile.min_completion_tokens}")
+    if rollout["completion_length"] > profile.max_completion_tokens:
+        problems.append(f"completion of {rollout['completion_length']} tokens is longer than the maximum "
+                        f"{profile.max_completion_tokens}")
+    if n < profile.validator.min_sequence_tokens:
+        problems.append(f"{n} tokens, fewer than the schema's {profile.validator.min_sequence_tokens}")
     if any(len(c["indices"]) != profile.proof_topk for c in commit["commitments"]):
         problems.append(f"commitments without {profile.proof_topk} indices")
     if not _HEX.fullmatch(commit["beacon"]["randomness"]):
@@ -124,8 +139,13 @@ def signature_problems(record: dict[str, Any]) -> list[str]:
     return problems
 
 
-def verify_rollout(model: PreTrainedModel, record: dict[str, Any], profile: ProtocolProfile = PROFILE) -> VerifyResult:
-    """Check a rollout record as the validator's proof and logprob checks do, at every position."""
+def verify_rollout(model: PreTrainedModel, record: dict[str, Any], profile: ProtocolProfile = PROFILE,
+                   eos_id: int | None = None) -> VerifyResult:
+    """Check a rollout record as the validator's proof and logprob checks do, at every position.
+
+    The token ids must lie in [0, vocab size) (F's tokens_valid, which runs first): the forward
+    cannot embed others. With `eos_id`, the EOS probability for the termination check is kept too.
+    """
     structure = structure_problems(record, profile)
     if structure:
         return VerifyResult(problems=structure)  # malformed: nothing sensible to recompute or verify
@@ -155,6 +175,11 @@ def verify_rollout(model: PreTrainedModel, record: dict[str, Any], profile: Prot
     logprob_ok = (delta <= profile.logprob_abs_tol) | (delta <= profile.logprob_rel_tol * expected.abs())
     result.logprobs_checked = len(expected)
     result.logprobs_passed = int(logprob_ok.sum())
+    result.sketch_ok = sketch_ok.tolist()
+    result.logprob_ok = logprob_ok.tolist()
+    result.chosen_probs = expected.exp().tolist()
+    if eos_id is not None and len(tokens) >= 2:
+        result.eos_probability = float(torch.softmax(logits[-2].float(), dim=-1)[eos_id])
 
     if result.positions_passed < result.positions_checked:
         first = int((~sketch_ok).nonzero()[0])
@@ -165,6 +190,83 @@ def verify_rollout(model: PreTrainedModel, record: dict[str, Any], profile: Prot
         result.problems.append(f"{result.logprobs_checked - result.logprobs_passed} of {result.logprobs_checked} "
                                f"logprobs outside tolerance (first at position {first})")
     return result
+
+
+def challenged_problem(result: VerifyResult, record: dict[str, Any], challenge_randomness: str,
+                       profile: ProtocolProfile = PROFILE) -> str | None:
+    """F's verdict on a verified rollout: the sketches at its 16 challenged completion positions all within
+    tolerance, and at most `logprob_max_mismatches` of the logprobs there outside it (None: it passes).
+
+    The positions come from `challenge_randomness` (the validator's window randomness) and the tokens.
+    """
+    if not result.sketch_ok:
+        return "; ".join(result.problems) or "not verified"
+    commit = record["commit"]
+    tokens, prompt_length = commit["tokens"], commit["rollout"]["prompt_length"]
+    positions = indices_from_root(tokens, challenge_randomness, prompt_length, len(tokens), profile.challenge_k)
+    sketches = [p for p in positions if not result.sketch_ok[p]]
+    logprobs = [p for p in positions if not result.logprob_ok[p - prompt_length]]
+    problems = []
+    if sketches:
+        problems.append(f"{len(sketches)} of {len(positions)} challenged sketches outside tolerance "
+                        f"(first at position {sketches[0]})")
+    if len(logprobs) > profile.logprob_max_mismatches:
+        problems.append(f"{len(logprobs)} of {len(positions)} challenged logprobs outside tolerance "
+                        f"(at most {profile.logprob_max_mismatches} allowed)")
+    return "; ".join(problems) or None
+
+
+def termination_problem(record: dict[str, Any], eos_id: int, eos_probability: float | None,
+                        profile: ProtocolProfile = PROFILE) -> str | None:
+    """F's termination_valid: a completion of exactly the maximum length, or one whose last token is EOS
+    with a raw (T = 1) probability of at least `min_eos_probability` at the step before (None: it passes)."""
+    commit = record["commit"]
+    length, maximum = commit["rollout"]["completion_length"], profile.max_completion_tokens
+    if length > maximum:
+        return f"completion of {length} tokens is longer than the maximum {maximum}"
+    if length == maximum:
+        return None
+    if commit["tokens"][-1] != eos_id:
+        return f"ends with token {commit['tokens'][-1]}, not EOS ({eos_id}), before the maximum length {maximum}"
+    if eos_probability is None or eos_probability < profile.min_eos_probability:
+        shown = "unknown" if eos_probability is None else f"{eos_probability:.3g}"
+        return f"EOS probability {shown} at the step before, under {profile.min_eos_probability}"
+    return None
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """numpy's default (linear) quantile, as F computes it."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def distribution_problem(chosen_probs: Sequence[float], profile: ProtocolProfile = PROFILE) -> str | None:
+    """F's soft token_distribution_valid over the chosen-token probabilities of a completion (None: it passes).
+
+    Suspicious when there are too few steps, or the median, the minimum, the 10th percentile or the
+    10th percentile of the first steps is at or under F's threshold; the reason names every one that is.
+    """
+    rules = profile.validator
+    n = len(chosen_probs)
+    if n < rules.distribution_min_steps:
+        return f"insufficient: {n} completion steps, fewer than {rules.distribution_min_steps}"
+    median, low = _quantile(chosen_probs, 0.5), min(chosen_probs)
+    q10 = _quantile(chosen_probs, 0.10)
+    q10_initial = _quantile(chosen_probs[:rules.distribution_initial_steps], 0.10)
+    reasons = []
+    if median <= rules.distribution_median_max:
+        reasons.append(f"median {median:.3g} <= {rules.distribution_median_max}")
+    if low <= rules.distribution_min_prob:
+        reasons.append(f"min {low:.3g} <= {rules.distribution_min_prob}")
+    if q10 <= rules.distribution_q10_max:
+        reasons.append(f"q10 {q10:.3g} <= {rules.distribution_q10_max}")
+    if q10_initial <= rules.distribution_q10_max:
+        reasons.append(f"q10 of the first {rules.distribution_initial_steps} steps {q10_initial:.3g} "
+                       f"<= {rules.distribution_q10_max}")
+    return ("suspicious: " + ", ".join(reasons)) if reasons else None
 
 
 def verify_sample(model: PreTrainedModel, records: Sequence[dict[str, Any]]) -> dict[str, int]:
