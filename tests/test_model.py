@@ -133,7 +133,8 @@ def test_multi_gpu_needs_the_variable_and_several_gpus() -> None:
 
 def test_unknown_preset_is_a_user_error() -> None:
     with pytest.raises(UserError, match=r"unknown model preset 'dummy:nope' \(known: dummy:qwen2.5-3b, "
-                                        r"dummy:qwen2.5-0.5b, dummy:tiny\)"):
+                                        r"dummy:qwen2.5-0.5b, dummy:qwen3-4b, dummy:llama3-1b, dummy:tiny, "
+                                        r"dummy:tiny-qwen3, dummy:tiny-llama\)"):
         load_model("dummy:nope", "cpu")
     with pytest.raises(UserError, match="--model is empty"):
         load_model("  ", "cpu")
@@ -167,7 +168,8 @@ def test_model_refs() -> None:
     hub = parse_model_ref("Qwen/Qwen2.5-3B-Instruct")
     assert (hub.kind, hub.preset, hub.is_dummy) == ("hub", None, False)
     assert parse_model_ref(" dummy:qwen2.5-3b ").raw == "dummy:qwen2.5-3b"
-    assert PRESETS.keys() == {"qwen2.5-3b", "qwen2.5-0.5b", "tiny"}
+    assert PRESETS.keys() == {"qwen2.5-3b", "qwen2.5-0.5b", "qwen3-4b", "llama3-1b", "tiny", "tiny-qwen3",
+                              "tiny-llama"}
 
 
 # The architecture each preset stands for (DESIGN.md §3 for W1), and what every Qwen2.5 checkpoint shares. The

@@ -13,13 +13,14 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, Phi3Config
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.checkpoints import dummy_config
 from grail_pipeline.inference.engine import SamplingParams
 from grail_pipeline.inference.fast_engine import FastEngine
 from grail_pipeline.inference.loading import LoadedModel, load_model
+from grail_pipeline.inference.models import decoder as decoder_module
 from grail_pipeline.inference.models import family_for, find_family, qwen2
 from grail_pipeline.proving.prefix import PrefixProver, supports_prefix_proofs
 from grail_pipeline.proving.proofs import ProofJob
@@ -27,11 +28,11 @@ from grail_pipeline.proving.proofs import ProofJob
 SAMPLING = SamplingParams(eos_token_id=151645, pad_token_id=151643, max_new_tokens=8)
 
 
-def small_llama() -> LoadedModel:
-    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
+def small_phi3() -> LoadedModel:
+    config = Phi3Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    return LoadedModel(model, "llama", torch.device("cpu"), torch.float32, "sdpa", source="llama")
+    return LoadedModel(model, "phi3", torch.device("cpu"), torch.float32, "sdpa", source="phi3")
 
 
 def test_qwen2_configs_find_the_qwen2_family_before_any_weights_load() -> None:
@@ -40,23 +41,23 @@ def test_qwen2_configs_find_the_qwen2_family_before_any_weights_load() -> None:
 
 
 def test_other_families_are_refused_with_the_reason() -> None:
-    llama = LlamaConfig()
-    assert find_family(llama) is None and qwen2.unsupported(llama) == "model type 'llama'"
+    phi3 = Phi3Config()
+    assert find_family(phi3) is None and qwen2.unsupported(phi3) == "model type 'phi3'"
     with pytest.raises(UserError) as err:
-        family_for(llama)
-    assert str(err.value) == "the fast engine runs Qwen2 models; 'llama' needs --engine hf"
+        family_for(phi3)
+    assert str(err.value) == "the fast engine runs Qwen2, Qwen3 and Llama models; 'phi3' needs --engine hf"
     sliding = dummy_config("tiny")
     sliding.use_sliding_window = True
-    with pytest.raises(UserError, match=r"^the fast engine runs Qwen2 models; 'qwen2' needs --engine hf "
+    with pytest.raises(UserError, match=r"^the fast engine runs Qwen2, Qwen3 and Llama models; 'qwen2' needs --engine hf "
                                         r"\(sliding-window attention\)$"):
         family_for(sliding)
 
 
 def test_the_fast_engine_refuses_a_model_without_a_family_and_the_prefix_prover_steps_aside(tiny) -> None:
-    llama = small_llama()
-    with pytest.raises(UserError, match="the fast engine runs Qwen2 models; 'llama' needs --engine hf"):
-        FastEngine(llama, SAMPLING, slots=2)
-    assert not supports_prefix_proofs(llama)
+    phi3 = small_phi3()
+    with pytest.raises(UserError, match="the fast engine runs Qwen2, Qwen3 and Llama models; 'phi3' needs --engine hf"):
+        FastEngine(phi3, SAMPLING, slots=2)
+    assert not supports_prefix_proofs(phi3)
     assert supports_prefix_proofs(tiny)
     assert not supports_prefix_proofs(dataclasses.replace(tiny, attn_implementation="eager"))
 
@@ -69,17 +70,20 @@ def test_fusing_makes_the_modules_views_of_the_engine_storage_and_twice_changes_
     before = {name: p.clone() for name, p in model.state_dict().items()}
     expected_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
 
-    first = qwen2.fuse_weights(model)
+    first = decoder_module.fuse_weights(model)
     layer = first.layers[0]
     assert torch.equal(layer.qkv_w, expected_qkv)
     assert attn.q_proj.weight.data_ptr() == layer.qkv_w.data_ptr()
     assert attn.v_proj.bias.data_ptr() + attn.v_proj.bias.numel() * 4 == layer.qkv_b.data_ptr() + layer.qkv_b.nbytes
     assert mlp.up_proj.weight.data_ptr() == layer.gate_up_w[mlp.gate_proj.out_features:].data_ptr()
 
-    second = qwen2.fuse_weights(model)  # a second engine on the same model: the same storage, no copy
+    second = decoder_module.fuse_weights(model)  # a second engine on the same model: the same storage, no copy
     for a, b in zip(first.layers, second.layers, strict=True):
         for field in dataclasses.fields(a):
             x, y = getattr(a, field.name), getattr(b, field.name)
+            if x is None:  # Qwen2 has no q/k norms
+                assert y is None
+                continue
             assert x.data_ptr() == y.data_ptr() and x.shape == y.shape and torch.equal(x, y)
     for name, p in model.state_dict().items():
         assert torch.equal(p, before[name]), name
@@ -107,21 +111,27 @@ def test_the_prover_gives_the_same_bits_on_a_fused_and_a_fresh_model() -> None:
             assert a.token_logprobs == b.token_logprobs
 
 
-def test_row_functions_are_every_norm_and_product_the_prover_calls(tiny) -> None:
-    decoder = tiny.model.get_decoder()
-    functions = qwen2.row_functions(decoder)
+@pytest.fixture(scope="module", params=["tiny", "tiny-qwen3", "tiny-llama"])
+def each_family(request) -> LoadedModel:
+    """The tiny preset of each family (Qwen2, Qwen3, Llama), float32 on the CPU."""
+    return load_model(f"dummy:{request.param}", device="cpu")
+
+
+def test_row_functions_are_every_norm_and_product_the_prover_calls(each_family) -> None:
+    decoder = each_family.model.get_decoder()
+    functions = [f.module for f in decoder_module.row_functions(decoder)]
     layer = decoder.layers[0]
     per_row = [m for m in layer.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__.endswith("RMSNorm")]
     assert {id(m) for m in functions} == {id(m) for m in per_row} | {id(decoder.norm)}
     assert len(functions) == len(per_row) + 1
 
 
-def test_the_prover_rows_are_the_transformers_forward(tiny) -> None:
-    """`validator_rows` with causal attention gives transformers' last hidden state bit for bit."""
-    decoder = tiny.model.get_decoder()
+def test_the_prover_rows_are_the_transformers_forward(each_family) -> None:
+    """`validator_rows` with causal attention gives transformers' last hidden state bit for bit, per family."""
+    decoder = each_family.model.get_decoder()
     ids = torch.tensor([[5, 17, 3000, 42, 7, 151000, 9]])
-    head_dim = qwen2.Dims.of(tiny.model.config).head_dim
-    cos, sin = qwen2.rotary_tables(decoder, ids.shape[1], tiny.dtype, tiny.device)
+    head_dim = decoder_module.Dims.of(each_family.model.config).head_dim
+    cos, sin = decoder_module.rotary_tables(decoder, ids.shape[1], each_family.dtype, each_family.device)
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
@@ -131,5 +141,5 @@ def test_the_prover_rows_are_the_transformers_forward(tiny) -> None:
 
     with torch.inference_mode():
         expected = decoder(input_ids=ids).last_hidden_state[0]
-        got = qwen2.validator_rows(decoder, decoder.embed_tokens(ids[0]), cos, sin, head_dim, attend)
+        got = decoder_module.validator_rows(decoder, decoder.embed_tokens(ids[0]), cos, sin, head_dim, attend)
     assert torch.equal(got, expected)

@@ -14,10 +14,23 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.inference.checkpoints import checkpoint_metadata, dummy_checkpoint, transformers_progress_off
+from grail_pipeline.inference.checkpoints import (
+    checkpoint_metadata,
+    checkpoint_window_of,
+    dummy_checkpoint,
+    dummy_config,
+    transformers_progress_off,
+)
 from grail_pipeline.inference.model_ref import ModelRef, parse_model_ref, unavailable
 from grail_pipeline.protocol.tokenizer import CHAT_TEMPLATE, builtin_tokenizer
 
@@ -38,6 +51,7 @@ class LoadedModel:
     dtype: torch.dtype
     attn_implementation: str
     source: str
+    checkpoint_window: int = 0  # metadata.json `window`: every rollout mined with this model names it
 
     @property
     def vocab_size(self) -> int:
@@ -85,6 +99,17 @@ def wants_multi_gpu(env: dict[str, str] | None = None) -> bool:
     return env.get("GRAIL_MULTI_GPU", "0") == "1" and torch.cuda.device_count() > 1
 
 
+def load_config(model: str) -> PreTrainedConfig:
+    """The transformers config of a `--model` value without its weights: what the engine choice reads first."""
+    ref = parse_model_ref(model)
+    if ref.preset:
+        return dummy_config(ref.preset)
+    try:
+        return AutoConfig.from_pretrained(ref.raw)
+    except Exception as exc:  # OSError, ValueError, hub errors: all mean "not loadable here"
+        raise unavailable(ref, exc) from None
+
+
 def load_model(model: str, device: str = "auto") -> LoadedModel:
     """Load `--model` for inference: bf16 on GPU, float32 on CPU, eval mode, no gradients."""
     ref = parse_model_ref(model)
@@ -96,10 +121,12 @@ def load_model(model: str, device: str = "auto") -> LoadedModel:
     net = _load_pretrained(ref, source, dev, dtype, attn, multi)
     net.eval()
     net.requires_grad_(False)
-    name = str(checkpoint_metadata(source).get("model_name") or net.name_or_path or ref.raw)
+    metadata = checkpoint_metadata(source)
+    name = str(metadata.get("model_name") or net.name_or_path or ref.raw)
     if multi:
         dev = torch.device("cuda:0")  # inputs go to the first shard
-    return LoadedModel(model=net, name=name, device=dev, dtype=dtype, attn_implementation=attn, source=source)
+    return LoadedModel(model=net, name=name, device=dev, dtype=dtype, attn_implementation=attn, source=source,
+                       checkpoint_window=checkpoint_window_of(metadata))
 
 
 def _load_pretrained(ref: ModelRef, source: str, dev: torch.device, dtype: torch.dtype, attn: str,
@@ -129,6 +156,9 @@ def load_tokenizer(model_ref: str) -> PreTrainedTokenizerFast:
         tokenizer = AutoTokenizer.from_pretrained(ref.raw)
     except Exception as exc:  # OSError, ValueError, hub errors: all mean "not loadable here"
         raise unavailable(ref, exc) from exc
+    if len(tokenizer) <= 1 or tokenizer.eos_token_id is None:  # what a directory without tokenizer files loads
+        raise UserError(f"model '{ref.raw}' has no tokenizer ({len(tokenizer)} token(s) loaded): the checkpoint "
+                        f"needs its tokenizer files (tokenizer.json, tokenizer_config.json)")
     tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -7,6 +7,8 @@ the daemon runs.
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,11 +18,19 @@ from transformers import PreTrainedTokenizerBase
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.engine import Engine, SamplingParams
-from grail_pipeline.inference.loading import LoadedModel, load_model, load_tokenizer, resolve_device, wants_multi_gpu
-from grail_pipeline.inference.model_ref import parse_model_ref
-from grail_pipeline.mining.lengths import W1_SPEC, LengthProfile, parse_length_profile
+from grail_pipeline.inference.loading import (
+    LoadedModel,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    wants_multi_gpu,
+)
+from grail_pipeline.inference.models import family_for, why_not_fast
+from grail_pipeline.mining.lengths import LengthProfile
 from grail_pipeline.mining.messages import ProvedGroup, SignedGroup
 from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
+from grail_pipeline.mining.rules import check_batch_size, check_workload, checked_length_profile
 from grail_pipeline.mining.signing import GroupSigner, SigningPool
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.wallet import Signer
@@ -29,47 +39,40 @@ from grail_pipeline.proving.prefix import PrefixProver, supports_prefix_proofs
 from grail_pipeline.proving.proofs import Prover
 from grail_pipeline.proving.reference import ReferenceProver
 
+log = logging.getLogger("grail_pipeline")
 
-def resolve_engine(kind: str, device: torch.device) -> str:
-    """`auto` is the fast engine on a GPU and hf on the CPU; one model over several GPUs is hf only."""
+
+def resolve_engine(kind: str, device: torch.device, model: str) -> str:
+    """`auto` is the fast engine on a GPU and hf on the CPU; one model over several GPUs is hf only, and so is
+    a model no family of the fast engine runs (inference/models/; read from its config, before any weights).
+    `--engine fast` for such a model is a user error, `auto` falls back to hf and says why in one line."""
     spread = device.type == "cuda" and wants_multi_gpu()
     if kind == "auto":
-        return "fast" if device.type == "cuda" and not spread else "hf"
+        if device.type != "cuda" or spread:
+            return "hf"
+        why = why_not_fast(load_config(model))
+        if why is not None:
+            _say_once(f"--engine auto: using the hf engine, since {why}")
+            return "hf"
+        return "fast"
     if kind == "fast" and spread:
         raise UserError("GRAIL_MULTI_GPU=1 spreads one model over every GPU, and the fast engine runs on one: "
                         "use --engine hf, or one worker per GPU without GRAIL_MULTI_GPU")
+    if kind == "fast":
+        family_for(load_config(model))
     return kind
 
 
-def check_batch_size(engine_kind: str, batch_size: int) -> None:
-    """The fast engine's batch size is its decode slots: at least one problem's rollouts."""
-    if engine_kind == "fast" and batch_size < PROFILE.rollouts_per_problem:
-        raise UserError(f"the fast engine's batch size is its number of decode slots and must be at least "
-                        f"{PROFILE.rollouts_per_problem} (one problem's rollouts); got {batch_size}")
-
-
-def length_profile_for(model: str, spec: str | None) -> LengthProfile:
-    """W1 lengths for dummy models (they never stop by themselves), the model's own otherwise."""
-    if spec is None:
-        spec = W1_SPEC if parse_model_ref(model).is_dummy else "natural"
-    return parse_length_profile(spec)
-
-
-def checked_length_profile(model: str, spec: str | None, max_new_tokens: int) -> LengthProfile:
-    """The run's length profile; one that draws more tokens than --max-new-tokens allows is a user error."""
-    lengths = length_profile_for(model, spec)
-    longest = lengths.longest
-    if longest is not None and longest > max_new_tokens:
-        raise UserError(f"length profile '{lengths.spec}' draws up to {longest} tokens, "
-                        f"more than --max-new-tokens {max_new_tokens}")
-    return lengths
+@functools.cache
+def _say_once(line: str) -> None:
+    """A warning logged once per process (the engine is resolved before the model loads and again after)."""
+    log.warning("%s", line)
 
 
 def preflight(args: argparse.Namespace, batch_sizes: list[int] | None) -> str:
     """Check the shared flags (and any batch sizes) before anything slow; returns the engine kind."""
-    engine_kind = resolve_engine(args.engine, resolve_device(args.device))
-    checked_length_profile(args.model, args.length_profile, args.max_new_tokens)
-    parse_model_ref(args.model)
+    engine_kind = resolve_engine(args.engine, resolve_device(args.device), args.model)
+    check_workload(args.model, args.length_profile, args.max_new_tokens, args.max_prompt_tokens)
     for size in batch_sizes or []:
         check_batch_size(engine_kind, size)
     return engine_kind
@@ -95,11 +98,11 @@ class Runtime:
     def from_args(cls, args: argparse.Namespace) -> "Runtime":
         lengths = checked_length_profile(args.model, args.length_profile, args.max_new_tokens)
         tokenizer = load_tokenizer(args.model)
+        engine_kind = resolve_engine(args.engine, resolve_device(args.device), args.model)  # before the weights
         loaded = load_model(args.model, args.device)
         sampling = SamplingParams(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                   max_new_tokens=args.max_new_tokens)
-        return cls(loaded, tokenizer, resolve_engine(args.engine, loaded.device), sampling, lengths,
-                   args.max_prompt_tokens)
+        return cls(loaded, tokenizer, engine_kind, sampling, lengths, args.max_prompt_tokens)
 
     def check_batch_size(self, batch_size: int) -> None:
         check_batch_size(self.engine_kind, batch_size)
