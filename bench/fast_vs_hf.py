@@ -25,7 +25,11 @@ from grail_pipeline.tools.benchmark_report import environment
 from grail_pipeline.tools.measurement import measure_batch_size
 from grail_pipeline.tools.projection import WindowSpec
 
-KV_BYTES_PER_TOKEN = 36 * 2 * 2 * 128 * 2  # layers × (K, V) × kv heads × head dim × bf16
+
+def kv_bytes_per_token(config) -> int:
+    """layers × (K, V) × kv heads × head dim × bf16, from the model's config (any family)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2
 
 
 def copy_bandwidth_tb_s() -> float:
@@ -43,11 +47,11 @@ def copy_bandwidth_tb_s() -> float:
     return 10 * 2 * a.numel() / (start.elapsed_time(end) / 1000) / 1e12
 
 
-def roofline(row: dict, weight_bytes: int, bandwidth: float) -> dict:
+def roofline(row: dict, weight_bytes: int, kv_per_token: int, bandwidth: float) -> dict:
     """Tokens/s if a decode step only had to move the weights and the live KV at the measured bandwidth."""
     engine = row["engine"]
     occupied = engine.get("batch_occupancy", 0) * row["batch_size"]
-    kv = occupied * engine.get("mean_context", 0) * KV_BYTES_PER_TOKEN
+    kv = occupied * engine.get("mean_context", 0) * kv_per_token
     step_s = (weight_bytes + kv) / (bandwidth * 1e12)
     return dict(occupied_slots=occupied, kv_gb_per_step=kv / 1e9, weights_gb=weight_bytes / 1e9,
                 bound_step_ms=1000 * step_s, bound_tokens_per_s=occupied / step_s if step_s else 0.0,
@@ -89,7 +93,7 @@ def main() -> None:
                 result = measure_batch_size(runtime, signer, size, problems, warmup, window, verify, progress=None)
                 row = dict(engine_kind=engine, **result.as_dict())
                 if engine == "fast" and result.ok:
-                    row["roofline"] = roofline(row, weight_bytes, bandwidth)
+                    row["roofline"] = roofline(row, weight_bytes, kv_bytes_per_token(runtime.loaded.model.config), bandwidth)
                 rows[engine].append(row)
                 print(json.dumps(row, default=str), flush=True)
                 print(f"{engine} batch {size}: {result.status} {result.rollouts_per_s:.2f} roll/s, "

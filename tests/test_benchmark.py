@@ -139,8 +139,13 @@ def test_fast_engine_json(fast_run, real_wallet) -> None:
     (projection,) = report["projection"]
     rate = result["rollouts_per_s"]
     assert projection["workers"] == 4 and projection["rollouts_per_s"] == pytest.approx(4 * rate)
-    assert projection["rollouts_per_window"] == pytest.approx(4 * rate * 360)
-    assert projection["score_factor"] == pytest.approx(min(1.0, 4 * rate * 360 / 5120) ** 4)
+    assert projection["generated_per_window"] == pytest.approx(4 * rate * 360)
+    # on time: 4 s of deadline slack, four workers' slots and queues (16 + 4 x 16 rollouts each) drained at 4x
+    # the rate, and the file's upload (40 KB a rollout at 100 Mbit/s) all come off the window
+    drain = 4 * (16 + 64) / (4 * rate)
+    on_time = 4 * rate * (360 - 4 - drain) / (1 + 4 * rate * 40_000 * 8 / 100e6)
+    assert projection["on_time_per_window"] == pytest.approx(on_time)
+    assert projection["score_factor"] == pytest.approx(min(1.0, on_time / 5120) ** 4)
     assert report["best"] == {"batch_size": 16, "rollouts_per_s": rate}
 
 
@@ -160,7 +165,8 @@ def test_hf_engine_json_on_stdout_and_a_longer_window(hf_run) -> None:
     assert result["verify"]["rollouts_passed"] == result["verify"]["rollouts_checked"] == 4
     (projection,) = report["projection"]
     assert projection["workers"] == 1
-    assert projection["rollouts_per_window"] == pytest.approx(result["rollouts_per_s"] * 600)
+    assert projection["generated_per_window"] == pytest.approx(result["rollouts_per_s"] * 600)
+    assert 0 < projection["on_time_per_window"] < projection["generated_per_window"]
     assert report["best"]["batch_size"] == 16
 
 
@@ -184,7 +190,7 @@ def main_exit_code(argv: list[str]) -> int:
     (["--model", "dummy:nope"], "unknown model preset 'dummy:nope'"),
     (["--model", "./no/such/model"], "model directory './no/such/model' does not exist"),
     (["--length-profile", "weird"], "bad length profile 'weird'"),
-    (["--engine", "fast", "--batch-sizes", "4"], "must be at least 16 (one problem's rollouts); got 4"),
+    (["--engine", "fast", "--batch-sizes", "4"], "must be at least 16 (one problem's rollouts) and at most 4096; got 4"),
     (["--length-profile", "fixed:30", "--max-new-tokens", "24"], "draws up to 30 tokens, more than --max-new-tokens 24"),
     (["--device", "mps"], "device 'mps' is not supported"),
     (["--device", "tpu"], "unknown device 'tpu'"),

@@ -78,9 +78,7 @@ def test_safety_blocks(safety: int) -> None:
 def test_worker_slot() -> None:
     assert WorkerSlot.from_env({}) == WorkerSlot(0, 1)
     slot = WorkerSlot.from_env({"GRAIL_WORKER_ID": "2", "GRAIL_TOTAL_WORKERS": "3"})
-    it = slot.indices()
-    assert [next(it) for _ in range(4)] == [2, 5, 8, 11]
-    assert slot.owns(8) and not slot.owns(9)
+    assert (slot.worker_id, slot.total_workers, slot.describe()) == (2, 3, "worker 2 of 3")
 
 
 @pytest.mark.parametrize("env, words", [
@@ -97,7 +95,7 @@ def test_worker_slot_errors_are_one_line(env: dict[str, str], words: str) -> Non
 
 
 def test_environment_settings() -> None:
-    assert safety_blocks_from_env(30, {}) == 1
+    assert safety_blocks_from_env(30, {}) == 0
     assert safety_blocks_from_env(30, {"GRAIL_MINER_SAFETY_BLOCKS": "6"}) == 6
     for bad in ("30", "-1", "x"):
         with pytest.raises(UserError, match="GRAIL_MINER_SAFETY_BLOCKS"):
@@ -109,13 +107,33 @@ def test_environment_settings() -> None:
             block_time_from_env({"GRAIL_BLOCK_TIME": bad})
 
 
-def fake_task(window: WindowContext, index: int, block: int) -> ProblemTask:
+def fake_task(window: WindowContext, index: int, block: int, attempt: int) -> ProblemTask:
     return ProblemTask(window=window, index=index, seed=index, problem=None, prompt_ids=[1], targets=[None],
-                       block=block)
+                       block=block, attempt=attempt)
 
 
-def run_source(clock: WindowClock, worker: WorkerSlot, pace: float, max_windows: int | None = None,
-               stop_after: int | None = None) -> tuple[list[ProblemTask], list[WindowClose], ProblemSource]:
+class StubPlan:
+    """A deadline plan whose answer the test sets (DeadlinePlan itself is tested in test_deadline.py)."""
+
+    def __init__(self, open_until: float | None = None, clock: WindowClock | None = None) -> None:
+        self.open_until = open_until  # seconds into each window during which problems are admitted
+        self.clock = clock
+        self.admitted_keys: list[tuple[int, int, int]] = []
+
+    def admit(self, window_start: int) -> bool:
+        if self.open_until is None:
+            return True
+        return self.clock.time_fn() < self.clock.time_of_block(window_start) + self.open_until
+
+    def admitted(self, key: tuple[int, int, int]) -> None:
+        self.admitted_keys.append(key)
+
+    def describe(self, window_start: int) -> dict:
+        return {}
+
+
+def run_source(clock: WindowClock, pace: float, max_windows: int | None = None, stop_after: int | None = None,
+               plan: StubPlan | None = None) -> tuple[list[ProblemTask], list[WindowClose], ProblemSource]:
     """Consume the source at one task per `pace` seconds, as a pipeline would."""
     closes: list[WindowClose] = []
     taken: list[ProblemTask] = []
@@ -127,7 +145,8 @@ def run_source(clock: WindowClock, worker: WorkerSlot, pace: float, max_windows:
 
     async def main() -> None:
         nonlocal source
-        source = ProblemSource(clock, worker, fake_task, on_close, max_windows=max_windows)
+        source = ProblemSource(clock, plan or StubPlan(), fake_task, on_close, max_windows=max_windows,
+                               checkpoint_window=lambda start: 1000 + start)
         async for t in source.tasks():
             taken.append(t)
             if stop_after is not None and len(taken) == stop_after:
@@ -138,25 +157,59 @@ def run_source(clock: WindowClock, worker: WorkerSlot, pace: float, max_windows:
     return taken, closes, source
 
 
-def test_source_issues_this_workers_indices_while_the_window_is_open() -> None:
-    clock = WindowClock(block_time_s=0.01, window_blocks=10, safety_blocks=2)
-    taken, closes, source = run_source(clock, WorkerSlot(1, 3), pace=0.012, max_windows=3)
-    assert [c.window_start for c in closes] == sorted({c.window_start for c in closes})
+def test_source_issues_indices_from_zero_while_the_plan_admits() -> None:
+    clock = WindowClock(block_time_s=0.02, window_blocks=10, safety_blocks=0)  # 0.2-s windows
+    plan = StubPlan(open_until=0.1, clock=clock)
+    taken, closes, source = run_source(clock, pace=0.012, max_windows=3, plan=plan)
     assert len(closes) == 3 and source.windows_closed == 3
+    assert [c.window_start for c in closes] == sorted({c.window_start for c in closes})
     assert all(c.window_start % 10 == 0 for c in closes)
     for close in closes:
         assert not close.partial
-        assert close.indices == tuple(range(1, 1 + 3 * len(close.indices), 3))  # 1, 4, 7, ...
+        assert close.indices == tuple(range(len(close.indices)))  # 0, 1, 2, ... contiguous
         mine = [t for t in taken if t.window.window_start == close.window_start]
         assert tuple(t.index for t in mine) == close.indices
-        assert all(close.window_start <= t.block < close.window_start + 8 for t in mine)  # before the safety blocks
-        assert mine[0].window == clock.context(close.window_start)
-    assert len(taken) == sum(len(c.indices) for c in closes)
+        assert all(close.window_start <= t.block < close.window_start + 6 for t in mine)  # the plan's 0.1 s, 5 blocks
+        assert mine[0].window.block_hash == clock.context(close.window_start).block_hash
+        assert mine[0].window.checkpoint_window == 1000 + close.window_start
+    assert plan.admitted_keys == [t.key for t in taken]
+
+
+def test_safety_blocks_still_end_intake_before_the_windows_end() -> None:
+    clock = WindowClock(block_time_s=0.02, window_blocks=10, safety_blocks=4)
+    taken, closes, _ = run_source(clock, pace=0.012, max_windows=2)
+    for close in closes:
+        assert all(t.block < close.window_start + 6 for t in taken if t.window.window_start == close.window_start)
+
+
+def test_a_dropped_group_is_redrawn_for_its_index_before_new_ones() -> None:
+    clock = WindowClock(block_time_s=1.0, window_blocks=30)
+    closes: list[WindowClose] = []
+
+    async def on_close(close: WindowClose) -> None:
+        closes.append(close)
+
+    async def main() -> None:
+        source = ProblemSource(clock, StubPlan(), fake_task, on_close)
+        tasks = source.tasks()
+        first = [await tasks.__anext__() for _ in range(3)]
+        assert source.redraw(first[1])
+        again = await tasks.__anext__()
+        assert (again.index, again.attempt) == (1, 1)
+        assert (await tasks.__anext__()).index == 3
+        assert source.redraw(again)
+        source.stop()
+        with pytest.raises(StopAsyncIteration):
+            await tasks.__anext__()
+        assert not source.redraw(again)  # the window stopped issuing: the sink ends the file before index 1
+
+    anyio.run(main)
+    assert closes[0].indices == (0, 1, 2, 3) and closes[0].abandoned == (1,)
 
 
 def test_stop_closes_the_open_window_as_partial_and_ends_intake() -> None:
     clock = WindowClock(block_time_s=0.05, window_blocks=30, safety_blocks=1)  # a 1.5 s window
-    taken, closes, source = run_source(clock, WorkerSlot(0, 1), pace=0.01, stop_after=5)
+    taken, closes, source = run_source(clock, pace=0.01, stop_after=5)
     assert [t.index for t in taken] == [0, 1, 2, 3, 4]
     assert len(closes) == 1 and closes[0].partial and closes[0].indices == (0, 1, 2, 3, 4)
     assert source.windows_closed == 0
@@ -172,7 +225,7 @@ def test_stop_noticed_after_the_window_closed_still_counts_as_partial() -> None:
         closes.append(close)
 
     async def main() -> None:
-        source = ProblemSource(clock, WorkerSlot(), fake_task, on_close)
+        source = ProblemSource(clock, StubPlan(), fake_task, on_close)
         tasks = source.tasks()
         assert (await tasks.__anext__()).index == 0
         t.now = 5.0

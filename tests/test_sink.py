@@ -1,4 +1,5 @@
-"""The window sink and the status file: complete windows only, index order, partial and late groups, temporaries."""
+"""The window sink and the status file: the hotkey's one file per window, groups 0..N-1 contiguous, redraws,
+the cut, partial windows, late groups, temporaries."""
 
 from __future__ import annotations
 
@@ -12,12 +13,7 @@ import pytest
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.mining.chain import WindowContext, WorkerSlot
 from grail_pipeline.mining.messages import ProblemTask, SignedGroup
-from grail_pipeline.mining.sink import (
-    WindowReport,
-    WindowSink,
-    remove_stale_temporaries,
-    window_file_name,
-)
+from grail_pipeline.mining.sink import MAX_DRAWS, WindowReport, WindowSink, remove_stale_temporaries
 from grail_pipeline.mining.source import WindowClose
 from grail_pipeline.mining.status import (
     StatusFile,
@@ -56,57 +52,135 @@ def group(win: WindowContext, index: int, dropped: bool = False) -> SignedGroup:
                        dropped="completion of 3 tokens" if dropped else None)
 
 
-def close(win: WindowContext, indices: list[int], partial: bool = False) -> WindowClose:
-    return WindowClose(win, tuple(indices), partial, opened=0.0, closed=1.0)
+def close(win: WindowContext, indices: list[int], partial: bool = False, abandoned: tuple[int, ...] = ()) -> WindowClose:
+    return WindowClose(win, tuple(indices), partial, opened=0.0, closed=1.0, abandoned=abandoned)
 
 
-def make_sink(tmp_path: Path, worker: WorkerSlot | None = None, **kwargs) -> tuple[WindowSink, list]:
+def make_sink(tmp_path: Path, **kwargs) -> tuple[WindowSink, list]:
     written: list[tuple[WindowReport, list[dict]]] = []
 
     async def on_written(report: WindowReport, sample: list[dict]) -> None:
         written.append((report, sample))
 
-    sink = WindowSink(tmp_path, HOTKEY, worker or WorkerSlot(1, 2), 30, block_time_s=12.0, on_written=on_written,
-                      **kwargs)
+    sink = WindowSink(tmp_path, HOTKEY, WorkerSlot(0, 1), 30, on_written=on_written,
+                      extra_metadata={"checkpoint_window": 7, "model_name": "dummy:tiny"}, **kwargs)
     return sink, written
 
 
-def test_window_written_once_complete_in_index_order(tmp_path: Path) -> None:
+def groups_in(path: Path) -> list[int]:
+    records, _ = read_window_file(path)
+    return [r["rollout_group"] for r in records]
+
+
+def test_window_written_once_complete_as_the_protocols_file(tmp_path: Path) -> None:
     sink, written = make_sink(tmp_path, sample_size=5)
     w0, w30 = window(0), window(30)
 
     async def main() -> None:
-        await sink.put(group(w0, 5))
-        await sink.put(group(w0, 1))
-        await sink.put(group(w30, 1))  # the next window's first group overtakes the last of this one
-        await sink.close_window(close(w0, [1, 3, 5, 7]))
-        assert not sink.path_for(0).exists()  # 3 and 7 still out
-        await sink.put(group(w0, 7, dropped=True))
-        assert not sink.path_for(0).exists()
+        await sink.put(group(w0, 2))
+        await sink.put(group(w0, 0))
+        await sink.put(group(w30, 0))  # the next window's first group overtakes the last of this one
+        await sink.close_window(close(w0, [0, 1, 2, 3]))
+        assert not sink.path_for(0).exists()  # 1 and 3 still out
         await sink.put(group(w0, 3))
+        await sink.put(group(w0, 1))
         assert sink.path_for(0).exists()
         assert sink.pending() == {30: (1, None)}
-        await sink.close_window(close(w30, [1]))  # everything already there: written on close
+        await sink.close_window(close(w30, [0]))  # everything already there: written on close
 
     anyio.run(main)
     assert [r.window_start for r, _ in written] == [0, 30]
-    path = tmp_path / window_file_name(HOTKEY, 0, 1)
-    assert path.name == f"{HOTKEY}-window-0-worker-1.parquet"
+    path = sink.path_for(0)
+    assert path.name == f"{HOTKEY}-window-0.parquet"
     records, meta = read_window_file(path)
-    assert [(r["rollout_group"], r["rollout_index"]) for r in records] == [(g, i) for g in (1, 3, 5) for i in range(16)]
-    assert meta["partial"] == "false" and meta["worker_id"] == "1" and meta["total_workers"] == "2"
-    assert meta["issued_groups"] == "4" and meta["dropped_groups"] == "1" and meta["missing_groups"] == ""
-    assert meta["inference_count"] == "48" and meta["wallet"] == HOTKEY and meta["window_length"] == "30"
+    assert [(r["rollout_group"], r["rollout_index"]) for r in records] == [(g, i) for g in range(4) for i in range(16)]
+    assert meta["partial"] == "false" and meta["groups"] == "4" and meta["cut_rollouts"] == "0"
+    assert meta["inference_count"] == "64" and meta["wallet"] == HOTKEY and meta["window_length"] == "30"
+    assert meta["checkpoint_window"] == "7" and meta["model_name"] == "dummy:tiny" and meta["worker_id"] == "0"
     report, sample = written[0]
-    assert (report.rollouts, report.groups, report.dropped_groups, report.issued_groups) == (48, 4, 1, 4)
-    assert report.solved == 12 and report.success_pct == 25.0 and not report.partial
+    assert (report.rollouts, report.groups, report.cut_rollouts, report.issued_groups) == (64, 4, 0, 4)
+    assert report.solved == 16 and report.success_pct == 25.0 and not report.partial and report.trigger == "complete"
+    assert report.file_bytes == path.stat().st_size and report.on_time  # no plan: no deadline
     assert len(sample) == 5 and all(r["window_start"] == 0 for r in sample)
     assert sink.groups_sunk == 5
     assert not list(tmp_path.glob(".*"))  # no temporaries left
 
 
+def test_a_dropped_group_is_redrawn_and_the_file_has_no_gap(tmp_path: Path) -> None:
+    redrawn: list[tuple[int, int]] = []
+    sink, written = make_sink(tmp_path, redraw=lambda task: redrawn.append((task.index, task.attempt)) is None)
+    w = window(0)
+
+    async def main() -> None:
+        await sink.put(group(w, 0))
+        await sink.put(group(w, 1, dropped=True))
+        await sink.put(group(w, 2))
+        await sink.close_window(close(w, [0, 1, 2]))
+        assert not sink.path_for(0).exists()  # index 1 is being drawn again
+        await sink.put(group(w, 1))
+
+    anyio.run(main)
+    assert redrawn == [(1, 0)]
+    assert groups_in(sink.path_for(0)) == [g for g in range(3) for _ in range(16)]
+    assert written[0][0].redraws == 1 and written[0][0].failed_indices == []
+
+
+def test_an_index_that_keeps_failing_ends_the_file_before_it(tmp_path: Path) -> None:
+    sink, written = make_sink(tmp_path, redraw=lambda task: True)
+    w = window(0)
+
+    async def main() -> None:
+        await sink.put(group(w, 0))
+        await sink.put(group(w, 2))
+        await sink.put(group(w, 3))
+        await sink.close_window(close(w, [0, 1, 2, 3]))
+        for _ in range(MAX_DRAWS):
+            await sink.put(group(w, 1, dropped=True))
+
+    anyio.run(main)
+    assert set(groups_in(sink.path_for(0))) == {0}  # F would seed groups 2 and 3 from indices 1 and 2: cut
+    report = written[0][0]
+    assert report.failed_indices == [1] and report.groups == 1 and report.cut_groups == 2
+    assert report.cut_rollouts == 32 and report.redraws == MAX_DRAWS - 1
+
+
+def test_the_cut_writes_the_contiguous_prefix_and_counts_the_rest(tmp_path: Path) -> None:
+    sink, written = make_sink(tmp_path)
+    w = window(0)
+
+    async def main() -> None:
+        for i in (0, 1, 3):
+            await sink.put(group(w, i))
+        await sink.close_window(close(w, [0, 1, 2, 3, 4]))
+        report = await sink.cut(0)
+        assert report is not None and report.trigger == "cut"
+        assert await sink.cut(0) is None  # written once
+        await sink.put(group(w, 2))  # too late for the file
+
+    anyio.run(main)
+    _, meta = read_window_file(sink.path_for(0))
+    assert set(groups_in(sink.path_for(0))) == {0, 1}
+    report = written[0][0]
+    assert report.missing_groups == [2, 4] and report.cut_groups == 3 and report.cut_rollouts == 48
+    assert meta["cut_rollouts"] == "48" and meta["missing_groups"] == "2,4" and meta["partial"] == "false"
+    assert sink.late == {0: 16}
+
+
+def test_a_source_abandoned_redraw_counts_as_failed(tmp_path: Path) -> None:
+    sink, written = make_sink(tmp_path, redraw=lambda task: True)
+    w = window(0)
+
+    async def main() -> None:
+        await sink.put(group(w, 0))
+        await sink.put(group(w, 1, dropped=True))
+        await sink.close_window(close(w, [0, 1], abandoned=(1,)))
+
+    anyio.run(main)
+    assert written[0][0].failed_indices == [1] and set(groups_in(sink.path_for(0))) == {0}
+
+
 def test_partial_window_on_stop_and_finish(tmp_path: Path) -> None:
-    sink, written = make_sink(tmp_path, worker=WorkerSlot(0, 1))
+    sink, written = make_sink(tmp_path)
     w = window(60)
 
     async def main() -> None:
@@ -117,18 +191,18 @@ def test_partial_window_on_stop_and_finish(tmp_path: Path) -> None:
         # drain timeout: group 1 never comes
         reports = await sink.finish("drain timeout")
         assert [r.window_start for r in reports] == [60]
-        await sink.put(group(w, 1))  # too late: refused, not counted
+        await sink.put(group(w, 1))  # too late: refused, counted as late
 
     anyio.run(main)
     records, meta = read_window_file(sink.path_for(60))
-    assert sorted({r["rollout_group"] for r in records}) == [0, 2]
+    assert sorted({r["rollout_group"] for r in records}) == [0]
     assert meta["partial"] == "true" and meta["missing_groups"] == "1" and meta["issued_groups"] == "3"
-    assert written[0][0].partial and written[0][0].missing_groups == [1]
-    assert sink.groups_sunk == 2
+    assert written[0][0].partial and written[0][0].missing_groups == [1] and written[0][0].trigger == "drain timeout"
+    assert sink.groups_sunk == 2 and sink.late == {60: 16}
 
 
 def test_a_stopped_window_with_everything_arrived_is_partial_but_complete(tmp_path: Path) -> None:
-    sink, _ = make_sink(tmp_path, worker=WorkerSlot(0, 1))
+    sink, _ = make_sink(tmp_path)
     w = window(0)
 
     async def main() -> None:
@@ -140,17 +214,17 @@ def test_a_stopped_window_with_everything_arrived_is_partial_but_complete(tmp_pa
     assert len(records) == 16 and meta["partial"] == "true" and meta["missing_groups"] == ""
 
 
-def test_window_of_only_dropped_groups_is_an_empty_file(tmp_path: Path) -> None:
-    sink, written = make_sink(tmp_path, worker=WorkerSlot(0, 1))
+def test_window_whose_only_group_failed_is_an_empty_file(tmp_path: Path) -> None:
+    sink, written = make_sink(tmp_path)
     w = window(0)
 
     async def main() -> None:
-        await sink.put(group(w, 0, dropped=True))
+        await sink.put(group(w, 0, dropped=True))  # no redraw offered: failed at once
         await sink.close_window(close(w, [0]))
 
     anyio.run(main)
     records, meta = read_window_file(sink.path_for(0))
-    assert records == [] and meta["inference_count"] == "0" and meta["dropped_groups"] == "1"
+    assert records == [] and meta["inference_count"] == "0" and meta["failed_indices"] == "0"
     assert written[0][0].rollouts_per_s == 0.0
 
 
@@ -165,8 +239,8 @@ def test_duplicate_group_is_a_bug(tmp_path: Path) -> None:
         anyio.run(main)
 
 
-def test_sample_is_uniform_over_the_window(tmp_path: Path) -> None:
-    sink, written = make_sink(tmp_path, worker=WorkerSlot(0, 1), sample_size=8)
+def test_sample_is_uniform_over_the_file(tmp_path: Path) -> None:
+    sink, written = make_sink(tmp_path, sample_size=8)
     w = window(0)
 
     async def main() -> None:
@@ -180,16 +254,15 @@ def test_sample_is_uniform_over_the_window(tmp_path: Path) -> None:
     assert max(r["rollout_group"] for r in sample) > 2  # not just the first groups
 
 
-def test_stale_temporaries_of_this_worker_only(tmp_path: Path) -> None:
-    mine = tmp_path / f".{HOTKEY}-window-30-worker-1.parquet.0123456789ab.tmp"
-    other_worker = tmp_path / f".{HOTKEY}-window-30-worker-11.parquet.0123456789ab.tmp"
-    other_key = tmp_path / ".5Other-window-30-worker-1.parquet.0123456789ab.tmp"
-    final = tmp_path / f"{HOTKEY}-window-0-worker-1.parquet"
-    for p in (mine, other_worker, other_key, final):
+def test_stale_temporaries_of_this_hotkey_only(tmp_path: Path) -> None:
+    mine = tmp_path / f".{HOTKEY}-window-30.parquet.0123456789ab.tmp"
+    other_key = tmp_path / ".5Other-window-30.parquet.0123456789ab.tmp"
+    final = tmp_path / f"{HOTKEY}-window-0.parquet"
+    for p in (mine, other_key, final):
         p.write_bytes(b"x")
-    assert remove_stale_temporaries(tmp_path, HOTKEY, 1) == [mine]
-    assert not mine.exists() and other_worker.exists() and other_key.exists() and final.exists()
-    assert remove_stale_temporaries(tmp_path / "missing", HOTKEY, 1) == []
+    assert remove_stale_temporaries(tmp_path, HOTKEY) == [mine]
+    assert not mine.exists() and other_key.exists() and final.exists()
+    assert remove_stale_temporaries(tmp_path / "missing", HOTKEY) == []
 
 
 def test_status_file_round_trip(tmp_path: Path) -> None:
@@ -223,25 +296,39 @@ def test_read_status_errors(tmp_path: Path, content: str | None, words: str) -> 
 
 
 def test_random_arrival_order_and_interleaved_windows(tmp_path: Path) -> None:
-    """Many windows, groups arriving shuffled across them: each file holds exactly its window's groups in order."""
+    """Many windows, groups arriving shuffled across them, some dropped and redrawn: each file holds exactly
+    its window's groups 0..N-1 in order."""
     rng = random.Random(4)
-    sink, written = make_sink(tmp_path, worker=WorkerSlot(2, 3))
-    plan = {ws: [i for i in range(2, 40, 3)][: rng.randint(1, 6)] for ws in (0, 30, 60, 90)}
-    events = [("put", ws, i) for ws, idx in plan.items() for i in idx] + [("close", ws, None) for ws in plan]
+    sink, written = make_sink(tmp_path, redraw=lambda task: True)
+    sizes = {ws: rng.randint(1, 8) for ws in (0, 30, 60, 90)}
+    events = [("put", ws, i) for ws, n in sizes.items() for i in range(n)] + [("close", ws, None) for ws in sizes]
     rng.shuffle(events)
 
     async def main() -> None:
         for kind, ws, i in events:
             if kind == "put":
-                await sink.put(group(window(ws), i, dropped=rng.random() < 0.2))
+                if rng.random() < 0.3:
+                    await sink.put(group(window(ws), i, dropped=True))
+                await sink.put(group(window(ws), i))
             else:
-                await sink.close_window(close(window(ws), plan[ws]))
+                await sink.close_window(close(window(ws), list(range(sizes[ws]))))
 
     anyio.run(main)
-    assert sorted(r.window_start for r, _ in written) == sorted(plan)
-    for ws, idx in plan.items():
+    assert sorted(r.window_start for r, _ in written) == sorted(sizes)
+    for ws, n in sizes.items():
         records, meta = read_window_file(sink.path_for(ws))
-        groups = [r["rollout_group"] for r in records]
-        assert groups == sorted(groups) and set(groups) <= set(idx)
-        assert int(meta["dropped_groups"]) + len(set(groups)) == len(idx)
-        assert json.loads(json.dumps(meta))["partial"] == "false"
+        assert [r["rollout_group"] for r in records] == [g for g in range(n) for _ in range(16)]
+        assert json.loads(json.dumps(meta))["partial"] == "false" and meta["groups"] == str(n)
+
+
+def test_a_cut_with_nothing_arrived_writes_no_file_and_later_groups_are_late(tmp_path: Path) -> None:
+    sink, written = make_sink(tmp_path)
+    w = window(0)
+
+    async def main() -> None:
+        assert await sink.cut(0) is None and sink.written(0)
+        await sink.put(group(w, 0))
+        await sink.close_window(close(w, [0]))  # the source closes after the cut: nothing more to write
+
+    anyio.run(main)
+    assert not sink.path_for(0).exists() and written == [] and sink.late == {0: 16}

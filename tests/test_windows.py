@@ -39,3 +39,13 @@ def test_other_windows() -> None:
     fast = WindowSpec(blocks=30, block_time_s=0.2)
     assert fast.describe() == "30 blocks × 0.2 s = 6 s" and fast.seconds == pytest.approx(6.0)
     assert WindowSpec(cap=100, exponent=2).score_factor(50) == pytest.approx(0.25)
+
+
+def test_on_time_rollouts_per_window() -> None:
+    spec = WindowSpec()
+    assert spec.on_time_per_window(0.0, 512) == 0.0
+    # 45 rollouts/s, 576 in flight: 12.8 s of drain; 4 s of slack; the upload of the file at 100 Mbit/s
+    expected = 45 * (360 - 4 - 576 / 45) / (1 + 45 * 40_000 * 8 / 100e6)
+    assert spec.on_time_per_window(45.0, 576) == pytest.approx(expected)
+    assert spec.on_time_per_window(45.0, 576) < spec.rollouts_per_window(45.0)
+    assert spec.on_time_per_window(45.0, 576, bytes_per_rollout=0) == pytest.approx(45 * (360 - 4 - 576 / 45))

@@ -11,16 +11,33 @@ import argparse
 import logging
 import os
 import signal
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from grail_pipeline.cli.arguments import DEFAULT_BATCH_SIZES, add_runtime_arguments, positive_float, positive_int
+from grail_pipeline.cli.arguments import (
+    DEFAULT_BATCH_SIZES,
+    add_runtime_arguments,
+    apply_memory_cap,
+    finite_float,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
 from grail_pipeline.common.errors import UserError, find_in_group
 from grail_pipeline.common.paths import ENV_CACHE, cache_root
-from grail_pipeline.mining.chain import ENV_BLOCK_TIME, WorkerSlot, block_time_from_env, safety_blocks_from_env
+from grail_pipeline.mining import rules
+from grail_pipeline.mining.chain import (
+    ENV_BLOCK_TIME,
+    ENV_TOTAL_WORKERS,
+    WindowClock,
+    WorkerSlot,
+    block_time_from_env,
+    safety_blocks_from_env,
+)
 from grail_pipeline.mining.settings import MineSettings
 from grail_pipeline.mining.status import StatusFile, default_status_path, remove_stale_status_temporaries
 from grail_pipeline.protocol.profile import PROFILE
@@ -28,6 +45,7 @@ from grail_pipeline.protocol.profile import PROFILE
 logger = logging.getLogger("grail_pipeline")
 
 ENV_BATCH_SIZE = "GRAIL_GENERATION_BATCH_SIZE"
+REDIS_START_WAIT_S = 15.0
 QUEUE_FLAGS = ("generation_queue", "proof_queue", "sign_queue", "sink_queue", "sign_workers")
 NOT_DRY_RUN = ("this tool does not talk to the chain: run `grail-pipeline mine --dry-run` to mine against a "
                "simulated chain (nothing is uploaded); use the GRAIL miner itself on mainnet")
@@ -50,13 +68,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks)
     p.add_argument("--run-seed", type=int, default=0,
                    help="seed of the simulated block hashes and drand rounds (same seed, same problems)")
-    p.add_argument("--genesis", type=float, default=None, metavar="UNIX_TIME",
+    p.add_argument("--genesis", type=finite_float, default=None, metavar="UNIX_TIME",
                    help="time of simulated block 0 (default: when mining starts); give every worker of a fleet "
                         "the same value so they share windows")
     p.add_argument("--drain-timeout", type=positive_float, default=60.0,
                    help="seconds a stop signal may spend finishing in-flight work before exiting anyway")
     p.add_argument("--verify-sample", type=int, default=0, metavar="N",
                    help="re-verify N rollouts per window with the validator's method and log the pass rate")
+    p.add_argument("--upload-allowance", type=nonnegative_float, default=None, metavar="SECONDS",
+                   help="seconds reserved before each window's deadline for the upload a real miner makes (default: "
+                        "the expected file's size at 100 Mbit/s, measured from the last file)")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="mine each window on its own checkpoint from DIR (replaces --model): one folder per checkpoint "
+                        "with metadata.json (model_name, window), config, safetensors and tokenizer, complete once its "
+                        "READY file exists (written last; a folder without it is ignored). Each window uses the "
+                        "newest checkpoint ready before it opened and naming it or an earlier window, copied into "
+                        "the engine's tensors (another architecture restarts the engine); no ready checkpoint at "
+                        "start is an error. `grail-pipeline make-checkpoints` writes a series to rehearse")
     p.add_argument("--max-windows", type=positive_int, default=None,
                    help="stop after N complete windows (tests, rehearsals)")
     p.add_argument("--warmup-problems", type=int, default=1,
@@ -77,6 +105,10 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] = os.envir
     """Flags and environment checked up front, so every mistake is one line before a model loads."""
     worker = WorkerSlot.from_env(env)
     block_time = args.block_time if args.block_time is not None else block_time_from_env(env)
+    rules.check_block_time(block_time, "--block-time" if args.block_time is not None else ENV_BLOCK_TIME)
+    rules.check_drain_timeout(args.drain_timeout)
+    if args.genesis is not None:
+        rules.check_genesis(args.genesis, time.time())
     safety = safety_blocks_from_env(args.window_blocks, env)
     batch_size = args.batch_size
     if batch_size is None and env.get(ENV_BATCH_SIZE, "").strip():
@@ -90,12 +122,23 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] = os.envir
         raise UserError("--warmup-problems cannot be negative")
     out_dir = Path(args.out_dir).expanduser() if args.out_dir else default_out_dir(env)
     status_file = Path(args.status_file).expanduser() if args.status_file else default_status_path(out_dir, worker.worker_id)
+    from grail_pipeline.fleet.connection import redis_url_from_env  # the redis client: not for --help
+
+    redis_url = redis_url_from_env(env)
+    if redis_url is not None and getattr(args, "checkpoint_dir", None) is not None:
+        raise UserError("--checkpoint-dir rotates checkpoints per window, which a fleet (GRAIL_REDIS_URL) does not "
+                        "share yet: run the fleet on one --model")
+    if worker.total_workers > 1 and redis_url is None:
+        raise UserError(f"{worker.describe()}: the validator takes one file per hotkey and window, with groups "
+                        f"0..N-1, so the workers of one hotkey must share their problem indices through a fleet "
+                        f"(GRAIL_REDIS_URL); one worker per hotkey needs no {ENV_TOTAL_WORKERS}")
     overrides = {name: getattr(args, name) for name in QUEUE_FLAGS if getattr(args, name, None) is not None}
     return MineSettings(worker=worker, block_time_s=block_time, window_blocks=args.window_blocks,
                         safety_blocks=safety, run_seed=args.run_seed, genesis=args.genesis, out_dir=out_dir,
                         status_file=status_file, drain_timeout_s=args.drain_timeout,
                         verify_sample=args.verify_sample, max_windows=args.max_windows, batch_size=batch_size,
-                        warmup_problems=args.warmup_problems, pipeline_overrides=overrides)
+                        warmup_problems=args.warmup_problems, pipeline_overrides=overrides,
+                        upload_allowance_s=args.upload_allowance, redis_url=redis_url)
 
 
 class _StopDuringStartup(BaseException):
@@ -132,12 +175,29 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from grail_pipeline.mining.daemon import Daemon
-    from grail_pipeline.mining.runtime import Runtime
+    from grail_pipeline.mining.runtime import Runtime, preflight
     from grail_pipeline.mining.sink import remove_stale_temporaries
     from grail_pipeline.protocol.wallet import load_signer
 
     _configure_logging(args.log_level)
     settings = resolve_settings(args, os.environ)
+    checkpoints, first = None, None
+    if args.checkpoint_dir is not None:  # the model is the first window's checkpoint
+        from grail_pipeline.mining.checkpoint_dir import CheckpointDir
+
+        checkpoints = CheckpointDir(args.checkpoint_dir)
+        clock = WindowClock(settings.block_time_s, settings.window_blocks, settings.safety_blocks, settings.run_seed,
+                            settings.genesis)
+        first = checkpoints.first(clock.next_generation_window(), time.time())
+        args.model = str(first.path)
+    engine_kind = preflight(args, None)  # the model, lengths and engine, before the wallet and the model load
+    if note := apply_memory_cap(args):  # --memory-gb: the cap before anything allocates
+        logger.warning(note)
+    if settings.batch_size is not None:
+        rules.check_batch_size(engine_kind, settings.batch_size,
+                               "--batch-size" if args.batch_size is not None else ENV_BATCH_SIZE)
+    if settings.genesis is not None and (warning := rules.genesis_warning(settings.genesis, time.time())):
+        logger.warning(warning)
     signer = load_signer(required=True)
     try:
         settings.out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,11 +211,14 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write the status file {settings.status_file} ({exc.strerror or exc})") from None
     logger.info("starting %s, hotkey %s, window files in %s, status in %s", settings.worker.describe(),
                 signer.ss58_address, settings.out_dir, settings.status_file)
-    removed = remove_stale_temporaries(settings.out_dir, signer.ss58_address, settings.worker.worker_id)
+    removed = remove_stale_temporaries(settings.out_dir, signer.ss58_address)
     removed += remove_stale_status_temporaries(settings.status_file)
     if removed:
         logger.info("removed %d temporary file(s) a previous run of this worker left behind", len(removed))
+    if settings.redis_url is not None:  # an unreachable fleet is one line before the model loads
+        _wait_for_redis(settings.redis_url)
     runtime: Runtime | None = None
+    daemon: Daemon | None = None
     try:
         runtime = Runtime.from_args(args)
         batch_size = settings.batch_size or DEFAULT_BATCH_SIZES[runtime.engine_kind][0]
@@ -164,7 +227,18 @@ def _run(args: argparse.Namespace) -> int:
                     runtime.loaded.device, runtime.engine_kind, batch_size, runtime.lengths.spec)
         engine = runtime.engine(batch_size)
         status.update(engine=runtime.engine_kind, batch_size=batch_size)
-        daemon = Daemon(settings, runtime, signer, engine, batch_size, status)
+        rotation = None
+        if checkpoints is not None and first is not None:
+            from grail_pipeline.mining.rotation import CheckpointRotation
+
+            rotation = CheckpointRotation(checkpoints, first, lambda model: _engine_on(args, model, batch_size))
+        fleet = None
+        if settings.redis_url is not None:  # the checkpoint is known now: refused at once if not the fleet's
+            from grail_pipeline.mining.fleet_worker import join_fleet
+
+            fleet = join_fleet(settings, signer.ss58_address, runtime.loaded)
+            status.update(fleet={"worker": fleet.worker, "checkpoint": fleet.context.checkpoint})
+        daemon = Daemon(settings, runtime, signer, engine, batch_size, status, rotation, fleet=fleet)
         code = anyio.run(daemon.main)
         # the event loop's signal handlers are gone: keep the last status write from being cut short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -184,3 +258,31 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if runtime is not None:
             runtime.close()
+        if daemon is not None and daemon.runtime is not runtime:  # restarted on another architecture
+            daemon.runtime.close()
+
+
+def _wait_for_redis(url: str) -> None:
+    """The fleet's Redis answers, or one line after `REDIS_START_WAIT_S`: under PM2 the server may start a moment
+    after the workers (emit-pm2 puts it last, so that `pm2 stop` stops it after them)."""
+    from grail_pipeline.fleet.connection import connect, redacted
+
+    give_up = time.monotonic() + REDIS_START_WAIT_S
+    while True:
+        try:
+            connect(url).close()
+            return
+        except UserError:
+            if time.monotonic() >= give_up:
+                raise
+            logger.info("waiting for Redis at %s (up to %g s)", redacted(url), REDIS_START_WAIT_S)
+            time.sleep(1.0)
+
+
+def _engine_on(args: argparse.Namespace, model: str, batch_size: int) -> tuple[Any, Any]:
+    """A runtime and engine on another checkpoint with the same choices (the rotation's engine restart)."""
+    from grail_pipeline.mining.runtime import Runtime
+
+    runtime = Runtime.from_args(argparse.Namespace(**{**vars(args), "model": model}))
+    runtime.check_batch_size(batch_size)
+    return runtime, runtime.engine(batch_size)

@@ -7,19 +7,17 @@ replayed. Problem seeds and proof randomness are then derived exactly as the pro
 (grail-protocol.md §2): the problem seed from (hotkey, block hash, index), the proof randomness as
 sha256((block_hash + drand_randomness).encode()).hexdigest().
 
-`WorkerSlot` is this process's share of every window's problem indices (worker k of T takes k, k+T, …);
-the environment readers check GRAIL_WORKER_ID, GRAIL_TOTAL_WORKERS, GRAIL_MINER_SAFETY_BLOCKS and
+`WorkerSlot` says which worker of a hotkey's fleet this process is; the environment readers check GRAIL_WORKER_ID, GRAIL_TOTAL_WORKERS, GRAIL_MINER_SAFETY_BLOCKS and
 GRAIL_BLOCK_TIME before anything slow starts.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from grail_pipeline.common.errors import UserError
@@ -29,7 +27,7 @@ ENV_WORKER_ID = "GRAIL_WORKER_ID"
 ENV_TOTAL_WORKERS = "GRAIL_TOTAL_WORKERS"
 ENV_SAFETY_BLOCKS = "GRAIL_MINER_SAFETY_BLOCKS"
 ENV_BLOCK_TIME = "GRAIL_BLOCK_TIME"
-DEFAULT_SAFETY_BLOCKS = 1
+DEFAULT_SAFETY_BLOCKS = 0  # the deadline plan (mining/deadline.py) decides when to stop; this is extra margin
 
 @dataclass
 class WindowContext:
@@ -40,6 +38,7 @@ class WindowContext:
     randomness: str  # hex, bound into every commit (block hash + drand, hashed)
     use_drand: bool = True
     checkpoint_window: int = 0
+    model_name: str = ""  # the checkpoint's metadata.json model_name, where it changes mid-run (mining/rotation.py)
 
 
 
@@ -77,7 +76,7 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class WorkerSlot:
-    """This process's share of every window: problem indices worker_id, worker_id + T, …"""
+    """Which worker of a hotkey's fleet this process is (GRAIL_WORKER_ID of GRAIL_TOTAL_WORKERS)."""
 
     worker_id: int = 0
     total_workers: int = 1
@@ -93,18 +92,13 @@ class WorkerSlot:
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WorkerSlot:
         return cls(_env_int(env, ENV_WORKER_ID, 0), _env_int(env, ENV_TOTAL_WORKERS, 1))
 
-    def indices(self) -> Iterator[int]:
-        return itertools.count(self.worker_id, self.total_workers)
-
-    def owns(self, index: int) -> bool:
-        return index % self.total_workers == self.worker_id
-
     def describe(self) -> str:
         return f"worker {self.worker_id} of {self.total_workers}"
 
 
 def safety_blocks_from_env(window_blocks: int, env: Mapping[str, str] = os.environ) -> int:
-    """GRAIL_MINER_SAFETY_BLOCKS (default 1): blocks before a window's end at which generation stops."""
+    """GRAIL_MINER_SAFETY_BLOCKS (default 0): blocks before a window's end after which no problem starts, on top of
+    the deadline plan's own stop (the fork's only stop rule; here an extra margin for the cautious)."""
     blocks = _env_int(env, ENV_SAFETY_BLOCKS, DEFAULT_SAFETY_BLOCKS)
     if not 0 <= blocks < window_blocks:
         raise UserError(f"{ENV_SAFETY_BLOCKS}={blocks} must be at least 0 and below the window's "
@@ -184,4 +178,5 @@ class WindowClock:
 
     def describe(self) -> str:
         return (f"{self.window_blocks} blocks × {self.block_time_s:g} s = {self.window_seconds:g} s per window, "
-                f"generation stops {self.safety_blocks} block(s) before the end, run seed {self.run_seed}")
+                f"run seed {self.run_seed}" + (f", no problem starts in the last {self.safety_blocks} block(s)"
+                                                if self.safety_blocks else ""))

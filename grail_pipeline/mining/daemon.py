@@ -3,11 +3,18 @@ stop signals, the status file and the per-window self-check.
 
 Behaves like a miner in every way except that it talks to no chain and uploads nothing: a WindowClock
 stands in for the chain (blocks from elapsed time, per-window block hash and drand derived from the run
-seed), a ProblemSource issues this worker's problems of each window while it is open, the same pipeline
-the benchmark measures generates, proves and signs them, and a WindowSink writes one atomic Parquet file
-per window and worker. SIGINT/SIGTERM (what PM2 sends) stops intake, drains the in-flight work into the
-current window's file (marked partial) and exits 0 within the drain timeout; a second signal exits at
-once. A JSON status file tells a health check what the daemon is doing.
+seed), a ProblemSource issues the window's problems 0, 1, 2, … while the deadline plan says they can still
+make the file (mining/deadline.py), the same pipeline the benchmark measures generates, proves and signs
+them, and a WindowSink writes the hotkey's one atomic Parquet file per window, before the deadline. Per
+window it logs and records (status file `windows`) the on-time rollouts, the cut ones, the margin before
+the deadline and the GPU's idle seconds. SIGINT/SIGTERM (what PM2 sends) stops intake, drains the
+in-flight work into the current window's file (marked partial) and exits 0 within the drain timeout; a
+second signal exits at once, and a signal during the warm-up exits at once (nothing of it is written).
+A JSON status file tells a health check what the daemon is doing.
+
+With GRAIL_REDIS_URL the worker is one of a fleet of its hotkey (mining/fleet_worker.py): its indices come from
+the fleet's claims, its signed groups go to Redis, and whichever worker holds the leader lease writes the
+window's one file (mining/fleet_leader.py), with the same writer and metadata as the solo sink.
 """
 
 from __future__ import annotations
@@ -24,14 +31,19 @@ from typing import Any, NoReturn
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup, TaskStatus
 
+from grail_pipeline.fleet.member import FleetMember
 from grail_pipeline.inference.engine import Engine
 from grail_pipeline.mining.chain import WindowClock, WindowContext
+from grail_pipeline.mining.deadline import UPLOAD_MBIT_S, DeadlinePlan
+from grail_pipeline.mining.fleet_leader import FleetLeader
+from grail_pipeline.mining.fleet_worker import FleetWorker
 from grail_pipeline.mining.messages import ProblemTask, make_task
 from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
+from grail_pipeline.mining.rotation import CheckpointRotation
 from grail_pipeline.mining.runtime import Runtime
 from grail_pipeline.mining.settings import MineSettings
 from grail_pipeline.mining.sink import WindowReport, WindowSink
-from grail_pipeline.mining.source import ProblemSource
+from grail_pipeline.mining.source import ProblemSource, local_indices
 from grail_pipeline.mining.status import StatusFile
 from grail_pipeline.mining.workload import benchmark_window, warm_up
 from grail_pipeline.protocol.wallet import Signer
@@ -52,8 +64,11 @@ class Daemon:
     """One worker's mining loop: clock, source, pipeline and sink, plus signals, status and self-check."""
 
     def __init__(self, settings: MineSettings, runtime: Runtime, signer: Signer, engine: Engine,
-                 batch_size: int, status: StatusFile) -> None:
+                 batch_size: int, status: StatusFile, rotation: CheckpointRotation | None = None,
+                 fleet: FleetMember | None = None) -> None:
         self.settings = settings
+        self.rotation = rotation  # --checkpoint-dir: each window on its own checkpoint (mining/rotation.py)
+        self.fleet = fleet  # GRAIL_REDIS_URL: claims, results and the file through Redis (mining/fleet_worker.py)
         self.runtime = runtime
         self.signer = signer
         self.engine = engine
@@ -61,12 +76,16 @@ class Daemon:
         self.status = status
         self.clock: WindowClock | None = None
         self.source: ProblemSource | None = None
-        self.sink: WindowSink | None = None
+        self.sink: WindowSink | FleetWorker | None = None
         self.pipeline: Pipeline | None = None
         self.stopping = False
         self.stop_reason = "end of run"
         self.windows_written = 0
-        self.totals = {"rollouts": 0, "groups": 0, "dropped_groups": 0}
+        self.totals = {"rollouts": 0, "groups": 0, "cut_rollouts": 0}
+        self.plan: DeadlinePlan | None = None
+        self.window_records: dict[str, dict] = {}
+        self._idle_mark = 0.0
+        self.warming_up = False
         self._stage_mark: dict[str, float] = {}
         self._self_check: ObjectSendStream[tuple[int, list[dict]]] | None = None
 
@@ -78,10 +97,10 @@ class Daemon:
         return Pipeline(self.engine, self.runtime.prover(), self.runtime.group_signer(self.signer),
                         self.pipeline_config())
 
-    def make_task(self, window: WindowContext, index: int, block: int) -> ProblemTask:
+    def make_task(self, window: WindowContext, index: int, block: int, attempt: int) -> ProblemTask:
         """The protocol's problem `index` of the window for our hotkey (the signer's ss58 address)."""
         return make_task(window, index, self.signer.ss58_address, self.runtime.tokenizer, self.runtime.lengths,
-                         block=block)
+                         block=block, attempt=attempt)
 
     async def _status(self, **fields: Any) -> None:
         await anyio.to_thread.run_sync(lambda: self.status.update(**fields))
@@ -106,29 +125,53 @@ class Daemon:
     async def _warm_up(self) -> None:
         n = self.settings.warmup_problems
         t0 = time.perf_counter()
+        self.warming_up = True
+        logger.info("warming up: %d problem(s), not written (a stop signal now exits at once)", n)
         await warm_up(self.new_pipeline(), self.runtime, benchmark_window(self.settings.run_seed), n)
+        self.warming_up = False
         self.engine.reset_stats()
         logger.info("warm-up: %d problem(s) in %.1f s (not written)", n, time.perf_counter() - t0)
 
     async def _mine(self, tg: TaskGroup) -> None:
         s = self.settings
-        self.clock = clock = WindowClock(s.block_time_s, s.window_blocks, s.safety_blocks, s.run_seed, s.genesis)
-        self.sink = sink = WindowSink(
-            s.out_dir, self.signer.ss58_address, s.worker, s.window_blocks, block_time_s=s.block_time_s,
-            genesis=clock.genesis, on_written=self._window_written, sample_size=s.verify_sample,
-            run_seed=s.run_seed,
-            extra_metadata={"dry_run": "true", "run_seed": s.run_seed, "model": self.runtime.loaded.name,
-                            "engine": self.runtime.engine_kind, "batch_size": self.batch_size},
+        loaded = self.runtime.loaded
+        genesis = s.genesis if self.fleet is None else self.fleet.context.genesis  # a fleet shares one clock
+        self.clock = clock = WindowClock(s.block_time_s, s.window_blocks, s.safety_blocks, s.run_seed, genesis)
+        self.plan = plan = DeadlinePlan(clock.time_of_block, s.window_blocks, upload_allowance_s=s.upload_allowance_s)
+        extra_metadata = {"dry_run": "true", "run_seed": s.run_seed, "genesis": clock.genesis,
+                          "block_time": s.block_time_s, "model_name": loaded.name,
+                          "checkpoint_window": loaded.checkpoint_window, "engine": self.runtime.engine_kind,
+                          "batch_size": self.batch_size}
+        self.sink = sink = self._fleet_worker(clock, plan, extra_metadata) if self.fleet is not None else WindowSink(
+            s.out_dir, self.signer.ss58_address, s.worker, s.window_blocks, plan=plan,
+            redraw=lambda task: self.source is not None and self.source.redraw(task),
+            on_written=self._window_written, sample_size=s.verify_sample, run_seed=s.run_seed,
+            extra_metadata=extra_metadata,
         )
-        self.source = source = ProblemSource(clock, s.worker, self.make_task, sink.close_window, s.max_windows)
+
+        async def opened(window: WindowContext) -> None:  # the cut is timed from the open, whatever the source does
+            tg.start_soon(self._cut_at, window.window_start)
+
+        self.source = source = ProblemSource(clock, plan, self.make_task, sink.close_window, s.max_windows,
+                                             on_open=opened,
+                                             checkpoint_window=lambda start: self.runtime.loaded.checkpoint_window,
+                                             before_window=self._before_window if self.rotation else None,
+                                             indices=sink.indices if isinstance(sink, FleetWorker) else local_indices)
         self.pipeline = pipeline = self.new_pipeline()
         self._stage_mark = pipeline.stage_seconds()
+        self._idle_mark = pipeline.idle.seconds()
         await self._status(state="mining", genesis=clock.genesis, block_time_s=s.block_time_s,
                            window_blocks=s.window_blocks, safety_blocks=s.safety_blocks, run_seed=s.run_seed,
-                           out_dir=str(s.out_dir))
-        logger.info("mining (dry run: simulated chain, nothing uploaded) as %s; %s", s.worker.describe(),
-                    clock.describe())
+                           out_dir=str(s.out_dir), upload_allowance_s=s.upload_allowance_s,
+                           checkpoint_window=loaded.checkpoint_window, model_name=loaded.name)
+        del loaded  # with --checkpoint-dir the runtime may be replaced: nothing here keeps the old model alive
+        logger.info("mining (dry run: simulated chain, nothing uploaded) as %s; %s; files due %s before each "
+                    "window's deadline", s.worker.describe(), clock.describe(),
+                    f"{s.upload_allowance_s:g} s" if s.upload_allowance_s is not None else
+                    f"the upload time of the expected file at {UPLOAD_MBIT_S:g} Mbit/s")
         tg.start_soon(self._heartbeat)
+        if isinstance(sink, FleetWorker):
+            tg.start_soon(sink.run)
         async with anyio.create_task_group() as checks:
             if s.verify_sample:
                 send, receive = anyio.create_memory_object_stream[tuple[int, list[dict]]](2)
@@ -136,37 +179,91 @@ class Daemon:
                 checks.start_soon(self._self_check_worker, receive)
             try:
                 await pipeline.run(source.tasks(), sink)
+                del pipeline  # a restart frees the old engine's memory before the new model loads
+                while self.rotation is not None and self.rotation.pending is not None and not self.stopping:
+                    # the source stopped before the window's first problem and the pipeline drained: nothing is lost
+                    await (await self._restart_engine()).run(source.tasks(), sink)
                 await sink.finish("end of run")  # nothing is left after a clean drain
             finally:
                 if self._self_check is not None:
                     self._self_check.close()
-        logger.info("stopped (%s): %d window file(s), %d rollouts in %d groups (%d dropped)", self.stop_reason,
-                    self.windows_written, self.totals["rollouts"], self.totals["groups"],
-                    self.totals["dropped_groups"])
+        logger.info("stopped (%s): %d window file(s), %d on-time rollouts in %d groups, %d cut", self.stop_reason,
+                    self.windows_written, self.totals["rollouts"], self.totals["groups"], self.totals["cut_rollouts"])
+
+    async def _before_window(self, window: WindowContext) -> WindowContext | None:
+        """The rotation's switch to the window's checkpoint, as the window opens (ProblemSource's hook)."""
+        assert self.rotation is not None and self.clock is not None and self.pipeline is not None
+        return await self.rotation.before_window(window, self.clock.time_of_block(window.window_start),
+                                                 self.runtime.loaded, self.pipeline.idle)
+
+    async def _restart_engine(self) -> Pipeline:
+        """A new runtime and engine for a checkpoint of another architecture, the old ones dropped first (one model
+        on the GPU at a time); the pipeline drained before this, so no group is lost."""
+        assert self.rotation is not None and self.source is not None
+        window_start = self.source.clock.next_generation_window()
+        old, self.pipeline = self.runtime, None
+        await anyio.to_thread.run_sync(old.close)
+        del old
+        self.engine = None  # type: ignore[assignment] - replaced below, before anything reads it
+        self.runtime, self.engine = await anyio.to_thread.run_sync(self.rotation.restart, window_start)
+        self.pipeline = pipeline = self.new_pipeline()
+        self._stage_mark = pipeline.stage_seconds()
+        self._idle_mark = pipeline.idle.seconds()
+        await self._status(engine=self.runtime.engine_kind, model_name=self.runtime.loaded.name,
+                           checkpoint_window=self.runtime.loaded.checkpoint_window)
+        return pipeline
+
+    def _fleet_worker(self, clock: WindowClock, plan: DeadlinePlan, extra_metadata: dict) -> FleetWorker:
+        """The fleet's side of this worker: claims for the source, Redis for the sink, the leader's duties."""
+        assert self.fleet is not None
+        s = self.settings
+        leader = FleetLeader(self.fleet, clock, plan, self.signer.ss58_address, s.out_dir,
+                             lambda start: self.runtime.loaded.checkpoint_window, extra_metadata, self._window_written)
+        return FleetWorker(self.fleet, clock, plan, leader,
+                           redraw=lambda task: self.source is not None and self.source.redraw(task),
+                           stopping=lambda: self.stopping, status=self.status, worker_id=s.worker.worker_id)
+
+    async def _cut_at(self, window_start: int) -> None:
+        """At the plan's cut, write what has arrived (the file is usually written before, when complete)."""
+        assert self.plan is not None and self.sink is not None and self.clock is not None
+        while (wait := self.plan.cut(window_start) - self.clock.time_fn()) > 0:
+            if self.sink.written(window_start):
+                return
+            await anyio.sleep(min(wait, 0.5))
+        await self.sink.cut(window_start)
 
     # -- per window ---------------------------------------------------------------------------------
     async def _window_written(self, report: WindowReport, sample: list[dict]) -> None:
         self.windows_written += 1
         self.totals["rollouts"] += report.rollouts
         self.totals["groups"] += report.groups
-        self.totals["dropped_groups"] += report.dropped_groups
+        self.totals["cut_rollouts"] += report.cut_rollouts
         assert self.pipeline is not None
         stages = self.pipeline.stage_seconds()
         busy = {k: round(v - self._stage_mark.get(k, 0.0), 3) for k, v in stages.items()}
         self._stage_mark = stages
+        idle = self.pipeline.idle.seconds()
+        idle_s, self._idle_mark = idle - self._idle_mark, idle
         depths = self.pipeline.queue_depths()
-        logger.info(
-            "window %d %s: %d rollouts (%d groups, %d dropped%s) %.2f rollouts/s, success %.1f %% (answer "
-            "satisfies the formula; validator's flag with EOS: %.1f %%), mean reward %.3f | queues %s | "
-            "busy s since last window %s | %s%s",
-            report.window_start, self.settings.worker.describe(), report.rollouts, report.groups,
-            report.dropped_groups, f", {len(report.missing_groups)} missing" if report.missing_groups else "",
-            report.rollouts_per_s, report.success_pct, report.validator_success_pct, report.mean_reward,
-            " ".join(f"{k}={v}" for k, v in depths.items()), " ".join(f"{k}={v:g}" for k, v in busy.items()),
+        margin = report.margin_s
+        log = logger.info if report.on_time else logger.error
+        log("window %d: %d on-time rollouts (%d groups%s), %d cut, file ready %s the deadline%s | "
+            "GPU idle %.1f s since the last file | success %.1f %% (answer satisfies the formula; validator's flag "
+            "with EOS: %.1f %%), mean reward %.3f | write %.2f s, %.1f KB/rollout | busy s %s | %s%s",
+            report.window_start, report.rollouts, report.groups,
+            f", {report.redraws} redrawn" if report.redraws else "", report.cut_rollouts,
+            "?" if margin is None else f"{abs(margin):.1f} s {'before' if margin >= 0 else 'AFTER'}",
+            f" (failed indices {report.failed_indices}: the file ends at the first)" if report.failed_indices else "",
+            idle_s, report.success_pct, report.validator_success_pct, report.mean_reward, report.write_seconds,
+            report.file_bytes / max(1, report.rollouts) / 1e3, " ".join(f"{k}={v:g}" for k, v in busy.items()),
             Path(report.file).name, " PARTIAL" if report.partial else "")
-        last = report.as_dict()
-        last.update(queue_depths=depths, stage_seconds=busy)
-        await self._status(windows_written=self.windows_written, last_window=last, totals=dict(self.totals),
+        record = report.as_dict()
+        record.update(idle_gpu_s=round(idle_s, 3), queue_depths=depths, stage_seconds=busy)
+        if self.plan is not None:
+            record["plan"] = self.plan.describe(report.window_start)
+        self.window_records[str(report.window_start)] = record
+        await self._status(windows_written=self.windows_written, last_window=record, totals=dict(self.totals),
+                           windows=self.window_records,
                            current_window=self.source.current_window if self.source else None)
         if sample and self._self_check is not None:
             try:
@@ -184,9 +281,13 @@ class Daemon:
         try:
             async with receive:
                 async for window_start, records in receive:
+                    source = ((self.rotation.source_of(window_start) if self.rotation else None)
+                              or self.runtime.loaded.source)
+                    if check is not None and check.source != source:  # the window was mined on another checkpoint
+                        await anyio.to_thread.run_sync(check.close)
+                        check = None
                     if check is None:
-                        loaded = self.runtime.loaded
-                        check = ValidatorProcess(loaded.source, str(loaded.device))
+                        check = ValidatorProcess(source, str(self.runtime.loaded.device))
                     try:
                         totals = await anyio.to_thread.run_sync(check.verify, records)
                     except CheckUnavailable as exc:  # mining goes on; the self-check stops, said once
@@ -217,7 +318,7 @@ class Daemon:
             if self.pipeline is not None:
                 fields["queue_depths"] = self.pipeline.queue_depths()
             if self.sink is not None:
-                fields["open_windows"] = {str(k): {"arrived": a, "issued": i} for k, (a, i) in self.sink.pending().items()}
+                fields["open_windows"] = {str(k): {"resolved": a, "issued": i} for k, (a, i) in self.sink.pending().items()}
             await self._status(**fields)
 
     # -- stopping -----------------------------------------------------------------------------------
@@ -230,6 +331,10 @@ class Daemon:
                     logger.warning("second %s: exiting now, in-flight work is abandoned", name)
                     self.status.update(state="stopped", exit_reason=f"second {name}")
                     hard_exit(128 + signum)
+                if self.warming_up:  # nothing of the warm-up is written: no reason to wait for it
+                    logger.info("%s during the warm-up: nothing to write, exiting", name)
+                    self.status.update(state="stopped", exit_reason=f"{name} during warm-up")
+                    hard_exit(0)
                 self.stopping = True
                 self.stop_reason = name
                 logger.info("%s: stopping intake, finishing in-flight work (at most %g s; a second signal exits "

@@ -26,10 +26,16 @@ class ProblemTask:
     prompt_ids: list[int]
     targets: list[int | None]
     block: int = 0  # the block at which the problem was issued
+    attempt: int = 0  # 1, 2, …: new samples of a dropped group's prompt, for the same index
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """(window start, index, attempt): one admission of this problem."""
+        return (self.window.window_start, self.index, self.attempt)
 
 
 def make_task(window: WindowContext, index: int, hotkey: str, tokenizer: PreTrainedTokenizerBase,
-              lengths: LengthProfile, block: int = 0) -> ProblemTask:
+              lengths: LengthProfile, block: int = 0, attempt: int = 0) -> ProblemTask:
     """The protocol's problem `index` of a window for this hotkey, rendered and ready to generate."""
     seed = derive_env_seed(hotkey, window.block_hash, index)
     problem = problem_for_seed(seed)
@@ -41,6 +47,7 @@ def make_task(window: WindowContext, index: int, hotkey: str, tokenizer: PreTrai
         prompt_ids=prompt_ids(tokenizer, problem),
         targets=lengths.targets(seed, PROFILE.rollouts_per_problem),
         block=block,
+        attempt=attempt,
     )
 
 

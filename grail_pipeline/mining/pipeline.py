@@ -63,6 +63,42 @@ class StageTimes:
         return {k: round(getattr(self, k), 4) for k in ("intake", "prove", "sign", "sink")}
 
 
+class GpuIdle:
+    """Seconds in which no group was on the GPU side (queued for generation, generating, or waiting for or in
+    its proof): the time the deadline plan leaves the GPU without work, reported per window."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups = 0
+        self._idle = 0.0
+        self._since: float | None = time.perf_counter()
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._groups == 0 and self._since is not None:
+                self._idle += time.perf_counter() - self._since
+                self._since = None
+            self._groups += 1
+
+    def leave(self, count: int = 1) -> None:
+        with self._lock:
+            self._groups -= count
+            if self._groups == 0:
+                self._since = time.perf_counter()
+
+    @property
+    def groups(self) -> int:
+        """Groups on the GPU side now (0: nothing of a window is generating or proving)."""
+        with self._lock:
+            return self._groups
+
+    def seconds(self) -> float:
+        """Idle seconds so far, the current stretch included."""
+        with self._lock:
+            now = time.perf_counter()
+            return self._idle + (now - self._since if self._since is not None else 0.0)
+
+
 class _StreamFeed:
     """The engine's view of the generation queue, called from the engine's worker thread."""
 
@@ -92,6 +128,7 @@ class Pipeline:
         self.sign = sign
         self.config = config
         self.times = StageTimes()
+        self.idle = GpuIdle()
         self._streams: dict[str, ObjectSendStream] = {}
 
     def stage_seconds(self) -> dict[str, float]:
@@ -128,6 +165,7 @@ class Pipeline:
                 t0 = time.perf_counter()
                 if in_flight is not None:
                     await in_flight.acquire()
+                self.idle.enter()
                 await send.send(task)
                 self.times.intake += time.perf_counter() - t0
                 self._note_depth("generate", send)
@@ -178,6 +216,7 @@ class Pipeline:
                     [ProofJob(t.prompt_ids, r.completions, t.window.randomness) for t, r in zip(tasks, results)])
                 seconds = time.perf_counter() - t0
                 self.times.prove += seconds
+                self.idle.leave(len(results))
                 for task, result, group_proofs in zip(tasks, results, proofs):
                     proved = ProvedGroup(task, result.completions, group_proofs, result.seconds, seconds / len(results))
                     anyio.from_thread.run(send.send, proved)

@@ -29,6 +29,8 @@ class MineSettings:
     batch_size: int | None  # None: the engine's default
     warmup_problems: int
     pipeline_overrides: dict[str, int]
+    upload_allowance_s: float | None = None  # None: the expected file's upload time (mining/deadline.py)
+    redis_url: str | None = None  # GRAIL_REDIS_URL: a fleet of workers of one hotkey (mining/fleet_worker.py)
 
     @property
     def window_seconds(self) -> float:

@@ -1,18 +1,24 @@
-"""The window sink: signed groups in, one atomic Parquet file per window and worker out.
+"""The window sink: signed groups in, the hotkey's one window file out, complete and on time.
 
-Groups arrive in any order and may arrive after their window ended; each goes to its own window.
-A window's file is written once the source has closed the window (it says which indices it issued)
-and every issued group has arrived; a dropped group (a completion shorter than the challenge size)
-counts as arrived but adds no records. Rows are kept as Arrow tables while the window is open, which
-holds a window's rollouts in about a tenth of the memory the record dicts take, and written in
-index order with the protocol's schema and metadata: temporary name, fsync, rename. After any stop,
-even SIGKILL, a file under the final name is complete; a graceful stop writes what it has, marked
-partial in the metadata.
+The file is the one the validator reads (grail-protocol.md §5): `{hotkey}-window-{start}.parquet`,
+groups 0..N−1 contiguous and in order (F seeds the group at file position i from problem index i, so a
+gap or a swap fails every group after it), every group whole. Groups arrive in any order; each is kept
+as an Arrow table (a tenth of the memory of the record dicts) until the window is written:
+- when every issued index is resolved (it arrived, or it could not be completed), or
+- at the window's cut (`cut`, called by the daemon at the deadline plan's cut time), whatever has
+  arrived by then: the longest contiguous prefix 0..k−1 goes in, anything after a gap and anything
+  still in flight is cut and counted, or
+- at `finish` (a stop, an error): what arrived, marked partial.
+A dropped group (a completion under the challenge size) is redrawn for the same index (`redraw`, the
+source's) up to `MAX_DRAWS` times; an index that still fails ends the file before it, and the report
+says how many rollouts after it that cost. Writing is temporary name, fsync, rename: after any stop,
+even SIGKILL, a file under the final name is complete.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -24,53 +30,73 @@ import pyarrow as pa
 
 from grail_pipeline.common.atomic import stale_temporaries
 from grail_pipeline.mining.chain import WindowContext, WorkerSlot
-from grail_pipeline.mining.messages import SignedGroup
+from grail_pipeline.mining.deadline import DeadlinePlan
+from grail_pipeline.mining.messages import ProblemTask, SignedGroup
 from grail_pipeline.mining.source import WindowClose
+from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.records import INFERENCE_SCHEMA, records_table, write_window_table
 
 logger = logging.getLogger("grail_pipeline")
 
-
-def window_file_name(hotkey: str, window_start: int, worker_id: int) -> str:
-    """`{hotkey}-window-{start}-worker-{id}.parquet`: the protocol's name plus the worker id."""
-    return f"{hotkey}-window-{window_start}-worker-{worker_id}.parquet"
+MAX_DRAWS = 3  # samples of one index before the file ends at it (a real model that keeps stopping early)
 
 
-def remove_stale_temporaries(out_dir: str | Path, hotkey: str, worker_id: int) -> list[Path]:
-    """Delete the temporaries a killed run of this worker left in `out_dir`; other workers' are kept.
+def remove_stale_temporaries(out_dir: str | Path, hotkey: str) -> list[Path]:
+    """Delete the temporaries a killed run for this hotkey left in `out_dir` (other hotkeys' are kept).
 
-    A temporary is `.{final name}.{random}.tmp`, so it names its window file and thus its worker.
+    A temporary is `.{final name}.{random}.tmp`, so it names its window file and thus its hotkey.
     """
-    suffix = f"-worker-{worker_id}.parquet."
     prefix = f".{hotkey}-window-"
     removed = []
     for path in stale_temporaries(out_dir):
-        if path.name.startswith(prefix) and suffix in path.name:
+        if path.name.startswith(prefix):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
 
+def window_checkpoint(window: WindowContext) -> dict[str, object]:
+    """The file metadata naming the checkpoint a window was mined on, where the window names one (under checkpoint
+    rotation, mining/rotation.py, it changes from window to window; otherwise the run's extra metadata says it)."""
+    if not window.model_name:
+        return {}
+    return {"checkpoint_window": window.checkpoint_window, "model_name": window.model_name}
+
+
 @dataclass
 class WindowReport:
-    """What was written for one window (the per-window summary and the status file's last_window)."""
+    """What was written for one window (the per-window summary and the status file's windows record)."""
 
     window_start: int
-    worker_id: int
     file: str
     partial: bool
     issued_groups: int
-    groups: int  # arrived, dropped included
-    dropped_groups: int
-    missing_groups: list[int]  # issued but never arrived (only after a drain timeout or an error)
-    rollouts: int
-    completion_tokens: int
+    groups: int  # in the file: 0..groups-1
+    rollouts: int  # in the file
+    cut_groups: int  # generated (or being generated) but not in the file: after a gap, or not there at the cut
+    cut_rollouts: int
+    failed_indices: list[int]  # dropped MAX_DRAWS times or never redrawn: the file ends before the first
+    redraws: int
+    missing_groups: list[int]  # issued, not arrived when the file was written
+    completion_tokens: int  # of the rollouts in the file
     solved: int  # answers that satisfy the formula, EOS stripped (what a person calls success)
     validator_success: int  # the validator's `success` flag (scored text includes the trailing EOS)
     reward_sum: float
-    seconds: float  # from the window's first issued problem to its last group (or the write)
-    late_groups: int  # groups that arrived after the window's last block
-    write_seconds: float = 0.0
+    seconds: float  # from the window's first issued problem to the last group in the file
+    deadline: float | None  # unix time; the validator ignores a file modified later
+    ready_at: float  # unix time the file was in place
+    write_seconds: float
+    file_bytes: int
+    trigger: str  # "complete", "cut" or the stop's reason
+
+    @property
+    def margin_s(self) -> float | None:
+        """Seconds the file was ready before the deadline (negative: late)."""
+        return None if self.deadline is None else self.deadline - self.ready_at
+
+    @property
+    def on_time(self) -> bool:
+        return self.deadline is None or self.ready_at <= self.deadline
 
     @property
     def rollouts_per_s(self) -> float:
@@ -90,121 +116,147 @@ class WindowReport:
 
     def as_dict(self) -> dict:
         out = asdict(self)
+        margin = self.margin_s
         out.update(rollouts_per_s=round(self.rollouts_per_s, 4), success_pct=round(self.success_pct, 2),
                    validator_success_pct=round(self.validator_success_pct, 2),
-                   mean_reward=round(self.mean_reward, 6))
-        out["seconds"] = round(self.seconds, 3)
+                   mean_reward=round(self.mean_reward, 6), on_time=self.on_time,
+                   margin_s=None if margin is None else round(margin, 3))
+        for key in ("seconds", "ready_at", "deadline"):
+            if out[key] is not None:
+                out[key] = round(out[key], 3)
         out["write_seconds"] = round(self.write_seconds, 4)
         out["reward_sum"] = round(self.reward_sum, 6)
         return out
 
 
 @dataclass
+class GroupRows:
+    """One group's rows and the numbers the report sums over the file's groups (the solo sink keeps them as
+    groups arrive; a fleet's leader decodes them from Redis, mining/group_payload.py)."""
+
+    table: pa.Table
+    rollouts: int
+    completion_tokens: int
+    solved: int
+    validator_success: int
+    reward_sum: float
+    arrived: float
+
+
+@dataclass
 class _OpenWindow:
     window: WindowContext
-    tables: dict[int, pa.Table] = field(default_factory=dict)  # group index -> its rows
-    arrived: set[int] = field(default_factory=set)
+    groups: dict[int, GroupRows] = field(default_factory=dict)  # index -> its rows
+    failed: set[int] = field(default_factory=set)  # indices that will not be completed
+    draws: dict[int, int] = field(default_factory=dict)  # index -> dropped draws so far
+    redraws: int = 0
     issued: tuple[int, ...] | None = None  # known once the source closes the window
     partial: bool = False
     opened: float | None = None
-    last_arrival: float | None = None
-    dropped: int = 0
-    rollouts: int = 0
-    completion_tokens: int = 0
-    solved: int = 0
-    validator_success: int = 0
-    reward_sum: float = 0.0
-    late: int = 0
     sample: list[dict] = field(default_factory=list)
     seen_records: int = 0
     rng: random.Random | None = None
 
+    def resolved(self, index: int) -> bool:
+        return index in self.groups or index in self.failed
+
     @property
     def complete(self) -> bool:
-        return self.issued is not None and self.arrived >= set(self.issued)
+        return self.issued is not None and all(self.resolved(i) for i in self.issued)
 
 
 OnWritten = Callable[[WindowReport, list[dict]], Awaitable[None]]
+Redraw = Callable[[ProblemTask], bool]
 
 
 class WindowSink:
-    """Collects signed groups per window and writes each window's file when it is complete.
+    """Collects signed groups per window and writes the hotkey's file when complete, at the cut, or at a stop.
 
-    `put` is the pipeline's GroupSink; `close_window` is the ProblemSource's on_close. `on_written`
-    (optional) gets each window's report and up to `sample_size` of its records (a uniform sample,
-    for the self-check). After `finish`, late puts are refused with a warning.
+    `put` is the pipeline's GroupSink; `close_window` is the ProblemSource's on_close; `cut` is called
+    by the daemon at the plan's cut time. `on_written` (optional) gets each window's report and up to
+    `sample_size` of its file's records (a uniform sample, for the self-check). After `finish`, late puts
+    are refused with a warning.
     """
 
     def __init__(self, out_dir: str | Path, hotkey: str, worker: WorkerSlot, window_blocks: int, *,
-                 block_time_s: float, genesis: float | None = None, extra_metadata: dict | None = None,
+                 plan: DeadlinePlan | None = None, redraw: Redraw | None = None, extra_metadata: dict | None = None,
                  on_written: OnWritten | None = None, sample_size: int = 0, run_seed: int = 0) -> None:
         self.out_dir = Path(out_dir)
         self.hotkey = hotkey
         self.worker = worker
         self.window_blocks = window_blocks
-        self.block_time_s = block_time_s
-        self.genesis = genesis
+        self.plan = plan
+        self.redraw = redraw
         self.extra_metadata = dict(extra_metadata or {})
         self.on_written = on_written
         self.sample_size = sample_size
         self.run_seed = run_seed
         self.reports: list[WindowReport] = []
         self.groups_sunk = 0
+        self.late: dict[int, int] = {}  # window start -> rollouts that arrived after its file was written
         self._open: dict[int, _OpenWindow] = {}
+        self._written: set[int] = set()
         self._lock = anyio.Lock()
         self._finished = False
 
     def path_for(self, window_start: int) -> Path:
-        return self.out_dir / window_file_name(self.hotkey, window_start, self.worker.worker_id)
+        return self.out_dir / PROFILE.window_file_name(self.hotkey, window_start)
 
     def pending(self) -> dict[int, tuple[int, int | None]]:
-        """Open windows: window start -> (groups arrived, groups issued or None while still issuing)."""
-        return {ws: (len(w.arrived), None if w.issued is None else len(w.issued)) for ws, w in self._open.items()}
+        """Open windows: window start -> (groups resolved, groups issued or None while still issuing)."""
+        return {ws: (len(w.groups) + len(w.failed), None if w.issued is None else len(w.issued))
+                for ws, w in self._open.items()}
 
     def _window(self, window: WindowContext) -> _OpenWindow:
         state = self._open.get(window.window_start)
         if state is None:
-            rng = random.Random(f"{self.run_seed}|{window.window_start}|{self.worker.worker_id}")
+            rng = random.Random(f"{self.run_seed}|{window.window_start}|{self.hotkey}")
             state = self._open[window.window_start] = _OpenWindow(window, rng=rng)
         return state
 
     async def put(self, group: SignedGroup) -> None:
         task = group.task
-        if self._finished:
-            logger.warning("group %d of window %d arrived after the sink closed: not written",
-                           task.index, task.window.window_start)
+        start = task.window.window_start
+        if self.plan is not None:
+            self.plan.finished(task.key)
+        if self._finished or start in self._written:
+            self.late[start] = self.late.get(start, 0) + group.rollouts
+            logger.warning("group %d of window %d arrived after the window's file was written: cut", task.index,
+                           start)
             return
         table = await anyio.to_thread.run_sync(records_table, group.records) if group.records else None
-        if self._finished:  # finish() ran while the rows were being converted
-            logger.warning("group %d of window %d arrived while the sink closed: not written",
-                           task.index, task.window.window_start)
+        if self._finished or start in self._written:  # written while the rows were being converted
+            self.late[start] = self.late.get(start, 0) + group.rollouts
             return
         state = self._window(task.window)
-        if task.index in state.arrived:
-            raise RuntimeError(f"group {task.index} of window {task.window.window_start} arrived twice")
+        if state.resolved(task.index):
+            raise RuntimeError(f"group {task.index} of window {start} arrived twice")
         now = time.time()
-        state.arrived.add(task.index)
-        state.last_arrival = now
         if state.opened is None:
             state.opened = now
-        if self.genesis is not None:
-            end = self.genesis + (task.window.window_start + self.window_blocks) * self.block_time_s
-            state.late += int(now > end)
-        if group.dropped:
-            state.dropped += 1
-        else:
-            state.tables[task.index] = table
-            state.rollouts += group.rollouts
-            state.solved += sum(group.solved)
-            state.validator_success += sum(group.successes)
-            state.reward_sum += sum(group.rewards)
-            self._sample(state, group.records)
-        state.completion_tokens += group.completion_tokens
         self.groups_sunk += 1
-        logger.debug("sunk window=%d group=%d rollouts=%d%s", task.window.window_start, task.index,
-                     group.rollouts, f" dropped ({group.dropped})" if group.dropped else "")
+        logger.debug("sunk window=%d group=%d rollouts=%d%s", start, task.index, group.rollouts,
+                     " dropped" if group.dropped else "")
+        if group.dropped:
+            draws = state.draws[task.index] = state.draws.get(task.index, 0) + 1
+            again = draws < MAX_DRAWS and self.redraw is not None and self.redraw(task)
+            logger.info("window %d group %d dropped (%s)%s", start, task.index, group.dropped,
+                        f": drawing again ({draws + 1} of {MAX_DRAWS})" if again else
+                        ": the file ends before it")
+            if again:
+                state.redraws += 1
+            else:
+                state.failed.add(task.index)
+        else:
+            state.groups[task.index] = GroupRows(
+                table, group.rollouts, group.completion_tokens, sum(group.solved), sum(group.successes),
+                sum(group.rewards), now)
+            self._sample(state, group.records)
+            elapsed = now - state.opened
+            if self.plan is not None and elapsed > 0:
+                self.plan.rate(sum(g.rollouts for g in state.groups.values()) / elapsed)
         if state.complete:
-            await self._write(state)
+            await self._write(state, "complete")
 
     def _sample(self, state: _OpenWindow, records: list[dict]) -> None:
         """Reservoir sampling, so the self-check sees a uniform sample without keeping every record."""
@@ -220,14 +272,30 @@ class WindowSink:
                     state.sample[slot] = record
 
     async def close_window(self, close: WindowClose) -> None:
+        if close.window_start in self._written:  # the cut came first
+            return
         state = self._window(close.window)
         state.issued = close.indices
         state.partial = close.partial
+        state.failed.update(close.abandoned)
         state.opened = close.opened if state.opened is None else min(state.opened, close.opened)
         logger.debug("window %d closed for generation: %d groups issued%s", close.window_start,
                      len(close.indices), " (stopping: partial)" if close.partial else "")
         if state.complete:
-            await self._write(state)
+            await self._write(state, "complete")
+
+    def written(self, window_start: int) -> bool:
+        return window_start in self._written
+
+    async def cut(self, window_start: int) -> WindowReport | None:
+        """The plan's cut: write what has arrived; what has not is cut (nothing arrived: no file)."""
+        state = self._open.get(window_start)
+        if state is None:
+            if window_start not in self._written:
+                self._written.add(window_start)
+                logger.warning("window %d: no group arrived by the cut: no file", window_start)
+            return None
+        return await self._write(state, "cut")
 
     async def finish(self, reason: str) -> list[WindowReport]:
         """Write every window still open, marked partial, and refuse later groups.
@@ -241,55 +309,105 @@ class WindowSink:
             state = self._open.get(start)
             if state is None:
                 continue
-            missing = sorted(set(state.issued or ()) - state.arrived)
-            logger.warning("window %d: writing %d arrived groups as partial (%s)%s", start, len(state.arrived),
-                           reason, f"; {len(missing)} issued groups never arrived" if missing else "")
+            logger.warning("window %d: writing what arrived as partial (%s)", start, reason)
             state.partial = True
-            report = await self._write(state)
+            report = await self._write(state, reason)
             if report is not None:
                 written.append(report)
         return written
 
-    async def _write(self, state: _OpenWindow) -> WindowReport | None:
+    async def _write(self, state: _OpenWindow, trigger: str) -> WindowReport | None:
         start = state.window.window_start
         async with self._lock:
             if self._open.get(start) is not state:
                 return None  # written meanwhile
             del self._open[start]
-            issued = state.issued if state.issued is not None else tuple(sorted(state.arrived))
-            missing = sorted(set(issued) - state.arrived)
-            order = sorted(state.tables)
-            table = (pa.concat_tables([state.tables[i] for i in order]) if order
-                     else INFERENCE_SCHEMA.empty_table())
-            metadata = {
-                "wallet": self.hotkey,
-                "window_start": start,
-                "window_length": self.window_blocks,
-                "worker_id": self.worker.worker_id,
-                "total_workers": self.worker.total_workers,
-                "partial": "true" if state.partial or missing else "false",
-                "issued_groups": len(issued),
-                "dropped_groups": state.dropped,
-                "missing_groups": ",".join(map(str, missing)),
-                "block_hash": state.window.block_hash,
-                **self.extra_metadata,
-            }
-            path = self.path_for(start)
-            t0 = time.perf_counter()
-            await anyio.to_thread.run_sync(write_window_table, path, table, metadata)
-            write_seconds = time.perf_counter() - t0
-        now = time.time()
-        opened = state.opened or now
-        report = WindowReport(
-            window_start=start, worker_id=self.worker.worker_id, file=str(path),
-            partial=metadata["partial"] == "true", issued_groups=len(issued), groups=len(state.arrived),
-            dropped_groups=state.dropped, missing_groups=missing, rollouts=state.rollouts,
-            completion_tokens=state.completion_tokens, solved=state.solved,
-            validator_success=state.validator_success, reward_sum=state.reward_sum,
-            seconds=max(0.0, (state.last_arrival or now) - opened), late_groups=state.late,
-            write_seconds=write_seconds,
-        )
+            self._written.add(start)
+            issued = state.issued if state.issued is not None else tuple(sorted(set(state.groups) | state.failed))
+            count = 0
+            while count in state.groups:
+                count += 1
+            in_file = [state.groups[i] for i in range(count)]
+            after_gap = [g for i, g in state.groups.items() if i >= count]
+            missing = sorted(i for i in issued if not state.resolved(i))
+            contents = WindowContents(
+                window=state.window, groups=in_file, issued_groups=len(issued),
+                cut_groups=len(after_gap) + len(missing),
+                cut_rollouts=sum(g.rollouts for g in after_gap) + PROFILE.rollouts_per_problem * len(missing),
+                failed_indices=sorted(state.failed), missing_groups=missing, redraws=state.redraws,
+                partial=state.partial, opened=state.opened)
+            report = await write_window(self.path_for(start), self.hotkey, self.window_blocks, contents, trigger,
+                                        self.plan, {"worker_id": self.worker.worker_id,
+                                                    "total_workers": self.worker.total_workers,
+                                                    **self.extra_metadata})
         self.reports.append(report)
         if self.on_written is not None:
-            await self.on_written(report, state.sample)
+            sample = [r for r in state.sample if r["rollout_group"] < report.groups]
+            await self.on_written(report, sample)
         return report
+
+
+@dataclass
+class WindowContents:
+    """What goes into a window's file and its report: groups 0..N−1 in file order, and what was left out."""
+
+    window: WindowContext
+    groups: list[GroupRows]
+    issued_groups: int
+    cut_groups: int
+    cut_rollouts: int
+    failed_indices: list[int]
+    missing_groups: list[int]
+    redraws: int
+    partial: bool
+    opened: float | None  # unix time the window's first problem was issued (None: not known)
+
+
+async def write_window(path: Path, hotkey: str, window_blocks: int, contents: WindowContents, trigger: str,
+                       plan: DeadlinePlan | None, extra_metadata: dict) -> WindowReport:
+    """Write the hotkey's window file (atomically) and say what was written: the one writer of the solo sink
+    and of a fleet's leader (mining/fleet_leader.py), so both files carry the same metadata.
+
+    `trigger` is "complete", "cut" (the deadline plan's) or the reason of a stop; the plan (when given) names
+    the deadline and learns the write time and file size for the next window's cut.
+    """
+    c = contents
+    start = c.window.window_start
+    rollouts = sum(g.rollouts for g in c.groups)
+    table = pa.concat_tables([g.table for g in c.groups]) if c.groups else INFERENCE_SCHEMA.empty_table()
+    deadline = plan.times(start).deadline if plan is not None else None
+    metadata = {
+        "wallet": hotkey,
+        "window_start": start,
+        "window_length": window_blocks,
+        "partial": "true" if c.partial else "false",
+        "written": trigger,  # complete, cut (the deadline plan's) or the reason of a stop
+        "groups": len(c.groups),
+        "issued_groups": c.issued_groups,
+        "cut_groups": c.cut_groups,
+        "cut_rollouts": c.cut_rollouts,
+        "failed_indices": ",".join(map(str, c.failed_indices)),
+        "missing_groups": ",".join(map(str, c.missing_groups)),
+        "block_hash": c.window.block_hash,
+        **({"deadline": round(deadline, 3)} if deadline is not None else {}),
+        **extra_metadata,
+        **window_checkpoint(c.window),
+    }
+    t0 = time.perf_counter()
+    await anyio.to_thread.run_sync(write_window_table, path, table, metadata)
+    write_seconds = time.perf_counter() - t0
+    ready_at = time.time()
+    nbytes = os.path.getsize(path)
+    if plan is not None:
+        plan.wrote(rollouts, write_seconds, nbytes)
+    opened = c.opened or ready_at
+    last = max((g.arrived for g in c.groups), default=opened)
+    return WindowReport(
+        window_start=start, file=str(path), partial=c.partial, issued_groups=c.issued_groups, groups=len(c.groups),
+        rollouts=rollouts, cut_groups=c.cut_groups, cut_rollouts=c.cut_rollouts, failed_indices=c.failed_indices,
+        redraws=c.redraws, missing_groups=c.missing_groups,
+        completion_tokens=sum(g.completion_tokens for g in c.groups), solved=sum(g.solved for g in c.groups),
+        validator_success=sum(g.validator_success for g in c.groups),
+        reward_sum=sum(g.reward_sum for g in c.groups), seconds=max(0.0, last - opened), deadline=deadline,
+        ready_at=ready_at, write_seconds=write_seconds, file_bytes=nbytes, trigger=trigger,
+    )

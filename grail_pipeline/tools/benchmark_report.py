@@ -21,8 +21,11 @@ from grail_pipeline import __version__
 from grail_pipeline.common.atomic import write_atomically
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.devices import describe_gpus, driver_version
+from grail_pipeline.mining.pipeline import PipelineConfig
 from grail_pipeline.mining.runtime import Runtime
+from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.wallet import Signer
+from grail_pipeline.tools.memory_report import breakdown_line
 from grail_pipeline.tools.projection import WindowSpec
 
 if TYPE_CHECKING:
@@ -122,6 +125,9 @@ def _results(console: Console, results: list["BatchResult"]) -> None:
     console.print("GPU(GB) = peak torch reserved (process total from NVML in brackets, where available). "
                   + SUCCESS_NOTE, style="dim")
     for r in results:
+        if r.ok and r.memory:
+            console.print(f"memory at batch {r.batch_size}: {breakdown_line(r.memory)}", style="dim")
+    for r in results:
         if r.ok and r.verify and "error" in r.verify:
             console.print(f"batch {r.batch_size}: proofs not re-verified: {r.verify['error']}", style="bold red")
     checked = sorted({r.verify["model_path"] for r in results if r.ok and r.verify and "error" not in r.verify})
@@ -156,19 +162,30 @@ def _projections(console: Console, workers: int, spec: WindowSpec, results: list
              f"rollouts/window = {spec.cap_rate():.1f} rollouts/s)")
     # as wide as its title: rich wraps a title at the table's width, which split the window's description
     table = Table(title=title, title_justify="left", min_width=len(title))
-    for col in ("Batch", "Rollouts/s", "Rollouts/window", "Score factor"):
+    for col in ("Batch", "Rollouts/s", "Generated/window", "On time/window", "Score factor"):
         table.add_column(col, justify="right")
     for r in ok:
         rate = r.rollouts_per_s * workers
-        per_window = spec.rollouts_per_window(rate)
-        table.add_row(str(r.batch_size), f"{rate:.1f}", f"~{per_window:.0f}", f"{spec.score_factor(per_window):.3f}")
+        in_file = on_time(spec, r, workers)
+        table.add_row(str(r.batch_size), f"{rate:.1f}", f"~{spec.rollouts_per_window(rate):.0f}", f"~{in_file:.0f}",
+                      f"{spec.score_factor(in_file):.3f}")
     console.print(table)
-    console.print("Score factor = min(1, rollouts per window / cap) ^ 4: the share of a capped miner's weight. "
-                  "The projection multiplies one worker's rate by the number of workers.", style="dim")
+    console.print("On time = what reaches the window's file before its deadline: generation stops early enough for "
+                  "the groups in flight (slots + queue) to drain and the file to upload at 100 Mbit/s, and the file is "
+                  "due 4 s before the window ends (mine's deadline plan does the same, measured). Score factor = "
+                  "min(1, on-time rollouts per window / cap) ^ 4. The projection multiplies one worker's rate by the "
+                  "number of workers.", style="dim")
     best = max(ok, key=lambda r: r.rollouts_per_s)
     console.print(f"BEST: batch_size={best.batch_size} -> {best.rollouts_per_s:.2f} rollouts/s"
                   + (f"; with {workers} workers: ~{best.rollouts_per_s * workers:.1f} rollouts/s" if workers > 1 else ""),
                   style="bold")
+
+
+def on_time(spec: WindowSpec, result: "BatchResult", workers: int = 1) -> float:
+    """On-time rollouts per window for `workers` workers at this result's rate: each drains its own slots and
+    generation queue (16 rollouts per queued problem), the file is one upload of all of them."""
+    in_flight = result.batch_size + PipelineConfig().generation_queue * PROFILE.rollouts_per_problem
+    return spec.on_time_per_window(result.rollouts_per_s * workers, in_flight * workers)
 
 
 def report_dict(args: argparse.Namespace, runtime: Runtime, signer: Signer, spec: WindowSpec,
@@ -186,8 +203,9 @@ def report_dict(args: argparse.Namespace, runtime: Runtime, signer: Signer, spec
         results=[r.as_dict() for r in results],
         projection=[dict(batch_size=r.batch_size, workers=args.workers,
                          rollouts_per_s=r.rollouts_per_s * args.workers,
-                         rollouts_per_window=spec.rollouts_per_window(r.rollouts_per_s * args.workers),
-                         score_factor=spec.score_factor(spec.rollouts_per_window(r.rollouts_per_s * args.workers)))
+                         generated_per_window=spec.rollouts_per_window(r.rollouts_per_s * args.workers),
+                         on_time_per_window=on_time(spec, r, args.workers),
+                         score_factor=spec.score_factor(on_time(spec, r, args.workers)))
                     for r in ok],
         best=None if best is None else dict(batch_size=best.batch_size, rollouts_per_s=best.rollouts_per_s),
     )

@@ -1,13 +1,18 @@
-"""Scoring-window arithmetic: how many rollouts a rate yields per window and what that is worth.
+"""Scoring-window arithmetic: how many rollouts a rate yields in a window's file on time, and what that is worth.
 
 The guide's own script multiplies by 180 s and its text says 50 blocks; the protocol says 30 blocks of
-12 s. Everything here takes the window length from blocks × block time, and says so when printed.
+12 s. Everything here takes the window length from blocks × block time, and says so when printed. A rate
+is not a window's worth: the file is due 4 s before the window ends, it must be uploaded before that
+(the deadline plan's allowance: its bytes at 100 Mbit/s), and the groups in flight when the miner stops
+admitting problems take the pipeline's drain time to finish. `on_time_per_window` takes all three off,
+as `mine`'s deadline plan does (mining/deadline.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from grail_pipeline.mining.deadline import FIRST_BYTES_PER_ROLLOUT, UPLOAD_MBIT_S
 from grail_pipeline.protocol.profile import PROFILE
 
 
@@ -27,6 +32,18 @@ class WindowSpec:
 
     def rollouts_per_window(self, rollouts_per_s: float) -> float:
         return rollouts_per_s * self.seconds
+
+    def on_time_per_window(self, rollouts_per_s: float, in_flight_rollouts: float,
+                           bytes_per_rollout: float = FIRST_BYTES_PER_ROLLOUT) -> float:
+        """Rollouts that reach the window's file before its deadline at this rate: generation runs from the
+        window's start until the groups in flight (`in_flight_rollouts`, the slots and the queue) can still
+        drain and the file can still be uploaded at UPLOAD_MBIT_S, i.e. R = rate × (T − slack − drain − R·b/bw)."""
+        if rollouts_per_s <= 0:
+            return 0.0
+        drain = in_flight_rollouts / rollouts_per_s
+        usable = self.seconds - PROFILE.upload_deadline_slack_s - drain
+        upload_s_per_rollout = bytes_per_rollout * 8 / (UPLOAD_MBIT_S * 1e6)
+        return max(0.0, rollouts_per_s * usable / (1 + rollouts_per_s * upload_s_per_rollout))
 
     def score_factor(self, rollouts_per_window: float) -> float:
         """Weight relative to a miner at the cap: min(1, rollouts / cap) ** 4."""
