@@ -239,9 +239,8 @@ def test_row_invariance_measures_every_length_and_each_step(tiny) -> None:
     for m in sorted(measured):
         same = []
         with torch.inference_mode():
-            for fn in row_functions(tiny.model.get_decoder()):
-                width = fn.in_features if isinstance(fn, torch.nn.Linear) else tiny.model.config.hidden_size
-                x = torch.randn(64, width, generator=generator)
+            for fn, row_shape in row_functions(tiny.model.get_decoder()):
+                x = torch.randn(64, *row_shape, generator=generator)
                 same.append(torch.equal(fn(x[:m]), fn(x)[:m]))
         assert all(same) == bool(invariance.exact[m]), (m, same)
 
@@ -280,3 +279,20 @@ def test_row_invariance_is_cached_per_stack_and_shapes(tiny, tmp_path, monkeypat
     files[0].write_bytes(b"not an array")  # a corrupt entry is measured again and rewritten
     assert np.array_equal(RowInvariance.cached(decoder, 20, 64, 16, root=tmp_path).exact, first.exact)
     assert np.load(files[0]).dtype == np.bool_
+
+
+def test_prefix_prover_workspace_budget_cuts_groups_and_keeps_the_bits(tiny, jobs, reference) -> None:
+    """A budget of 40 completion rows and one logit row: groups are proved in several runs, bits unchanged."""
+    from grail_pipeline.proving.prefix import completion_row_bytes, logit_row_bytes
+
+    dtype_bytes = tiny.dtype.itemsize
+    row, logit = completion_row_bytes(tiny.model.config, dtype_bytes), logit_row_bytes(tiny.model.config.vocab_size,
+                                                                                          dtype_bytes)
+    prover = PrefixProver(tiny, workspace_bytes=40 * row + logit)
+    assert (prover.max_rows, prover.logit_chunk) == (40, 1)
+    shared, _ = prover._plan(jobs)
+    runs = [chunk for chunk in shared if chunk.job == 0]
+    assert len(runs) > 1 and all(sum(len(jobs[0].completions[i]) for i in c.members) <= 40 for c in runs)
+    assert_same(prover.prove_many(jobs), reference, jobs)
+    workspace = next(c for c in prover.memory() if c.name == "prover_workspace")
+    assert workspace.bytes == 40 * row + logit <= prover.workspace_bytes

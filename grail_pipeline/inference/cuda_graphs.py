@@ -31,6 +31,10 @@ class CudaGraphs:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._graphs
 
+    def __len__(self) -> int:
+        """Graphs captured so far (bench/rotation.py: a weight copy captures none)."""
+        return len(self._graphs)
+
     def capture(self, key: Hashable, fn: Callable[[], object], warmups: int, thread_local: bool) -> None:
         """`fn` captured as the graph replayed for `key` (off the GPU: nothing).
 

@@ -4,6 +4,10 @@ torch's reserved peak counts only its caching allocator; NVML's per-process figu
 context, cuBLAS workspaces and anything outside torch, which is what an out-of-memory kill sees. NVML is
 sampled in a background thread because it has no peak of its own; where it is not available (CPU
 machines, some containers) the figure is None.
+
+`cap_process_memory` (`--memory-gb`) makes a big card rehearse a small one: torch's allocator refuses to
+reserve past the cap and raises an out-of-memory error as the small card would. The cap covers torch's
+allocator only; the CUDA context (about half a gigabyte) comes on top, as it does on the small card.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import threading
 from dataclasses import dataclass
 
 import torch
+
+from grail_pipeline.common.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,30 @@ def describe_gpus() -> list[GpuInfo]:
         free, total = torch.cuda.mem_get_info(i)
         out.append(GpuInfo(i, torch.cuda.get_device_name(i), total / 1e9, free / 1e9))
     return out
+
+
+def cap_process_memory(device: torch.device, gb: float) -> float:
+    """Cap torch's allocator on `device` at `gb` (before anything allocates); returns the fraction set.
+
+    A cap larger than the card is a user error: it would rehearse nothing.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    if gb * 1e9 > total:
+        raise UserError(f"--memory-gb {gb:g} is more than this GPU has ({total / 1e9:.1f} GB)")
+    fraction = gb * 1e9 / total
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return fraction
+
+
+def memory_limit_bytes(device: torch.device) -> int | None:
+    """What torch may reserve on `device`: the card's memory, or the cap set by `cap_process_memory`
+    (None off the GPU)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    return int(total * torch.cuda.get_per_process_memory_fraction(index))
 
 
 def driver_version() -> str | None:

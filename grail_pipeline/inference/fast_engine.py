@@ -30,7 +30,9 @@ from grail_pipeline.inference.engine import (
     RequestFeed,
     SamplingParams,
 )
+from grail_pipeline.inference.kv_cache import positions_per_slot
 from grail_pipeline.inference.loading import LoadedModel
+from grail_pipeline.inference.memory import Component, DeviceMemory
 from grail_pipeline.inference.model_runner import SlotRunner
 from grail_pipeline.inference.scheduler import SlotScheduler
 from grail_pipeline.protocol.profile import PROFILE
@@ -66,20 +68,45 @@ class FastEngine(Engine):
         self.sampling = sampling
         self.slots = slots
         self.max_prompt_tokens = max_prompt_tokens
-        self.max_len = max_prompt_tokens + sampling.max_new_tokens
+        self.max_len = positions_per_slot(max_prompt_tokens, sampling.max_new_tokens)
         t0 = time.perf_counter()
-        self.runner = SlotRunner(loaded.model, sampling, slots, self.max_len,
-                                 compile_step=on_gpu if compile_step is None else compile_step)
+        meter = DeviceMemory(loaded.device)
+        with meter.phase("state") as state:
+            self.runner = SlotRunner(loaded.model, sampling, slots, self.max_len,
+                                     compile_step=on_gpu if compile_step is None else compile_step)
         if cuda_graphs is None:
             cuda_graphs = on_gpu
-        if cuda_graphs:
-            self.runner.capture_graphs(PROFILE.rollouts_per_problem, max_prompt_tokens)
+        with meter.phase("graphs") as graphs:
+            if cuda_graphs:
+                self.runner.capture_graphs(PROFILE.rollouts_per_problem, max_prompt_tokens)
         self.startup_seconds = time.perf_counter() - t0
+        self.memory = self._memory(state, graphs)
         # steps in flight ahead of the host: the GPU stays fed while the host waits for the interpreter lock
         self.lag = lag
         self.switch_seconds = switch_seconds
         self._pinned = [torch.zeros(slots, dtype=torch.long, pin_memory=on_gpu) for _ in range(self.lag + 1)]
         self._events = [torch.cuda.Event() if on_gpu else None for _ in range(self.lag + 1)]
+
+    def _memory(self, state, graphs) -> list[Component]:
+        """What the engine holds: the KV cache and the runner's other buffers (exact, from their tensors; on
+        the GPU the allocator's delta over the runner's creation is beside them), and the graphs' pool."""
+        kv = self.runner.kv.nbytes
+        buffers = self.runner.buffer_bytes()
+        out = [Component("kv_cache", kv, "exact",
+                         f"{self.slots} slots x {self.max_len} positions (prompt limit + max new tokens - 1)"),
+               Component("sampler_buffers", buffers, "exact",
+                         "the runner's per-slot state: token ids, positions, targets, seen-token mask [slots, vocab]")]
+        if state.measured:
+            out.append(Component("engine_state_allocated", state.allocated_delta, "measured",
+                                 "allocator delta over the runner's creation (KV cache + buffers + rotary tables)"))
+        if graphs.measured:
+            out.append(Component("graph_pools", graphs.reserved_delta, "measured",
+                                 "memory reserved by compiling and capturing the decode step and prefill graphs "
+                                 "(their one pool: every temporary of a step, logits included)"))
+        else:
+            out.append(Component("step_logits", self.runner.step_logits_bytes(), "computed",
+                                 "the decode step's logits [slots, vocab] in float32, allocated per step off the GPU"))
+        return out
 
     def run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
         with switch_interval(self.switch_seconds):

@@ -2,9 +2,9 @@
 
 The runner keeps one KV cache row per slot (kv_cache.py), prefills a prompt once and copies it into
 the slots of its rollouts, and advances every slot by one token per `step()`: embeddings, the layers
-(the model family's math, models/), the tied head and sampling, all on the device, so the step can be
+(the families' shared decoder, models/decoder.py), the head and sampling, all on the device, so the step can be
 captured as one CUDA graph (cuda_graphs.py). Weights are shared with the transformers model (the
-family's `fuse_weights`: the fused QKV and gate/up projections are the storage the transformers modules
+decoder's `fuse_weights`: the fused QKV and gate/up projections are the storage the transformers modules
 then view), so proofs and decoding use the same numbers at no extra memory.
 """
 
@@ -21,7 +21,7 @@ from grail_pipeline.inference.cuda_graphs import CudaGraphs
 from grail_pipeline.inference.decode_attention import decode_attention
 from grail_pipeline.inference.engine import SamplingParams
 from grail_pipeline.inference.kv_cache import KVCache
-from grail_pipeline.inference.models import family_for
+from grail_pipeline.inference.models import decoder, family_for
 
 PREFILL_ALIGN = 64
 STEP = "step"  # the decode step's key among the runner's graphs; a prefill's is (width, group)
@@ -37,15 +37,15 @@ class SlotRunner:
 
     def __init__(self, model: torch.nn.Module, sampling: SamplingParams, slots: int, max_len: int,
                  compile_step: bool) -> None:
-        self.family = family_for(model.config)
+        family_for(model.config)  # a model no family runs is refused here, before anything is allocated
         self.sampling = sampling
         self.slots = slots
         self.max_len = max_len
-        self.dims = self.family.Dims.of(model.config)
-        self.weights = self.family.fuse_weights(model)
+        self.dims = decoder.Dims.of(model.config)
+        self.weights = decoder.fuse_weights(model)
         device, dtype = self.weights.embed.device, self.weights.embed.dtype
         self.device = device
-        self.cos, self.sin = self.family.rotary_tables(model.get_decoder(), max_len, dtype, device)
+        self.cos, self.sin = decoder.rotary_tables(model.get_decoder(), max_len, dtype, device)
         self.kv = KVCache(len(self.weights.layers), slots, self.dims.kv_heads, max_len, self.dims.head_dim, dtype,
                           device)
         self.slot_ids = torch.arange(slots, device=device)
@@ -60,8 +60,17 @@ class SlotRunner:
         self._prefill_inputs: dict[tuple[int, int], torch.Tensor] = {}  # each prefill graph's static input
         self._pre, self._post, self._head = self._kernels(compile_step)
 
+    def buffer_bytes(self) -> int:
+        """Bytes of the per-slot decode state besides the KV cache (the sampler's inputs and outputs)."""
+        return sum(t.nbytes for t in (self.slot_ids, self.tokens, self.positions, self.generated, self.targets,
+                                      self.seen, self.next_tokens))
+
+    def step_logits_bytes(self) -> int:
+        """The decode step's float32 logits [slots, vocab], the largest temporary of the head and sampler."""
+        return self.slots * self.dims.vocab * 4
+
     def _kernels(self, compile_step: bool) -> tuple[Callable, Callable, Callable]:
-        kernels = (self.family.pre_attention, self.family.post_attention, self.family.head_and_sample)
+        kernels = (decoder.pre_attention, decoder.post_attention, decoder.head_and_sample)
         if not compile_step:
             return kernels
         # compiled kernels are kept between runs, so a restarted miner skips most of the compilation
@@ -126,18 +135,18 @@ class SlotRunner:
 
     def _prefill(self, packed: torch.Tensor, width: int, group: int) -> None:
         """The prefill on device tensors only: [prompt padded to width+1, n, slots, targets]."""
-        family, d, w = self.family, self.dims, self.weights
+        d, w = self.dims, self.weights
         packed = packed.to(self.device, non_blocking=True)
         ids, n, slots, targets = packed.split([width + 1, 1, group, group])
         x = w.embed[ids[:width]]
         cos, sin = self.cos[:width], self.sin[:width]
         for i, layer in enumerate(w.layers):
-            q, k, v = family.pre_attention(x, layer.ln1, layer.qkv_w, layer.qkv_b, cos, sin, d.eps, d.heads,
-                                           d.kv_heads, d.head_dim)
+            q, k, v = decoder.pre_attention(x, layer.ln1, layer.qkv_w, layer.qkv_b, layer.q_norm, layer.k_norm, cos,
+                                            sin, d.eps, d.heads, d.kv_heads, d.head_dim)
             k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, width, D]
             self.kv.fill(i, slots, k_t, v_t)
             attn = F.scaled_dot_product_attention(q.transpose(0, 1), k_t, v_t, is_causal=True, enable_gqa=True)
-            x = family.post_attention(attn.transpose(0, 1), x, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w,
+            x = decoder.post_attention(attn.transpose(0, 1), x, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w,
                                       d.eps)
         self.tokens.index_put_((slots,), ids.index_select(0, n).expand(group))
         self.positions.index_put_((slots,), n.expand(group))
@@ -158,8 +167,8 @@ class SlotRunner:
         cos, sin = self.cos[self.positions], self.sin[self.positions]
         lengths = (self.positions + 1).to(torch.int32)
         for i, layer in enumerate(w.layers):
-            q, k, v = self._pre(x, layer.ln1, layer.qkv_w, layer.qkv_b, cos, sin, d.eps, d.heads, d.kv_heads,
-                                d.head_dim)
+            q, k, v = self._pre(x, layer.ln1, layer.qkv_w, layer.qkv_b, layer.q_norm, layer.k_norm, cos, sin, d.eps,
+                                d.heads, d.kv_heads, d.head_dim)
             self.kv.write_step(i, self.slot_ids, self.positions, k, v)
             k_cache, v_cache = self.kv.layer(i)
             attn = decode_attention(q, k_cache, v_cache, lengths)

@@ -26,7 +26,12 @@ from transformers import PreTrainedTokenizerBase
 from grail_pipeline.mining import signing_worker
 from grail_pipeline.mining.messages import ProvedGroup, SignedGroup
 from grail_pipeline.protocol.profile import PROFILE, ProtocolProfile
-from grail_pipeline.protocol.records import build_rollout_record, grpo_advantages
+from grail_pipeline.protocol.records import (
+    EncodedCommitments,
+    build_rollout_record,
+    commitments_file_text,
+    grpo_advantages,
+)
 from grail_pipeline.protocol.sat import answer_solves, score_completion
 from grail_pipeline.protocol.sketches import commit_binding, commitments_with_json
 from grail_pipeline.protocol.tokenizer import decode_completion
@@ -71,7 +76,8 @@ class GroupSigner:
         window = task.window
         tokens = task.prompt_ids + completion
         commitments, compact = commitments_with_json(proof.sketches, proof.indices)
-        binding = commit_binding(tokens, window.randomness, self.model_name, self.profile.layer_index, compact)
+        model_name = window.model_name or self.model_name  # a rotated checkpoint's name travels with its window
+        binding = commit_binding(tokens, window.randomness, model_name, self.profile.layer_index, compact)
         nonce = self.profile.nonce(task.index, index)
         challenge = rollout_challenge(window.block_hash, nonce)
         return build_rollout_record(
@@ -87,9 +93,9 @@ class GroupSigner:
             nonce=nonce,
             tokens=tokens,
             prompt_length=len(task.prompt_ids),
-            commitments=commitments,
+            commitments=EncodedCommitments(commitments, commitments_file_text(compact)),  # the sink encodes nothing
             token_logprobs=proof.token_logprobs,
-            model_name=self.model_name,
+            model_name=model_name,
             commit_signature=sign_commit(self.signer, binding),
             total_reward=score.reward,
             advantage=advantage,

@@ -8,6 +8,14 @@ with the prompt's cached queries, keys and values copied in (attention is a few 
 and attending from the completion rows alone over cached keys rounds differently on an H100:
 bench/proof_exactness.py).
 
+The completion pass's workspace is bounded by a budget in bytes (`workspace_bytes`), not by the longest
+group: a group's rollouts are cut into runs whose rows fit it (`_runs`), each run proved on the group's
+prompt in row counts `RowInvariance` measured exact, so the bits are the same at any budget (the prover
+tests compare every position at a budget that forces a cut). The budget is estimated from shapes
+(`completion_row_bytes`, `logit_row_bytes`); by default a quarter of what this process may still reserve
+when the prover is made, at most what the earlier fixed bound (16,384 rows, one W1 group, and 2,048
+logit rows) took: 5.2 GB on the 3B preset.
+
 That gives the validator's bits only where each per-row function (a projection, a norm) rounds a row the
 same way at our row count as at the validator's, its sequence length. `RowInvariance` (row_invariance.py)
 measures which row counts do on the device at start-up; a rollout whose length is not among them is
@@ -24,14 +32,49 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from grail_pipeline.inference.devices import memory_limit_bytes
 from grail_pipeline.inference.loading import LoadedModel
+from grail_pipeline.inference.memory import Component
 from grail_pipeline.inference.models import family_for, find_family
+from grail_pipeline.inference.models.decoder import Dims, rotary_tables, validator_rows
 from grail_pipeline.protocol.sketches import r_vec, sketch_hidden
 from grail_pipeline.proving.batched import BatchedProver
 from grail_pipeline.proving.proofs import ProofJob, ProofRow, RolloutProof, place_rows, round_up
 from grail_pipeline.proving.row_invariance import RowInvariance
 
 log = logging.getLogger("grail_pipeline")
+
+MAX_ROWS = 16384  # completion rows of one W1 group (16 x 1024): the bound before there was a budget
+LOGIT_SHARE = 0.4  # of the budget, at most, for the logits of the logprob pass
+
+
+def completion_row_bytes(config, dtype_bytes: int) -> int:
+    """Workspace per completion row of a layer at its peak, from shapes: the MLP's three live [rows, intermediate]
+    tensors, the hidden rows, the float32 norm statistics, and q/k/v with their rotated copies and grids."""
+    dims = Dims.of(config)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    qkv = (dims.heads + 2 * dims.kv_heads) * dims.head_dim
+    return dtype_bytes * (3 * inter + 3 * hidden + 6 * qkv) + 8 * hidden
+
+
+def logit_row_bytes(vocab: int, dtype_bytes: int) -> int:
+    """Per row of the logprob pass: the head's logits in the model's dtype, in float32, and logsumexp's float32."""
+    return vocab * (dtype_bytes + 4 + 4)
+
+
+def default_workspace_bytes(loaded: LoadedModel) -> int:
+    """A quarter of what the process may still reserve on its GPU (`--memory-gb` included), at most the fixed
+    bound's bytes; off the GPU the fixed bound's bytes."""
+    dtype_bytes = loaded.dtype.itemsize
+    config = loaded.model.config
+    ceiling = (MAX_ROWS * completion_row_bytes(config, dtype_bytes)
+               + 2048 * logit_row_bytes(config.vocab_size, dtype_bytes))
+    limit = memory_limit_bytes(loaded.device)
+    if limit is None:
+        return ceiling
+    free_on_card, _ = torch.cuda.mem_get_info(loaded.device)
+    free = min(free_on_card, limit - torch.cuda.memory_reserved(loaded.device))
+    return max(0, min(ceiling, free // 4))
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -68,24 +111,41 @@ class PrefixProver(BatchedProver):
 
     name = "prefix"
 
-    def __init__(self, loaded: LoadedModel, max_length: int = 1536, max_rows: int = 16384,
-                 invariance: RowInvariance | None = None, **batched: int | float) -> None:
+    def __init__(self, loaded: LoadedModel, max_length: int = 1536, max_rows: int = MAX_ROWS,
+                 invariance: RowInvariance | None = None, workspace_bytes: int | None = None,
+                 **batched: int | float) -> None:
+        family_for(loaded.model.config)  # a model no family runs is refused before the measurement
         super().__init__(loaded, **batched)
-        self.max_rows = max_rows
+        self.workspace_bytes = default_workspace_bytes(loaded) if workspace_bytes is None else workspace_bytes
+        self.row_bytes = completion_row_bytes(loaded.model.config, loaded.dtype.itemsize)
+        logit_bytes = logit_row_bytes(loaded.model.config.vocab_size, loaded.dtype.itemsize)
+        # the budget split: logit rows first (at most their share), the rest to completion rows; one of each at least
+        self.logit_chunk = max(1, min(self.logit_chunk, int(LOGIT_SHARE * self.workspace_bytes) // logit_bytes))
+        self.max_rows = max(1, min(max_rows, (self.workspace_bytes - self.logit_chunk * logit_bytes) // self.row_bytes))
         if invariance is None:
             on_gpu = loaded.device.type == "cuda"
-            invariance = (RowInvariance.cached(self.decoder, max_length, max_rows + 128) if on_gpu
-                          else RowInvariance.everywhere(max_length, max_rows))
+            invariance = (RowInvariance.cached(self.decoder, max_length, self.max_rows + 128) if on_gpu
+                          else RowInvariance.everywhere(max_length, self.max_rows))
         self.invariance = invariance
         if invariance.inexact_lengths:
             log.info("prefix prover: %d row counts up to %d round differently (their rollouts are proved whole)",
                      len(invariance.inexact_lengths), max_length)
-        self.family = family_for(loaded.model.config)
-        self.head_dim = self.family.Dims.of(loaded.model.config).head_dim
+        self.head_dim = Dims.of(loaded.model.config).head_dim
         self.scaling = self.head_dim ** -0.5
         # transformers' own table, position by position
-        self.cos, self.sin = self.family.rotary_tables(self.decoder, invariance.max_length + 1, loaded.dtype,
-                                                       loaded.device)
+        self.cos, self.sin = rotary_tables(self.decoder, invariance.max_length + 1, loaded.dtype, loaded.device)
+
+    def memory(self) -> list[Component]:
+        """The prover's part of the memory: its workspace bound, its rotary tables and the row-count measurement."""
+        logit_bytes = logit_row_bytes(self.loaded.model.config.vocab_size, self.loaded.dtype.itemsize)
+        out = [Component("prover_workspace", self.max_rows * self.row_bytes + self.logit_chunk * logit_bytes,
+                         "computed", f"budget {self.workspace_bytes / 1e9:.2f} GB: runs of at most {self.max_rows} "
+                                     f"completion rows, logits in chunks of {self.logit_chunk} rows"),
+               Component("prover_tables", self.cos.nbytes + self.sin.nbytes, "exact", "rotary cos/sin tables")]
+        measured = self.invariance.measurement
+        if measured is not None:
+            out.append(measured)
+        return out
 
     @torch.inference_mode()
     def prove_many(self, jobs: Sequence[ProofJob]) -> list[list[RolloutProof]]:
@@ -183,9 +243,8 @@ class PrefixProver(BatchedProver):
         return sketches, indices, self._token_logprobs(states, targets)
 
     def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """The family's decoder layers on rows [N, hidden] at `positions`, op for op, attention left to `attend`."""
-        return self.family.validator_rows(self.decoder, hidden, self.cos[positions], self.sin[positions],
-                                          self.head_dim, attend)
+        """The decoder layers on rows [N, hidden] at `positions`, op for op, attention left to `attend`."""
+        return validator_rows(self.decoder, hidden, self.cos[positions], self.sin[positions], self.head_dim, attend)
 
     def _embed(self, tokens: list[int], rows: int) -> torch.Tensor:
         """Token embeddings, then zero rows up to `rows` (padding that no real row attends to)."""

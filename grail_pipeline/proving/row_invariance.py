@@ -16,6 +16,8 @@ import torch
 
 from grail_pipeline.common.atomic import write_atomically
 from grail_pipeline.common.paths import cache_root
+from grail_pipeline.inference.memory import Component
+from grail_pipeline.inference.models import decoder as layers
 from grail_pipeline.inference.models import family_for
 from grail_pipeline.proving.proofs import round_up
 
@@ -29,14 +31,16 @@ class RowInvariance:
     every multiple of `step` up to `max_rows` (ours, after padding).
     """
 
-    def __init__(self, exact: np.ndarray, max_length: int) -> None:
+    def __init__(self, exact: np.ndarray, max_length: int, measurement: Component | None = None) -> None:
         self.exact = exact  # exact[m]: m rows give the reference bits
         self.max_length = max_length
+        self.measurement = measurement  # what measuring took on the device, for the memory breakdown
 
     @classmethod
     def everywhere(cls, max_length: int, max_rows: int) -> "RowInvariance":
         """Every row count taken as exact: off the GPU, where proofs are checked against the tolerance only."""
-        return cls(np.ones(max(max_length, max_rows) + 1, dtype=bool), max_length)
+        return cls(np.ones(max(max_length, max_rows) + 1, dtype=bool), max_length,
+                   Component("row_count_measurement", 0, "exact", "not run off the GPU"))
 
     @classmethod
     def cached(cls, decoder: torch.nn.Module, max_length: int, max_rows: int, step: int = 128,
@@ -46,7 +50,8 @@ class RowInvariance:
         with contextlib.suppress(OSError, ValueError):
             exact = np.load(path, allow_pickle=False)
             if exact.dtype == np.bool_ and exact.shape == (_counts(max_length, max_rows, step)[-1] + 1,):
-                return cls(exact, max_length)
+                return cls(exact, max_length, Component("row_count_measurement", 0, "exact",
+                                                        f"read from {path.parent}, not run in this process"))
         invariance = cls.measure(decoder, max_length, max_rows, step)
         with contextlib.suppress(OSError):
             write_atomically(path, lambda fh: np.save(fh, invariance.exact))
@@ -59,16 +64,25 @@ class RowInvariance:
         top = counts[-1]
         functions = row_functions(decoder)
         weight = decoder.norm.weight
+        on_gpu = weight.device.type == "cuda"
+        if on_gpu:
+            before = torch.cuda.memory_allocated(weight.device)
+            torch.cuda.reset_peak_memory_stats(weight.device)
         generator = torch.Generator(weight.device).manual_seed(0)
         differs = torch.zeros(len(counts), dtype=torch.bool, device=weight.device)
-        for fn in functions:
-            width = fn.in_features if isinstance(fn, torch.nn.Linear) else weight.shape[0]
-            x = torch.randn(top, width, generator=generator, device=weight.device, dtype=weight.dtype)
+        for fn, row_shape in functions:
+            x = torch.randn(top, *row_shape, generator=generator, device=weight.device, dtype=weight.dtype)
             reference = fn(x)
             differs |= torch.stack([(fn(x[:m]) != reference[:m]).any() for m in counts])
         exact = np.zeros(top + 1, dtype=bool)
         exact[counts] = ~differs.cpu().numpy()
-        return cls(exact, max_length)
+        if on_gpu:
+            used = Component("row_count_measurement", torch.cuda.max_memory_allocated(weight.device) - before,
+                             "measured", f"peak allocation over measuring {len(counts)} row counts up to {top}")
+        else:
+            used = Component("row_count_measurement", measurement_bytes(decoder, top), "computed",
+                             f"random rows, reference and one output at {top} rows")
+        return cls(exact, max_length, used)
 
     def sequence_is_exact(self, length: int) -> bool:
         """Whether the validator's shape for a sequence of this length rounds as ours will."""
@@ -85,13 +99,26 @@ class RowInvariance:
         return [int(m) for m in np.flatnonzero(~self.exact[1:self.max_length + 1]) + 1]
 
 
+def measurement_bytes(decoder: torch.nn.Module, rows: int) -> int:
+    """What `measure` holds at once for its largest function, from shapes: the random rows, the reference
+    output and the output at one row count."""
+    itemsize = decoder.norm.weight.dtype.itemsize
+    largest = 0
+    for fn, row_shape in row_functions(decoder):
+        width = int(np.prod(row_shape))
+        out = getattr(fn, "out_features", width)
+        largest = max(largest, width + 2 * out)
+    return rows * largest * itemsize
+
+
 def _counts(max_length: int, max_rows: int, step: int) -> list[int]:
     return sorted(set(range(1, max_length + 1)) | set(range(step, max_rows + 1, step)))
 
 
-def row_functions(decoder: torch.nn.Module) -> list[torch.nn.Module]:
-    """The per-row functions the decoder's family runs in the prover (models/: `row_functions`)."""
-    return family_for(decoder.config).row_functions(decoder)
+def row_functions(decoder: torch.nn.Module) -> list[layers.RowFunction]:
+    """The per-row functions the prover runs (models/decoder.py: `row_functions`), for a model a family runs."""
+    family_for(decoder.config)
+    return layers.row_functions(decoder)
 
 
 def _stack_key(decoder: torch.nn.Module, max_length: int, max_rows: int, step: int) -> str:
@@ -101,7 +128,7 @@ def _stack_key(decoder: torch.nn.Module, max_length: int, max_rows: int, step: i
         version=1, torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
         device=str(device), lengths=[max_length, max_rows, step],
         functions=[[type(fn).__name__, [list(p.shape) for p in fn.parameters()], str(fn.weight.dtype),
-                    repr(getattr(fn, "variance_epsilon", None))] for fn in row_functions(decoder)])
+                    repr(getattr(fn, "variance_epsilon", None))] for fn, _ in row_functions(decoder)])
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         described["gpu"] = [props.name, props.major, props.minor, props.multi_processor_count]

@@ -3,7 +3,7 @@
 `measure_batch_size` is what `benchmark` reports per row, what `calibrate` sweeps, and what the bench
 scripts compare across engines: warm-up, then `num_problems` problems through the same pipeline the
 daemon runs (full proofs and signatures), timed from the first task to the last group in the sink, with
-the peak GPU memory, busy seconds per stage, the engine's counters, and optionally a sample re-verified
+the peak GPU memory and its breakdown (inference/memory.py), busy seconds per stage, the engine's counters, and optionally a sample re-verified
 with the validator's method. An out-of-memory error is a row ("OOM"), not a crash.
 """
 
@@ -21,6 +21,7 @@ from rich.progress import Progress
 from grail_pipeline.common.errors import UserError, find_in_group
 from grail_pipeline.inference.devices import PeakGpuMemory
 from grail_pipeline.inference.loading import LoadedModel
+from grail_pipeline.inference.memory import Component, DeviceMemory, breakdown, module_bytes
 from grail_pipeline.mining.chain import WindowContext
 from grail_pipeline.mining.messages import SignedGroup
 from grail_pipeline.mining.runtime import Runtime
@@ -53,6 +54,7 @@ class BatchResult:
     stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
     engine: dict[str, float] = field(default_factory=dict)
     verify: dict | None = None  # verify_independently's totals and the model path the check loaded
+    memory: dict | None = None  # where the peak went (memory.breakdown)
 
     @property
     def ok(self) -> bool:
@@ -131,22 +133,29 @@ def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_pr
     engine = None
     sample: list[dict] = []
     try:
+        ledger = DeviceMemory(runtime.loaded.device)
         with PeakGpuMemory(runtime.loaded.device) as memory:
             t0 = time.perf_counter()
-            engine = runtime.engine(batch_size)
-            runtime.prover()  # made once per run: the first batch size's start-up includes it
+            with ledger.phase("engine"):
+                engine = runtime.engine(batch_size)
+            with ledger.phase("prover"):
+                prover = runtime.prover()  # made once per run: the first batch size's start-up includes it
             result.startup_seconds = time.perf_counter() - t0
-            if warmup_problems > 0:
-                anyio.run(warm_up, runtime.pipeline(engine, signer), runtime, window, warmup_problems)
-                engine.reset_stats()
+            with ledger.phase("warm-up"):
+                if warmup_problems > 0:
+                    anyio.run(warm_up, runtime.pipeline(engine, signer), runtime, window, warmup_problems)
+                    engine.reset_stats()
             pipeline = runtime.pipeline(engine, signer)
             sink = BenchmarkSink(result, progress, sample_groups(num_problems, verify), verify)
-            _synchronize(runtime)
-            t0 = time.perf_counter()
-            anyio.run(pipeline.run, benchmark_tasks(runtime, window, range(num_problems)), sink)
-            _synchronize(runtime)
-            result.seconds = time.perf_counter() - t0
-        result.gpu_reserved_gb, result.gpu_process_gb = memory.reserved_gb, memory.process_gb
+            with ledger.phase("run") as run:
+                t0 = time.perf_counter()
+                anyio.run(pipeline.run, benchmark_tasks(runtime, window, range(num_problems)), sink)
+                _synchronize(runtime)
+                result.seconds = time.perf_counter() - t0
+        # each phase resets the allocator's peak: the run's peak is the largest of theirs
+        result.gpu_reserved_gb = max(memory.reserved_gb, ledger.peak_reserved / 1e9)
+        result.gpu_process_gb = memory.process_gb
+        result.memory = memory_breakdown(runtime, engine, prover, ledger, run)
         result.stage_seconds = pipeline.stage_seconds()
         result.max_queue_depth = dict(pipeline.times.max_depth)
         result.stage_cpu_seconds = {k: round(v, 3) for k, v in pipeline.times.cpu.items()}
@@ -167,6 +176,19 @@ def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_pr
     if verify and result.ok:
         result.verify = verify_independently(runtime.loaded, sample)
     return result
+
+
+def memory_breakdown(runtime: Runtime, engine, prover, ledger: DeviceMemory, run) -> dict:
+    """The peak broken down: weights, what the engine and the prover report holding, and the run's workspace."""
+    parts = [Component("weights", module_bytes(runtime.loaded.model), "exact", "parameters and buffers")]
+    parts += getattr(engine, "memory", [])  # the fast engine's KV cache, buffers and graphs
+    parts += prover.memory() if hasattr(prover, "memory") else []  # the prefix prover's
+    if run.measured:
+        parts.append(Component("run_workspace", run.transient, "measured",
+                               "the run's peak allocation above what it held at its end: the prover's passes, "
+                               "logits, the pipeline's tensors"))
+    peak = ledger.peak_reserved if ledger.on_gpu else None
+    return dict(breakdown(parts, peak), phases=[vars(p) for p in ledger.phases] if ledger.on_gpu else [])
 
 
 def verify_independently(loaded: LoadedModel, records: list[dict]) -> dict:
