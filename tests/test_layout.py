@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "grail_pipeline"
 # lowest first: a layer may import itself and the layers before it, never one after it
-LAYERS = ("common", "protocol", "inference", "proving", "mining", "tools", "cli")
+LAYERS = ("common", "protocol", "inference", "proving", "fleet", "mining", "tools", "cli")
 # cli modules that are not commands: what the commands share, and the entry point that lists them
 CLI_SHARED = {"grail_pipeline.cli", "grail_pipeline.cli.main", "grail_pipeline.cli.arguments",
               "grail_pipeline.cli.progress"}
