@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -70,10 +71,15 @@ def load_apps(text: str, tmp_path: Path) -> list[dict]:
 def test_mixed_node_for_grail(calibration, tmp_path, capsys) -> None:
     gpus = ["--gpus", "0,1,2", "--gpu-kind", f"{H100},{H100},{A100}"]
     rc, out, err = emit(capsys, "--calibration", str(calibration), *gpus, *WALLET, "--cwd", str(tmp_path),
-                        "--env", "GRAIL_REDIS_URL=redis://hub:6379/0")
+                        "--redis-url", "redis://hub:6379/0")
     assert rc == 0, err
     apps = load_apps(out, tmp_path)
-    assert [a["name"] for a in apps] == ["grail-miner-0", "grail-miner-1", "grail-miner-2"]
+    assert [a["name"] for a in apps] == ["grail-miner-0", "grail-miner-1", "grail-miner-2", "grail-miner-redis"]
+    redis = apps.pop()  # last: `pm2 stop` stops it after the workers drained
+    assert redis["script"] == shutil.which("redis-server") and redis["cwd"] == str(tmp_path)
+    flags = dict(zip(redis["args"][::2], redis["args"][1::2], strict=True))
+    assert flags["--port"] == "6379" and flags["--appendonly"] == "yes" and flags["--bind"] == "0.0.0.0"
+    assert flags["--protected-mode"] == "no"  # other nodes connect without a password (deploy/README.md: firewall)
     for gpu, (app, batch, flash) in enumerate(zip(apps, ("16", "16", "8"), ("0", "0", "1"), strict=True)):
         assert app["script"] == str(tmp_path / ".venv/bin/grail") and app["args"] == ["mine"]
         assert app["interpreter"] == "none" and app["cwd"] == str(tmp_path)
@@ -95,9 +101,15 @@ def test_nodes_cover_every_worker_once(calibration, tmp_path, capsys) -> None:
     seen = []
     for node in range(3):
         rc, out, err = emit(capsys, "--calibration", str(calibration), "--gpus", "0,1", "--gpu-kind", H100, *WALLET,
-                            "--node-index", str(node), "--nodes", "3", "--gpus-per-node", "2")
+                            "--node-index", str(node), "--nodes", "3", "--gpus-per-node", "2",
+                            "--redis-url", "redis://:pw@10.0.0.1:6380/2")
         assert rc == 0, err
         apps = load_apps(out, tmp_path)
+        if node == 0:  # the hub runs the fleet's Redis, with the URL's password
+            redis = apps.pop()
+            assert redis["name"] == "grail-miner-redis" and redis["args"][-2:] == ["--requirepass", "pw"]
+            assert redis["args"][:2] == ["--port", "6380"]
+        assert {a["env"]["GRAIL_REDIS_URL"] for a in apps} == {"redis://:pw@10.0.0.1:6380/2"}
         assert {a["env"]["GRAIL_TOTAL_WORKERS"] for a in apps} == {"6"}
         assert [a["env"]["CUDA_VISIBLE_DEVICES"] for a in apps] == ["0", "1"]
         seen += [int(a["env"]["GRAIL_WORKER_ID"]) for a in apps]
@@ -110,7 +122,9 @@ def test_dry_run_target(calibration, tmp_path, capsys) -> None:
                         "--drain-timeout", "20", "--wallet-path", str(tmp_path / "wallets"))
     assert rc == 0, err
     apps = load_apps(out, tmp_path)
-    assert [a["name"] for a in apps] == ["grail-dry-run-0", "grail-dry-run-1"]
+    assert [a["name"] for a in apps] == ["grail-dry-run-0", "grail-dry-run-1", "grail-dry-run-redis"]
+    assert apps.pop()["args"][-2:] == ["--bind", "127.0.0.1"]  # one node: its own server, local only
+    assert {a["env"]["GRAIL_REDIS_URL"] for a in apps} == {"redis://127.0.0.1:6379/0"}
     geneses = set()
     for app, gpu in zip(apps, ("3", "1"), strict=True):
         assert app["script"] == sys.executable
@@ -188,6 +202,11 @@ BAD = [
     (["--wallet-hot", ""], None, "needs a wallet"),
     (["--env", "NOVALUE"], None, "KEY=VALUE"),
     (["--env", "1BAD=x"], None, "KEY=VALUE"),
+    (["--env", "GRAIL_REDIS_URL=redis://h"], None, "use the flag"),
+    (["--redis-url", "http://hub:6379"], None, "not a Redis URL"),
+    (["--nodes", "2"], None, "give every node the same --redis-url"),
+    (["--redis-url", "unix:///run/redis.sock"], None, "--no-redis-app"),
+    (["--redis-url", "redis://hub:6379/0", "--redis-server", "/no/such/redis-server"], None, "--redis-server"),
     (["--max-memory-restart", "lots"], None, "size like 80G"),
     (["--drain-timeout", "soon"], None, "not a number"),
     (["--name-prefix", "a b/c"], None, "--name-prefix"),
@@ -295,50 +314,64 @@ def _logs(logs: Path) -> str:
 
 @pytest.mark.slow
 def test_dry_run_fleet_under_pm2(tmp_path, capsys, pm2_bin) -> None:
+    """Two workers of one hotkey and the Redis app, as emit-pm2 renders them, under real PM2: one file per
+    window (F's rules: groups 0..N-1, 16 each), and `pm2 stop` drains the workers before Redis stops."""
     hotkey = write_wallet(tmp_path / "wallets", "fleet-cold", "fleet-hot")
     calibration = tmp_path / "calibration.yaml"
-    save_entry(calibration, entry("cpu", "hf", 16, model="dummy:tiny", max_new_tokens=24, length_profile="fixed:20"))
+    save_entry(calibration, entry("cpu", "fast", 16, model="dummy:tiny", max_new_tokens=24, length_profile="fixed:20"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     rc, out, err = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "0,1",
                         "--gpu-kind", "cpu", "--wallet-cold", "fleet-cold", "--wallet-hot", "fleet-hot",
                         "--wallet-path", str(tmp_path / "wallets"), "--cwd", str(tmp_path), "--safety-blocks", "1",
-                        "--block-time", "0.5", "--drain-timeout", "30", "--env", "OMP_NUM_THREADS=1")
+                        "--block-time", "0.5", "--drain-timeout", "30", "--env", "OMP_NUM_THREADS=1",
+                        "--redis-url", f"redis://127.0.0.1:{port}/0")
     assert rc == 0, err
     config = tmp_path / "ecosystem.config.js"
     config.write_text(out)
     logs, out_dir = tmp_path / "logs", tmp_path / "dry-run"
     logs.mkdir()
     env = {**os.environ, "PM2_HOME": str(tmp_path / "pm2-home")}
-    for key in ("BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH", "CUDA_VISIBLE_DEVICES"):
+    for key in ("BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH", "CUDA_VISIBLE_DEVICES", "GRAIL_REDIS_URL"):
         env.pop(key, None)
 
     def pm2(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(pm2_bin), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
-    def windows(worker: int) -> list[Path]:
-        return sorted(out_dir.glob(f"{hotkey}-window-*-worker-{worker}.parquet"))
+    def windows() -> list[Path]:
+        return sorted(out_dir.glob(f"{hotkey}-window-*.parquet")) if out_dir.exists() else []
 
+    names = ["grail-dry-run-0", "grail-dry-run-1", "grail-dry-run-redis"]
     try:
         started = pm2("start", str(config))
         assert started.returncode == 0, started.stdout + started.stderr
         deadline = time.monotonic() + 150
-        while not (windows(0) and windows(1)):
+        while len([p for p in windows() if read_window_file(p)[0]]) < 1:
             procs = json.loads(pm2("jlist").stdout)
             assert all(p["pm2_env"]["status"] == "online" and p["pm2_env"]["restart_time"] == 0 for p in procs), \
                 _logs(logs)
-            assert time.monotonic() < deadline, "no window file from every worker:\n" + _logs(logs)
+            assert time.monotonic() < deadline, "no window file with groups from the fleet:\n" + _logs(logs)
             time.sleep(1)
         stopped = pm2("stop", str(config), timeout=90)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         procs = json.loads(pm2("jlist").stdout)
-        assert sorted(p["name"] for p in procs) == ["grail-dry-run-0", "grail-dry-run-1"]
+        assert sorted(p["name"] for p in procs) == names
         assert all(p["pm2_env"]["status"] == "stopped" for p in procs), _logs(logs)
     finally:
         pm2("kill")
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
+    assert not list(out_dir.glob("*worker*.parquet"))  # one file per window, not one per worker
+    assert not list((out_dir / "spill").glob("*.group")), "signed groups left in the spill"
+    written = 0
+    for path in windows():
+        records, meta = read_window_file(path)
+        groups = [r["rollout_group"] for r in records]
+        assert groups == [g for g in range(int(meta["groups"])) for _ in range(16)], path  # 0..N-1, whole
+        assert all(r["hotkey"] == hotkey for r in records) and meta["fleet_writer"]
     for worker in (0, 1):
-        for path in windows(worker):
-            records, _ = read_window_file(path)
-            assert records and all(r["hotkey"] == hotkey for r in records)
         status = json.loads((out_dir / f"status-worker-{worker}.json").read_text())
         assert status["worker_id"] == worker and status["total_workers"] == 2
-        assert status["state"] == "stopped" and status["windows_written"] == len(windows(worker)), status
+        assert status["state"] == "stopped" and status["fleet"]["worker"], status
+        written += status["windows_written"]
+    assert written >= len(windows()) >= 1  # every file was written by one of the workers (the leader, or the last out)

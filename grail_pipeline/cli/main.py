@@ -15,7 +15,8 @@ from grail_pipeline.common.errors import UserError
 # Each module provides `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
 COMMAND_MODULES: tuple[str, ...] = ("grail_pipeline.cli.benchmark", "grail_pipeline.cli.mine",
                                    "grail_pipeline.cli.verify", "grail_pipeline.cli.calibrate",
-                                   "grail_pipeline.cli.emit_pm2")
+                                   "grail_pipeline.cli.emit_pm2", "grail_pipeline.cli.make_checkpoints",
+                                   "grail_pipeline.cli.fleet_status")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -4,6 +4,17 @@ Each GPU gets the batch size calibrated for its kind, so a node with mixed GPUs 
 Workers are numbered globally (node index × GPUs per node + position), so that the static split of
 problem indices (GRAIL_WORKER_ID of GRAIL_TOTAL_WORKERS) covers every node without a coordinator.
 Every value reaches the file through JSON encoding, which is valid JavaScript whatever it holds.
+Every value an app's miner reads is checked here by the rules `mine` applies (`mining.rules`), the
+calibration's fields included, so that no app is written that its worker would refuse at start (PM2
+would restart it until it gave up).
+
+Several workers of one hotkey are a fleet: one window file per window needs their problem indices shared
+through Redis (mining/fleet_worker.py), so every worker gets `GRAIL_REDIS_URL` (`--redis-url`; on one node
+the default is a server on this node, `redis://127.0.0.1:6379/0`; several nodes must name the hub), and
+the node that hosts it (`--redis-node`, default 0) gets an app that runs `redis-server` with its
+append-only file on (a restart keeps the claims and signed groups). The Redis app comes last in the file:
+`pm2 stop` stops the apps in file order, so the workers drain, and the last one writes the open window,
+while Redis still answers; the workers wait for it at start (mine waits up to `REDIS_START_WAIT_S`).
 """
 
 from __future__ import annotations
@@ -12,15 +23,20 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
+from urllib.parse import urlsplit
 
 import jinja2
 
 from grail_pipeline import __version__
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.fleet.connection import ENV_REDIS_URL, redacted, redis_url_from_env
+from grail_pipeline.mining import rules
+from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.tools.calibration_file import CPU_KIND, Choice, engines_for, load_calibrations, read_choice
 
 TEMPLATE = "ecosystem.config.js.j2"
@@ -88,11 +104,25 @@ def gpu_kinds(gpus: list[int] | None, kinds: str | None) -> list[tuple[int, str]
 
 
 def pick_engine(target: str, requested: str | None, calibrated: list[str]) -> str:
+    if target == "grail":
+        if requested not in (None, "hf"):
+            raise UserError("--target grail takes the hf calibration: grail mine's GRAIL_GENERATION_BATCH_SIZE is its "
+                            f"own HF generate batch (at most {rules.HF_MAX_BATCH}), not the fast engine's slots")
+        return "hf"
     if requested is not None:
         return requested
-    if target == "grail":
-        return "hf"  # grail mine's GRAIL_GENERATION_BATCH_SIZE is its HF generate batch (at most 16)
     return "fast" if "fast" in calibrated else "hf"
+
+
+def check_choice(target: str, choice: Choice, path: str) -> None:
+    """What the worker does with the entry, checked as `mine` will check it: the batch size for its engine and,
+    for dry-run workers (which get the calibration's model and lengths as flags), the workload."""
+    try:
+        rules.check_batch_size(choice.engine, choice.batch_size, name="chosen.batch_size")
+        if target == "dry-run":
+            rules.check_workload(choice.model, choice.length_profile, choice.max_new_tokens, choice.max_prompt_tokens)
+    except UserError as exc:
+        raise UserError(f"{path}: {choice.gpu} / {choice.engine}: {exc}") from None
 
 
 def plan_workers(args: argparse.Namespace) -> list[Worker]:
@@ -106,10 +136,21 @@ def plan_workers(args: argparse.Namespace) -> list[Worker]:
         raise UserError(f"{len(kinds)} GPU(s) here but --gpus-per-node {per_node}: every node must run "
                         f"--gpus-per-node workers, or some problem indices would never be mined")
     first = args.node_index * per_node
-    return [Worker(gpu, read_choice(calibrations, args.calibration, kind,
-                                    pick_engine(args.target, args.engine, engines_for(calibrations, kind))),
-                   first + position)
-            for position, (gpu, kind) in enumerate(kinds)]
+    workers = [Worker(gpu, read_choice(calibrations, args.calibration, kind,
+                                       pick_engine(args.target, args.engine, engines_for(calibrations, kind))),
+                      first + position)
+               for position, (gpu, kind) in enumerate(kinds)]
+    for worker in workers:
+        check_choice(args.target, worker.choice, args.calibration)
+    return workers
+
+
+# what emit-pm2 sets itself, each from a checked flag or the calibration: --env may not override it unchecked
+OWN_ENV = ("CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES", "GRAIL_WORKER_ID", "GRAIL_TOTAL_WORKERS",
+           "GRAIL_GENERATION_BATCH_SIZE", "GRAIL_USE_FLASH_ATTENTION", "GRAIL_MINER_SAFETY_BLOCKS", "GRAIL_BLOCK_TIME",
+           "BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH", "GRAIL_REDIS_URL")
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
@@ -118,6 +159,9 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not ENV_KEY_RE.fullmatch(key):
             raise UserError(f"--env takes KEY=VALUE with a shell variable name as KEY, got '{pair}'")
+        if key in OWN_ENV:
+            raise UserError(f"--env {key} is set by emit-pm2 itself (from its flags and the calibration), "
+                            f"where it is checked; use the flag")
         env[key] = value
     return env
 
@@ -133,9 +177,61 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--max-memory-restart takes a size like 80G or 512M, got '{args.max_memory_restart}'")
     if args.target == "grail" and (args.out_dir, args.block_time, args.genesis) != (None, None, None):
         raise UserError("--out-dir, --block-time and --genesis are for --target dry-run")
+    rules.check_safety_blocks(args.safety_blocks, PROFILE.window_length_blocks)
+    if not 0 <= args.redis_node < args.nodes:
+        raise UserError(f"--redis-node {args.redis_node} is not in 0..{args.nodes - 1} (--nodes {args.nodes})")
+    rules.check_drain_timeout(args.drain_timeout)
+    if args.block_time is not None:
+        rules.check_block_time(args.block_time)
+    if args.genesis is not None:
+        rules.check_genesis(args.genesis, time.time())
 
 
-def _env(args: argparse.Namespace, worker: Worker, total: int, extra: dict[str, str]) -> dict[str, str]:
+def fleet_url(args: argparse.Namespace, total: int) -> str | None:
+    """Every worker's GRAIL_REDIS_URL: --redis-url (checked as mine checks it), this node's server when the
+    fleet is one node, none for one worker alone; several nodes without --redis-url are refused."""
+    if args.redis_url is not None:
+        url = redis_url_from_env({ENV_REDIS_URL: args.redis_url})
+        if url is None:
+            raise UserError("--redis-url is empty")
+        return url
+    if total == 1:
+        return None
+    if args.nodes > 1:
+        raise UserError(f"{total} workers on {args.nodes} nodes share one Redis: give every node the same "
+                        f"--redis-url redis://<hub>:6379/0 (the node that runs it, reachable from the others)")
+    return LOCAL_REDIS_URL
+
+
+def redis_app(args: argparse.Namespace, url: str, cwd: str, log_dir: str, prefix: str) -> dict | None:
+    """The app that runs the fleet's Redis on the hub node (None elsewhere, or with --no-redis-app)."""
+    if not args.redis_app or args.node_index != args.redis_node:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise UserError(f"--redis-url {parts.scheme}:// is not a server this file can start: run your own and "
+                        f"pass --no-redis-app")
+    if args.redis_server is not None and not os.access(os.path.expanduser(args.redis_server), os.X_OK):
+        raise UserError(f"--redis-server {args.redis_server} is not an executable file")
+    server = args.redis_server or shutil.which("redis-server")
+    if server is None:
+        raise UserError("redis-server is not installed on this node (e.g. apt-get install redis-server): install it, "
+                        "give --redis-server PATH, or run your own server and pass --no-redis-app")
+    command = ["--port", str(parts.port or 6379), "--dir", cwd, "--appendonly", "yes", "--appendfsync", "everysec",
+               "--save", ""]
+    if parts.hostname in LOCAL_HOSTS:
+        command += ["--bind", "127.0.0.1"]
+    elif parts.password:
+        command += ["--bind", "0.0.0.0", "--requirepass", parts.password]
+    else:  # other nodes connect without a password: firewall the port to the fleet's nodes (deploy/README.md)
+        command += ["--bind", "0.0.0.0", "--protected-mode", "no"]
+    name = f"{prefix}-redis"
+    return dict(name=name, script=os.path.abspath(os.path.expanduser(server)), args=command, cwd=cwd,
+                out_file=os.path.join(log_dir, f"{name}.out.log"), error_file=os.path.join(log_dir, f"{name}.err.log"))
+
+
+def _env(args: argparse.Namespace, worker: Worker, total: int, extra: dict[str, str],
+         redis_url: str | None) -> dict[str, str]:
     flash = args.flash_attention or ("1" if worker.choice.attention == "flash_attention_2" else "0")
     env = dict(CUDA_DEVICE_ORDER=DEVICE_ORDER, CUDA_VISIBLE_DEVICES=str(worker.gpu),
                GRAIL_WORKER_ID=str(worker.worker_id), GRAIL_TOTAL_WORKERS=str(total),
@@ -146,6 +242,8 @@ def _env(args: argparse.Namespace, worker: Worker, total: int, extra: dict[str, 
         env["BT_WALLET_PATH"] = os.path.abspath(os.path.expanduser(args.wallet_path))
     if args.block_time is not None:
         env["GRAIL_BLOCK_TIME"] = f"{args.block_time:g}"
+    if redis_url is not None:
+        env["GRAIL_REDIS_URL"] = redis_url
     return {**env, **extra}
 
 
@@ -174,12 +272,17 @@ def build_context(args: argparse.Namespace) -> dict:
     log_dir = os.path.join(cwd, os.path.expanduser(args.log_dir or "logs"))
     prefix = args.name_prefix or NAME_PREFIX[args.target]
     genesis = time.time() if args.genesis is None else args.genesis
+    redis_url = fleet_url(args, total)
+    redis = None if redis_url is None else redis_app(args, redis_url, cwd, log_dir, prefix)
+    warning = rules.genesis_warning(genesis, time.time())
+    if warning is not None:
+        print(f"grail-pipeline emit-pm2: warning: {warning}", file=sys.stderr)
     apps = []
     for worker in workers:
         script, script_args = _command(args, cwd, worker, genesis)
         name = f"{prefix}-{worker.worker_id}"
         apps.append(dict(name=name, script=script, args=script_args, cwd=cwd,
-                         env=_env(args, worker, total, extra), gpu_kind=worker.choice.gpu,
+                         env=_env(args, worker, total, extra, redis_url), gpu_kind=worker.choice.gpu,
                          engine=worker.choice.engine,
                          kill_timeout_ms=round((args.drain_timeout + KILL_MARGIN_S) * 1000),
                          max_memory_restart=args.max_memory_restart,
@@ -189,7 +292,9 @@ def build_context(args: argparse.Namespace) -> dict:
         print(f"grail-pipeline emit-pm2: warning: {apps[0]['script']} does not exist here", file=sys.stderr)
     return dict(version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), target=args.target,
                 command=shlex.join(["grail-pipeline", *sys.argv[1:]]), calibration=args.calibration,
-                node_index=args.node_index, nodes=args.nodes, total_workers=total, log_dir=log_dir, apps=apps)
+                node_index=args.node_index, nodes=args.nodes, total_workers=total, log_dir=log_dir, apps=apps,
+                redis_url=None if redis_url is None else redacted(redis_url),
+                redis=redis)
 
 
 def render(context: dict) -> str:

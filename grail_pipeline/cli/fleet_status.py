@@ -1,0 +1,111 @@
+"""`grail-pipeline fleet-status`: one view of a hotkey's fleet, read from its Redis.
+
+Each worker's rate, claims and the time left on its soonest lease (from its heartbeat and the claim
+leases), the leader, and per window the on-time rollouts (the contiguous prefix 0..N−1), the cut rollouts
+and the margin before the deadline of the written file. A table by default, `--json` for programs; an
+unreachable Redis is one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.protocol.profile import PROFILE
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("fleet-status", help="a fleet's workers and windows, read from its Redis",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--redis-url", default=None, help="default $GRAIL_REDIS_URL")
+    p.add_argument("--hotkey", default=None,
+                   help="the fleet's hotkey (ss58); default the wallet's (BT_WALLET_COLD, BT_WALLET_HOT)")
+    p.add_argument("--windows", type=int, default=3, help="how many recent windows to show (default 3)")
+    p.add_argument("--json", action="store_true", help="the snapshot as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from grail_pipeline.fleet.claims import Claims
+    from grail_pipeline.fleet.connection import ENV_REDIS_URL, connect, redis_url_from_env
+    from grail_pipeline.fleet.context import SharedContext
+    from grail_pipeline.fleet.keys import FleetKeys
+    from grail_pipeline.fleet.member import FleetTimings
+    from grail_pipeline.fleet.plan import WindowPlans
+    from grail_pipeline.fleet.results import Results
+    from grail_pipeline.fleet.status import FleetView, server_now_ms
+
+    if args.windows < 1:
+        raise UserError("--windows must be at least 1")
+    url = args.redis_url or redis_url_from_env(os.environ)
+    if url is None:
+        raise UserError(f"no fleet to show: give --redis-url or set {ENV_REDIS_URL}")
+    if args.redis_url is not None:
+        redis_url_from_env({ENV_REDIS_URL: url})  # the same form check as the daemon's
+    hotkey = args.hotkey or _wallet_hotkey()
+    client = connect(url)
+    keys = FleetKeys(hotkey)
+    context = SharedContext(client, keys).current()
+    timings = FleetTimings()
+    windows: list[int] = []
+    if context is not None and context.genesis is not None:
+        now_s = server_now_ms(client) / 1000
+        block = max(0, int((now_s - context.genesis) // context.block_time_s))
+        current = block // context.window_blocks * context.window_blocks
+        windows = [w for w in (current - k * context.window_blocks for k in range(args.windows)) if w >= 0]
+    view = FleetView(client, keys, Claims(client, keys, "fleet-status", 1.0, timings.window_ttl_s),
+                     Results(client, keys, timings.window_ttl_s), WindowPlans(client, keys, timings.window_ttl_s))
+    snapshot = {"hotkey": hotkey, "context": None if context is None else json.loads(context.to_json()),
+                **view.snapshot(sorted(windows))}
+    if args.json:
+        print(json.dumps(snapshot, indent=2, sort_keys=True))
+    else:
+        print(table(snapshot))
+    return 0
+
+
+def _wallet_hotkey() -> str:
+    from grail_pipeline.protocol.wallet import load_signer
+
+    try:
+        return load_signer(required=True).ss58_address
+    except UserError as exc:
+        raise UserError(f"{exc} (or give --hotkey)") from None
+
+
+def table(snapshot: dict) -> str:
+    """The snapshot as a plain-text table: the fleet, its workers, its windows."""
+    lines = [f"fleet of {snapshot['hotkey']}: " + (f"leader {snapshot['leader']}" if snapshot["leader"] else
+                                                    "no leader (no worker running?)")]
+    context = snapshot.get("context")
+    if context:
+        lines.append(f"checkpoint {context['checkpoint']}, genesis {context['genesis']:.3f}, "
+                     f"{context['window_blocks']} blocks x {context['block_time_s']:g} s")
+    lines.append("")
+    lines.append(f"{'worker':<34} {'id':>3} {'rollouts/s':>10} {'stored':>7} {'claims':>6} {'lease s':>8} "
+                 f"{'beat age':>8} {'spilled':>7}  redis")
+    for name, beat in sorted(snapshot["workers"].items()):
+        lease = beat.get("soonest_lease_s")
+        outage = beat.get("redis_outage_s")
+        lines.append(f"{name[:34]:<34} {beat.get('worker_id', '?')!s:>3} {beat.get('rollouts_per_s', 0):>10.2f} "
+                     f"{beat.get('groups_stored', 0):>7} {beat.get('claims', 0):>6} "
+                     f"{'-' if lease is None else f'{lease:.1f}':>8} {beat.get('age_s', 0):>8.1f} "
+                     f"{beat.get('spilled', 0):>7}  {'ok' if outage is None else f'away {outage:.0f} s'}"
+                     + ("  (leader)" if name == snapshot["leader"] else ""))
+    if not snapshot["workers"]:
+        lines.append("(no worker has a heartbeat)")
+    lines.append("")
+    lines.append(f"{'window':>8} {'issued':>6} {'stored':>6} {'on-time rollouts':>16} {'cut rollouts':>12} "
+                 f"{'leases':>6} {'margin s':>8}  file")
+    for w in snapshot["windows"]:
+        report = w.get("report") or {}
+        margin = report.get("margin_s")
+        file = os.path.basename(report["file"]) if report.get("file") else ("sealed" if report else "open")
+        lines.append(f"{w['window_start']:>8} {w['issued']:>6} {w['stored_groups']:>6} {w['on_time_rollouts']:>16} "
+                     f"{w['cut_rollouts']:>12} {w['leases']:>6} {'-' if margin is None else f'{margin:.1f}':>8}  "
+                     f"{file}")
+    lines.append(f"(on-time: groups 0..N-1 stored without a gap, {PROFILE.rollouts_per_problem} rollouts each; "
+                 "margin: the file's time before the deadline)")
+    return "\n".join(lines)

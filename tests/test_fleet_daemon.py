@@ -1,0 +1,292 @@
+"""The fleet end to end: `mine --dry-run` workers of one hotkey in subprocesses, a real redis-server, one file
+per window.
+
+Every worker runs `dummy:tiny` on the CPU with the fast engine (about a second per group alone here) and
+0.4 s blocks; the kill tests use 60-block windows (24 s) so that a dead worker's lapsed claims can still be
+re-issued before the leader's stop (in 12-s windows the plan stops claims within a second or two of the
+window's start on two shared cores). Every file is read back and checked with F's rules
+(tools/window_check.py): groups 0..N−1, 16 rollouts each, prompts by file position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from conftest import write_wallet
+from test_mine import FAST, check_files_complete, running_daemon, wait_for
+
+from grail_pipeline.cli.main import main
+from grail_pipeline.fleet.connection import connect
+from grail_pipeline.fleet.context import FleetContext, SharedContext
+from grail_pipeline.fleet.keys import FleetKeys
+from grail_pipeline.fleet.member import FleetMember
+from grail_pipeline.fleet.plan import WindowPlans
+from grail_pipeline.fleet.results import Results
+from grail_pipeline.inference.checkpoints import dummy_checkpoint
+from grail_pipeline.inference.loading import load_model, load_tokenizer
+from grail_pipeline.mining.fleet_worker import checkpoint_identity, timings_for
+from grail_pipeline.mining.group_payload import decode_group, encode_group
+from grail_pipeline.mining.sink import GroupRows
+from grail_pipeline.protocol.records import records_table
+from grail_pipeline.tools.window_check import check_window_file
+
+FLEET = ["--engine", "fast", "--warmup-problems", "1", "--generation-queue", "1"]  # claims held, not queued
+DELIVERED = re.compile(r"delivered window=(\d+) group=(\d+) rollouts=(\d+) (\w+)")
+
+
+def fleet_env(tmp_path: Path, url: str, worker: int, total: int) -> tuple[dict[str, str], str]:
+    """A fresh hotkey's wallet (its own keys in the shared Redis) and the environment of worker `worker`."""
+    wallets = tmp_path / "wallets"
+    hotkey = (tmp_path / "hotkey").read_text() if (tmp_path / "hotkey").exists() else None
+    if hotkey is None:
+        hotkey = write_wallet(wallets)
+        (tmp_path / "hotkey").write_text(hotkey)
+    return {"BT_WALLET_COLD": "cold", "BT_WALLET_HOT": "hot", "BT_WALLET_PATH": str(wallets),
+            "GRAIL_REDIS_URL": url, "GRAIL_WORKER_ID": str(worker), "GRAIL_TOTAL_WORKERS": str(total),
+            "OMP_NUM_THREADS": "1"}, hotkey
+
+
+def delivered(text: str) -> list[tuple[int, int, str]]:
+    return [(int(w), int(g), outcome) for w, g, _, outcome in DELIVERED.findall(text)]
+
+
+def fleet_parts(url: str, hotkey: str) -> tuple[Results, WindowPlans, FleetKeys]:
+    client = connect(url)
+    keys = FleetKeys(hotkey)
+    return Results(client, keys, 60), WindowPlans(client, keys, 60), keys
+
+
+def wait_until(condition, timeout: float, what: str, logs: list[Path] = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} within {timeout} s:\n" + "\n".join(p.read_text()[-4000:] for p in logs))
+
+
+def test_a_group_travels_as_its_arrow_rows_and_counts(tmp_path) -> None:
+    from test_sink import group as signed_group
+    from test_sink import window
+
+    group = signed_group(window(30), 3)
+    rows = GroupRows(records_table(group.records), group.rollouts, group.completion_tokens, sum(group.solved),
+                     sum(group.successes), sum(group.rewards), 1234.5)
+    back = decode_group(encode_group(rows))
+    assert back.table.equals(rows.table) and back.table.schema.metadata is None
+    assert (back.rollouts, back.completion_tokens, back.solved, back.validator_success, back.arrived) == \
+        (16, rows.completion_tokens, rows.solved, rows.validator_success, 1234.5)
+    assert back.reward_sum == pytest.approx(rows.reward_sum)
+
+
+def test_lease_times_follow_the_window() -> None:
+    production, rehearsal = timings_for(360.0), timings_for(12.0)
+    assert (production.claim_lease_s, production.leader_ttl_s) == (10.0, 5.0)
+    assert rehearsal.leader_ttl_s == 1.0 and rehearsal.claim_lease_s == 2.0
+    assert rehearsal.leader_ttl_s < 4.0  # a dead leader is replaced well before the deadline's 4 s
+
+
+@pytest.mark.slow
+def test_three_workers_write_one_file_per_window_that_f_accepts(tmp_path, redis_server, capsys) -> None:
+    out = tmp_path / "windows"
+    logs = [tmp_path / f"worker-{i}.log" for i in range(3)]
+    with ExitStack() as stack:
+        procs = []
+        for i in range(3):
+            env, hotkey = fleet_env(tmp_path, redis_server.url, i, 3)
+            procs.append(stack.enter_context(running_daemon(out, env, logs[i], *FLEET, "--max-windows", "2")))
+        for proc in procs:
+            assert proc.wait(timeout=150) == 0, "\n".join(p.read_text()[-4000:] for p in logs)
+        assert main(["fleet-status", "--json", "--redis-url", redis_server.url, "--hotkey", hotkey]) == 0
+        snapshot = json.loads(capsys.readouterr().out)
+    texts = [p.read_text() for p in logs]
+    files = sorted(out.glob("*.parquet"))
+    assert files and all(re.fullmatch(rf"{hotkey}-window-\d+\.parquet", p.name) for p in files), files
+    found = check_files_complete(out)  # F's rules without the model, 0..N-1, 16 per group
+    loaded, tokenizer = load_model("dummy:tiny", "cpu"), load_tokenizer("dummy:tiny")
+    stored = {(w, g): i for i, text in enumerate(texts) for w, g, outcome in delivered(text) if outcome == "stored"}
+    assert len(set(stored.values())) >= 2, "the groups came from one worker only"
+    for path in files:
+        report = check_window_file(path, tokenizer, loaded)
+        assert report.passed, {c.name: c.problems for c in report.checks if not c.ok}
+        meta, counts = found[report.window_start]
+        assert meta["fleet_writer"] and meta["model_name"] == "dummy:tiny" and meta["checkpoint_window"] == "0"
+        assert path.stat().st_mtime <= float(meta["deadline"])
+        assert all((report.window_start, g) in stored for g in counts)  # every group was stored by one worker
+    assert sum(len(counts) for _, counts in found.values()) > 0
+    windows = {w["window_start"]: w for w in snapshot["windows"]}
+    for start, (meta, counts) in found.items():
+        if start in windows:
+            assert windows[start]["report"]["groups"] == len(counts) and windows[start]["report"]["file_written"]
+    assert not (out / "spill").exists() or not list((out / "spill").iterdir())
+
+
+def owners_of_current_window(url: str, hotkey: str, window_blocks: int) -> tuple[int, dict[int, str]]:
+    """The window open now (from the fleet's context) and who holds each of its leases."""
+    client = connect(url)
+    keys = FleetKeys(hotkey)
+    context = SharedContext(client, keys).current()
+    assert context is not None
+    block = int((time.time() - context.genesis) // context.block_time_s)
+    window = block // window_blocks * window_blocks
+    owners = {int(k): v.decode() for k, v in client.hgetall(keys.window(window).owners).items()}
+    return window, owners
+
+
+def pid_of(worker: str) -> int:
+    return int(worker.split("-")[-2])  # host-pid-random (fleet/member.py worker_name)
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_and_then_of_the_leader(tmp_path, redis_server) -> None:
+    """A non-leader killed mid-window: its claims are re-issued and the window's file has no gap. Then the
+    leader killed mid-window: the last worker takes the lease and writes that window before its deadline."""
+    out = tmp_path / "windows"
+    logs = [tmp_path / f"worker-{i}.log" for i in range(3)]
+    procs = {}
+    with ExitStack() as stack:
+        for i in range(3):
+            env, hotkey = fleet_env(tmp_path, redis_server.url, i, 3)
+            procs[i] = stack.enter_context(running_daemon(out, env, logs[i], *FLEET, "--window-blocks", "60"))
+        results, plans, keys = fleet_parts(redis_server.url, hotkey)
+        for i in range(3):
+            wait_for(logs[i], r"INFO mining", procs[i], timeout=90)
+        client = connect(redis_server.url)
+        by_pid = {p.pid: i for i, p in procs.items()}
+
+        def victim(leader: bool) -> tuple[int, int, str, list[int]] | None:
+            """(window, worker index, worker name, its leased indices) of a live worker with claims now."""
+            window, owners = owners_of_current_window(redis_server.url, hotkey, 60)
+            head = (client.get(keys.leader) or b"").decode()
+            for name in sorted(set(owners.values())):
+                if (name == head) == leader and pid_of(name) in by_pid and procs[by_pid[pid_of(name)]].poll() is None:
+                    return window, by_pid[pid_of(name)], name, sorted(i for i, o in owners.items() if o == name)
+            return None
+
+        # 1. a non-leader with claims, killed
+        found = []
+        wait_until(lambda: found.append(victim(leader=False)) or found[-1] is not None and found[-1][0] > 0, 120,
+                   "non-leader holding claims", logs)
+        window, index, name, indices = found[-1]
+        procs[index].send_signal(signal.SIGKILL)
+        procs[index].wait()
+        wait_until(lambda: (plans.report(window) or {}).get("file_written"), 60, f"file of window {window}", logs)
+        texts = "".join(p.read_text() for p in logs)
+        reissued = [int(i) for i in re.findall(rf"window {window}: claimed index (\d+), re-issued from {name}", texts)]
+        assert reissued and set(reissued) <= set(indices), (indices, reissued)
+        meta, counts = check_files_complete(out)[window]
+        assert set(indices) <= set(counts), (indices, sorted(counts))  # the dead worker's indices are in the file
+
+        # 2. the leader, killed mid-window (after it published the stop of a window with groups in flight)
+        found = []
+        wait_until(lambda: found.append(victim(leader=True)) or found[-1] is not None and found[-1][0] > window, 60,
+                   "the leader holding claims in the next window", logs)
+        window, index, name, _ = found[-1]
+        procs[index].send_signal(signal.SIGKILL)
+        procs[index].wait()
+        wait_until(lambda: (plans.report(window) or {}).get("file_written"), 60, f"file of window {window}", logs)
+        report = plans.report(window)
+        assert report["written_by"] != name and report["on_time"] and report["margin_s"] > 0, report
+        meta, counts = check_files_complete(out)[window]
+        assert meta["fleet_writer"] == report["written_by"] and path_mtime_ok(out, hotkey, window, meta)
+        assert len(counts) == report["groups"] > 0
+
+
+def path_mtime_ok(out: Path, hotkey: str, window: int, meta: dict[str, str]) -> bool:
+    return (out / f"{hotkey}-window-{window}.parquet").stat().st_mtime <= float(meta["deadline"])
+
+
+@pytest.mark.slow
+def test_redis_away_for_seconds_mid_window_loses_no_signed_group(tmp_path, redis_server) -> None:
+    out = tmp_path / "windows"
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    procs = []
+    with ExitStack() as stack:
+        stack.callback(lambda: redis_server.process is None and redis_server.start())  # for the tests after this
+        for i in range(2):
+            env, hotkey = fleet_env(tmp_path, redis_server.url, i, 2)
+            procs.append(stack.enter_context(running_daemon(out, env, logs[i], *FLEET, "--window-blocks", "60")))
+        for i in range(2):
+            wait_for(logs[i], r"delivered window=\d+ group=\d+ rollouts=16 stored", procs[i], timeout=120)
+        redis_server.stop()
+        time.sleep(4.0)
+        redis_server.start()
+        wait_until(lambda: "answers again" in "".join(p.read_text() for p in logs), 30, "Redis back", logs)
+        time.sleep(26.0)  # the window of the outage (24 s) is written, and the next one's claims go on
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            assert proc.wait(timeout=60) == 0
+    texts = [p.read_text() for p in logs]
+    spilled = [(w, g) for text in texts for w, g, outcome in delivered(text) if outcome == "spilled"]
+    assert spilled, "no group was signed while Redis was away:\n" + texts[0][-3000:]
+    assert any("has not answered for" in t for t in texts)  # said once, a few seconds in
+    assert sum(int(n) for t in texts for n in re.findall(r"handed (\d+) spilled group", t)) == len(spilled)
+    assert not list((out / "spill").glob("*.group"))  # nothing left on disk
+    results, plans, _ = fleet_parts(redis_server.url, hotkey)
+    found = check_files_complete(out)
+    for window, group in spilled:  # each is in Redis, and in its window's file unless after the file's cut
+        assert group in results.counts(window), (window, group)
+        meta, counts = found[window]
+        assert group in counts or group >= len(counts), (window, group, meta)
+    assert any(group in found[window][1] for window, group in spilled)
+
+
+def test_a_worker_on_another_checkpoint_is_refused_in_one_line(tmp_path, redis_server) -> None:
+    env, hotkey = fleet_env(tmp_path, redis_server.url, 1, 2)
+    tiny = dummy_checkpoint("tiny")
+    FleetMember.join(redis_server.url, hotkey, FleetContext(
+        genesis=None, run_seed=0, block_time_s=0.4, window_blocks=30,
+        checkpoint=checkpoint_identity("dummy:tiny", 0, str(tiny))), tmp_path / "spill", timings_for(12.0))
+    other = tmp_path / "checkpoint-7"
+    shutil.copytree(tiny, other)
+    metadata = json.loads((other / "metadata.json").read_text())
+    (other / "metadata.json").write_text(json.dumps({**metadata, "window": 7}))
+    run = subprocess.run([sys.executable, "-m", "grail_pipeline", "mine", "--dry-run", *FAST, "--model", str(other),
+                          "--out-dir", str(tmp_path / "out")], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("grail-pipeline mine: error: refused by the fleet of hotkey") and "@7#" in last, last
+    assert "Traceback" not in run.stderr
+    status = json.loads((tmp_path / "out" / "status-worker-1.json").read_text())
+    assert status["state"] == "stopped" and "refused by the fleet" in status["exit_reason"]
+
+
+def test_fleet_status_shows_workers_and_windows(tmp_path, redis_server, capsys) -> None:
+    """`fleet-status` over a fleet's real Redis state: the worker's beat and claims, the window's on-time and cut
+    rollouts and the written file's margin; a table by default, JSON on request."""
+    from grail_pipeline.fleet.results import SignedGroup as StoredGroup
+
+    hotkey = f"5Status{time.time_ns()}"
+    member = FleetMember.join(redis_server.url, hotkey, FleetContext(
+        genesis=time.time() - 5, run_seed=0, block_time_s=0.4, window_blocks=30, checkpoint="ckpt"),
+        tmp_path / "spill", timings_for(12.0), worker="w-a")
+    assert [c.index for c in member.claims.claim(0, 4)] == [0, 1, 2, 3]
+    for index in (0, 1, 3):  # 2 is still out: 3 lies after the gap
+        assert member.results.put(StoredGroup(0, index, 16, b"rows")) == "stored"
+    member.heartbeats.beat(worker_id=0, rollouts_per_s=12.5, groups_stored=3, spilled=0, redis_outage_s=None)
+    assert member.leader.hold() and member.plans.seal(0, "w-a")
+    member.plans.record_written(0, {"file": f"/x/{hotkey}-window-0.parquet", "groups": 2, "margin_s": 1.25})
+    argv = ["fleet-status", "--redis-url", redis_server.url, "--hotkey", hotkey]
+    assert main([*argv, "--json"]) == 0
+    snapshot = json.loads(capsys.readouterr().out)
+    assert snapshot["leader"] == "w-a" and snapshot["context"]["checkpoint"] == "ckpt"
+    beat = snapshot["workers"]["w-a"]
+    assert beat["rollouts_per_s"] == 12.5 and beat["claims"] == 1 and beat["soonest_lease_s"] > 0
+    (window,) = snapshot["windows"]
+    assert (window["on_time_rollouts"], window["cut_rollouts"], window["issued"]) == (32, 16, 4)
+    assert window["report"]["margin_s"] == 1.25 and window["report"]["file_written"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "leader w-a" in table and "12.50" in table and f"{hotkey}-window-0.parquet" in table and "1.2" in table
