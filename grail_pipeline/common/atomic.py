@@ -40,6 +40,16 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
         os.close(directory)
 
 
+def publish_directory(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Move a directory written under a temporary name into place whole: fsync each of its files, then rename
+    (checkpoints: a reader that sees the final name sees every file complete)."""
+    for file in Path(tmp).iterdir():
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
 def stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     """Temp files a killed writer left behind in `directory`."""
     folder = Path(directory)

@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.utils import logging as hf_logging
 
 from grail_pipeline import __version__
+from grail_pipeline.common.atomic import publish_directory
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.common.paths import ENV_CACHE, cache_root
 from grail_pipeline.inference.model_ref import DUMMY_PREFIX, PRESETS
@@ -92,10 +93,7 @@ def _write(path: Path, preset: str, seed: int) -> None:
                         dtype="bfloat16", written_by=f"grail-pipeline {__version__}", torch=torch.__version__,
                         transformers=transformers.__version__)
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
-        for file in tmp.iterdir():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        publish_directory(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)

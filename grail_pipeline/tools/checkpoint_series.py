@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -27,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from grail_pipeline import __version__
-from grail_pipeline.common.atomic import write_atomically
+from grail_pipeline.common.atomic import publish_directory, write_atomically
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.checkpoints import METADATA, checkpoint_metadata, dummy_checkpoint
 from grail_pipeline.inference.model_ref import parse_model_ref
@@ -134,10 +133,7 @@ def _write_checkpoint(final: Path, base: Path, tensors: dict[str, torch.Tensor],
                 shutil.copy2(item, tmp / item.name)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        for file in tmp.iterdir():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        publish_directory(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)
