@@ -38,9 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--wallet-hot", default=os.environ.get("BT_WALLET_HOT"), help="default $BT_WALLET_HOT")
     p.add_argument("--wallet-path", default=os.environ.get("BT_WALLET_PATH"),
                    help="default $BT_WALLET_PATH (unset: the miner's ~/.bittensor/wallets)")
-    p.add_argument("--safety-blocks", type=nonnegative_int, default=6,
-                   help="GRAIL_MINER_SAFETY_BLOCKS: stop generating this many blocks before the window ends "
-                        "(6 in the fork's production configs; 0 to 29)")
+    p.add_argument("--safety-blocks", type=nonnegative_int, default=None,
+                   help="GRAIL_MINER_SAFETY_BLOCKS: no problem starts in a window's last N blocks (0 to 29); default "
+                        "6 for --target grail (the fork's production configs: its only stop rule) and 0 for "
+                        "--target dry-run (our daemon stops by its measured deadline plan; N adds margin)")
     p.add_argument("--flash-attention", choices=("0", "1"), default=None,
                    help="GRAIL_USE_FLASH_ATTENTION; default what the calibration ran with")
     p.add_argument("--cwd", default=None, help="working directory of every app; default the current one")

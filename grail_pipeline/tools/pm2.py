@@ -60,6 +60,8 @@ class Worker:
     worker_id: int
 
 
+GRAIL_SAFETY_BLOCKS = 6  # the fork's production configs (grail-protocol.md §7): the upstream miner's only stop rule
+
 def parse_gpus(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",")]
     if not any(parts):
@@ -177,6 +179,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--max-memory-restart takes a size like 80G or 512M, got '{args.max_memory_restart}'")
     if args.target == "grail" and (args.out_dir, args.block_time, args.genesis) != (None, None, None):
         raise UserError("--out-dir, --block-time and --genesis are for --target dry-run")
+    if args.safety_blocks is None:
+        args.safety_blocks = GRAIL_SAFETY_BLOCKS if args.target == "grail" else 0
     rules.check_safety_blocks(args.safety_blocks, PROFILE.window_length_blocks)
     if not 0 <= args.redis_node < args.nodes:
         raise UserError(f"--redis-node {args.redis_node} is not in 0..{args.nodes - 1} (--nodes {args.nodes})")
