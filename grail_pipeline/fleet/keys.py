@@ -43,7 +43,7 @@ class WindowKeys:
 
     @property
     def plan(self) -> str:
-        """HASH: the leader's cut for the window (`stop_at_ms`, `max_index`)."""
+        """HASH: the leader's cut for the window (`stop_at_ms`, `max_index`, `cut_at_ms`)."""
         return f"{self.prefix}:plan"
 
     @property
@@ -86,6 +86,11 @@ class FleetKeys:
     def workers(self) -> str:
         """HASH worker → its last heartbeat (JSON)."""
         return f"{self.prefix}:workers"
+
+    @property
+    def run_first_window(self) -> str:
+        """STRING: the first window of the fleet's `--max-windows` run (set once, by the first worker to open one)."""
+        return f"{self.prefix}:run:first_window"
 
     def window(self, window_start: int) -> WindowKeys:
         return WindowKeys(f"{self.prefix}:w:{int(window_start)}")

@@ -46,6 +46,7 @@ from grail_pipeline.mining.sink import WindowReport, WindowSink
 from grail_pipeline.mining.source import ProblemSource, local_indices
 from grail_pipeline.mining.status import StatusFile
 from grail_pipeline.mining.workload import benchmark_window, warm_up
+from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.wallet import Signer
 from grail_pipeline.proving.validator_process import CheckUnavailable, ValidatorProcess
 
@@ -137,7 +138,9 @@ class Daemon:
         loaded = self.runtime.loaded
         genesis = s.genesis if self.fleet is None else self.fleet.context.genesis  # a fleet shares one clock
         self.clock = clock = WindowClock(s.block_time_s, s.window_blocks, s.safety_blocks, s.run_seed, genesis)
-        self.plan = plan = DeadlinePlan(clock.time_of_block, s.window_blocks, upload_allowance_s=s.upload_allowance_s)
+        cold_start = max(1, self.batch_size // PROFILE.rollouts_per_problem) if self.fleet is not None else None
+        self.plan = plan = DeadlinePlan(clock.time_of_block, s.window_blocks, upload_allowance_s=s.upload_allowance_s,
+                                        cold_start_groups=cold_start)  # a fleet worker's plan is queue-aware
         extra_metadata = {"dry_run": "true", "run_seed": s.run_seed, "genesis": clock.genesis,
                           "block_time": s.block_time_s, "model_name": loaded.name,
                           "checkpoint_window": loaded.checkpoint_window, "engine": self.runtime.engine_kind,
@@ -152,8 +155,10 @@ class Daemon:
         async def opened(window: WindowContext) -> None:  # the cut is timed from the open, whatever the source does
             tg.start_soon(self._cut_at, window.window_start)
 
-        self.source = source = ProblemSource(clock, plan, self.make_task, sink.close_window, s.max_windows,
-                                             on_open=opened,
+        fleet = sink if isinstance(sink, FleetWorker) else None  # a fleet counts its windows (--max-windows)
+        self.source = source = ProblemSource(clock, plan, self.make_task, sink.close_window,
+                                             s.max_windows if fleet is None else None, on_open=opened,
+                                             last_window=None if fleet is None else fleet.last_window,
                                              checkpoint_window=lambda start: self.runtime.loaded.checkpoint_window,
                                              before_window=self._before_window if self.rotation else None,
                                              indices=sink.indices if isinstance(sink, FleetWorker) else local_indices)
@@ -221,7 +226,8 @@ class Daemon:
                              lambda start: self.runtime.loaded.checkpoint_window, extra_metadata, self._window_written)
         return FleetWorker(self.fleet, clock, plan, leader,
                            redraw=lambda task: self.source is not None and self.source.redraw(task),
-                           stopping=lambda: self.stopping, status=self.status, worker_id=s.worker.worker_id)
+                           stopping=lambda: self.stopping, status=self.status, worker_id=s.worker.worker_id,
+                           max_windows=s.max_windows)
 
     async def _cut_at(self, window_start: int) -> None:
         """At the plan's cut, write what has arrived (the file is usually written before, when complete)."""

@@ -19,6 +19,25 @@ A problem is admitted while `now + latency` still ends before the cut (with noth
 cut itself: the GPU is idle, and the group measures the latency anew), the moment the file must start
 being written: `deadline − upload allowance − write time − margin`. At the cut the sink writes whatever
 contiguous prefix of groups has arrived; a group that arrives later is cut and counted.
+
+In a fleet the cut is the fleet's, not this worker's: the leader estimates it for the fleet's larger file
+(`estimated_cut` with the fleet's summed rate: a 4-GPU fleet's file takes ~4x the upload allowance and write
+time) and publishes it; every worker then `fix_cut`s it, so its `admit` lets a group in only when its own
+measured latency brings the group to Redis before the fleet's cut (a worker's own estimate, with no rate
+of its own, put its cut ~1.5 s before the deadline: 35 s after the fleet's in the 4 x H200 run of
+bench/results/h200-x4-2026-11-27/fleet).
+
+A fleet worker's plan is also queue-aware (`cold_start_groups` set; a solo worker's is not, unchanged): a
+worker claims a group the moment its pipeline's intake has room, so at a window's start its queues fill
+with groups all admitted at "latency 0", and later ones are admitted on the latency of groups that had an
+empty queue ahead of them. Measured on two shared CPU cores (tests/test_fleet_takeover.py, three workers,
+24-s windows, default queues): 368 of 448 generated rollouts of window 0 were cut. So, for a fleet worker:
+- while no group has finished within the last window, at most `cold_start_groups` (one engine batch) are in
+  flight; the source holds the next one (`saturated`) until the first finishes and measures the latency;
+- the latency of a group admitted now is at least (groups in flight + 1) / the rate groups finish at
+  (Little's law: it waits behind every group in flight), the rate measured over the recent finishes while the
+  pipeline was busy (after the first finish only: one batch per measured latency). In that test the first group took 3 s and the
+  worker then claimed 7 more at once on "latency 3 s": they took 3 s each, one after the other.
 """
 
 from __future__ import annotations
@@ -64,7 +83,7 @@ class DeadlinePlan:
 
     def __init__(self, time_of_block: Callable[[int], float], window_blocks: int, *,
                  upload_allowance_s: float | None = None, margin_s: float = MARGIN_S,
-                 time_fn: Callable[[], float] = time.time) -> None:
+                 time_fn: Callable[[], float] = time.time, cold_start_groups: int | None = None) -> None:
         self.time_of_block = time_of_block
         self.window_blocks = window_blocks
         self.upload_allowance_s = upload_allowance_s
@@ -76,6 +95,8 @@ class DeadlinePlan:
         self._write_s_per_rollout: float | None = None
         self._bytes_per_rollout: float = FIRST_BYTES_PER_ROLLOUT
         self._rollouts_per_s: float | None = None
+        self._fixed_cuts: dict[int, float] = {}  # window start -> the fleet's published cut
+        self.cold_start_groups = cold_start_groups  # set: a fleet worker's queue-aware plan (see the module)
 
     # -- the window's fixed points ----------------------------------------------------------------------
     def times(self, window_start: int) -> WindowTimes:
@@ -116,9 +137,27 @@ class DeadlinePlan:
             self._latencies.popleft()
         if not self._latencies:
             return oldest
-        ordered = sorted(seconds for _, seconds in self._latencies)
+        recent = list(self._latencies)
+        ordered = sorted(seconds for _, seconds in recent)
         quantile = ordered[min(len(ordered) - 1, math.ceil(LATENCY_QUANTILE * len(ordered)) - 1)]
-        return max(quantile, oldest)
+        if self.cold_start_groups is None:
+            return max(quantile, oldest)
+        # seconds per finished group: the mean gap between consecutive finishes, leaving out gaps longer than a
+        # group's latency (the pipeline was idle, e.g. between windows: counted, they stopped a fleet's claims
+        # 3 s into a 24-s window); with no such gap yet, one batch per measured latency
+        ends = sorted(end for end, _ in recent)
+        busy = [b - a for a, b in zip(ends, ends[1:]) if b - a <= quantile]
+        per_group = sum(busy) / len(busy) if busy and sum(busy) > 0 else quantile / self.cold_start_groups
+        queued = (len(self._in_flight) + 1) * per_group  # Little's law: behind every group in flight
+        return max(quantile, oldest, queued)
+
+    def saturated(self, now: float | None = None) -> bool:
+        """A fleet worker's cold start: one engine batch is in flight and no group finished within the last
+        window, so the latency of one more is not known yet: the source holds it until the first finishes."""
+        if self.cold_start_groups is None or len(self._in_flight) < self.cold_start_groups:
+            return False
+        now = self.time_fn() if now is None else now
+        return not any(end >= now - self._max_age_s for end, _ in list(self._latencies))
 
     def expected_rollouts(self, window_start: int) -> float:
         times = self.times(window_start)
@@ -138,10 +177,27 @@ class DeadlinePlan:
             return WRITE_FLOOR_S
         return max(WRITE_FLOOR_S, self._write_s_per_rollout * self.expected_rollouts(window_start))
 
-    def cut(self, window_start: int) -> float:
-        """When the file starts being written: what has arrived by then is in it, the rest is cut."""
+    def estimated_cut(self, window_start: int) -> float:
+        """This plan's own estimate of when the file must start being written."""
         return (self.times(window_start).deadline - self.upload_allowance(window_start)
                 - self.write_time(window_start) - self.margin_s)
+
+    def fix_cut(self, window_start: int, when: float) -> None:
+        """Take the fleet's cut for the window (published by its leader) instead of this plan's estimate."""
+        self._fixed_cuts[window_start] = when
+        for old in [w for w in self._fixed_cuts if w < window_start - 2 * self.window_blocks]:
+            del self._fixed_cuts[old]
+
+    def cut(self, window_start: int) -> float:
+        """When the file starts being written: what has arrived by then is in it, the rest is cut. A fleet's
+        published cut when one was fixed, else this plan's estimate (a solo worker's always)."""
+        fixed = self._fixed_cuts.get(window_start)
+        return self.estimated_cut(window_start) if fixed is None else fixed
+
+    def last_call(self, window_start: int) -> float:
+        """The latest moment a write of the file can start and still land before the deadline (no upload
+        allowance): a file still missing then is written by whoever can."""
+        return self.times(window_start).deadline - self.write_time(window_start) - self.margin_s
 
     def admit(self, window_start: int, now: float | None = None) -> bool:
         """Can a group admitted now reach the sink before the window's cut? With nothing in flight the answer

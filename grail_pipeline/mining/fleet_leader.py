@@ -5,18 +5,31 @@ live) runs `FleetLeader.tick`. Any worker can lead, so a dead leader is replaced
 live and the window is still written: the new leader sees a window past its cut, or sealed by a worker
 that is gone without a file recorded, and writes it. Per window:
 
-- **The stop.** The leader publishes `stop_at`, after which Redis hands out no index of the window, so no
-  worker burns GPU time on groups that cannot make the file. It comes from the leader's own DeadlinePlan
-  (the deadline, the measured write time and upload allowance, the margin) with two fleet-wide
-  measurements: the group latency is the largest any live worker reports in its heartbeat (a group
-  admitted on the slowest GPU must still arrive before the cut), and the expected rollouts, which size the
-  upload allowance and the write time, come from the sum of the live workers' rates. Once `stop_at` has
-  passed it is never moved again.
-- **The file.** At the plan's cut, or earlier once `stop_at` has passed and every issued index is stored
+- **The stop and the cut.** The leader publishes `cut_at`, when the file starts being written, and
+  `stop_at` = `cut_at` − the largest group latency any live worker reports in its heartbeat (a group
+  admitted on the slowest GPU must still arrive before the cut); after `stop_at` Redis hands out no index of
+  the window. `cut_at` is the leader's DeadlinePlan estimate (deadline − upload allowance − write time −
+  margin) for the fleet's file: the expected rollouts that size the upload allowance and the write time
+  come from the sum of the live workers' rates, so a 4-GPU fleet reserves ~4x a solo worker's. Every
+  worker admits a claim only while its own measured latency brings the group in before `cut_at`
+  (mining/deadline.py `fix_cut`). Once `stop_at` has passed neither is moved again and the leader cuts at
+  the published `cut_at`: in the 4 x H200 run (bench/results/h200-x4-2026-11-27/fleet) the leader cut at
+  its own estimate of the moment, which kept moving earlier as the summed rate rose after the stop (the
+  cold start's and the idle gap's deliveries leaving the rate's horizon), and 23 % of the generated
+  rollouts (1,104 of 4,880 in window 0) arrived after it; a solo worker cut none.
+- **The file.** At the cut, or earlier once `stop_at` has passed and every issued index is stored
   (nothing in flight), the leader seals the window (Redis then refuses late groups and claims), reads the
   contiguous prefix 0..N−1 of stored groups and writes the file with the solo sink's writer
   (`sink.write_window`: same name, schema and metadata), then records the report (on-time and cut
-  rollouts, margin) for `fleet-status`.
+  rollouts, margin) for `fleet-status`. The write runs beside the worker's loop, which keeps renewing the
+  leader lease and beating meanwhile: in that run the writes took 2–3 s, longer than the 1-s lease, and
+  with the loop blocked the lease passed mid-write.
+- **One writer per window.** The sealer writes the file. Another leader writes a window sealed by another
+  worker, with no file recorded, only when (a) the sealer is gone: its heartbeat is older than `stale_s`
+  (3 leader-lease times; it stops when the process dies or hangs, not while it writes) or it left the
+  roster, or (b) the file is still missing at the plan's `last_call` (deadline − write time − margin), the
+  latest moment a write can still land in time. A slower rule (the file missing one lease time after the
+  cut) had three workers of that run write window 0 while its sealer, alive, was still writing it.
 - **The last one out.** A draining worker that finds no other live worker writes the windows it mined in
   itself, at once (`write_now`): nobody else would.
 """
@@ -32,6 +45,7 @@ from pathlib import Path
 import anyio
 
 from grail_pipeline.fleet.member import FleetMember
+from grail_pipeline.fleet.retry import RedisUnavailable
 from grail_pipeline.mining.chain import WindowClock
 from grail_pipeline.mining.deadline import DeadlinePlan
 from grail_pipeline.mining.group_payload import decode_group
@@ -46,6 +60,12 @@ OnWritten = Callable[[WindowReport, list[dict]], Awaitable[None]]
 def live_workers(beats: dict[str, dict], stale_s: float) -> dict[str, dict]:
     """Workers whose last heartbeat is younger than `stale_s` (a killed worker's beat stays until it ages)."""
     return {w: b for w, b in beats.items() if b.get("age_s", stale_s) < stale_s}
+
+
+def live_workers_age(member: FleetMember, worker: str | None) -> float:
+    """How old `worker`'s last heartbeat is (inf once it left the roster), for the takeover's log line."""
+    beat = member.heartbeats.read().get(worker or "")
+    return float("inf") if beat is None else float(beat["age_s"])
 
 
 class FleetLeader:
@@ -64,6 +84,7 @@ class FleetLeader:
         self.stale_s = 3 * member.timings.leader_ttl_s  # a worker silent this long is taken for dead
         self._stopped: set[int] = set()  # windows whose stop_at has passed: never republished
         self._done: set[int] = set()  # windows whose file is recorded as written
+        self._writing: set[int] = set()  # windows whose file this worker is writing now
 
     # -- Redis reads, in a worker thread ----------------------------------------------------------------
     def live(self) -> dict[str, dict]:
@@ -79,8 +100,10 @@ class FleetLeader:
         return [w for w in (current - self.clock.window_blocks, current) if w >= 0 and w not in self._done]
 
     # -- the leader's tick ------------------------------------------------------------------------------
-    async def tick(self) -> None:
-        """One pass of the leader's duties; raises RedisUnavailable (via the guard) when Redis is away."""
+    async def tick(self, spawn: Callable[..., object] | None = None) -> None:
+        """One pass of the leader's duties; raises RedisUnavailable (via the guard) when Redis is away. A due
+        file is written by `spawn(self.write_in_background, window, trigger)` when given (the worker's loop
+        goes on renewing and beating meanwhile), else awaited here."""
         m = self.member
         now = time.time()
         live = await anyio.to_thread.run_sync(lambda: m.guard.attempt(self.live))
@@ -88,11 +111,39 @@ class FleetLeader:
         self.plan.rate(rate)
         latency = max([self.plan.latency(now)] + [float(b.get("latency_s") or 0.0) for b in live.values()])
         for window_start in self.windows(now):
+            if window_start in self._writing:
+                continue
             await anyio.to_thread.run_sync(lambda w=window_start: m.guard.attempt(lambda: self._publish(w, now, latency)))
             trigger = await anyio.to_thread.run_sync(
                 lambda w=window_start: m.guard.attempt(lambda: self._due(w, now, live)))
-            if trigger is not None:
+            if trigger is None:
+                continue
+            if spawn is None:
                 await self.write(window_start, trigger)
+            else:
+                self._writing.add(window_start)
+                spawn(self.write_in_background, window_start, trigger)
+
+    async def write_in_background(self, window_start: int, trigger: str) -> None:
+        """`write`, beside the worker's loop; Redis away for longer than the write's patience leaves the seal
+        without a file, which the next tick (of this leader or another) writes."""
+        self._writing.add(window_start)
+        try:
+            await self.write(window_start, trigger)
+        except RedisUnavailable:
+            pass  # said once by the guard
+        finally:
+            self._writing.discard(window_start)
+
+    async def writes_done(self) -> None:
+        """Wait for this worker's writes in progress (a leaving worker must not take its file with it)."""
+        while self._writing:
+            await anyio.sleep(0.05)
+
+    def cut_time(self, window_start: int) -> float:
+        """The window's cut: the published one (fixed once `stop_at` passed), else this plan's estimate."""
+        published = self.member.plans.cut(window_start).cut_at
+        return self.plan.estimated_cut(window_start) if published is None else published
 
     def _publish(self, window_start: int, now: float, latency: float) -> None:
         if window_start in self._stopped or window_start != self.clock.window_start(self.clock.block(now)):
@@ -101,7 +152,8 @@ class FleetLeader:
         if published is not None and now >= published:
             self._stopped.add(window_start)
             return
-        self.member.plans.publish(window_start, stop_at=self.plan.cut(window_start) - latency)
+        cut_at = self.plan.estimated_cut(window_start)
+        self.member.plans.publish(window_start, stop_at=cut_at - latency, cut_at=cut_at)
 
     def _due(self, window_start: int, now: float, live: dict[str, dict]) -> str | None:
         """"cut" or "complete" when the window's file is due now (this call sealed it, or a dead leader had);
@@ -113,14 +165,19 @@ class FleetLeader:
                 self._done.add(window_start)
                 return None
             sealer = report.get("sealed_by")
-            if sealer == m.worker or sealer not in live or now >= self.plan.cut(window_start) + m.timings.leader_ttl_s:
-                logger.warning("window %d was sealed by %s, whose file is missing: writing it", window_start, sealer)
-                return "cut"
-            return None
+            if sealer == m.worker:
+                return "cut"  # sealed here and not being written (the tick skips those): the write failed
+            last_call = self.plan.last_call(window_start)
+            if sealer in live and now < last_call:
+                return None  # the sealer is alive: it is writing the file
+            why = ("its heartbeat is %.1f s old" % live_workers_age(m, sealer) if sealer not in live
+                   else "%.1f s before the deadline" % (self.plan.times(window_start).deadline - now))
+            logger.warning("window %d was sealed by %s and has no file (%s): writing it", window_start, sealer, why)
+            return "cut"
         issued = m.claims.issued(window_start)
         if issued == 0:
             return None
-        if now >= self.plan.cut(window_start):
+        if now >= self.cut_time(window_start):
             trigger = "cut"
         else:
             stop_at = m.plans.cut(window_start).stop_at
@@ -137,6 +194,7 @@ class FleetLeader:
         """The last worker out: seal and write every looked-after window that has groups and no file yet."""
         m = self.member
         written = []
+        await self.writes_done()
         for window_start in self.windows(time.time()):
             report = await anyio.to_thread.run_sync(lambda w=window_start: m.guard.attempt(lambda: m.plans.report(w)))
             if report is not None and report.get("file_written"):

@@ -21,6 +21,12 @@ The daemon is the solo one with three parts swapped (mining/daemon.py):
 
 Stopping (`finish`): the worker hands back claims it will not finish, leaves the roster, and if it is the
 last live worker it writes the unwritten windows itself; otherwise the leader (or the next one) does.
+
+`--max-windows N` counts the fleet's windows, not each worker's: the first window any worker of the run
+opens is kept in Redis (`WindowPlans.first_window`), every worker mines that window and the N−1 after it
+(`last_window`), and at the end of the run it stays (beating, renewing, leading if it holds the lease)
+until the fleet's last window has its file. Counted per worker, in the 4 x H200 run
+(bench/results/h200-x4-2026-11-27/fleet) three workers left at the stop of window 30 and one wrote it.
 """
 
 from __future__ import annotations
@@ -100,7 +106,8 @@ class FleetWorker:
     `finish` are the daemon's sink interface."""
 
     def __init__(self, member: FleetMember, clock: WindowClock, plan: DeadlinePlan, leader: FleetLeader,
-                 redraw: Redraw, stopping: Callable[[], bool], status: StatusFile, worker_id: int) -> None:
+                 redraw: Redraw, stopping: Callable[[], bool], status: StatusFile, worker_id: int,
+                 max_windows: int | None = None) -> None:
         self.member = member
         self.clock = clock
         self.plan = plan
@@ -109,6 +116,8 @@ class FleetWorker:
         self.stopping = stopping
         self.status = status
         self.worker_id = worker_id
+        self.max_windows = max_windows  # the fleet's windows of this run (None: until stopped)
+        self._first_window: int | None = None
         self.held: dict[int, set[int]] = defaultdict(set)  # window start -> indices claimed, not yet stored
         self.outcomes: dict[str, int] = defaultdict(int)  # stored / duplicate / late / spilled / released
         self.claims_lost = 0
@@ -116,16 +125,19 @@ class FleetWorker:
         self.reports: list[WindowReport] = []
         self._delivered: deque[tuple[float, int]] = deque()  # (time, rollouts) of recent deliveries
         self._started = time.time()
-        self._finished = False
+        self._finished = False  # the loop ends
+        self._finishing = False  # finish() was called (it may wait for the fleet's last file first)
 
     # -- indices ------------------------------------------------------------------------------------------
     async def indices(self, window_start: int) -> AsyncGenerator[int, None]:
         """The ProblemSource's index provider: one claim per problem, until the fleet stops the window."""
         while not self.stopping() and self.clock.generation_open(window_start):
             try:
-                taken = await anyio.to_thread.run_sync(lambda: self._claim(window_start))
+                taken, cut_at = await anyio.to_thread.run_sync(lambda: self._claim(window_start))
             except RedisUnavailable:
                 continue
+            if cut_at is not None:
+                self.plan.fix_cut(window_start, cut_at)
             if not taken:
                 return  # the leader's stop passed, or the window's file is written
             claim = taken[0]
@@ -135,12 +147,58 @@ class FleetWorker:
                             claim.index, claim.reissued_from or "?")
             yield claim.index
 
-    def _claim(self, window_start: int) -> list:
+    def _claim(self, window_start: int) -> tuple[list, float | None]:
         """One claim (a worker thread). Spilled groups go first: after an outage their leases have lapsed, and
-        merged they end those leases instead of being re-issued and mined twice."""
+        merged they end those leases instead of being re-issued and mined twice. The fleet's published cut
+        is read with it, so the source admits the next problem only if this worker's latency makes it."""
         m = self.member
         m.handover.merge_spill()
-        return m.guard.call(lambda: m.claims.claim(window_start, 1), patience_s=CLAIM_RETRY_S)
+        taken = m.guard.call(lambda: m.claims.claim(window_start, 1), patience_s=CLAIM_RETRY_S)
+        try:
+            return taken, m.guard.attempt(lambda: m.plans.cut(window_start)).cut_at
+        except RedisUnavailable:
+            return taken, None  # the claim stands; the cut is read with the next one
+
+    async def last_window(self, window_start: int) -> int | None:
+        """The fleet's last window of a `--max-windows` run (ProblemSource's hook, as each window opens); None
+        without the option. Redis away: this worker's own count from the first window it saw."""
+        if self.max_windows is None:
+            return None
+        m = self.member
+        try:
+            first = await anyio.to_thread.run_sync(lambda: m.guard.attempt(lambda: m.plans.first_window(window_start)))
+        except RedisUnavailable:
+            first = window_start if self._first_window is None else self._first_window
+        if self._first_window is None:
+            self._first_window = first
+            logger.info("--max-windows %d counts the fleet's windows: %d to %d", self.max_windows, first,
+                        first + (self.max_windows - 1) * self.clock.window_blocks)
+        return self._first_window + (self.max_windows - 1) * self.clock.window_blocks
+
+    async def _await_fleet_files(self) -> None:
+        """The end of a `--max-windows` run: stay in the fleet (the loop goes on beating, renewing and leading)
+        until each of the run's windows that has groups has its file, or until the last one's deadline has
+        passed by the time a dead writer takes to be noticed."""
+        if self.max_windows is None or self._first_window is None:
+            return
+        m = self.member
+        windows = [self._first_window + k * self.clock.window_blocks for k in range(self.max_windows)]
+        give_up = self.plan.times(windows[-1]).deadline + self.leader.stale_s
+
+        def unwritten() -> list[int]:
+            return [w for w in windows if m.claims.issued(w) and not (m.plans.report(w) or {}).get("file_written")]
+
+        waiting = windows
+        while time.time() < give_up and not self.stopping():
+            try:
+                waiting = await anyio.to_thread.run_sync(lambda: m.guard.attempt(unwritten))
+            except RedisUnavailable:
+                waiting = windows
+            if not waiting:
+                return
+            await anyio.sleep(m.timings.leader_ttl_s / 3)
+        if not self.stopping():
+            logger.warning("the fleet's windows %s have no file at their deadline: leaving", waiting)
 
     # -- the sink interface -------------------------------------------------------------------------------
     async def put(self, group: SignedGroup) -> None:
@@ -188,9 +246,13 @@ class FleetWorker:
     async def finish(self, reason: str) -> list[WindowReport]:
         """Leave the fleet: hand back unfinished claims and the spill, leave the roster, and write the unwritten
         windows when no other worker is left to."""
-        if self._finished:
+        if self._finishing:
             return []
+        self._finishing = True
+        if reason == "end of run":
+            await self._await_fleet_files()
         self._finished = True
+        await self.leader.writes_done()
         m = self.member
         for start, indices in list(self.held.items()):
             await self._release(start, sorted(indices))
@@ -231,27 +293,30 @@ class FleetWorker:
         """Renew, beat, merge, lead: every third of the leader lease (cancelled when the daemon ends)."""
         interval = self.member.timings.leader_ttl_s / 3
         beats = 0
-        while not self._finished:
-            held = {start: sorted(indices) for start, indices in self.held.items() if indices}
-            current = self.clock.window_start(self.clock.block())
-            for start in [s for s, indices in self.held.items() if not indices and s < current]:
-                del self.held[start]
-            self.leading, lost = await anyio.to_thread.run_sync(self._keep, held)
-            for start, indices in lost.items():
-                self.claims_lost += len(indices)
-                self.held[start].difference_update(indices)
-                logger.debug("window %d: lost the leases on %s (another worker has them)", start, indices)
-            if self.leading and not self._finished:
-                try:
-                    await self.leader.tick()
-                except RedisUnavailable:
-                    pass  # said once by the guard; the next tick tries again
-            beats += 1
-            if beats % 3 == 1:
-                await anyio.to_thread.run_sync(lambda: self.status.update(fleet=self.describe()))
-            await anyio.sleep(interval)
+        async with anyio.create_task_group() as writes:  # the leader's file writes, beside this loop
+            while not self._finished:
+                held = {start: sorted(indices) for start, indices in self.held.items() if indices}
+                current = self.clock.window_start(self.clock.block())
+                for start in [s for s, indices in self.held.items() if not indices and s < current]:
+                    del self.held[start]
+                beat = self.beat()  # here, in the event loop: the plan is not thread-safe (a beat built in
+                # the Redis thread crashed a worker of the 4 x H200 run: "deque mutated during iteration")
+                self.leading, lost = await anyio.to_thread.run_sync(self._keep, held, beat)
+                for start, indices in lost.items():
+                    self.claims_lost += len(indices)
+                    self.held[start].difference_update(indices)
+                    logger.debug("window %d: lost the leases on %s (another worker has them)", start, indices)
+                if self.leading and not self._finished:
+                    try:
+                        await self.leader.tick(writes.start_soon)
+                    except RedisUnavailable:
+                        pass  # said once by the guard; the next tick tries again
+                beats += 1
+                if beats % 3 == 1:
+                    await anyio.to_thread.run_sync(lambda: self.status.update(fleet=self.describe()))
+                await anyio.sleep(interval)
 
-    def _keep(self, held: dict[int, list[int]]) -> tuple[bool, dict[int, list[int]]]:
+    def _keep(self, held: dict[int, list[int]], beat: dict[str, Any]) -> tuple[bool, dict[int, list[int]]]:
         """The Redis side of one tick (a worker thread): renew `held`, beat, keep the context alive, merge the
         spill, hold the leader lease. Returns (leading, the leases lost per window)."""
         m = self.member
@@ -261,7 +326,7 @@ class FleetWorker:
                 gone = m.guard.attempt(lambda s=start, i=indices: m.claims.renew(s, i))
                 if gone:
                     lost[start] = gone
-            m.guard.attempt(lambda: m.heartbeats.beat(**self.beat()))
+            m.guard.attempt(lambda: m.heartbeats.beat(**beat))
             m.guard.attempt(m.shared.keep_alive)
             m.handover.merge_spill()
             return bool(m.guard.attempt(m.leader.hold)), lost

@@ -25,6 +25,8 @@ from grail_pipeline.mining.messages import ProblemTask
 
 logger = logging.getLogger("grail_pipeline")
 
+HOLD_S = 0.05  # how often a held source looks again (DeadlinePlan.saturated)
+
 
 @dataclass(frozen=True)
 class WindowClose:
@@ -57,7 +59,8 @@ class ProblemSource:
 
     Iterate `tasks()` (the pipeline's task source). `stop()` ends intake at the next problem: the
     window being issued is closed as partial, and the iteration ends, which drains the pipeline.
-    `max_windows` ends the iteration after that many windows were closed by the plan.
+    `max_windows` ends the iteration after that many windows were closed by the plan; `last_window` (a fleet's,
+    asked as each window opens) ends it after the window it names instead, the same one for every worker.
     """
 
     def __init__(self, clock: WindowClock, plan: DeadlinePlan, make_task: MakeTask,
@@ -65,8 +68,10 @@ class ProblemSource:
                  checkpoint_window: Callable[[int], int] = lambda window_start: 0,
                  indices: Indices = local_indices,
                  before_window: Callable[[WindowContext], Awaitable[WindowContext | None]] | None = None,
-                 on_open: Callable[[WindowContext], Awaitable[None]] | None = None) -> None:
+                 on_open: Callable[[WindowContext], Awaitable[None]] | None = None,
+                 last_window: Callable[[int], Awaitable[int | None]] | None = None) -> None:
         self.clock = clock
+        self.last_window = last_window
         self.on_open = on_open  # told when a window opens, before its first problem (the daemon times its cut)
         # called as each window opens, before its first problem (mining/rotation.py: the window's checkpoint);
         # returns the context its rollouts carry, or None to end the iteration first (the engine restarts)
@@ -125,6 +130,9 @@ class ProblemSource:
             if start > block:  # between windows: wait for the next one to begin
                 await self._sleep_until(clock.time_of_block(start))
                 continue
+            last = None if self.last_window is None else await self.last_window(start)
+            if last is not None and start > last:
+                return  # the fleet's run ended with an earlier window
             window = dataclasses.replace(clock.context(start), checkpoint_window=self.checkpoint_window(start))
             if self.before_window is not None:
                 window = await self.before_window(window)
@@ -145,6 +153,9 @@ class ProblemSource:
                 block = clock.block()
                 if not clock.generation_open(start, block) or not self.plan.admit(start):
                     break
+                if self.plan.saturated():  # a fleet worker's cold start: the first group measures the latency
+                    await self._sleep_until(clock.time_fn() + HOLD_S)
+                    continue
                 task = await self._next(window, fresh, block)
                 if task is None:
                     break
@@ -163,5 +174,7 @@ class ProblemSource:
                 return
             self.windows_closed += 1 if issued else 0
             if self.max_windows is not None and self.windows_closed >= self.max_windows:
+                return
+            if last is not None and start >= last:
                 return
             await self._sleep_until(clock.time_of_block(start + clock.window_blocks))
