@@ -128,6 +128,9 @@ class StubPlan:
     def admitted(self, key: tuple[int, int, int]) -> None:
         self.admitted_keys.append(key)
 
+    def saturated(self) -> bool:
+        return False
+
     def describe(self, window_start: int) -> dict:
         return {}
 
