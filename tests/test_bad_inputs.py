@@ -156,7 +156,7 @@ CASES = [
       env={"GRAIL_GENERATION_BATCH_SIZE": "x"}),
     C("mine", expect="GRAIL_BLOCK_TIME='inf' must be a positive number", env={"GRAIL_BLOCK_TIME": "inf"}),
     C("mine", expect="GRAIL_BLOCK_TIME 1e+06 must be between", env={"GRAIL_BLOCK_TIME": "1e6"}),
-    C("mine", expect="GRAIL_MINER_SAFETY_BLOCKS=30 must be at least 0 and below the window's 30",
+    C("mine", expect="GRAIL_MINER_SAFETY_BLOCKS 30 must be at least 0 and below the window's 30",
       env={"GRAIL_MINER_SAFETY_BLOCKS": "30"}),
     C("mine", expect="GRAIL_WORKER_ID='x' is not a whole number", env={"GRAIL_WORKER_ID": "x"}),
     C("mine", expect="GRAIL_TOTAL_WORKERS must be at least 1", env={"GRAIL_TOTAL_WORKERS": "0"}),

@@ -63,7 +63,7 @@ def test_mine_without_dry_run_says_it_does_not_talk_to_the_chain(capsys) -> None
     ({"GRAIL_WORKER_ID": "4", "GRAIL_TOTAL_WORKERS": "4"}, "GRAIL_WORKER_ID=4 is out of range"),
     ({"GRAIL_TOTAL_WORKERS": "0"}, "GRAIL_TOTAL_WORKERS must be at least 1"),
     ({"GRAIL_WORKER_ID": "x"}, "is not a whole number"),
-    ({"GRAIL_MINER_SAFETY_BLOCKS": "30"}, "GRAIL_MINER_SAFETY_BLOCKS=30"),
+    ({"GRAIL_MINER_SAFETY_BLOCKS": "30"}, "GRAIL_MINER_SAFETY_BLOCKS 30 must be"),
     ({"GRAIL_BLOCK_TIME": "0"}, "GRAIL_BLOCK_TIME"),
     ({"GRAIL_GENERATION_BATCH_SIZE": "-2"}, "GRAIL_GENERATION_BATCH_SIZE"),
     ({"GRAIL_WORKER_ID": "1", "GRAIL_TOTAL_WORKERS": "2"}, "one file per hotkey and window"),

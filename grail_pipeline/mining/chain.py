@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.mining.rules import check_safety_blocks
 from grail_pipeline.protocol.profile import PROFILE
 
 ENV_WORKER_ID = "GRAIL_WORKER_ID"
@@ -99,11 +100,7 @@ class WorkerSlot:
 def safety_blocks_from_env(window_blocks: int, env: Mapping[str, str] = os.environ) -> int:
     """GRAIL_MINER_SAFETY_BLOCKS (default 0): blocks before a window's end after which no problem starts, on top of
     the deadline plan's own stop (the fork's only stop rule; here an extra margin for the cautious)."""
-    blocks = _env_int(env, ENV_SAFETY_BLOCKS, DEFAULT_SAFETY_BLOCKS)
-    if not 0 <= blocks < window_blocks:
-        raise UserError(f"{ENV_SAFETY_BLOCKS}={blocks} must be at least 0 and below the window's "
-                        f"{window_blocks} blocks")
-    return blocks
+    return check_safety_blocks(_env_int(env, ENV_SAFETY_BLOCKS, DEFAULT_SAFETY_BLOCKS), window_blocks, ENV_SAFETY_BLOCKS)
 
 
 def block_time_from_env(env: Mapping[str, str] = os.environ) -> float:
@@ -136,9 +133,7 @@ class WindowClock:
             raise UserError(f"block time must be positive, got {self.block_time_s}")
         if self.window_blocks < 1:
             raise UserError(f"a window needs at least one block, got {self.window_blocks}")
-        if not 0 <= self.safety_blocks < self.window_blocks:
-            raise UserError(f"safety blocks ({self.safety_blocks}) must be at least 0 and below the window's "
-                            f"{self.window_blocks} blocks")
+        check_safety_blocks(self.safety_blocks, self.window_blocks, "safety blocks")
         if self.genesis is None:
             self.genesis = self.time_fn()
 

@@ -32,7 +32,6 @@ from grail_pipeline.mining.messages import ProvedGroup, SignedGroup
 from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
 from grail_pipeline.mining.rules import check_batch_size, check_workload, checked_length_profile
 from grail_pipeline.mining.signing import GroupSigner, SigningPool
-from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.wallet import Signer
 from grail_pipeline.proving.batched import BatchedProver
 from grail_pipeline.proving.prefix import PrefixProver, supports_prefix_proofs
@@ -111,7 +110,7 @@ class Runtime:
         if self.engine_kind == "hf":
             from grail_pipeline.inference.hf_engine import HFEngine
 
-            return HFEngine(self.loaded, self.sampling, min(batch_size, PROFILE.rollouts_per_problem))
+            return HFEngine(self.loaded, self.sampling, batch_size)  # rules.check_batch_size: at most 16
         from grail_pipeline.inference.fast_engine import FastEngine
 
         return FastEngine(self.loaded, self.sampling, slots=batch_size, max_prompt_tokens=self.max_prompt_tokens)

@@ -150,6 +150,7 @@ class _OpenWindow:
     failed: set[int] = field(default_factory=set)  # indices that will not be completed
     draws: dict[int, int] = field(default_factory=dict)  # index -> dropped draws so far
     redraws: int = 0
+    rollouts: int = 0  # in `groups`, kept as they arrive (the plan's rate reads it at every group)
     issued: tuple[int, ...] | None = None  # known once the source closes the window
     partial: bool = False
     opened: float | None = None
@@ -251,10 +252,11 @@ class WindowSink:
             state.groups[task.index] = GroupRows(
                 table, group.rollouts, group.completion_tokens, sum(group.solved), sum(group.successes),
                 sum(group.rewards), now)
+            state.rollouts += group.rollouts
             self._sample(state, group.records)
             elapsed = now - state.opened
             if self.plan is not None and elapsed > 0:
-                self.plan.rate(sum(g.rollouts for g in state.groups.values()) / elapsed)
+                self.plan.rate(state.rollouts / elapsed)
         if state.complete:
             await self._write(state, "complete")
 
