@@ -1,0 +1,57 @@
+"""The decode step's top-k over the vocabulary: torch.topk on whole rows against the two-stage top-k
+(`inference/sampler.top_k`) at each chunk count that divides the vocabulary, on the step's shape.
+
+    python bench/sampler_probe.py --rows 512 --vocab 151936 --k 50
+
+Prints milliseconds per call (CUDA events, median) and whether each variant's values equal torch.topk's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+from grail_pipeline.inference.sampler import vocab_topk
+
+
+def timed(fn, reps: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--k", type=int, default=50)
+    args = p.parse_args()
+    x = torch.randn(args.rows, args.vocab, device="cuda") * 3
+    ref_v, _ = torch.topk(x, args.k)
+    rows = [dict(variant="torch.topk", ms=timed(lambda: torch.topk(x, args.k)), equal=True)]
+    for chunks in [c for c in range(2, 1025) if args.vocab % c == 0 and args.vocab // c >= 4 * args.k]:
+        v, i = vocab_topk(x, args.k, chunks)
+        equal = torch.equal(v, ref_v) and torch.equal(x.gather(1, i), v)
+        rows.append(dict(variant=f"two-stage {chunks} chunks of {args.vocab // chunks}",
+                         ms=timed(lambda c=chunks: vocab_topk(x, args.k, c)), equal=equal))
+    for r in rows:
+        print(f"{r['variant']:40s} {r['ms']:.3f} ms  equal={r['equal']}")
+    with open(os.path.join(os.environ.get("OUT", "."), "sampler_probe.json"), "w") as fh:
+        json.dump(dict(args=vars(args), gpu=torch.cuda.get_device_name(), rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
