@@ -213,7 +213,7 @@ def test_prefix_prover_sends_inexact_lengths_whole(tiny, jobs) -> None:
     prover = PrefixProver(tiny, invariance=RowInvariance(exact, max_length=100))
     shared, whole = prover._plan(jobs)
     assert sorted(len(row.tokens) for row in whole) == [33, 33, 33, 58, 58]
-    assert sum(len(chunk.members) for chunk in shared) + len(whole) == sum(len(job.completions) for job in jobs)
+    assert sum(len(run.members) for p in shared for run in p.runs) + len(whole) == sum(len(j.completions) for j in jobs)
 
 
 def test_row_invariance_padding_and_lengths() -> None:
@@ -291,8 +291,34 @@ def test_prefix_prover_workspace_budget_cuts_groups_and_keeps_the_bits(tiny, job
     prover = PrefixProver(tiny, workspace_bytes=40 * row + logit)
     assert (prover.max_rows, prover.logit_chunk) == (40, 1)
     shared, _ = prover._plan(jobs)
-    runs = [chunk for chunk in shared if chunk.job == 0]
-    assert len(runs) > 1 and all(sum(len(jobs[0].completions[i]) for i in c.members) <= 40 for c in runs)
+    runs = [run for p in shared for run in p.runs if run.job == 0]
+    assert len(runs) > 1 and all(sum(len(jobs[0].completions[i]) for i in run.members) <= 40 for run in runs)
+    assert all(sum(run.rows for run in p.runs) <= 40 for p in shared)
     assert_same(prover.prove_many(jobs), reference, jobs)
     workspace = next(c for c in prover.memory() if c.name == "prover_workspace")
     assert workspace.bytes == 40 * row + logit <= prover.workspace_bytes
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),  # every group in one pass: four prompts of 3, 11, 25 and 1 tokens in a [4, 64] prompt batch
+    dict(max_rows=60),  # passes of one or two groups, groups cut into runs
+    dict(inexact=(12, 28, 46, 256), max_rows=96),  # a lone-sequence length, run and prompt-batch counts padded
+], ids=["one-pass", "runs", "inexact-counts"])
+def test_groups_of_one_randomness_share_passes_and_keep_the_bits(tiny, jobs, settings) -> None:
+    """Groups of one window are proved in passes of several groups (prompts batched, completions packed
+    together): every sketch and index equals the reference prover's, group by group."""
+    same = [ProofJob(job.prompt_ids, job.completions, jobs[0].randomness_hex) for job in jobs]
+    settings = dict(settings)
+    inexact = settings.pop("inexact", ())
+    invariance = None
+    if inexact:
+        exact = np.ones(400, dtype=bool)
+        exact[list(inexact)] = False
+        invariance = RowInvariance(exact, max_length=100)
+    prover = PrefixProver(tiny, invariance=invariance, **settings)
+    passes, _ = prover._plan(same)
+    assert any(len(p.jobs) > 1 for p in passes)
+    for p in passes:
+        assert prover.invariance.exact[p.rows] and prover.invariance.exact[p.prompt_rows]
+        assert p.prompt_rows >= len(p.jobs) * p.prompt_width and sum(run.rows for run in p.runs) <= prover.max_rows
+    assert_same(prover.prove_many(same), ReferenceProver(tiny).prove_many(same), same)

@@ -8,13 +8,18 @@ with the prompt's cached queries, keys and values copied in (attention is a few 
 and attending from the completion rows alone over cached keys rounds differently on an H100:
 bench/proof_exactness.py).
 
+Groups are proved together: the pipeline hands the prover the groups waiting for it (up to 8), and runs of
+groups with the same randomness share one pass (`_Pass`): their prompts in one prompt pass laid out as a
+[groups, width] batch, their completions in one completion pass. The prover's host cost is per pass, not
+per row, and on an H200 the W1 pipeline's GPU sat idle 35 % of the time while the prover thread queued one
+pass per group (bench/results/h200-2026-12-02/).
+
 The completion pass's workspace is bounded by a budget in bytes (`workspace_bytes`), not by the longest
 group: a group's rollouts are cut into runs whose rows fit it (`_runs`), each run proved on the group's
 prompt in row counts `RowInvariance` measured exact, so the bits are the same at any budget (the prover
 tests compare every position at a budget that forces a cut). The budget is estimated from shapes
 (`completion_row_bytes`, `logit_row_bytes`); by default a quarter of what this process may still reserve
-when the prover is made, at most what the earlier fixed bound (16,384 rows, one W1 group, and 2,048
-logit rows) took: 5.2 GB on the 3B preset.
+when the prover is made, at most `MAX_ROWS` completion rows and 2,048 logit rows (7.1 GB on the 3B preset).
 
 That gives the validator's bits only where each per-row function (a projection, a norm) rounds a row the
 same way at our row count as at the validator's, its sequence length. `RowInvariance` (row_invariance.py)
@@ -44,7 +49,8 @@ from grail_pipeline.proving.row_invariance import RowInvariance
 
 log = logging.getLogger("grail_pipeline")
 
-MAX_ROWS = 16384  # completion rows of one W1 group (16 x 1024): the bound before there was a budget
+MAX_ROWS = 32768  # completion rows of a pass at most: two W1 groups at their longest, about four and a half on average
+MAX_GROUPS = 8  # groups of one pass at most (the pipeline hands the prover at most 8 waiting groups)
 LOGIT_SHARE = 0.4  # of the budget, at most, for the logits of the logprob pass
 
 
@@ -86,24 +92,45 @@ def supports_prefix_proofs(loaded: LoadedModel) -> bool:
 
 
 @dataclass
-class _Chunk:
-    """Rollouts of one group proved on its shared prompt, with the padded row counts of both passes."""
+class _Run:
+    """Rollouts of one group proved on its prompt in one pass (consecutive members within `max_rows`)."""
 
     job: int
     members: list[int]
-    prompt_rows: int
-    rows: int
+    rows: int  # their completion rows, unpadded
+
+
+@dataclass
+class _Pass:
+    """Runs of one or more groups (one randomness) proved together: the groups' prompts in one prompt pass
+    laid out as a [groups, prompt_width] batch, every run's completions in one completion pass.
+
+    One pass for several groups instead of one per group: the prover's host cost is per pass (about fifty
+    launches per layer per pass, each a Python call), and on an H200 the pipeline's GPU sat idle 35 % of a W1
+    run while the prover thread was busy queueing (bench/results/h200-2026-12-02/, `pipeline_profile.py`)."""
+
+    jobs: list[int]  # distinct groups, in the order of their prompts in the prompt pass
+    runs: list[_Run]
+    prompt_width: int  # each prompt padded to this (a multiple of the attention span)
+    prompt_rows: int  # rows of the prompt pass: an exact count >= len(jobs) * prompt_width
+    rows: int  # rows of the completion pass: an exact count >= the runs' rows
 
 
 @dataclass
 class _PromptPass:
-    """A group's prompt through every layer: keys and values per layer, and the final hidden rows."""
+    """The pass's prompts through every layer: queries, keys and values per layer in the [groups, width] layout
+    (rows past each prompt zeroed, as a lone prompt's grid has zeros there), and the real final hidden rows."""
 
-    length: int
-    queries: list[torch.Tensor]  # [P, heads, head dim] per layer, after rotary embedding
-    keys: list[torch.Tensor]  # [P, kv heads, head dim] per layer, after rotary embedding
+    lengths: list[int]
+    width: int
+    queries: list[torch.Tensor]  # [G, width, heads, head dim] per layer, after rotary embedding
+    keys: list[torch.Tensor]  # [G, width, kv heads, head dim] per layer, after rotary embedding
     values: list[torch.Tensor]
-    hidden: torch.Tensor  # [P, hidden], after the final norm
+    hidden: torch.Tensor  # [sum of lengths, hidden]: every prompt's rows after the final norm, prompt after prompt
+
+    def last_row(self, g: int) -> int:
+        """Row of `hidden` holding prompt g's last position."""
+        return sum(self.lengths[:g + 1]) - 1
 
 
 class PrefixProver(BatchedProver):
@@ -150,45 +177,80 @@ class PrefixProver(BatchedProver):
     @torch.inference_mode()
     def prove_many(self, jobs: Sequence[ProofJob]) -> list[list[RolloutProof]]:
         out: list[list[RolloutProof | None]] = [[None] * len(job.completions) for job in jobs]
-        shared, whole = self._plan(jobs)
-        if not shared and not whole:
+        passes, whole = self._plan(jobs)
+        if not passes and not whole:
             return [[] for _ in jobs]
         r_vecs = {h: r_vec(h).to(self.loaded.device) for h in {job.randomness_hex for job in jobs}}
         stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-        results: list[tuple[_Chunk | list[ProofRow], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+        results: list[tuple[_Pass | list[ProofRow], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
         with stream:
             # every batch is queued before anything comes back, so the GPU never waits for the host
-            for chunk in shared:
-                job = jobs[chunk.job]
-                results.append((chunk, self._prove_shared(job, chunk, r_vecs[job.randomness_hex])))
+            for shared in passes:
+                results.append((shared, self._prove_pass(jobs, shared, r_vecs[jobs[shared.jobs[0]].randomness_hex])))
             for row in whole:  # alone and unpadded: every product in the validator's own shape
                 results.append(([row], self._prove_batch([row], [r_vecs[jobs[row.job].randomness_hex]], span=1)))
             flat = [torch.cat(parts).cpu() for parts in zip(*(tensors for _, tensors in results))]
         self._unpack(jobs, results, flat, out)
         return [[p for p in group if p is not None] for group in out]
 
-    def _plan(self, jobs: Sequence[ProofJob]) -> tuple[list[_Chunk], list[ProofRow]]:
-        """Runs of a group's rollouts on its shared prompt, and the rollouts proved as whole sequences."""
-        shared: list[_Chunk] = []
+    def _plan(self, jobs: Sequence[ProofJob]) -> tuple[list[_Pass], list[ProofRow]]:
+        """Passes of runs on shared prompts, and the rollouts proved as whole sequences.
+
+        A group's rollouts whose sequence length the validator's shapes round as ours go into runs of at most
+        `max_rows` completion rows; runs of groups with the same randomness are packed, in order, into passes
+        of at most `max_rows` completion rows. A pass whose row counts cannot be padded to exact ones is split
+        back into its groups, and a group that still cannot is proved whole."""
+        runs: list[_Run] = []
         whole: list[ProofRow] = []
         for j, job in enumerate(jobs):
             p = len(job.prompt_ids)
-            prompt_rows = self.invariance.padded(p, self.attention_span)
+            prompt_ok = self.invariance.padded(p, self.attention_span) is not None
             members = []
             for i, completion in enumerate(job.completions):
-                if (prompt_rows is not None and self.invariance.sequence_is_exact(p + len(completion))
-                        and len(completion) <= self.max_rows):
+                if prompt_ok and self.invariance.sequence_is_exact(p + len(completion)) and len(completion) <= self.max_rows:
                     members.append(i)
                 else:
                     whole.append(ProofRow(j, i, list(job.prompt_ids) + list(completion), p))
             for run in self._runs(members, [len(job.completions[i]) for i in members]):
-                total = sum(len(job.completions[i]) for i in run)
-                rows = self.invariance.padded(total)
-                if rows is None:
-                    whole.extend(ProofRow(j, i, list(job.prompt_ids) + list(job.completions[i]), p) for i in run)
-                else:
-                    shared.append(_Chunk(j, run, prompt_rows, rows))
-        return shared, whole
+                runs.append(_Run(j, run, sum(len(job.completions[i]) for i in run)))
+        passes: list[_Pass] = []
+        batch: list[_Run] = []
+        for run in runs:
+            same = batch and jobs[batch[0].job].randomness_hex == jobs[run.job].randomness_hex
+            groups = len({r.job for r in batch} | {run.job})
+            if batch and (not same or sum(r.rows for r in batch) + run.rows > self.max_rows or groups > MAX_GROUPS):
+                passes.extend(self._laid_out(jobs, batch, whole))
+                batch = []
+            batch.append(run)
+        if batch:
+            passes.extend(self._laid_out(jobs, batch, whole))
+        return passes, whole
+
+    def _laid_out(self, jobs: Sequence[ProofJob], runs: list[_Run], whole: list[ProofRow]) -> list[_Pass]:
+        """`runs` as one pass with exact row counts; else one pass per run; a run with no exact counts goes whole."""
+        shared = self._pass(jobs, runs)
+        if shared is not None:
+            return [shared]
+        if len(runs) > 1:
+            return [p for run in runs for p in self._laid_out(jobs, [run], whole)]
+        job = jobs[runs[0].job]
+        whole.extend(ProofRow(runs[0].job, i, list(job.prompt_ids) + list(job.completions[i]), len(job.prompt_ids))
+                     for i in runs[0].members)
+        return []
+
+    def _pass(self, jobs: Sequence[ProofJob], runs: list[_Run]) -> _Pass | None:
+        """The pass's layout: prompts padded to one width, both passes' rows padded to exact counts (None: none)."""
+        groups = list(dict.fromkeys(run.job for run in runs))
+        width = round_up(max(len(jobs[j].prompt_ids) for j in groups), self.attention_span)
+        if len(groups) == 1:  # a lone prompt: its own padded width, as before there were passes of several groups
+            width = self.invariance.padded(len(jobs[groups[0]].prompt_ids), self.attention_span)
+            prompt_rows = width
+        else:
+            prompt_rows = self.invariance.padded(len(groups) * width)
+        rows = self.invariance.padded(sum(run.rows for run in runs))
+        if width is None or prompt_rows is None or rows is None:
+            return None
+        return _Pass(groups, runs, width, prompt_rows, rows)
 
     def _runs(self, members: list[int], lengths: list[int]) -> list[list[int]]:
         """Consecutive rollouts of a group with at most `max_rows` completion rows in each run."""
@@ -204,42 +266,48 @@ class PrefixProver(BatchedProver):
 
     def _unpack(self, jobs: Sequence[ProofJob], results, flat: list[torch.Tensor],
                 out: list[list[RolloutProof | None]]) -> None:
-        """Cut the read-back tensors into each rollout's proof, in the order they were queued."""
+        """Cut the read-back tensors into each rollout's proof, in the order they were queued: a pass's rows are
+        its prompts' rows, prompt after prompt, then its runs' completions in order."""
         sketches, indices, logprobs = flat
         pos = lp_pos = 0
         for what, _ in results:
-            if isinstance(what, _Chunk):
-                job = jobs[what.job]
-                p = len(job.prompt_ids)
-                prompt_sketches, prompt_indices = sketches[pos:pos + p], indices[pos:pos + p]
+            if not isinstance(what, _Pass):
+                pos, lp_pos = place_rows(what, flat, (pos, lp_pos), out)
+                continue
+            prompts = {}
+            for j in what.jobs:
+                p = len(jobs[j].prompt_ids)
+                prompts[j] = (sketches[pos:pos + p], indices[pos:pos + p])
                 pos += p
-                for i in what.members:
-                    c = len(job.completions[i])
-                    out[what.job][i] = RolloutProof(torch.cat((prompt_sketches, sketches[pos:pos + c])),
-                                                    torch.cat((prompt_indices, indices[pos:pos + c])),
-                                                    [0.0] * p + logprobs[lp_pos:lp_pos + c].tolist())
+            for run in what.runs:
+                prompt_sketches, prompt_indices = prompts[run.job]
+                p = len(prompt_sketches)
+                for i in run.members:
+                    c = len(jobs[run.job].completions[i])
+                    out[run.job][i] = RolloutProof(torch.cat((prompt_sketches, sketches[pos:pos + c])),
+                                                   torch.cat((prompt_indices, indices[pos:pos + c])),
+                                                   [0.0] * p + logprobs[lp_pos:lp_pos + c].tolist())
                     pos += c
                     lp_pos += c
-                continue
-            pos, lp_pos = place_rows(what, flat, (pos, lp_pos), out)
 
-    def _prove_shared(self, job: ProofJob, chunk: _Chunk,
-                      r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sketches and indices of the prompt rows then of each completion's rows, and completion logprobs."""
-        prompt = self._prompt_pass(job.prompt_ids, chunk.prompt_rows)
-        completions = [job.completions[i] for i in chunk.members]
-        hidden = self._completion_pass(prompt, completions, chunk.rows)
+    def _prove_pass(self, jobs: Sequence[ProofJob], shared: _Pass,
+                    r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sketches and indices of the prompts' rows then of each completion's rows, and completion logprobs."""
+        prompt = self._prompt_pass([jobs[j].prompt_ids for j in shared.jobs], shared.prompt_width, shared.prompt_rows)
+        entries = [(shared.jobs.index(run.job), jobs[run.job].completions[i]) for run in shared.runs
+                   for i in run.members]
+        hidden = self._completion_pass(prompt, entries, shared.rows)
         rows = torch.cat((prompt.hidden, hidden))
         sketches, indices = sketch_hidden(rows, r)
-        # the state before completion token t is the prompt's last row for t = 0, else completion row t - 1
-        p = prompt.length
-        before, starts = [], 0
-        for completion in completions:
-            before.append(torch.arange(p + starts - 1, p + starts + len(completion) - 1))
-            before[-1][0] = p - 1
-            starts += len(completion)
+        # the state before completion token t is its prompt's last row for t = 0, else completion row t - 1
+        start = len(prompt.hidden)
+        before = []
+        for g, completion in entries:
+            before.append(torch.arange(start - 1, start + len(completion) - 1))
+            before[-1][0] = prompt.last_row(g)
+            start += len(completion)
         states = rows.index_select(0, self._to_device(torch.cat(before)))
-        targets = self._to_device(torch.tensor([t for c in completions for t in c], dtype=torch.long))
+        targets = self._to_device(torch.tensor([t for _, c in entries for t in c], dtype=torch.long))
         return sketches, indices, self._token_logprobs(states, targets)
 
     def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
@@ -254,43 +322,60 @@ class PrefixProver(BatchedProver):
             return embedded
         return torch.cat((embedded, embedded.new_zeros(rows - len(tokens), embedded.shape[1])))
 
-    def _prompt_pass(self, prompt_ids: Sequence[int], rows: int) -> _PromptPass:
-        """The prompt alone (padded to `rows`, a multiple of the attention span), causal, as the validator computes it."""
-        p = len(prompt_ids)
+    def _prompt_pass(self, prompts: Sequence[Sequence[int]], width: int, rows: int) -> _PromptPass:
+        """The prompts alone, each padded to `width` (a multiple of the attention span) and laid out as a
+        [prompts, width] batch for causal attention, as the validator computes a prompt; `rows` >= prompts x width
+        rows in all (the extra rows are padding that attends to nothing)."""
+        lengths = [len(p) for p in prompts]
+        grid = len(prompts) * width
         queries: list[torch.Tensor] = []
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
+        real = torch.zeros(rows, dtype=torch.bool)
+        positions = torch.zeros(rows, dtype=torch.long)
+        tokens = torch.zeros(rows, dtype=torch.long)
+        for g, prompt in enumerate(prompts):
+            real[g * width:g * width + len(prompt)] = True
+            positions[g * width:g * width + len(prompt)] = torch.arange(len(prompt))
+            tokens[g * width:g * width + len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+        real_rows = torch.nonzero(real).squeeze(1)
+        real, positions, tokens, real_rows = (self._to_device(t) for t in (real, positions, tokens, real_rows))
+        in_prompt = real[:grid].view(len(prompts), width, 1, 1)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            queries.append(q[:p])
-            keys.append(k[:p])
-            values.append(v[:p])
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                                 v.transpose(0, 1)[None], is_causal=True, scale=self.scaling,
-                                                 enable_gqa=True)
-            return out[0].transpose(0, 1)
+            q, k, v = (t[:grid].view(len(prompts), width, *t.shape[1:]) for t in (q, k, v))
+            for kept, t in zip((queries, keys, values), (q, k, v)):
+                kept.append(torch.where(in_prompt, t, 0))  # a lone prompt's grid holds zeros past the prompt
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, scale=self.scaling, enable_gqa=True)
+            out = out.transpose(1, 2).reshape(grid, *out.shape[1:2], self.head_dim)
+            return out if rows == grid else torch.cat((out, out.new_zeros(rows - grid, *out.shape[1:])))
 
-        positions = self._to_device(torch.cat((torch.arange(p), torch.zeros(rows - p, dtype=torch.long))))
-        hidden = self._layers(self._embed(list(prompt_ids), rows), positions, attend)
-        return _PromptPass(p, queries, keys, values, hidden[:p])
+        embedded = torch.where(real[:, None], self.decoder.embed_tokens(tokens), 0)
+        hidden = self._layers(embedded, positions, attend)
+        return _PromptPass(lengths, width, queries, keys, values, hidden.index_select(0, real_rows))
 
-    def _completion_pass(self, prompt: _PromptPass, completions: list[list[int]], rows: int) -> torch.Tensor:
-        """Every completion's rows after the final norm [sum of lengths, hidden], packed in order (padded to `rows`)."""
-        p = prompt.length
-        lengths = [len(c) for c in completions]
+    def _completion_pass(self, prompt: _PromptPass, entries: list[tuple[int, Sequence[int]]],
+                         rows: int) -> torch.Tensor:
+        """Every completion's rows after the final norm [sum of lengths, hidden], packed in order (padded to `rows`);
+        `entries` are (prompt of the pass, completion tokens)."""
+        lengths = [len(c) for _, c in entries]
+        starts = [prompt.lengths[g] for g, _ in entries]
         total = sum(lengths)
-        span = round_up(p + max(lengths), self.attention_span)
-        batch = len(completions)
+        span = max(prompt.width, round_up(max(p + n for p, n in zip(starts, lengths)), self.attention_span))
+        batch = len(entries)
         # where each packed row sits in the [batch, span] grid of whole sequences (padding rows repeat the last)
         at_batch = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)])
-        at_position = torch.cat([p + torch.arange(n) for n in lengths])
-        padding = torch.full((rows - total,), len(lengths) - 1)
-        at_batch = torch.cat((at_batch, padding))
-        at_position = torch.cat((at_position, torch.full((rows - total,), p)))
+        at_position = torch.cat([p + torch.arange(n) for p, n in zip(starts, lengths)])
+        at_batch = torch.cat((at_batch, torch.full((rows - total,), batch - 1)))
+        at_position = torch.cat((at_position, torch.full((rows - total,), starts[-1])))
         positions = torch.cat((at_position[:total], torch.zeros(rows - total, dtype=torch.long)))
-        at_batch, at_position, positions = (self._to_device(t) for t in (at_batch, at_position, positions))
+        group_of = torch.tensor([g for g, _ in entries], dtype=torch.long)
+        at_batch, at_position, positions, group_of = (self._to_device(t) for t in
+                                                      (at_batch, at_position, positions, group_of))
         real = (at_batch[:total], at_position[:total])
         prefixes = (prompt.queries, prompt.keys, prompt.values)
+        width = prompt.width
         grids: list[torch.Tensor] = []  # [batch, span, heads, head dim] for q, k, v; padding stays zero
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -298,11 +383,11 @@ class PrefixProver(BatchedProver):
             if not grids:
                 grids.extend(t.new_zeros(batch, span, t.shape[1], self.head_dim) for t in (q, k, v))
             for grid, new, prefix in zip(grids, (q, k, v), prefixes):
-                grid[:, :p] = prefix[layer]
+                grid[:, :width] = prefix[layer].index_select(0, group_of)
                 grid[real] = new[:total]
             out = F.scaled_dot_product_attention(*(g.transpose(1, 2) for g in grids), is_causal=True,
                                                  scale=self.scaling, enable_gqa=True)
             return out.transpose(1, 2)[at_batch, at_position]
 
-        tokens = [t for c in completions for t in c]
+        tokens = [t for _, c in entries for t in c]
         return self._layers(self._embed(tokens, rows), positions, attend)[:total]
