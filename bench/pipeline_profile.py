@@ -165,18 +165,15 @@ def decode_alone(runtime, slots: int) -> dict:
     runner.kv.k.normal_()
     runner.kv.v.normal_()
     runner.positions.copy_(torch.randint(270, 1000, (slots,), device=runner.positions.device))
-    widths = list(getattr(runner, "widths", [slots]))
     out: dict = dict(slots=slots, startup_s=engine.startup_seconds, step_ms={})
-    for width in widths:
-        step = (lambda w=width: runner.step(w)) if hasattr(runner, "widths") else runner.step
-        out["step_ms"][width] = round(time_graph(step), 3)
-    full = (lambda: runner.step(slots)) if hasattr(runner, "widths") else runner.step
+    for width in runner.widths:
+        out["step_ms"][width] = round(time_graph(lambda w=width: runner.step(w)), 3)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
-            full()
+            runner.step(slots)
         torch.cuda.synchronize()
     out["kernels_full_width"] = summarize(kernel_events(prof))
-    del engine, runner
+    del engine
     torch.cuda.empty_cache()
     return out
 

@@ -56,3 +56,16 @@ def test_keys_past_the_length_are_never_read() -> None:
     k2 = torch.where(stale, 1e4 * torch.randn(k.shape, generator=g), k)
     v2 = torch.where(stale, 1e4 * torch.randn(v.shape, generator=g), v)
     torch.testing.assert_close(decode_attention_reference(q, k2, v2, lengths), before, atol=0, rtol=0)
+
+
+def test_rows_read_the_slots_their_index_names() -> None:
+    """A step on some slots only: query row r reads slot slot_index[r]'s keys, up to row r's length."""
+    g = torch.Generator().manual_seed(2)
+    slots, hq, hkv, t, dim = 6, 8, 2, 10, 16
+    k = torch.randn(slots, hkv, t, dim, generator=g)
+    v = torch.randn(slots, hkv, t, dim, generator=g)
+    index = torch.tensor([4, 1, 5])
+    q = torch.randn(len(index), hq, dim, generator=g)
+    lengths = torch.tensor([3, 10, 1], dtype=torch.int32)
+    expected = naive(q, k[index], v[index], lengths)
+    torch.testing.assert_close(decode_attention(q, k, v, lengths, index), expected, atol=1e-5, rtol=1e-5)

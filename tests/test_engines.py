@@ -19,7 +19,7 @@ from grail_pipeline.inference.engine import EngineStats, GroupRequest, GroupResu
 from grail_pipeline.inference.fast_engine import FastEngine, switch_interval
 from grail_pipeline.inference.hf_engine import HFEngine, cut_at_eos
 from grail_pipeline.inference.kv_cache import KVCache
-from grail_pipeline.inference.model_runner import STEP, prefill_width
+from grail_pipeline.inference.model_runner import decode_widths, prefill_width
 from grail_pipeline.protocol.sat import problem_for_seed
 from grail_pipeline.protocol.tokenizer import prompt_ids
 
@@ -84,7 +84,7 @@ def reference(tiny, tok, prompts, penalty: float) -> tuple[list[GroupResult], En
 def test_fast_engine_matches_reference_with_forced_lengths(tiny, tok, prompts, lag, penalty) -> None:
     ref_results, ref_stats = reference(tiny, tok, prompts, penalty)
     engine = FastEngine(tiny, sampling(tok, repetition_penalty=penalty), slots=SLOTS, max_prompt_tokens=256, lag=lag)
-    assert STEP not in engine.runner.graphs and engine.runner._pre.__name__ == "pre_attention"  # eager on the CPU
+    assert not len(engine.runner.graphs) and engine.runner._kernels_at(SLOTS)[0].__name__ == "pre_attention"  # eager
     results = engine.generate(requests(prompts))
 
     expected, got = by_key(ref_results), by_key(results)
@@ -202,3 +202,24 @@ def test_kv_cache_prefill_fill_and_decode_writes() -> None:
     for slot, pos in enumerate(positions.tolist()):
         assert torch.equal(k1[slot, :, pos], step_k[slot]) and torch.equal(v1[slot, :, pos], step_v[slot])
     assert torch.equal(k1[2, :, :5], prompt_k)  # the prompt before the written position is kept
+
+
+def test_decode_widths_step_by_an_eighth_in_multiples_of_16() -> None:
+    assert decode_widths(512) == [64, 128, 192, 256, 320, 384, 448, 512]
+    assert decode_widths(1024) == [128 * k for k in range(1, 9)]
+    assert decode_widths(200) == [32, 64, 96, 128, 160, 192, 200]
+    assert decode_widths(6) == [6] and decode_widths(32) == [16, 32]
+
+
+def test_narrow_decode_widths_give_the_same_tokens(tiny, tok, prompts) -> None:
+    """32 slots (widths 16 and 32) for groups of at most 4 rollouts: most steps run at width 16 on whichever slots
+    are occupied, topped up with free ones, and every token is the reference engine's."""
+    ref_results, _ = reference(tiny, tok, prompts, 1.1)
+    engine = FastEngine(tiny, sampling(tok), slots=32, max_prompt_tokens=256, lag=3)
+    results = engine.generate(requests(prompts))
+    assert by_key(results) == by_key(ref_results)
+    stats = engine.stats
+    check_stats(stats, results)
+    assert stats.slot_steps == 32 * stats.decode_steps
+    assert 16 * stats.decode_steps <= stats.computed_slot_steps < 32 * stats.decode_steps
+    assert stats.as_dict()["computed_rows_share"] < 1

@@ -3,7 +3,8 @@
 On a GPU a Triton kernel handles one (slot, KV head) per program and treats that head's query heads
 (grouped-query attention) as rows of one small matrix product, so the bytes read are the live KV and no
 more: at 512 slots the cache is mostly empty tail, and reading it whole would double the step time.
-Elsewhere (CPU tests) the same function is computed with SDPA and a length mask.
+Elsewhere (CPU tests) the same function is computed with SDPA and a length mask. A step may run on some of
+the slots only (the engine's decode width, model_runner.py): query row r then reads slot `slot_index[r]`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ except ImportError:  # CPU-only installs
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               lengths: torch.Tensor) -> torch.Tensor:
-    """q [S, Hq, D]; caches [S, Hkv, T, D]; lengths [S] (valid keys, current token included) → [S, Hq, D]."""
+                               lengths: torch.Tensor, slot_index: torch.Tensor | None = None) -> torch.Tensor:
+    """q [R, Hq, D]; caches [S, Hkv, T, D]; lengths [R] (valid keys, current token included) → [R, Hq, D].
+
+    Row r reads the cache of slot `slot_index[r]` (default: slot r, R = S)."""
+    if slot_index is not None:
+        k_cache, v_cache = k_cache[slot_index], v_cache[slot_index]
     slots, hq, dim = q.shape
     hkv, t = k_cache.shape[1], k_cache.shape[2]
     grouped = q.view(slots, hkv, hq // hkv, dim)
@@ -35,20 +40,21 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, len_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, len_ptr, idx_ptr, out_ptr,
         stride_qs, stride_qh, stride_ks, stride_kh, stride_kt, stride_vs, stride_vh, stride_vt,
         stride_os, stride_oh, sm_scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     ):
-        slot = tl.program_id(0)
+        row = tl.program_id(0)
         kv_head = tl.program_id(1)
-        length = tl.load(len_ptr + slot)
+        slot = tl.load(idx_ptr + row)
+        length = tl.load(len_ptr + row)
         rows = tl.arange(0, BLOCK_G)
         dims = tl.arange(0, HEAD_DIM)
         cols = tl.arange(0, BLOCK_N)
         row_ok = rows < GROUP
         heads = kv_head * GROUP + rows
-        q = tl.load(q_ptr + slot * stride_qs + heads[:, None] * stride_qh + dims[None, :],
+        q = tl.load(q_ptr + row * stride_qs + heads[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None], other=0.0)
         k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
         v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
@@ -69,19 +75,22 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(out_ptr + slot * stride_os + heads[:, None] * stride_oh + dims[None, :],
+        tl.store(out_ptr + row * stride_os + heads[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            lengths: torch.Tensor, block_n: int = 64) -> torch.Tensor:
+                            lengths: torch.Tensor, slot_index: torch.Tensor | None = None,
+                            block_n: int = 64) -> torch.Tensor:
     """The Triton kernel; same contract as `decode_attention_reference` (last dims contiguous)."""
-    slots, hq, dim = q.shape
+    rows, hq, dim = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
+    if slot_index is None:
+        slot_index = torch.arange(rows, device=q.device)
     out = torch.empty_like(q)
-    _decode_attention_kernel[(slots, hkv)](
-        q, k_cache, v_cache, lengths, out,
+    _decode_attention_kernel[(rows, hkv)](
+        q, k_cache, v_cache, lengths, slot_index, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         1.0 / math.sqrt(dim),
@@ -91,8 +100,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lengths: torch.Tensor) -> torch.Tensor:
-    """Triton on CUDA when available, SDPA with a length mask otherwise."""
+                     lengths: torch.Tensor, slot_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton on CUDA when available, SDPA with a length mask otherwise; row r of q reads slot `slot_index[r]`."""
     if q.is_cuda and triton is not None:
-        return decode_attention_triton(q, k_cache, v_cache, lengths)
-    return decode_attention_reference(q, k_cache, v_cache, lengths)
+        return decode_attention_triton(q, k_cache, v_cache, lengths, slot_index)
+    return decode_attention_reference(q, k_cache, v_cache, lengths, slot_index)

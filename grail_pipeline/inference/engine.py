@@ -80,7 +80,8 @@ class EngineStats:
     decode_seconds: float = 0.0
     prefill_seconds: float = 0.0
     occupied_slot_steps: int = 0  # sum over decode steps of active sequences
-    slot_steps: int = 0  # sum over decode steps of the batch width
+    slot_steps: int = 0  # sum over decode steps of the batch size (slots)
+    computed_slot_steps: int = 0  # sum over decode steps of the rows computed (the fast engine's decode width)
     context_tokens: int = 0  # sum over occupied slot-steps of the context attended (KV read)
 
     @property
@@ -96,6 +97,8 @@ class EngineStats:
             "batch_occupancy": round(self.occupancy, 4),
             "step_ms": round(1000 * self.decode_seconds / self.decode_steps, 3) if self.decode_steps else 0.0,
             "mean_context": round(self.context_tokens / self.occupied_slot_steps, 1) if self.occupied_slot_steps else 0.0,
+            "computed_rows_share": (round(self.computed_slot_steps / self.slot_steps, 4)
+                                    if self.slot_steps and self.computed_slot_steps else 1.0),
         }
 
 

@@ -85,6 +85,8 @@ class FastEngine(Engine):
         self.lag = lag
         self.switch_seconds = switch_seconds
         self._pinned = [torch.zeros(slots, dtype=torch.long, pin_memory=on_gpu) for _ in range(self.lag + 1)]
+        # each step's active slots, uploaded behind the steps in flight: a buffer is reused only once its step ran
+        self._active = [torch.zeros(slots, dtype=torch.long, pin_memory=on_gpu) for _ in range(self.lag + 1)]
         self._events = [torch.cuda.Event() if on_gpu else None for _ in range(self.lag + 1)]
 
     def _memory(self, state, graphs) -> list[Component]:
@@ -139,7 +141,8 @@ class FastEngine(Engine):
                 continue
             t0 = time.perf_counter()
             if scheduler.busy:
-                tokens = self.runner.step()
+                width = self._activate(scheduler, self._active[step % ring])
+                tokens = self.runner.step(width)
                 self._pinned[step % ring].copy_(tokens, non_blocking=True)
                 if self._events[step % ring] is not None:
                     self._events[step % ring].record()
@@ -147,12 +150,26 @@ class FastEngine(Engine):
                 step += 1
                 self.stats.decode_steps += 1
                 self.stats.slot_steps += self.slots
+                self.stats.computed_slot_steps += width
             while pending and (len(pending) > self.lag or not scheduler.busy):
                 oldest = pending.popleft()
                 if self._events[oldest % ring] is not None:
                     self._events[oldest % ring].synchronize()
                 self._retire(scheduler, self._pinned[oldest % ring].numpy(), oldest, emit)
             self.stats.decode_seconds += time.perf_counter() - t0
+
+    def _activate(self, scheduler: SlotScheduler, buffer: torch.Tensor) -> int:
+        """The next step's width and slots: every occupied slot, then free ones up to the narrowest width that
+        holds them (model_runner.py: rows cost the same occupied or not)."""
+        occupied = np.flatnonzero(scheduler.occupied)
+        width = self.runner.width_for(len(occupied))
+        if width == self.slots:
+            return width  # every slot: the full width's list never changes
+        chosen = buffer.numpy()[:width]
+        chosen[:len(occupied)] = occupied
+        chosen[len(occupied):] = scheduler.free[:width - len(occupied)]
+        self.runner.set_active(buffer[:width])
+        return width
 
     def _admit(self, scheduler: SlotScheduler, request: GroupRequest, step: int) -> None:
         """The group into the lowest free slots, its prompt prefilled; its tokens count from `step` on."""

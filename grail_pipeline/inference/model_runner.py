@@ -1,11 +1,18 @@
 """A slot-based decoder over the transformers model's own weights.
 
 The runner keeps one KV cache row per slot (kv_cache.py), prefills a prompt once and copies it into
-the slots of its rollouts, and advances every slot by one token per `step()`: embeddings, the layers
+the slots of its rollouts, and advances the active slots by one token per `step(width)`: embeddings, the layers
 (the families' shared decoder, models/decoder.py), the head and sampling, all on the device, so the step can be
 captured as one CUDA graph (cuda_graphs.py). Weights are shared with the transformers model (the
 decoder's `fuse_weights`: the fused QKV and gate/up projections are the storage the transformers modules
 then view), so proofs and decoding use the same numbers at no extra memory.
+
+A step runs on `width` rows, the slots `set_active` named: the occupied ones, topped up with free ones to the
+next of a few widths (`decode_widths`), each its own CUDA graph. A step's matrix products cost what their
+rows cost, occupied or not, and a run's slots empty as it ends (a benchmark's tail, every window's drain
+before its cut): at 512 slots 36 % of the rows computed over a 96-problem W1 run were empty
+(bench/results/h200-2026-12-02/before/). Rows a free slot computes write only that slot's state, which its
+next prefill resets.
 """
 
 from __future__ import annotations
@@ -24,7 +31,15 @@ from grail_pipeline.inference.kv_cache import KVCache
 from grail_pipeline.inference.models import decoder, family_for
 
 PREFILL_ALIGN = 64
-STEP = "step"  # the decode step's key among the runner's graphs; a prefill's is (width, group)
+STEP = "step"  # the decode step's key among the runner's graphs is (STEP, width); a prefill's is (width, group)
+DECODE_WIDTHS = 8  # decode widths per slot count at most: each is a graph, and a compiled variant past the first
+
+
+def decode_widths(slots: int, count: int = DECODE_WIDTHS) -> list[int]:
+    """The widths a decode step runs at: multiples of a step of slots / count (rounded up to 16), up to `slots`."""
+    share = -(-slots // count)
+    step = max(16, -(-share // 16) * 16)
+    return sorted({min(slots, k * step) for k in range(1, -(-slots // step) + 1)})
 
 
 def prefill_width(n: int, max_len: int) -> int:
@@ -48,7 +63,6 @@ class SlotRunner:
         self.cos, self.sin = decoder.rotary_tables(model.get_decoder(), max_len, dtype, device)
         self.kv = KVCache(len(self.weights.layers), slots, self.dims.kv_heads, max_len, self.dims.head_dim, dtype,
                           device)
-        self.slot_ids = torch.arange(slots, device=device)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # input token per slot
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # its position
         self.generated = torch.zeros(slots, dtype=torch.long, device=device)
@@ -56,28 +70,33 @@ class SlotRunner:
         self.seen = torch.zeros((slots, self.dims.vocab), dtype=torch.bool, device=device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self._true = torch.ones((), dtype=torch.bool, device=device)  # a device scalar keeps the step capturable
+        self.widths = decode_widths(slots)
+        # each width's static slot list (its graph reads it): slots 0..width-1 until `set_active` says otherwise
+        self.active = {width: torch.arange(width, device=device) for width in self.widths}
         self.graphs = CudaGraphs(device)
         self._prefill_inputs: dict[tuple[int, int], torch.Tensor] = {}  # each prefill graph's static input
-        self._pre, self._post, self._head = self._kernels(compile_step)
+        self._kernels_at = self._kernels(compile_step)
 
     def buffer_bytes(self) -> int:
         """Bytes of the per-slot decode state besides the KV cache (the sampler's inputs and outputs)."""
-        return sum(t.nbytes for t in (self.slot_ids, self.tokens, self.positions, self.generated, self.targets,
-                                      self.seen, self.next_tokens))
+        return sum(t.nbytes for t in (self.tokens, self.positions, self.generated, self.targets,
+                                      self.seen, self.next_tokens, *self.active.values()))
 
     def step_logits_bytes(self) -> int:
         """The decode step's float32 logits [slots, vocab], the largest temporary of the head and sampler."""
         return self.slots * self.dims.vocab * 4
 
-    def _kernels(self, compile_step: bool) -> tuple[Callable, Callable, Callable]:
+    def _kernels(self, compile_step: bool) -> Callable[[int], tuple[Callable, Callable, Callable]]:
+        """The step's three kernels for a width: compiled for the full width with static shapes (as before there
+        were widths), once more with a dynamic row count for every narrower width; eager off the GPU."""
         kernels = (decoder.pre_attention, decoder.post_attention, decoder.head_and_sample)
         if not compile_step:
-            return kernels
+            return lambda width: kernels
         # compiled kernels are kept between runs, so a restarted miner skips most of the compilation
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-        opts = dict(dynamic=False, fullgraph=True)
-        pre, post, head = (torch.compile(kernel, **opts) for kernel in kernels)
-        return pre, post, head
+        full = tuple(torch.compile(kernel, dynamic=False, fullgraph=True) for kernel in kernels)
+        narrow = tuple(torch.compile(kernel, dynamic=True, fullgraph=True) for kernel in kernels)
+        return lambda width: full if width == self.slots else narrow
 
     @torch.inference_mode()
     def capture_graphs(self, group: int, max_prompt_tokens: int, warmup_steps: int = 3) -> None:
@@ -90,7 +109,9 @@ class SlotRunner:
         """
         if not self.graphs.on_gpu:
             return
-        self.graphs.capture(STEP, self._step, warmups=warmup_steps, thread_local=False)
+        for width in sorted(self.widths, reverse=True):  # the full width first: its compile is the static one
+            self.graphs.capture((STEP, width), lambda w=width: self._step(w), warmups=warmup_steps,
+                                thread_local=False)
         for width in sorted({prefill_width(n, self.max_len) for n in range(1, max_prompt_tokens)}):
             self._prefill_input((width, group))
 
@@ -155,29 +176,43 @@ class SlotRunner:
         self.seen.index_put_((slots,), ~self._true)
         self.seen.index_put_((slots[:, None], ids[None, :]), self._true)
 
-    def step(self) -> torch.Tensor:
-        """Advance every slot by one token; returns the static tensor of sampled tokens [slots]."""
-        self.graphs.run(STEP, self._step)
+    def width_for(self, occupied: int) -> int:
+        """The narrowest decode width that holds `occupied` slots."""
+        return next(width for width in self.widths if width >= occupied)
+
+    def set_active(self, slots: torch.Tensor) -> None:
+        """The slots the next step of width len(slots) runs on (a host tensor, pinned on the GPU: the copy is
+        queued behind the steps in flight and the caller must keep the buffer until that step has run)."""
+        self.active[len(slots)].copy_(slots, non_blocking=True)
+
+    def step(self, width: int | None = None) -> torch.Tensor:
+        """Advance the `width` active slots (default: every slot) by one token; returns the static tensor of
+        sampled tokens [slots] (a slot's entry is new only where it was active)."""
+        width = self.slots if width is None else width
+        self.graphs.run((STEP, width), lambda: self._step(width))
         return self.next_tokens
 
     @torch.inference_mode()
-    def _step(self) -> None:
+    def _step(self, width: int) -> None:
         s, d, w = self.sampling, self.dims, self.weights
-        x = w.embed[self.tokens]
-        cos, sin = self.cos[self.positions], self.sin[self.positions]
-        lengths = (self.positions + 1).to(torch.int32)
+        pre, post, head = self._kernels_at(width)
+        slots = self.active[width]
+        positions = self.positions[slots]
+        x = w.embed[self.tokens[slots]]
+        cos, sin = self.cos[positions], self.sin[positions]
+        lengths = (positions + 1).to(torch.int32)
         for i, layer in enumerate(w.layers):
-            q, k, v = self._pre(x, layer.ln1, layer.qkv_w, layer.qkv_b, layer.q_norm, layer.k_norm, cos, sin, d.eps,
-                                d.heads, d.kv_heads, d.head_dim)
-            self.kv.write_step(i, self.slot_ids, self.positions, k, v)
+            q, k, v = pre(x, layer.ln1, layer.qkv_w, layer.qkv_b, layer.q_norm, layer.k_norm, cos, sin, d.eps,
+                          d.heads, d.kv_heads, d.head_dim)
+            self.kv.write_step(i, slots, positions, k, v)
             k_cache, v_cache = self.kv.layer(i)
-            attn = decode_attention(q, k_cache, v_cache, lengths)
-            x = self._post(attn, x, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w, d.eps)
-        noise = torch.empty((self.slots, s.top_k), dtype=torch.float32, device=self.device).exponential_()
-        nxt = self._head(x, w.final_norm, w.head, self.seen, self.generated, self.targets, noise, d.eps,
-                         s.eos_token_id, s.repetition_penalty, s.temperature, s.top_k, s.top_p)
-        self.seen.index_put_((self.slot_ids, nxt), self._true)
-        self.next_tokens.copy_(nxt)
-        self.tokens.copy_(nxt)
-        self.positions.add_(1).clamp_(max=self.max_len - 1)
-        self.generated.add_(1)
+            attn = decode_attention(q, k_cache, v_cache, lengths, slots)
+            x = post(attn, x, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w, d.eps)
+        noise = torch.empty((width, s.top_k), dtype=torch.float32, device=self.device).exponential_()
+        nxt = head(x, w.final_norm, w.head, self.seen[slots], self.generated[slots], self.targets[slots], noise,
+                   d.eps, s.eos_token_id, s.repetition_penalty, s.temperature, s.top_k, s.top_p)
+        self.seen.index_put_((slots, nxt), self._true)
+        self.next_tokens.index_put_((slots,), nxt)
+        self.tokens.index_put_((slots,), nxt)
+        self.positions.index_put_((slots,), (positions + 1).clamp_(max=self.max_len - 1))
+        self.generated.index_put_((slots,), self.generated[slots] + 1)
