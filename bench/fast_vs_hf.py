@@ -3,7 +3,7 @@
 Both engines run the same pipeline (full proofs, signatures, re-verification of a sample with the
 validator's method) on the same problems through `grail_pipeline.tools.measurement.measure_batch_size`; the
 model is loaded once. Writes `fast_vs_hf_<gpu>_<date>.json` (to --out) with both engines' rows, the
-ratio of the best rates, the measured copy bandwidth and the decode roofline it implies.
+ratio of the best rates, the card's measured ceilings and each fast row's bounds (tools/roofline.py).
 
     python bench/fast_vs_hf.py --out bench/results
 """
@@ -24,38 +24,7 @@ from grail_pipeline.protocol.wallet import load_signer
 from grail_pipeline.tools.benchmark_report import environment
 from grail_pipeline.tools.measurement import measure_batch_size
 from grail_pipeline.tools.projection import WindowSpec
-
-
-def kv_bytes_per_token(config) -> int:
-    """layers × (K, V) × kv heads × head dim × bf16, from the model's config (any family)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2
-
-
-def copy_bandwidth_tb_s() -> float:
-    """Device-to-device copy rate, bytes read plus written (the method's memory ceiling)."""
-    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    torch.cuda.synchronize()
-    return 10 * 2 * a.numel() / (start.elapsed_time(end) / 1000) / 1e12
-
-
-def roofline(row: dict, weight_bytes: int, kv_per_token: int, bandwidth: float) -> dict:
-    """Tokens/s if a decode step only had to move the weights and the live KV at the measured bandwidth."""
-    engine = row["engine"]
-    occupied = engine.get("batch_occupancy", 0) * row["batch_size"]
-    kv = occupied * engine.get("mean_context", 0) * kv_per_token
-    step_s = (weight_bytes + kv) / (bandwidth * 1e12)
-    return dict(occupied_slots=occupied, kv_gb_per_step=kv / 1e9, weights_gb=weight_bytes / 1e9,
-                bound_step_ms=1000 * step_s, bound_tokens_per_s=occupied / step_s if step_s else 0.0,
-                measured_step_ms=engine.get("step_ms", 0))
+from grail_pipeline.tools.roofline import measured_ceilings, result_roofline
 
 
 def main() -> None:
@@ -81,8 +50,7 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     signer = load_signer(required=False)
     window = benchmark_window(args.seed)
-    bandwidth = copy_bandwidth_tb_s()
-    weight_bytes = sum(p.numel() * p.element_size() for p in runtime.loaded.model.parameters())
+    ceilings = measured_ceilings(str(runtime.loaded.device))
     rows: dict[str, list[dict]] = {"fast": [], "hf": []}
     plan = [("fast", args.fast_batch_sizes, args.fast_problems, args.fast_warmup, args.verify),
             ("hf", args.hf_batch_sizes, args.hf_problems, args.hf_warmup, args.hf_verify)]
@@ -93,7 +61,7 @@ def main() -> None:
                 result = measure_batch_size(runtime, signer, size, problems, warmup, window, verify, progress=None)
                 row = dict(engine_kind=engine, **result.as_dict())
                 if engine == "fast" and result.ok:
-                    row["roofline"] = roofline(row, weight_bytes, kv_bytes_per_token(runtime.loaded.model.config), bandwidth)
+                    row["roofline"] = result_roofline(runtime, result)
                 rows[engine].append(row)
                 print(json.dumps(row, default=str), flush=True)
                 print(f"{engine} batch {size}: {result.status} {result.rollouts_per_s:.2f} roll/s, "
@@ -115,7 +83,7 @@ def main() -> None:
                                                          if k != "out"),
         environment=environment(), workload=dict(model=args.model, length_profile=runtime.lengths.spec,
                                                  max_new_tokens=1024, seed=args.seed),
-        model_load_s=load_s, copy_bandwidth_tb_s=bandwidth, weight_gb=weight_bytes / 1e9,
+        model_load_s=load_s, ceilings=vars(ceilings) if ceilings else None,
         fast=rows["fast"], hf=rows["hf"],
         best_fast=None if bf is None else dict(batch_size=bf["batch_size"], rollouts_per_s=bf["rollouts_per_s"]),
         best_hf=None if bh is None else dict(batch_size=bh["batch_size"], rollouts_per_s=bh["rollouts_per_s"]),

@@ -133,8 +133,24 @@ def test_doubling_stops_at_oom() -> None:
     assert asked == [16, 32, 64, 128]  # nothing after the OOM
     assert choose(rows, 68).batch_size == 64
     reasons = {r.batch_size: r.reason for r in rows}
-    assert reasons[128].startswith("OOM") and reasons[64].startswith("fastest that fits: peak 50.00 GB")
-    assert reasons[16] == "slower: 20.00 rollouts/s < 60.00 at batch 64"
+    assert reasons[128].startswith("OOM") and reasons[64].startswith("most on time: ~")
+    assert "peak 50.00 GB" in reasons[64] and "faster" not in reasons[64]
+    assert reasons[16].startswith("fewer on time: ~") and reasons[16].endswith("at batch 64 (20.00 rollouts/s)")
+
+
+def test_the_choice_is_the_most_on_time_not_the_fastest() -> None:
+    """On 60-s windows, 1,024 slots at 30 rollouts/s spend 36 s draining what is in flight at the cut; 128 slots
+    at 25 rollouts/s drain in 7.7 s and put more rollouts into the file on time: the choice, and it says why."""
+    from grail_pipeline.tools.projection import WindowSpec, on_time
+
+    spec = WindowSpec(blocks=10, block_time_s=6)
+    measure, _ = measurements({128: ("ok", 25, 20), 1024: ("ok", 30, 40)})
+    rows = [measure(128), measure(1024)]
+    assert on_time(spec, rows[0].result) > on_time(spec, rows[1].result)
+    best = choose(rows, 68, spec)
+    assert best.batch_size == 128
+    assert "batch 1024 is faster, 30.00 rollouts/s, but drains more at the cut" in best.reason
+    assert rows[1].reason.startswith("fewer on time")
 
 
 def test_doubling_stops_over_budget_and_chooses_the_best_that_fits() -> None:

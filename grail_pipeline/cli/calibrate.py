@@ -178,8 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_rows(console: Console, rows: list[Row], explicit: list[int] | None, peak_source: str) -> None:
-    from grail_pipeline.tools.benchmark_report import on_time
-    from grail_pipeline.tools.projection import WindowSpec
+    from grail_pipeline.tools.projection import WindowSpec, on_time
 
     spec = WindowSpec()
     table = Table(title="CALIBRATION", title_justify="left")

@@ -21,12 +21,11 @@ from grail_pipeline import __version__
 from grail_pipeline.common.atomic import write_atomically
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.devices import describe_gpus, driver_version
-from grail_pipeline.mining.pipeline import PipelineConfig
 from grail_pipeline.mining.runtime import Runtime
-from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.wallet import Signer
 from grail_pipeline.tools.memory_report import breakdown_line
-from grail_pipeline.tools.projection import WindowSpec
+from grail_pipeline.tools.projection import WindowSpec, on_time
+from grail_pipeline.tools.roofline import result_roofline
 
 if TYPE_CHECKING:
     from grail_pipeline.tools.measurement import BatchResult
@@ -72,6 +71,7 @@ def render_report(console: Console, args: argparse.Namespace, runtime: Runtime, 
         return
     _results(console, results)
     _engine_details(console, runtime, results)
+    _limits(console, runtime, results)
     _projections(console, args.workers, spec, results)
 
 
@@ -153,6 +153,24 @@ def _engine_details(console: Console, runtime: Runtime, results: list["BatchResu
     console.print(table)
 
 
+def _limits(console: Console, runtime: Runtime, results: list["BatchResult"]) -> None:
+    """Per batch size: the floor of each pass per rollout (the larger of its compute and bandwidth bounds), the
+    rate they allow together, and the share of it reached. Nothing off the GPU (no ceilings to measure)."""
+    rows = [(r, result_roofline(runtime, r)) for r in results if r.ok]
+    rows = [(r, line) for r, line in rows if line is not None]
+    if not rows:
+        return
+    table = Table(title="AGAINST THE CARD'S LIMIT (ms per rollout)", title_justify="left")
+    for col in ("Batch", "Decode bound", "Decode", "Proof bound", "Limit roll/s", "Reached"):
+        table.add_column(col, justify="right")
+    for r, line in rows:
+        decode = line["decode_per_rollout"]
+        table.add_row(str(r.batch_size), f"{max(decode['compute_ms'], decode['bandwidth_ms']):.2f}",
+                      f"{decode['measured_ms']:.2f}", f"{line['proof_per_rollout']['compute_ms']:.2f}",
+                      f"{line['limit_rollouts_per_s']:.1f}", f"{line['fraction_of_limit']:.0%}")
+    console.print(table)
+
+
 def _projections(console: Console, workers: int, spec: WindowSpec, results: list["BatchResult"]) -> None:
     ok = [r for r in results if r.ok and r.rollouts]
     if not ok:
@@ -181,13 +199,6 @@ def _projections(console: Console, workers: int, spec: WindowSpec, results: list
                   style="bold")
 
 
-def on_time(spec: WindowSpec, result: "BatchResult", workers: int = 1) -> float:
-    """On-time rollouts per window for `workers` workers at this result's rate: each drains its own slots and
-    generation queue (16 rollouts per queued problem), the file is one upload of all of them."""
-    in_flight = result.batch_size + PipelineConfig().generation_queue * PROFILE.rollouts_per_problem
-    return spec.on_time_per_window(result.rollouts_per_s * workers, in_flight * workers)
-
-
 def report_dict(args: argparse.Namespace, runtime: Runtime, signer: Signer, spec: WindowSpec,
                 results: list["BatchResult"]) -> dict:
     ok = [r for r in results if r.ok and r.rollouts]
@@ -200,7 +211,7 @@ def report_dict(args: argparse.Namespace, runtime: Runtime, signer: Signer, spec
         config=_config(args, runtime, spec, [r.batch_size for r in results]),
         signing=dict(ephemeral=signer.ephemeral, hotkey=signer.ss58_address),
         success_definition=SUCCESS_NOTE,
-        results=[r.as_dict() for r in results],
+        results=[dict(r.as_dict(), roofline=result_roofline(runtime, r)) for r in results],
         projection=[dict(batch_size=r.batch_size, workers=args.workers,
                          rollouts_per_s=r.rollouts_per_s * args.workers,
                          generated_per_window=spec.rollouts_per_window(r.rollouts_per_s * args.workers),

@@ -28,6 +28,8 @@ from grail_pipeline.inference.model_ref import parse_model_ref
 from grail_pipeline.mining.rules import FAST_MAX_SLOTS
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.tools.calibration_file import CPU_KIND
+from grail_pipeline.tools.projection import WindowSpec, on_time
+from grail_pipeline.tools.roofline import result_roofline
 
 if TYPE_CHECKING:
     from grail_pipeline.mining.runtime import Runtime
@@ -147,14 +149,24 @@ def sweep(measure: Callable[[int], Row], sizes: Iterable[int], budget_gb: float,
     return rows
 
 
-def choose(rows: list[Row], budget_gb: float) -> Row | None:
-    """The fastest row that ran, produced rollouts and fits the budget; every row gets its reason."""
+def choose(rows: list[Row], budget_gb: float, spec: WindowSpec | None = None) -> Row | None:
+    """The row that puts the most rollouts into a window's file on time among those that ran, produced rollouts
+    and fit the budget; every row gets its reason.
+
+    Not simply the fastest: the groups in flight when a window's admissions stop must still drain before its
+    file is due, and more slots mean more of them (tools/projection.py), so a larger size can be faster and
+    still put fewer rollouts on time. The reason says when the two differ."""
+    spec = spec or WindowSpec()
     fits = [r for r in rows if r.result.ok and r.result.rollouts and r.peak_gb is not None and r.peak_gb <= budget_gb]
-    best = max(fits, key=lambda r: r.rate, default=None)
+    best = max(fits, key=lambda r: on_time(spec, r.result), default=None)
+    fastest = max(fits, key=lambda r: r.rate, default=None)
     for r in rows:
         r.verdict = "chosen" if r is best else "rejected"
         if r is best:
-            r.reason = f"fastest that fits: peak {r.peak_gb:.2f} GB <= budget {budget_gb:.2f} GB"
+            r.reason = (f"most on time: ~{on_time(spec, r.result):.0f} rollouts per window, peak {r.peak_gb:.2f} GB "
+                        f"<= budget {budget_gb:.2f} GB" + ("" if r is fastest else
+                                                           f" (batch {fastest.batch_size} is faster, "
+                                                           f"{fastest.rate:.2f} rollouts/s, but drains more at the cut)"))
         elif r.result.status == SKIPPED:
             pass  # too_big gave the reason
         elif not r.result.ok:
@@ -165,7 +177,8 @@ def choose(rows: list[Row], budget_gb: float) -> Row | None:
             peak = "unknown" if r.peak_gb is None else f"{r.peak_gb:.2f} GB"
             r.reason = f"peak {peak} > budget {budget_gb:.2f} GB"
         else:
-            r.reason = f"slower: {r.rate:.2f} rollouts/s < {best.rate:.2f} at batch {best.batch_size}"
+            r.reason = (f"fewer on time: ~{on_time(spec, r.result):.0f} < ~{on_time(spec, best.result):.0f} per window "
+                        f"at batch {best.batch_size} ({r.rate:.2f} rollouts/s)")
     return best
 
 
@@ -238,6 +251,6 @@ def calibration_entry(args: argparse.Namespace, runtime: Runtime, budget: Budget
                       length_profile=runtime.lengths.spec, seed=args.seed),
         sweep="listed: " + ",".join(map(str, explicit)) if explicit is not None
         else f"doubling; stops at OOM, over budget, or < {MIN_GAIN:.0%} gain",
-        rows=[r.as_dict() for r in rows],
+        rows=[dict(r.as_dict(), roofline=result_roofline(runtime, r.result)) for r in rows],
         chosen=dict(batch_size=best.batch_size, rollouts_per_s=round(best.rate, 4), peak_gb=_round(best.peak_gb)),
     )

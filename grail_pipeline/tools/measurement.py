@@ -43,6 +43,7 @@ class BatchResult:
     dropped_groups: int = 0
     seconds: float = 0.0
     completion_tokens: int = 0
+    prompt_tokens: int = 0  # summed over groups (one prompt per group)
     gpu_reserved_gb: float = 0.0
     gpu_process_gb: float | None = None
     solved: int = 0
@@ -102,6 +103,7 @@ class BenchmarkSink:
         r = self.result
         r.problems += 1
         r.completion_tokens += group.completion_tokens
+        r.prompt_tokens += len(group.task.prompt_ids)
         if group.dropped:
             r.dropped_groups += 1
         r.rollouts += group.rollouts

@@ -52,3 +52,12 @@ class WindowSpec:
     def cap_rate(self) -> float:
         """Rollouts per second that reach the cap."""
         return self.cap / self.seconds
+
+
+def on_time(spec: WindowSpec, result, workers: int = 1) -> float:
+    """On-time rollouts per window for `workers` workers at a measured row's rate (a `BatchResult`): each drains its
+    own slots and generation queue (16 rollouts per queued problem), the file is one upload of all of them."""
+    from grail_pipeline.mining.pipeline import PipelineConfig  # the pipeline imports torch; this module must not
+
+    in_flight = result.batch_size + PipelineConfig().generation_queue * PROFILE.rollouts_per_problem
+    return spec.on_time_per_window(result.rollouts_per_s * workers, in_flight * workers)
