@@ -21,8 +21,6 @@ from pathlib import Path
 
 import yaml
 
-MODEL = "dummy:qwen2.5-3b"
-
 
 def run(command: list[str]) -> float:
     print("+", " ".join(command), flush=True)
@@ -33,6 +31,7 @@ def run(command: list[str]) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="dummy:qwen2.5-3b", help="W1; dummy:qwen3-4b is W2")
     p.add_argument("--memory-gb", type=float, default=24.0)
     p.add_argument("--headroom-gb", type=float, default=2.0)
     p.add_argument("--batch-sizes", default="64,128,256", help="what calibrate measures (256 should not fit)")
@@ -44,7 +43,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "grail_pipeline"]
-    common = ["--model", MODEL, "--engine", "fast", "--device", "cuda", "--memory-gb", f"{args.memory_gb:g}"]
+    common = ["--model", args.model, "--engine", "fast", "--device", "cuda", "--memory-gb", f"{args.memory_gb:g}"]
     calibration = out / "calibration_24gb.yaml"
     calibrate = [*cli, "calibrate", *common, "--headroom-gb", f"{args.headroom_gb:g}", "--batch-sizes",
                  args.batch_sizes, "--num-problems", str(args.calibrate_problems), "--calibration", str(calibration)]

@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--block-time", type=float, default=6.0)
     p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--upload-allowance", type=float, default=None,
+                   help="seconds reserved to upload a file (mine --upload-allowance; default: its size at 100 Mbit/s)")
     p.add_argument("--proof-sample", type=int, default=32, help="rollouts per file the strict check proves")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -46,6 +48,8 @@ def main() -> None:
                 "--device", args.device, "--batch-size", str(args.batch_size), "--block-time", f"{args.block_time:g}",
                 "--max-windows", str(args.windows), "--warmup-problems", "2", "--out-dir", str(work / "windows"),
                 "--status-file", str(status_path)]
+        if args.upload_allowance is not None:
+            mine += ["--upload-allowance", f"{args.upload_allowance:g}"]
         t0 = time.perf_counter()
         with open(out / f"window_deadline_mine_{tag}.log", "w") as fh:
             proc = subprocess.run(mine, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=3600)
