@@ -1,5 +1,8 @@
-"""The decode step's top-k over the vocabulary: torch.topk on whole rows against the two-stage top-k
-(`inference/sampler.top_k`) at each chunk count that divides the vocabulary, on the step's shape.
+"""The decode step's top-k over the vocabulary: torch.topk on whole rows against a two-stage top-k (the top k of
+equal pieces, then of those) at each piece count that divides the vocabulary, on the step's shape.
+
+On an H200 (bench/results/h200-2026-12-02/after-1/) the one-stage torch.topk was the fastest (1.07 ms for
+512 x 151,936; two stages 1.10 to 2.59 ms): the sampler keeps it, and this script keeps the variant.
 
     python bench/sampler_probe.py --rows 512 --vocab 151936 --k 50
 
@@ -15,7 +18,22 @@ import statistics
 
 import torch
 
-from grail_pipeline.inference.sampler import vocab_topk
+
+def vocab_topk(x: torch.Tensor, k: int, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk(x, k)` over the last dimension (values descending, their indices), in two stages where the
+    row splits into `chunks` equal pieces: the top k of each piece, then the top k of those.
+
+    The k largest of a row are among the k largest of the piece each lies in, so the values are
+    torch.topk's (which of several equal values is taken may differ; sampling does not care).
+    """
+    n = x.shape[-1]
+    rows = x.shape[:-1]
+    piece = n // chunks
+    values, indices = torch.topk(x.reshape(*rows, chunks, piece), k, dim=-1, sorted=False)
+    offsets = torch.arange(chunks, device=x.device).mul_(piece)[:, None]
+    values, best = torch.topk(values.reshape(*rows, chunks * k), k, dim=-1)
+    indices = (indices + offsets).reshape(*rows, chunks * k).gather(-1, best)
+    return values, indices
 
 
 def timed(fn, reps: int = 50) -> float:

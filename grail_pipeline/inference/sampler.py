@@ -30,40 +30,6 @@ def apply_target_lengths(logits: torch.Tensor, generated: torch.Tensor, targets:
     return torch.where(is_eos[None, :], eos_value[:, None], logits)
 
 
-def vocab_topk(x: torch.Tensor, k: int, chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch.topk(x, k)` over the last dimension (values descending, their indices), in two stages where the
-    row splits into `chunks` equal pieces: the top k of each piece, then the top k of those.
-
-    The k largest of a row are among the k largest of the piece each lies in, so the values are
-    torch.topk's (which of several equal values is taken may differ; sampling does not care). One
-    top-k over a 151,936-wide row is a multi-block radix select: at 512 rows it took 1.0 ms of a
-    7.7-ms decode step on an H200 (bench/results/h200-2026-12-02/), and pieces of a few thousand are
-    each one block's work.
-    """
-    n = x.shape[-1]
-    if chunks is None:
-        chunks = vocab_topk_chunks(n, k)
-    if chunks <= 1:
-        return torch.topk(x, k, dim=-1)
-    rows = x.shape[:-1]
-    piece = n // chunks
-    values, indices = torch.topk(x.reshape(*rows, chunks, piece), k, dim=-1, sorted=False)
-    offsets = torch.arange(chunks, device=x.device).mul_(piece)[:, None]
-    values, best = torch.topk(values.reshape(*rows, chunks * k), k, dim=-1)
-    indices = (indices + offsets).reshape(*rows, chunks * k).gather(-1, best)
-    return values, indices
-
-
-TOPK_PIECE = 4096  # the piece length aimed at: most of the two-stage gain with few candidates (sampler_probe.py)
-
-
-def vocab_topk_chunks(n: int, k: int) -> int:
-    """How many equal pieces a row of `n` is cut into for `vocab_topk`: the divisor of n whose pieces come closest to
-    TOPK_PIECE while each holds at least 8k values (1: no cut, where no divisor fits)."""
-    fits = [c for c in range(2, n // (8 * k) + 1) if n % c == 0]
-    return min(fits, key=lambda c: abs(n // c - TOPK_PIECE)) if fits else 1
-
-
 def sample_top_k_top_p(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                        noise: torch.Tensor) -> torch.Tensor:
     """One token per row from the temperature, top-k then top-p filtered distribution.
@@ -71,7 +37,7 @@ def sample_top_k_top_p(logits: torch.Tensor, temperature: float, top_k: int, top
     `noise` is Exp(1) of shape [rows, top_k], drawn by the caller so that the random stream lives
     outside compiled code.
     """
-    values, indices = vocab_topk(logits / temperature, top_k)  # descending
+    values, indices = torch.topk(logits / temperature, top_k, dim=-1)  # descending (one stage: sampler_probe.py)
     ascending = values.flip(-1)
     cumulative = torch.softmax(ascending, dim=-1).cumsum(dim=-1)
     remove = cumulative <= (1.0 - top_p)
