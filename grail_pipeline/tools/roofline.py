@@ -9,8 +9,9 @@ of each pass is its floor, and one over the sum of both passes' floors per rollo
 this pipeline can pass (issue #21: about 140 rollouts/s on W1 on an H200). The measured rate over it is the
 fraction of the limit reached.
 
-The ceilings are measured on the device the run used (a 2-GB device copy counted as bytes read plus written,
-an 8192³ bf16 product), once per process; off the GPU there are none and no bound is given.
+The ceilings are measured on the device the run used (a 512-MB device copy counted as bytes read plus written,
+an 8192³ bf16 product), once per process; off the GPU, or where there is no memory left to measure
+with, there are none and no bound is given.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import functools
 from dataclasses import asdict, dataclass
 
 from grail_pipeline.protocol.profile import PROFILE
+
+# 512 MB: eight times the H200's L2, and room enough under a --memory-gb cap (2 GB buffers ran out of it on
+# an H200 capped at 24 GB, bench/results/h200-2026-12-02/after-2/)
+COPY_BYTES = 512 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,15 @@ def measured_ceilings(device: str) -> Ceilings | None:
         return None
     import torch  # here: the module is read by commands that must not import torch before their checks
 
-    with torch.cuda.device(torch.device(device)):
-        copy_ms = _timed_ms(_copy(torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)), reps=10)
-        mm_ms = _timed_ms(_product(torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)), reps=10)
+    try:
+        with torch.cuda.device(torch.device(device)):
+            copy_ms = _timed_ms(_copy(torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)), reps=10)
+            mm_ms = _timed_ms(_product(torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)), reps=10)
+    except torch.OutOfMemoryError:  # a run under --memory-gb may have no room left at its end: no bound, no crash
+        return None
+    finally:
         torch.cuda.empty_cache()
-    return Ceilings(bandwidth_tb_s=2 * 2 * 1024**3 / (copy_ms / 1e3) / 1e12,
+    return Ceilings(bandwidth_tb_s=2 * COPY_BYTES / (copy_ms / 1e3) / 1e12,
                     matmul_tflop_s=2 * 8192**3 / (mm_ms / 1e3) / 1e12)
 
 
