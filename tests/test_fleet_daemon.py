@@ -290,3 +290,18 @@ def test_fleet_status_shows_workers_and_windows(tmp_path, redis_server, capsys) 
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "leader w-a" in table and "12.50" in table and f"{hotkey}-window-0.parquet" in table and "1.2" in table
+
+
+def test_fleet_status_names_the_lease_holder_leader_not_a_dead_workers_beat(tmp_path, redis_server, capsys) -> None:
+    """A killed leader's last beat says `"leader": true` until it ages out; the leader is whoever holds the lease."""
+    hotkey = f"5Lead{time.time_ns()}"
+    context = FleetContext(genesis=time.time() - 5, run_seed=0, block_time_s=0.4, window_blocks=30, checkpoint="c")
+    dead = FleetMember.join(redis_server.url, hotkey, context, tmp_path / "spill", timings_for(12.0), worker="w-dead")
+    alive = FleetMember.join(redis_server.url, hotkey, context, tmp_path / "spill", timings_for(12.0), worker="w-new")
+    dead.heartbeats.beat(worker_id=0, leader=True)  # its last beat, then SIGKILL: its lease lapses
+    assert alive.leader.hold()  # the lease was free: the new leader takes it and beats
+    alive.heartbeats.beat(worker_id=1, leader=True)
+    assert main(["fleet-status", "--json", "--redis-url", redis_server.url, "--hotkey", hotkey]) == 0
+    snapshot = json.loads(capsys.readouterr().out)
+    assert snapshot["leader"] == "w-new"
+    assert {w: b["leader"] for w, b in snapshot["workers"].items()} == {"w-dead": False, "w-new": True}
