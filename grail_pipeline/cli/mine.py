@@ -220,6 +220,12 @@ def _run(args: argparse.Namespace) -> int:
     runtime: Runtime | None = None
     daemon: Daemon | None = None
     try:
+        if settings.redis_url is not None:  # another checkpoint or clock is refused before the model loads
+            from grail_pipeline.inference.loading import checkpoint_source
+            from grail_pipeline.mining.fleet_worker import check_fleet
+
+            checkpoint = checkpoint_source(args.model)
+            check_fleet(settings, signer.ss58_address, checkpoint)
         runtime = Runtime.from_args(args)
         batch_size = settings.batch_size or DEFAULT_BATCH_SIZES[runtime.engine_kind][0]
         runtime.check_batch_size(batch_size)
@@ -233,10 +239,10 @@ def _run(args: argparse.Namespace) -> int:
 
             rotation = CheckpointRotation(checkpoints, first, lambda model: _engine_on(args, model, batch_size))
         fleet = None
-        if settings.redis_url is not None:  # the checkpoint is known now: refused at once if not the fleet's
+        if settings.redis_url is not None:  # joined after the load: the context it publishes lives while it beats
             from grail_pipeline.mining.fleet_worker import join_fleet
 
-            fleet = join_fleet(settings, signer.ss58_address, runtime.loaded)
+            fleet = join_fleet(settings, signer.ss58_address, checkpoint)
             status.update(fleet={"worker": fleet.worker, "checkpoint": fleet.context.checkpoint})
         daemon = Daemon(settings, runtime, signer, engine, batch_size, status, rotation, fleet=fleet)
         code = anyio.run(daemon.main)

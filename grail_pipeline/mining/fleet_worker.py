@@ -45,12 +45,13 @@ from typing import Any
 
 import anyio
 
-from grail_pipeline.fleet.connection import redacted
-from grail_pipeline.fleet.context import FleetContext
+from grail_pipeline.fleet.connection import connect, redacted
+from grail_pipeline.fleet.context import FleetContext, SharedContext
+from grail_pipeline.fleet.keys import FleetKeys
 from grail_pipeline.fleet.member import FleetMember, FleetTimings
 from grail_pipeline.fleet.results import SignedGroup as StoredGroup
 from grail_pipeline.fleet.retry import RedisUnavailable
-from grail_pipeline.inference.loading import LoadedModel
+from grail_pipeline.inference.loading import CheckpointSource
 from grail_pipeline.mining.chain import WindowClock
 from grail_pipeline.mining.deadline import DeadlinePlan
 from grail_pipeline.mining.fleet_leader import FleetLeader
@@ -78,14 +79,29 @@ def checkpoint_identity(name: str, checkpoint_window: int, source: str) -> str:
     return f"{name}@{checkpoint_window}#{hashlib.sha256(data).hexdigest()[:12]}"
 
 
-def join_fleet(settings: MineSettings, hotkey: str, loaded: LoadedModel) -> FleetMember:
+def proposal(settings: MineSettings, checkpoint: CheckpointSource) -> FleetContext:
+    """This worker's clock and checkpoint, as the fleet compares them."""
+    return FleetContext(genesis=settings.genesis, run_seed=settings.run_seed, block_time_s=settings.block_time_s,
+                        window_blocks=settings.window_blocks,
+                        checkpoint=checkpoint_identity(checkpoint.name, checkpoint.checkpoint_window, checkpoint.source))
+
+
+def check_fleet(settings: MineSettings, hotkey: str, checkpoint: CheckpointSource) -> None:
+    """Before anything slow: one UserError line when Redis is unreachable or the fleet mines another checkpoint
+    (or clock). A worker of another model was refused only after it had loaded it (22 s on the CPU)."""
+    assert settings.redis_url is not None
+    client = connect(settings.redis_url)
+    try:
+        SharedContext(client, FleetKeys(hotkey)).check(proposal(settings, checkpoint))
+    finally:
+        client.close()
+
+
+def join_fleet(settings: MineSettings, hotkey: str, checkpoint: CheckpointSource) -> FleetMember:
     """Join the hotkey's fleet at `settings.redis_url` with this worker's clock and checkpoint: one UserError
     line when Redis is unreachable or the fleet mines another checkpoint (or clock)."""
     assert settings.redis_url is not None
-    proposal = FleetContext(genesis=settings.genesis, run_seed=settings.run_seed, block_time_s=settings.block_time_s,
-                            window_blocks=settings.window_blocks,
-                            checkpoint=checkpoint_identity(loaded.name, loaded.checkpoint_window, loaded.source))
-    member = FleetMember.join(settings.redis_url, hotkey, proposal, settings.out_dir / SPILL_DIR,
+    member = FleetMember.join(settings.redis_url, hotkey, proposal(settings, checkpoint), settings.out_dir / SPILL_DIR,
                               timings_for(settings.window_seconds))
     t = member.timings
     logger.info("joined the fleet of %s at %s as %s (checkpoint %s, genesis %.3f; claims lapse %g s after their "
