@@ -98,6 +98,33 @@ def test_settings_from_flags_and_environment(tmp_path) -> None:
     assert resolve_settings(parser.parse_args(["mine", "--dry-run"]), {}).block_time_s == 12.0
 
 
+def test_a_second_daemon_of_one_hotkey_on_one_out_dir_is_refused(capsys, monkeypatch, tmp_path, real_wallet,
+                                                                  wallet_env) -> None:
+    """Two daemons of one wallet on one out dir both ran and the later write of each window replaced the earlier
+    one. The first holds a lock for its life; the second is refused in one line before anything loads; the
+    lock dies with its holder (SIGKILL), and another hotkey or out dir is not held by it."""
+    for key, value in wallet_env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "windows"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from grail_pipeline.mining.out_dir_lock import lock_out_dir\n"
+                               "lock = lock_out_dir(sys.argv[1], sys.argv[2])\nprint('held', flush=True)\n"
+                               "time.sleep(600)", str(out), real_wallet["address"]], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        # a status file that cannot be written: the first error after the lock, so nothing slow runs here
+        argv = ["mine", "--dry-run", *FAST, "--status-file", str(tmp_path), "--out-dir", str(out)]
+        err = one_line_error(capsys, argv)
+        assert f"another mine daemon of hotkey {real_wallet['address']} is running on --out-dir" in err, err
+        assert not (out / "status-worker-0.json").exists()  # the running daemon's status is left alone
+        assert "another mine daemon" not in one_line_error(capsys, [*argv[:-1], str(tmp_path / "elsewhere")])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "cannot write the status file" in one_line_error(capsys, argv)  # the holder died: so did its lock
+
+
 @pytest.mark.slow
 def test_daemon_mines_on_time_windows_that_verify(tmp_path, monkeypatch, wallet_env, caplog) -> None:
     """Two (24 s) windows mined in-process: each file is the protocol's, on time, groups 0..N-1, and every

@@ -203,6 +203,10 @@ def _run(args: argparse.Namespace) -> int:
         settings.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --out-dir {settings.out_dir} ({exc.strerror or exc})") from None
+    if settings.redis_url is None:  # a fleet shares its out dir through Redis; a second solo daemon is refused
+        from grail_pipeline.mining.out_dir_lock import lock_out_dir
+
+        out_dir_lock = lock_out_dir(settings.out_dir, signer.ss58_address)  # noqa: F841 - held until the process ends
     status = StatusFile(settings.status_file, settings.worker.worker_id, settings.worker.total_workers,
                         hotkey=signer.ss58_address, model=args.model, dry_run=True)
     try:
