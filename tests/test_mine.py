@@ -29,7 +29,7 @@ from grail_pipeline.cli.mine import default_out_dir, resolve_settings
 from grail_pipeline.inference.checkpoints import dummy_checkpoint
 from grail_pipeline.inference.loading import load_model, load_tokenizer
 from grail_pipeline.mining.chain import SIMULATED_CHAIN, simulated_window
-from grail_pipeline.mining.status import read_status
+from grail_pipeline.mining.status import StatusFile, read_status
 from grail_pipeline.protocol.records import read_window_file
 from grail_pipeline.tools.window_check import check_window_file
 
@@ -123,6 +123,44 @@ def test_a_second_daemon_of_one_hotkey_on_one_out_dir_is_refused(capsys, monkeyp
         holder.kill()
         holder.wait()
     assert "cannot write the status file" in one_line_error(capsys, argv)  # the holder died: so did its lock
+
+
+def test_a_start_records_the_window_files_its_status_does_not_know(capsys, monkeypatch, tmp_path, real_wallet,
+                                                                     wallet_env) -> None:
+    """A SIGKILL between a window's file and its status record left a file the status did not know, and
+    `verify --status` exited 2. A start reconciles: the previous run's records kept, files without one added
+    from their metadata."""
+    from test_sink import group, window
+
+    from grail_pipeline.protocol.records import write_window_file
+
+    for key, value in wallet_env.items():
+        monkeypatch.setenv(key, value)
+    hotkey, out = real_wallet["address"], tmp_path / "windows"
+    out.mkdir()
+    files = {}
+    for start in (0, 30):
+        files[start] = out / f"{hotkey}-window-{start}.parquet"
+        write_window_file(files[start], group(window(start), 0).records,
+                          {"wallet": hotkey, "window_start": start, "window_length": 30, "deadline": 2e9,
+                           "groups": 1, "written": "complete"})
+    previous = StatusFile(out / "status-worker-0.json", 0, 1, windows={"0": {"file": str(files[0]), "deadline": 2e9,
+                                                                           "margin_s": 7.5}})
+    previous.update(state="stopped")  # killed after window 30's file, before its record
+    assert cli.main(["verify", str(files[30]), "--status", str(out / "status-worker-0.json"), "--skip-proofs"]) == 2
+    capsys.readouterr()
+    model = tmp_path / "not-a-checkpoint"  # the start fails at the model, after the status is written
+    model.mkdir()
+    assert cli.main(["mine", "--dry-run", "--model", str(model), "--device", "cpu", "--out-dir", str(out)]) == 2
+    windows = read_status(out / "status-worker-0.json")["windows"]
+    assert windows["0"] == {"file": str(files[0]), "deadline": 2e9, "margin_s": 7.5}  # the previous record
+    assert windows["30"]["file"] == str(files[30]) and windows["30"]["deadline"] == 2e9 and windows["30"]["on_time"]
+    assert windows["30"]["rollouts"] == 16 and windows["30"]["reconciled"]
+    capsys.readouterr()
+    assert cli.main(["verify", str(files[30]), "--status", str(out / "status-worker-0.json"), "--skip-proofs",
+                     "--json"]) in (0, 1)  # the file's own checks decide now (its signatures are made up)
+    report = json.loads(capsys.readouterr().out)
+    assert {c["name"]: c for c in report["checks"]}["deadline"]["passed"] == 1
 
 
 @pytest.mark.slow

@@ -39,7 +39,13 @@ from grail_pipeline.mining.chain import (
     safety_blocks_from_env,
 )
 from grail_pipeline.mining.settings import MineSettings
-from grail_pipeline.mining.status import StatusFile, default_status_path, remove_stale_status_temporaries
+from grail_pipeline.mining.status import (
+    StatusFile,
+    default_status_path,
+    previous_windows,
+    reconciled_windows,
+    remove_stale_status_temporaries,
+)
 from grail_pipeline.protocol.profile import PROFILE
 
 logger = logging.getLogger("grail_pipeline")
@@ -207,8 +213,9 @@ def _run(args: argparse.Namespace) -> int:
         from grail_pipeline.mining.out_dir_lock import lock_out_dir
 
         out_dir_lock = lock_out_dir(settings.out_dir, signer.ss58_address)  # noqa: F841 - held until the process ends
+    windows = reconciled_windows(settings.out_dir, signer.ss58_address, previous_windows(settings.status_file))
     status = StatusFile(settings.status_file, settings.worker.worker_id, settings.worker.total_workers,
-                        hotkey=signer.ss58_address, model=args.model, dry_run=True)
+                        hotkey=signer.ss58_address, model=args.model, dry_run=True, windows=windows)
     try:
         status.update(state="starting")
     except OSError as exc:

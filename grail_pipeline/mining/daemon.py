@@ -84,7 +84,7 @@ class Daemon:
         self.windows_written = 0
         self.totals = {"rollouts": 0, "groups": 0, "cut_rollouts": 0, "late_groups": 0}
         self.plan: DeadlinePlan | None = None
-        self.window_records: dict[str, dict] = {}
+        self.window_records: dict[str, dict] = dict(status.data.get("windows") or {})  # the files already on disk
         self._idle_mark = 0.0
         self.warming_up = False
         self._stage_mark: dict[str, float] = {}
