@@ -10,6 +10,7 @@ window's start on two shared cores). Every file is read back and checked with F'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -260,9 +261,12 @@ def test_redis_away_for_seconds_mid_window_loses_no_signed_group(tmp_path, redis
 def test_a_worker_on_another_checkpoint_is_refused_in_one_line(tmp_path, redis_server) -> None:
     env, hotkey = fleet_env(tmp_path, redis_server.url, 1, 2)
     tiny = dummy_checkpoint("tiny")
+    # the fleet's context outlives the worker's start whatever the machine's load (a 10-s one expired before a
+    # loaded box's worker asked, and the worker then mined on alone until the test timed out)
     FleetMember.join(redis_server.url, hotkey, FleetContext(
         genesis=None, run_seed=0, block_time_s=0.4, window_blocks=30,
-        checkpoint=checkpoint_identity("dummy:tiny", 0, str(tiny))), tmp_path / "spill", timings_for(12.0))
+        checkpoint=checkpoint_identity("dummy:tiny", 0, str(tiny))), tmp_path / "spill",
+        dataclasses.replace(timings_for(12.0), context_ttl_s=3600.0))
     other = tmp_path / "checkpoint-7"
     shutil.copytree(tiny, other)
     metadata = json.loads((other / "metadata.json").read_text())
