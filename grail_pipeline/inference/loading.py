@@ -129,14 +129,16 @@ def load_config(model: str) -> PreTrainedConfig:
         raise unavailable(ref, exc) from None
 
 
-def load_model(model: str, device: str = "auto") -> LoadedModel:
-    """Load `--model` for inference: bf16 on GPU, float32 on CPU, eval mode, no gradients."""
+def load_model(model: str, device: str | torch.device = "auto",
+               checkpoint: CheckpointSource | None = None) -> LoadedModel:
+    """Load `--model` for inference: bf16 on GPU, float32 on CPU, eval mode, no gradients. `device` and
+    `checkpoint` may come resolved already (mining/choices.py)."""
     ref = parse_model_ref(model)
-    dev = resolve_device(device)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     attn = attention_implementation(dev)
     multi = dev.type == "cuda" and wants_multi_gpu()
-    checkpoint = checkpoint_source(model)
+    checkpoint = checkpoint or checkpoint_source(model)
     net = _load_pretrained(ref, checkpoint.source, dev, dtype, attn, multi)
     net.eval()
     net.requires_grad_(False)
