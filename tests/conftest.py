@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from bittensor_wallet import Keypair, Wallet
 
 from grail_pipeline.cli.main import main
 from grail_pipeline.inference.loading import LoadedModel, load_model
+from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.tokenizer import builtin_tokenizer
 
 WALLET_VARS = ("BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH")
@@ -113,3 +116,51 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
     server.start()
     yield server
     server.stop()
+
+
+# --- windows sized from this machine's speed now -------------------------------------------------------------
+
+def measure_group_seconds(engine: str) -> float:
+    """Seconds one group of the daemon tests' workload (dummy:tiny on the CPU, 16 rollouts of 16 tokens,
+    generated, proved and signed) takes in this process now, after one group that pays the first-call costs."""
+    import anyio
+
+    from grail_pipeline.mining.runtime import Runtime
+    from grail_pipeline.mining.workload import benchmark_window, warm_up
+    from grail_pipeline.protocol.wallet import ephemeral_signer
+
+    runtime = Runtime.from_args(argparse.Namespace(model="dummy:tiny", device="cpu", engine=engine,
+                                                   length_profile="fixed:16", max_new_tokens=16,
+                                                   max_prompt_tokens=512))
+    try:
+        engine_ = runtime.engine(16)
+        signer = ephemeral_signer()
+        anyio.run(warm_up, runtime.pipeline(engine_, signer), runtime, benchmark_window(0), 1)
+        t0 = time.perf_counter()
+        anyio.run(warm_up, runtime.pipeline(engine_, signer), runtime, benchmark_window(1), 2)
+        return (time.perf_counter() - t0) / 2
+    finally:
+        runtime.close()
+
+
+@pytest.fixture(scope="session")
+def group_seconds() -> Callable[[str], float]:
+    """`group_seconds(engine)`: one group's seconds on this machine, measured once per engine and session. The
+    daemon tests size their windows from it: on an idle 2-core box a group takes 1-2 s, on a loaded one (the
+    CI box, other jobs beside the tests) 10-30 s, and fixed 12-s windows then lost every group to the cut."""
+    measured: dict[str, float] = {}
+
+    def seconds(engine: str = "hf") -> float:
+        if engine not in measured:
+            measured[engine] = measure_group_seconds(engine)
+        return measured[engine]
+
+    return seconds
+
+
+def block_time_for(group_s: float, groups: float, processes: int = 1, blocks: int = 30, floor: float = 0.4) -> str:
+    """A `--block-time` whose `blocks`-block window has room for `groups` groups of `group_s` each, slowed by
+    `processes` daemons sharing the cores, after the deadline's slack and the write; never under `floor`
+    (the tests' 12-s windows of an idle box). A string, for the command line."""
+    window = PROFILE.upload_deadline_slack_s + 1.5 + groups * group_s * processes
+    return f"{max(floor, window / blocks):.3f}"

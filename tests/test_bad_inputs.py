@@ -325,7 +325,7 @@ def test_what_emit_pm2_writes_mine_accepts(calibration, tmp_path, capsys, monkey
     """An app's args and env, parsed by mine's parser and checked by its settings and preflight (no model loads)."""
     from grail_pipeline.cli.mine import resolve_settings
     from grail_pipeline.mining.rules import check_batch_size
-    from grail_pipeline.mining.runtime import preflight
+    from grail_pipeline.mining.choices import resolve_choices
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     for engine in ("hf", "fast"):
@@ -343,7 +343,7 @@ def test_what_emit_pm2_writes_mine_accepts(calibration, tmp_path, capsys, monkey
         assert argv[:2] == ["-m", "grail_pipeline"]
         args = cli.build_parser().parse_args(argv[2:])
         settings = resolve_settings(args, env)
-        check_batch_size(preflight(args, None), int(env["GRAIL_GENERATION_BATCH_SIZE"]))
+        check_batch_size(resolve_choices(args).engine_kind, int(env["GRAIL_GENERATION_BATCH_SIZE"]))
         assert (settings.safety_blocks, settings.block_time_s, settings.drain_timeout_s) == (0, 0.5, 3600.0)
         assert args.engine == engine
 

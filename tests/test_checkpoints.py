@@ -150,3 +150,27 @@ def test_the_benchmark_reports_a_check_that_could_not_run(tiny, honest_records, 
     result = verify_independently(dataclasses.replace(tiny, source=str(tmp_path / "gone")), honest_records[:1])
     assert result["model_path"] == str(tmp_path / "gone") and "could not load" in result["error"]
     assert "rollouts_passed" not in result  # no pass rate is made up
+
+
+def test_a_runs_choices_name_its_checkpoint_before_the_weights_load(tmp_path) -> None:
+    """A fleet compares the checkpoint (source, commit name, window) before the model loads (a worker of another
+    one was refused only after 22 s of loading): the choices name it as the load then does."""
+    import argparse
+    import shutil
+
+    from grail_pipeline.inference.loading import CheckpointSource
+    from grail_pipeline.mining.choices import resolve_choices
+    from grail_pipeline.mining.runtime import Runtime
+
+    other = tmp_path / "checkpoint-7"
+    shutil.copytree(dummy_checkpoint("tiny"), other)
+    metadata = json.loads((other / "metadata.json").read_text())
+    (other / "metadata.json").write_text(json.dumps({**metadata, "window": 7, "model_name": "rehearsal-7"}))
+    choices = resolve_choices(argparse.Namespace(model=str(other), device="cpu", engine="auto", length_profile=None,
+                                                 max_new_tokens=16, max_prompt_tokens=64))
+    assert choices.checkpoint == CheckpointSource(str(other), "rehearsal-7", 7)
+    assert (choices.device.type, choices.engine_kind, choices.lengths.spec) == ("cpu", "hf", "natural")
+    runtime = Runtime.from_choices(choices)
+    loaded = runtime.loaded
+    runtime.close()
+    assert (loaded.source, loaded.name, loaded.checkpoint_window) == (str(other), "rehearsal-7", 7)

@@ -25,7 +25,7 @@ from grail_pipeline.inference.fast_engine import FastEngine
 from grail_pipeline.inference.hf_engine import HFEngine
 from grail_pipeline.inference.loading import LoadedModel, load_model, load_tokenizer
 from grail_pipeline.inference.models import find_family, llama, qwen2, qwen3, why_not_fast
-from grail_pipeline.mining.runtime import resolve_engine
+from grail_pipeline.mining.choices import resolve_engine
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.sat import problem_for_seed
 from grail_pipeline.protocol.tokenizer import prompt_ids

@@ -135,9 +135,28 @@ def test_the_plan_stops_claims(fleet) -> None:
     assert [c.index for c in other.claim(WINDOW, 5)] == [0, 1, 2]  # lapsed ones below the cut still go out
     plans.publish(WINDOW, stop_at=time.time() - 1)
     time.sleep(0.3)
-    assert claims.claim(WINDOW, 5) == []  # past stop_at nothing is handed out, not even lapsed indices
+    assert claims.claim(WINDOW, 5) == []  # past stop_at, with no cut published, nothing is handed out
     assert plans.cut(WINDOW).max_index == 3  # publishing one field keeps the other
     assert plans.cut(WINDOW).admits(2, time.time() - 5) and not plans.cut(WINDOW).admits(3, time.time() - 5)
+
+
+def test_a_lapsed_claim_is_reissued_after_the_stop_while_it_can_make_the_cut(fleet) -> None:
+    """Killing a worker after the close lost its index (and every stored group after it): past `stop_at` no
+    claim went out. A lapsed one still does, ahead of nothing fresh, while the claimer's latency makes the cut."""
+    client, keys = fleet
+    plans = WindowPlans(client, keys, TTL)
+    dead, alive = Claims(client, keys, "dead", 0.2, TTL), Claims(client, keys, "alive", 5, TTL)
+    assert [c.index for c in dead.claim(WINDOW, 2)] == [0, 1]
+    assert [c.index for c in alive.claim(WINDOW, 1)] == [2]
+    plans.publish(WINDOW, stop_at=time.time() - 1, cut_at=time.time() + 3)
+    assert alive.claim(WINDOW, 3) == []  # stopped: no fresh index, and nothing lapsed yet
+    time.sleep(0.3)  # the dead worker's leases lapse
+    assert alive.claim(WINDOW, 1, latency_s=5.0) == []  # a group admitted now would miss the cut
+    assert [(c.index, c.reissued_from) for c in alive.claim(WINDOW, 3, latency_s=1.0)] == [(0, "dead"), (1, "dead")]
+    assert alive.issued(WINDOW) == 3  # nothing fresh after the stop
+    plans.publish(WINDOW, cut_at=time.time() - 0.1)
+    time.sleep(0.3)
+    assert Claims(client, keys, "third", 5, TTL).claim(WINDOW, 1) == []  # past the cut: nothing at all
 
 
 def test_groups_are_stored_once_and_end_their_lease(fleet) -> None:

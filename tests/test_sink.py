@@ -145,7 +145,12 @@ def test_an_index_that_keeps_failing_ends_the_file_before_it(tmp_path: Path) -> 
 
 
 def test_the_cut_writes_the_contiguous_prefix_and_counts_the_rest(tmp_path: Path) -> None:
-    sink, written = make_sink(tmp_path)
+    late: list[tuple[int, int, int]] = []
+
+    async def on_late(window_start: int, index: int, rollouts: int) -> None:
+        late.append((window_start, index, rollouts))
+
+    sink, written = make_sink(tmp_path, on_late=on_late)
     w = window(0)
 
     async def main() -> None:
@@ -163,7 +168,36 @@ def test_the_cut_writes_the_contiguous_prefix_and_counts_the_rest(tmp_path: Path
     report = written[0][0]
     assert report.missing_groups == [2, 4] and report.cut_groups == 3 and report.cut_rollouts == 48
     assert meta["cut_rollouts"] == "48" and meta["missing_groups"] == "2,4" and meta["partial"] == "false"
-    assert sink.late == {0: 16}
+    assert report.gaps == [{"index": 2, "state": "in flight", "rollouts_cut_after": 16},
+                           {"index": 4, "state": "in flight", "rollouts_cut_after": 0}]
+    assert late == []  # group 2 was counted at the write, as missing: not counted again
+
+
+def test_every_late_group_is_counted_once(tmp_path: Path) -> None:
+    """Cut groups that arrive after their window's file (the cut came while the window was still issuing, or
+    found nothing) were logged and kept in a dict nobody read: 14 of 35 such groups in 40 random stops were
+    missing from the status record, the totals and the stopped line."""
+    late: list[tuple[int, int, int]] = []
+
+    async def on_late(window_start: int, index: int, rollouts: int) -> None:
+        late.append((window_start, index, rollouts))
+
+    sink, written = make_sink(tmp_path, on_late=on_late)
+    w0, w30 = window(0), window(30)
+
+    async def main() -> None:
+        await sink.put(group(w0, 0))
+        await sink.cut(0)  # still issuing: group 1 is in flight and no index list tells the sink so
+        await sink.put(group(w0, 1))  # cut, and counted now
+        await sink.close_window(close(w0, [0, 1]))  # after the cut: nothing to do
+        assert await sink.cut(30) is None  # nothing arrived: no file, no report
+        await sink.put(group(w30, 0))
+        await sink.put(group(w30, 1, dropped=True))  # no rollout to count
+
+    anyio.run(main)
+    assert [r.window_start for r, _ in written] == [0] and written[0][0].cut_rollouts == 0
+    assert late == [(0, 1, 16), (30, 0, 16)]
+    assert not sink.path_for(30).exists()
 
 
 def test_a_source_abandoned_redraw_counts_as_failed(tmp_path: Path) -> None:
@@ -198,7 +232,7 @@ def test_partial_window_on_stop_and_finish(tmp_path: Path) -> None:
     assert sorted({r["rollout_group"] for r in records}) == [0]
     assert meta["partial"] == "true" and meta["missing_groups"] == "1" and meta["issued_groups"] == "3"
     assert written[0][0].partial and written[0][0].missing_groups == [1] and written[0][0].trigger == "drain timeout"
-    assert sink.groups_sunk == 2 and sink.late == {60: 16}
+    assert sink.groups_sunk == 2
 
 
 def test_a_stopped_window_with_everything_arrived_is_partial_but_complete(tmp_path: Path) -> None:
@@ -214,18 +248,24 @@ def test_a_stopped_window_with_everything_arrived_is_partial_but_complete(tmp_pa
     assert len(records) == 16 and meta["partial"] == "true" and meta["missing_groups"] == ""
 
 
-def test_window_whose_only_group_failed_is_an_empty_file(tmp_path: Path) -> None:
+def test_a_window_with_no_rollout_in_its_prefix_has_no_file(tmp_path: Path) -> None:
+    """A 0-row file scores nothing and passed `verify`; the report still says what was cut and why."""
     sink, written = make_sink(tmp_path)
-    w = window(0)
+    w0, w30 = window(0), window(30)
 
     async def main() -> None:
-        await sink.put(group(w, 0, dropped=True))  # no redraw offered: failed at once
-        await sink.close_window(close(w, [0]))
+        await sink.put(group(w0, 0, dropped=True))  # no redraw offered: failed at once
+        await sink.close_window(close(w0, [0]))
+        await sink.put(group(w30, 1))
+        await sink.close_window(close(w30, [0, 1]))
+        await sink.cut(30)  # index 0 never came: nothing before the gap
 
     anyio.run(main)
-    records, meta = read_window_file(sink.path_for(0))
-    assert records == [] and meta["inference_count"] == "0" and meta["failed_indices"] == "0"
-    assert written[0][0].rollouts_per_s == 0.0
+    assert not sink.path_for(0).exists() and not sink.path_for(30).exists()
+    (empty, _), (cut, _) = written
+    assert empty.file is None and empty.rollouts == 0 and empty.failed_indices == [0] and empty.file_bytes == 0
+    assert cut.file is None and cut.cut_rollouts == 32 and cut.missing_groups == [0]
+    assert cut.gaps == [{"index": 0, "state": "in flight", "rollouts_cut_after": 16}]
 
 
 def test_duplicate_group_is_a_bug(tmp_path: Path) -> None:
@@ -331,4 +371,4 @@ def test_a_cut_with_nothing_arrived_writes_no_file_and_later_groups_are_late(tmp
         await sink.close_window(close(w, [0]))  # the source closes after the cut: nothing more to write
 
     anyio.run(main)
-    assert not sink.path_for(0).exists() and written == [] and sink.late == {0: 16}
+    assert not sink.path_for(0).exists() and written == []  # the late group: test_every_late_group_is_counted_once

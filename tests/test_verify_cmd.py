@@ -167,10 +167,11 @@ def test_an_empty_file_says_so(window_file: Path, tmp_path: Path, capsys) -> Non
     _, meta = read_window_file(window_file)
     path = tmp_path / window_file.name
     write_window_file(path, [], {k: v for k, v in meta.items() if k != "inference_count"})
-    assert cli.main(["verify", str(path), "--json"]) == 0
+    assert cli.main(["verify", str(path), "--json"]) == 1  # a file holding no rollout fails both verdicts
     report = json.loads(capsys.readouterr().out)
     checks = {c["name"]: c for c in report["checks"]}
-    assert report["rollouts"] == report["groups"] == 0
+    assert report["rollouts"] == report["groups"] == 0 and not report["passed"]
+    assert all("no rollout in the file" in v["failed"]["file"] for v in report["verdicts"].values()), report
     assert checks["proofs"]["skipped"] == checks["tokens"]["skipped"] == "no rollouts in the file"  # not --skip-proofs
 
 

@@ -60,13 +60,15 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.json, "--json")  # before the run, not after it
     out = sys.stderr if args.json == "-" else sys.stdout
     explicit = parse_batch_sizes(args.batch_sizes) if args.batch_sizes is not None else None
-    from grail_pipeline.mining.runtime import Runtime, preflight
+    from grail_pipeline.mining.choices import resolve_choices
+    from grail_pipeline.mining.runtime import Runtime
     from grail_pipeline.mining.workload import benchmark_window
     from grail_pipeline.protocol.wallet import load_signer
     from grail_pipeline.tools.benchmark_report import render_report, write_json
     from grail_pipeline.tools.measurement import BatchResult, measure_batch_size
 
-    engine_kind = preflight(args, explicit)  # every flag is checked before anything slow happens
+    choices = resolve_choices(args, explicit)  # every flag is checked before anything slow happens
+    engine_kind = choices.engine_kind
     note = apply_memory_cap(args)  # before the model allocates anything
     if note:
         print(note, file=sys.stderr)
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         sizes = explicit or DEFAULT_BATCH_SIZES[engine_kind]
     signer = load_signer(required=False)
-    runtime = Runtime.from_args(args)
+    runtime = Runtime.from_choices(choices)
     window = benchmark_window(args.seed)
     results: list[BatchResult] = []
     console = Console(file=out, width=None if out.isatty() else 150)

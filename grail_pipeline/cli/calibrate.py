@@ -118,17 +118,19 @@ def run(args: argparse.Namespace) -> int:
     if not on_gpu and args.length_profile is None and parse_model_ref(args.model).is_dummy:
         args.length_profile = CPU_LENGTH_PROFILE
     from grail_pipeline.inference.devices import driver_version
-    from grail_pipeline.mining.runtime import Runtime, preflight
+    from grail_pipeline.mining.choices import resolve_choices
+    from grail_pipeline.mining.runtime import Runtime
     from grail_pipeline.mining.workload import benchmark_window
     from grail_pipeline.protocol.wallet import load_signer
     from grail_pipeline.tools.measurement import measure_batch_size
 
-    engine_kind = preflight(args, explicit)  # every flag is checked before the wallet and the model
+    choices = resolve_choices(args, explicit)  # every flag is checked before the wallet and the model
+    engine_kind = choices.engine_kind
     if on_gpu:  # torch may never reserve more than the budget: a size that runs without OOM fits by construction
         cap_to_budget(args.device, budget.budget_gb)
     sizes = explicit if explicit is not None else list(default_sizes(engine_kind, on_gpu))
     signer = load_signer(required=False)
-    runtime = Runtime.from_args(args)
+    runtime = Runtime.from_choices(choices)
     console = Console(width=None if sys.stdout.isatty() else 150)
     console.print(f"Calibrating {runtime.engine_kind} engine on {budget.gpu_name}: budget {budget.budget_gb:.1f} GB = "
                   f"{budget.total_gb:.1f} GB total ({budget.total_source}) - {budget.headroom_gb:g} GB headroom; "

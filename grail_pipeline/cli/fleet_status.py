@@ -102,7 +102,8 @@ def table(snapshot: dict) -> str:
     for w in snapshot["windows"]:
         report = w.get("report") or {}
         margin = report.get("margin_s")
-        file = os.path.basename(report["file"]) if report.get("file") else ("sealed" if report else "open")
+        file = (os.path.basename(report["file"]) if report.get("file") else
+                "no file (no rollout)" if report.get("file_written") else "sealed" if report else "open")
         lines.append(f"{w['window_start']:>8} {w['issued']:>6} {w['stored_groups']:>6} {w['on_time_rollouts']:>16} "
                      f"{w['cut_rollouts']:>12} {w['leases']:>6} {'-' if margin is None else f'{margin:.1f}':>8}  "
                      f"{file}")

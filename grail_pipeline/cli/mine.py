@@ -39,7 +39,13 @@ from grail_pipeline.mining.chain import (
     safety_blocks_from_env,
 )
 from grail_pipeline.mining.settings import MineSettings
-from grail_pipeline.mining.status import StatusFile, default_status_path, remove_stale_status_temporaries
+from grail_pipeline.mining.status import (
+    StatusFile,
+    default_status_path,
+    previous_windows,
+    reconciled_windows,
+    remove_stale_status_temporaries,
+)
 from grail_pipeline.protocol.profile import PROFILE
 
 logger = logging.getLogger("grail_pipeline")
@@ -175,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from grail_pipeline.mining.daemon import Daemon
-    from grail_pipeline.mining.runtime import Runtime, preflight
+    from grail_pipeline.mining.choices import resolve_choices
+    from grail_pipeline.mining.runtime import Runtime
     from grail_pipeline.mining.sink import remove_stale_temporaries
     from grail_pipeline.protocol.wallet import load_signer
 
@@ -190,11 +197,11 @@ def _run(args: argparse.Namespace) -> int:
                             settings.genesis)
         first = checkpoints.first(clock.next_generation_window(), time.time())
         args.model = str(first.path)
-    engine_kind = preflight(args, None)  # the model, lengths and engine, before the wallet and the model load
+    choices = resolve_choices(args)  # the model and its checkpoint, lengths and engine, before the wallet and the load
     if note := apply_memory_cap(args):  # --memory-gb: the cap before anything allocates
         logger.warning(note)
     if settings.batch_size is not None:
-        rules.check_batch_size(engine_kind, settings.batch_size,
+        rules.check_batch_size(choices.engine_kind, settings.batch_size,
                                "--batch-size" if args.batch_size is not None else ENV_BATCH_SIZE)
     if settings.genesis is not None and (warning := rules.genesis_warning(settings.genesis, time.time())):
         logger.warning(warning)
@@ -203,8 +210,13 @@ def _run(args: argparse.Namespace) -> int:
         settings.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --out-dir {settings.out_dir} ({exc.strerror or exc})") from None
+    if settings.redis_url is None:  # a fleet shares its out dir through Redis; a second solo daemon is refused
+        from grail_pipeline.mining.out_dir_lock import lock_out_dir
+
+        out_dir_lock = lock_out_dir(settings.out_dir, signer.ss58_address)  # noqa: F841 - held until the process ends
+    windows = reconciled_windows(settings.out_dir, signer.ss58_address, previous_windows(settings.status_file))
     status = StatusFile(settings.status_file, settings.worker.worker_id, settings.worker.total_workers,
-                        hotkey=signer.ss58_address, model=args.model, dry_run=True)
+                        hotkey=signer.ss58_address, model=args.model, dry_run=True, windows=windows)
     try:
         status.update(state="starting")
     except OSError as exc:
@@ -220,7 +232,11 @@ def _run(args: argparse.Namespace) -> int:
     runtime: Runtime | None = None
     daemon: Daemon | None = None
     try:
-        runtime = Runtime.from_args(args)
+        if settings.redis_url is not None:  # another checkpoint or clock is refused before the model loads
+            from grail_pipeline.mining.fleet_worker import check_fleet
+
+            check_fleet(settings, signer.ss58_address, choices.checkpoint)
+        runtime = Runtime.from_choices(choices)
         batch_size = settings.batch_size or DEFAULT_BATCH_SIZES[runtime.engine_kind][0]
         runtime.check_batch_size(batch_size)
         logger.info("model %s on %s, %s engine, batch size %d, lengths %s", runtime.loaded.name,
@@ -233,10 +249,10 @@ def _run(args: argparse.Namespace) -> int:
 
             rotation = CheckpointRotation(checkpoints, first, lambda model: _engine_on(args, model, batch_size))
         fleet = None
-        if settings.redis_url is not None:  # the checkpoint is known now: refused at once if not the fleet's
+        if settings.redis_url is not None:  # joined after the load: the context it publishes lives while it beats
             from grail_pipeline.mining.fleet_worker import join_fleet
 
-            fleet = join_fleet(settings, signer.ss58_address, runtime.loaded)
+            fleet = join_fleet(settings, signer.ss58_address, choices.checkpoint)
             status.update(fleet={"worker": fleet.worker, "checkpoint": fleet.context.checkpoint})
         daemon = Daemon(settings, runtime, signer, engine, batch_size, status, rotation, fleet=fleet)
         code = anyio.run(daemon.main)
@@ -281,8 +297,9 @@ def _wait_for_redis(url: str) -> None:
 
 def _engine_on(args: argparse.Namespace, model: str, batch_size: int) -> tuple[Any, Any]:
     """A runtime and engine on another checkpoint with the same choices (the rotation's engine restart)."""
+    from grail_pipeline.mining.choices import resolve_choices
     from grail_pipeline.mining.runtime import Runtime
 
-    runtime = Runtime.from_args(argparse.Namespace(**{**vars(args), "model": model}))
+    runtime = Runtime.from_choices(resolve_choices(argparse.Namespace(**{**vars(args), "model": model})))
     runtime.check_batch_size(batch_size)
     return runtime, runtime.engine(batch_size)

@@ -9,9 +9,12 @@ never handed back its own lapsed index (it may still be working on it and merely
 still succeeds while nobody else took it).
 
 Every step is one Lua script, so two workers never hold one index, and lease times are the Redis server's
-clock (`TIME`), so workers on machines with skewed clocks agree on when a lease lapsed. A claim is refused
-once the window's plan (`plan.WindowPlans`) says stop: past `stop_at_ms` nothing is handed out, and no fresh
-index at or beyond `max_index`. Storing a group (`results.Results.put`) ends its lease.
+clock (`TIME`), so workers on machines with skewed clocks agree on when a lease lapsed. The window's plan
+(`plan.WindowPlans`) bounds what is handed out: no fresh index at or beyond `max_index`, and none at all
+past `stop_at_ms`; a lapsed index is still re-issued after `stop_at_ms`, while the claiming worker's
+latency brings it in before `cut_at_ms` (a dead worker's index left unclaimed ends the file at it: in a
+rehearsal, killing the leader after the stop lost index 0 and with it the 32 stored rollouts after it).
+Storing a group (`results.Results.put`) ends its lease.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from grail_pipeline.fleet.keys import FleetKeys
 
 NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
-# KEYS: counter, leases, owners, plan, written. ARGV: worker, count, lease_ms, ttl_ms.
+# KEYS: counter, leases, owners, plan, written. ARGV: worker, count, lease_ms, ttl_ms, latency_ms.
 # Returns {indices, previous owners ('' for a fresh index)}.
 CLAIM = NOW_MS + """
 if redis.call('EXISTS', KEYS[5]) == 1 then return {{}, {}} end
-local plan = redis.call('HMGET', KEYS[4], 'stop_at_ms', 'max_index')
-local stop, limit = tonumber(plan[1]), tonumber(plan[2])
-if stop and now >= stop then return {{}, {}} end
+local plan = redis.call('HMGET', KEYS[4], 'stop_at_ms', 'max_index', 'cut_at_ms')
+local stop, limit, cut = tonumber(plan[1]), tonumber(plan[2]), tonumber(plan[3])
+local stopped = stop and now >= stop
+if stopped and not (cut and now + tonumber(ARGV[5]) < cut) then return {{}, {}} end
 local want, expiry = tonumber(ARGV[2]), now + tonumber(ARGV[3])
 local taken, previous = {}, {}
 local lapsed = redis.call('ZRANGE', KEYS[2], '-inf', '(' .. now, 'BYSCORE')
@@ -49,7 +53,7 @@ if #lapsed > 0 then
     end
   end
 end
-while #taken < want do
+while not stopped and #taken < want do
   local index = redis.call('INCR', KEYS[1]) - 1
   if limit and index >= limit then redis.call('DECR', KEYS[1]) break end
   redis.call('ZADD', KEYS[2], expiry, index)
@@ -124,12 +128,14 @@ class Claims:
         self._release = client.register_script(RELEASE)
         self._held = client.register_script(HELD)
 
-    def claim(self, window_start: int, count: int = 1) -> list[Claim]:
+    def claim(self, window_start: int, count: int = 1, latency_s: float = 0.0) -> list[Claim]:
         """Up to `count` indices: lapsed ones first (lowest first), then fresh ones from the counter. Fewer
-        (or none) once the window's plan stops admitting, or once its file is written."""
+        (or none) once the window's plan stops admitting, or once its file is written; after the stop only
+        lapsed ones, while `latency_s` (this worker's, for one group) still brings a group in before the cut."""
         w = self.keys.window(window_start)
         taken, previous = self._claim(keys=[w.counter, w.leases, w.owners, w.plan, w.written],
-                                      args=[self.worker, int(count), self.lease_ms, self.ttl_ms])
+                                      args=[self.worker, int(count), self.lease_ms, self.ttl_ms,
+                                            max(0, int(latency_s * 1000))])
         return [Claim(int(i), p.decode() if p else None) for i, p in zip(taken, previous)]
 
     def renew(self, window_start: int, indices: list[int]) -> list[int]:

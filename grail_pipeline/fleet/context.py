@@ -87,6 +87,14 @@ class SharedContext:
             return fleet
         raise UserError(f"the fleet context of hotkey {self.keys.hotkey} keeps vanishing in Redis")
 
+    def check(self, proposal: FleetContext) -> None:
+        """Refuse `proposal` now (the same UserError as `join`) when the fleet's context is another; join nothing.
+        A worker asks this before it loads its model, and joins after the load."""
+        fleet = self.current()
+        why = None if fleet is None else mismatch(proposal, fleet)
+        if why:
+            raise UserError(f"refused by the fleet of hotkey {self.keys.hotkey}: {why}")
+
     def keep_alive(self) -> bool:
         """Push the context's expiry out by `ttl_s`; False when it had expired (every worker was gone)."""
         return bool(self.client.pexpire(self.keys.context, self.ttl_ms))

@@ -95,15 +95,20 @@ class FleetView:
         }
 
     def snapshot(self, windows: list[int]) -> dict:
-        """The leader, each worker (beat, claims held and its oldest lease's time left) and each window."""
+        """The leader, each worker (beat, claims held and its oldest lease's time left) and each window.
+
+        A worker is the leader when it holds the leader lease now, whatever its last beat said: a killed
+        leader's beat (`"leader": true`) stays until it ages out, beside the new holder's."""
         held: dict[str, list[float]] = defaultdict(list)
         for window_start in windows:
             for lease in self.claims.leases(window_start):
                 held[lease.owner].append(lease.remaining_s)
         workers = Heartbeats(self.client, self.keys, "").read()
+        value = self.client.get(self.keys.leader)
+        leader = None if value is None else value.decode()
         for worker, beat in workers.items():
             beat["claims"] = len(held.get(worker, ()))
             beat["soonest_lease_s"] = min(held[worker]) if held.get(worker) else None
-        leader = self.client.get(self.keys.leader)
-        return {"leader": None if leader is None else leader.decode(), "workers": workers,
+            beat["leader"] = worker == leader
+        return {"leader": leader, "workers": workers,
                 "windows": [self.window(w) for w in windows]}

@@ -58,6 +58,25 @@ class LoadedModel:
         return int(self.model.config.vocab_size)
 
 
+@dataclass(frozen=True)
+class CheckpointSource:
+    """What `--model` names, known before any weight loads: the directory or hub id `from_pretrained` reads, the
+    name every commit carries and the checkpoint's window (a fleet refuses a worker on another one by these,
+    before it spends seconds to minutes loading)."""
+
+    source: str
+    name: str
+    checkpoint_window: int
+
+
+def checkpoint_source(model: str) -> CheckpointSource:
+    """`--model` resolved to its checkpoint (a dummy preset's written once first) and its metadata."""
+    ref = parse_model_ref(model)
+    source = str(dummy_checkpoint(ref.preset)) if ref.preset else ref.raw
+    metadata = checkpoint_metadata(source)
+    return CheckpointSource(source, str(metadata.get("model_name") or source), checkpoint_window_of(metadata))
+
+
 def resolve_device(device: str) -> torch.device:
     """`auto` picks the first GPU when there is one; an unusable device is a user error."""
     if device == "auto":
@@ -110,23 +129,23 @@ def load_config(model: str) -> PreTrainedConfig:
         raise unavailable(ref, exc) from None
 
 
-def load_model(model: str, device: str = "auto") -> LoadedModel:
-    """Load `--model` for inference: bf16 on GPU, float32 on CPU, eval mode, no gradients."""
+def load_model(model: str, device: str | torch.device = "auto",
+               checkpoint: CheckpointSource | None = None) -> LoadedModel:
+    """Load `--model` for inference: bf16 on GPU, float32 on CPU, eval mode, no gradients. `device` and
+    `checkpoint` may come resolved already (mining/choices.py)."""
     ref = parse_model_ref(model)
-    dev = resolve_device(device)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     attn = attention_implementation(dev)
     multi = dev.type == "cuda" and wants_multi_gpu()
-    source = str(dummy_checkpoint(ref.preset)) if ref.preset else ref.raw
-    net = _load_pretrained(ref, source, dev, dtype, attn, multi)
+    checkpoint = checkpoint or checkpoint_source(model)
+    net = _load_pretrained(ref, checkpoint.source, dev, dtype, attn, multi)
     net.eval()
     net.requires_grad_(False)
-    metadata = checkpoint_metadata(source)
-    name = str(metadata.get("model_name") or net.name_or_path or ref.raw)
     if multi:
         dev = torch.device("cuda:0")  # inputs go to the first shard
-    return LoadedModel(model=net, name=name, device=dev, dtype=dtype, attn_implementation=attn, source=source,
-                       checkpoint_window=checkpoint_window_of(metadata))
+    return LoadedModel(model=net, name=checkpoint.name, device=dev, dtype=dtype, attn_implementation=attn,
+                       source=checkpoint.source, checkpoint_window=checkpoint.checkpoint_window)
 
 
 def _load_pretrained(ref: ModelRef, source: str, dev: torch.device, dtype: torch.dtype, attn: str,

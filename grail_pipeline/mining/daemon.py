@@ -82,9 +82,9 @@ class Daemon:
         self.stopping = False
         self.stop_reason = "end of run"
         self.windows_written = 0
-        self.totals = {"rollouts": 0, "groups": 0, "cut_rollouts": 0}
+        self.totals = {"rollouts": 0, "groups": 0, "cut_rollouts": 0, "late_groups": 0}
         self.plan: DeadlinePlan | None = None
-        self.window_records: dict[str, dict] = {}
+        self.window_records: dict[str, dict] = dict(status.data.get("windows") or {})  # the files already on disk
         self._idle_mark = 0.0
         self.warming_up = False
         self._stage_mark: dict[str, float] = {}
@@ -149,7 +149,7 @@ class Daemon:
             s.out_dir, self.signer.ss58_address, s.worker, s.window_blocks, plan=plan,
             redraw=lambda task: self.source is not None and self.source.redraw(task),
             on_written=self._window_written, sample_size=s.verify_sample, run_seed=s.run_seed,
-            extra_metadata=extra_metadata,
+            extra_metadata=extra_metadata, on_late=self._late_group,
         )
 
         async def opened(window: WindowContext) -> None:  # the cut is timed from the open, whatever the source does
@@ -192,8 +192,9 @@ class Daemon:
             finally:
                 if self._self_check is not None:
                     self._self_check.close()
-        logger.info("stopped (%s): %d window file(s), %d on-time rollouts in %d groups, %d cut", self.stop_reason,
-                    self.windows_written, self.totals["rollouts"], self.totals["groups"], self.totals["cut_rollouts"])
+        logger.info("stopped (%s): %d window file(s), %d on-time rollouts in %d groups, %d cut (%d group(s) of them "
+                    "after their window's file)", self.stop_reason, self.windows_written, self.totals["rollouts"],
+                    self.totals["groups"], self.totals["cut_rollouts"], self.totals["late_groups"])
 
     async def _before_window(self, window: WindowContext) -> WindowContext | None:
         """The rotation's switch to the window's checkpoint, as the window opens (ProblemSource's hook)."""
@@ -240,7 +241,7 @@ class Daemon:
 
     # -- per window ---------------------------------------------------------------------------------
     async def _window_written(self, report: WindowReport, sample: list[dict]) -> None:
-        self.windows_written += 1
+        self.windows_written += 1 if report.file is not None else 0
         self.totals["rollouts"] += report.rollouts
         self.totals["groups"] += report.groups
         self.totals["cut_rollouts"] += report.cut_rollouts
@@ -252,7 +253,13 @@ class Daemon:
         idle_s, self._idle_mark = idle - self._idle_mark, idle
         depths = self.pipeline.queue_depths()
         margin = report.margin_s
+        for gap in report.gaps:
+            logger.warning("window %d: index %d %s%s: the file ends before it, %d stored rollouts after it cut",
+                           report.window_start, gap["index"], gap["state"],
+                           f" (held by {gap['owner']})" if gap.get("owner") else "", gap["rollouts_cut_after"])
         log = logger.info if report.on_time else logger.error
+        if report.file is None:
+            log = logger.warning
         log("window %d: %d on-time rollouts (%d groups%s), %d cut, file ready %s the deadline%s | "
             "GPU idle %.1f s since the last file | success %.1f %% (answer satisfies the formula; validator's flag "
             "with EOS: %.1f %%), mean reward %.3f | write %.2f s, %.1f KB/rollout | busy s %s | %s%s",
@@ -262,15 +269,15 @@ class Daemon:
             f" (failed indices {report.failed_indices}: the file ends at the first)" if report.failed_indices else "",
             idle_s, report.success_pct, report.validator_success_pct, report.mean_reward, report.write_seconds,
             report.file_bytes / max(1, report.rollouts) / 1e3, " ".join(f"{k}={v:g}" for k, v in busy.items()),
-            Path(report.file).name, " PARTIAL" if report.partial else "")
+            Path(report.file).name if report.file else "NO FILE (no rollout in it)", " PARTIAL" if report.partial else "")
         record = report.as_dict()
         record.update(idle_gpu_s=round(idle_s, 3), queue_depths=depths, stage_seconds=busy)
         if self.plan is not None:
             record["plan"] = self.plan.describe(report.window_start)
         self.window_records[str(report.window_start)] = record
-        await self._status(windows_written=self.windows_written, last_window=record, totals=dict(self.totals),
-                           windows=self.window_records,
-                           current_window=self.source.current_window if self.source else None)
+        await self._status(windows_written=self.windows_written, totals=dict(self.totals), windows=self.window_records,
+                           current_window=self.source.current_window if self.source else None,
+                           **({"last_window": record} if report.file is not None else {}))
         if sample and self._self_check is not None:
             try:
                 self._self_check.send_nowait((report.window_start, list(sample)))
@@ -279,6 +286,19 @@ class Daemon:
                                report.window_start)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass
+
+    async def _late_group(self, window_start: int, index: int, rollouts: int) -> None:
+        """A group that arrived after its window's file and was not counted there: cut, in the window's record
+        (made here when the window has none: its cut found nothing), the totals and the stopped line."""
+        self.totals["cut_rollouts"] += rollouts
+        self.totals["late_groups"] += 1
+        record = self.window_records.setdefault(str(window_start), {
+            "window_start": window_start, "file": None, "rollouts": 0, "groups": 0, "cut_groups": 0,
+            "cut_rollouts": 0})
+        record["cut_groups"] += 1
+        record["cut_rollouts"] += rollouts
+        record["late_groups"] = record.get("late_groups", 0) + 1
+        await self._status(windows=self.window_records, totals=dict(self.totals))
 
     async def _self_check_worker(self, receive: ObjectReceiveStream[tuple[int, list[dict]]]) -> None:
         """Each window's sample through the validator's method, in a process of its own that loads the checkpoint

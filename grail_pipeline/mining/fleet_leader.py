@@ -7,8 +7,10 @@ that is gone without a file recorded, and writes it. Per window:
 
 - **The stop and the cut.** The leader publishes `cut_at`, when the file starts being written, and
   `stop_at` = `cut_at` − the largest group latency any live worker reports in its heartbeat (a group
-  admitted on the slowest GPU must still arrive before the cut); after `stop_at` Redis hands out no index of
-  the window. `cut_at` is the leader's DeadlinePlan estimate (deadline − upload allowance − write time −
+  admitted on the slowest GPU must still arrive before the cut) − one claim lease (room for one re-issue: a
+  worker that dies holding an index claimed just before the stop lets its lease lapse within that time, and
+  the index, re-issued at once, is still generated before the cut); after `stop_at` Redis hands out no fresh
+  index of the window, only lapsed ones. `cut_at` is the leader's DeadlinePlan estimate (deadline − upload allowance − write time −
   margin) for the fleet's file: the expected rollouts that size the upload allowance and the write time
   come from the sum of the live workers' rates, so a 4-GPU fleet reserves ~4x a solo worker's. Every
   worker admits a claim only while its own measured latency brings the group in before `cut_at`
@@ -21,7 +23,8 @@ that is gone without a file recorded, and writes it. Per window:
   (nothing in flight), the leader seals the window (Redis then refuses late groups and claims), reads the
   contiguous prefix 0..N−1 of stored groups and writes the file with the solo sink's writer
   (`sink.write_window`: same name, schema and metadata), then records the report (on-time and cut
-  rollouts, margin) for `fleet-status`. The write runs beside the worker's loop, which keeps renewing the
+  rollouts, margin, and each index missing from the prefix: in flight, or lost with its dead holder's
+  lapsed lease, and the stored rollouts it cut) for `fleet-status`; nothing in the prefix: no file. The write runs beside the worker's loop, which keeps renewing the
   leader lease and beating meanwhile: in that run the writes took 2–3 s, longer than the 1-s lease, and
   with the loop blocked the lease passed mid-write.
 - **One writer per window.** The sealer writes the file. Another leader writes a window sealed by another
@@ -49,7 +52,7 @@ from grail_pipeline.fleet.retry import RedisUnavailable
 from grail_pipeline.mining.chain import WindowClock
 from grail_pipeline.mining.deadline import DeadlinePlan
 from grail_pipeline.mining.group_payload import decode_group
-from grail_pipeline.mining.sink import WindowContents, WindowReport, write_window
+from grail_pipeline.mining.sink import WindowContents, WindowReport, gap_costs, write_window
 from grail_pipeline.protocol.profile import PROFILE
 
 logger = logging.getLogger("grail_pipeline")
@@ -153,7 +156,8 @@ class FleetLeader:
             self._stopped.add(window_start)
             return
         cut_at = self.plan.estimated_cut(window_start)
-        self.member.plans.publish(window_start, stop_at=cut_at - latency, cut_at=cut_at)
+        room = self.member.timings.claim_lease_s  # a dead worker's last claim lapses and is re-issued in time
+        self.member.plans.publish(window_start, stop_at=cut_at - latency - room, cut_at=cut_at)
 
     def _due(self, window_start: int, now: float, live: dict[str, dict]) -> str | None:
         """"cut" or "complete" when the window's file is due now (this call sealed it, or a dead leader had);
@@ -214,19 +218,26 @@ class FleetLeader:
         """Read the window's prefix from Redis and write the file (the caller sealed the window: nothing lands
         in between unseen); record the report in Redis and hand it to the daemon."""
         m = self.member
-        prefix, issued, counts, stop_at = await anyio.to_thread.run_sync(lambda: m.guard.call(
+        prefix, issued, counts, stop_at, leases = await anyio.to_thread.run_sync(lambda: m.guard.call(
             lambda: (m.results.prefix(window_start), m.claims.issued(window_start), m.results.counts(window_start),
-                     m.plans.cut(window_start).stop_at), patience_s=self.member.timings.leader_ttl_s))
+                     m.plans.cut(window_start).stop_at, m.claims.leases(window_start)),
+            patience_s=self.member.timings.leader_ttl_s))
         groups = await anyio.to_thread.run_sync(lambda: [decode_group(g.payload) for g in prefix.groups])
         missing = [i for i in range(issued) if i not in counts]
+        in_flight = {lease.index: lease.owner for lease in leases if lease.remaining_s >= 0}
+        lapsed = {lease.index: lease.owner for lease in leases if lease.remaining_s < 0}
+        gaps = gap_costs(counts, {i: {"state": "in flight", "owner": in_flight[i]} if i in in_flight else
+                                  {"state": "lost: its claim lapsed and no re-generation could arrive in time",
+                                   "owner": lapsed.get(i)} for i in missing})
         window = dataclasses.replace(self.clock.context(window_start),
                                      checkpoint_window=self.checkpoint_window(window_start))
-        contents = WindowContents(
-            window=window, groups=groups, issued_groups=issued, cut_groups=prefix.cut_groups + len(missing),
-            cut_rollouts=prefix.cut_rollouts + PROFILE.rollouts_per_problem * len(missing), failed_indices=[],
-            missing_groups=missing, redraws=0,
+        contents = WindowContents(  # an index in flight is cut when it arrives; a lost one is never generated
+            window=window, groups=groups, issued_groups=issued,
+            cut_groups=prefix.cut_groups + len(in_flight.keys() & set(missing)),
+            cut_rollouts=prefix.cut_rollouts + PROFILE.rollouts_per_problem * len(in_flight.keys() & set(missing)),
+            failed_indices=[], missing_groups=missing, redraws=0,
             partial=trigger not in ("cut", "complete") and (stop_at is None or time.time() < stop_at),
-            opened=self.clock.time_of_block(window_start))
+            opened=self.clock.time_of_block(window_start), gaps=gaps)
         live = await anyio.to_thread.run_sync(lambda: m.guard.attempt(self.live))
         path = self.out_dir / PROFILE.window_file_name(self.hotkey, window_start)
         report = await write_window(path, self.hotkey, self.clock.window_blocks, contents, trigger, self.plan,
@@ -236,7 +247,7 @@ class FleetLeader:
                   "cut_groups": report.cut_groups, "cut_rollouts": report.cut_rollouts,
                   "margin_s": None if report.margin_s is None else round(report.margin_s, 3),
                   "on_time": report.on_time, "ready_at": round(report.ready_at, 3), "written": trigger,
-                  "written_by": m.worker}
+                  "written_by": m.worker, "missing_groups": report.missing_groups, "gaps": report.gaps}
         await anyio.to_thread.run_sync(lambda: m.guard.call(lambda: m.plans.record_written(window_start, record),
                                                             patience_s=m.timings.leader_ttl_s))
         self._done.add(window_start)

@@ -3,9 +3,11 @@ groups to Redis, and the loop that keeps its leases, its heartbeat and, while it
 
 The daemon is the solo one with three parts swapped (mining/daemon.py):
 - **Indices.** `FleetWorker.indices` is the ProblemSource's index provider: each index is a claim
-  (fleet/claims.py), lapsed ones first, so a dead worker's indices go to the next worker that asks. It ends
-  when Redis hands out nothing more (the leader's `stop_at` passed, or the file is written); while Redis is
-  away it waits (there is nothing to mine without an index) and checks every `CLAIM_RETRY_S` whether the
+  (fleet/claims.py), lapsed ones first, so a dead worker's indices go to the next worker that asks. After
+  the leader's `stop_at` Redis hands out no fresh index, but a lapsed one still, so the provider goes on
+  asking every `REISSUE_POLL_S` while other workers hold leases in the window and this worker's plan says a
+  group admitted now still makes the file; it ends when neither holds, or the file is written. While Redis
+  is away it waits (there is nothing to mine without an index) and checks every `CLAIM_RETRY_S` whether the
   window closed or the daemon is stopping. A dropped group is redrawn by the worker holding the index
   (the source's redraw queue), and released for another worker when it cannot be.
 - **The sink.** `FleetWorker.put` (the pipeline's GroupSink) converts the signed group's records to the
@@ -43,12 +45,13 @@ from typing import Any
 
 import anyio
 
-from grail_pipeline.fleet.connection import redacted
-from grail_pipeline.fleet.context import FleetContext
+from grail_pipeline.fleet.connection import connect, redacted
+from grail_pipeline.fleet.context import FleetContext, SharedContext
+from grail_pipeline.fleet.keys import FleetKeys
 from grail_pipeline.fleet.member import FleetMember, FleetTimings
 from grail_pipeline.fleet.results import SignedGroup as StoredGroup
 from grail_pipeline.fleet.retry import RedisUnavailable
-from grail_pipeline.inference.loading import LoadedModel
+from grail_pipeline.inference.loading import CheckpointSource
 from grail_pipeline.mining.chain import WindowClock
 from grail_pipeline.mining.deadline import DeadlinePlan
 from grail_pipeline.mining.fleet_leader import FleetLeader
@@ -63,6 +66,7 @@ from grail_pipeline.protocol.records import records_table
 logger = logging.getLogger("grail_pipeline")
 
 CLAIM_RETRY_S = 0.5  # while Redis is away: how often a waiting claim looks at the window and the stop
+REISSUE_POLL_S = 0.25  # after the stop: how often a worker looks for a dead worker's lapsed claims
 LEAVE_PATIENCE_S = 5.0  # a stopping worker's tries to hand its spill and claims over before it leaves
 SPILL_DIR = "spill"  # under --out-dir: shared by the workers of one machine, merged by any of them
 
@@ -75,14 +79,29 @@ def checkpoint_identity(name: str, checkpoint_window: int, source: str) -> str:
     return f"{name}@{checkpoint_window}#{hashlib.sha256(data).hexdigest()[:12]}"
 
 
-def join_fleet(settings: MineSettings, hotkey: str, loaded: LoadedModel) -> FleetMember:
+def proposal(settings: MineSettings, checkpoint: CheckpointSource) -> FleetContext:
+    """This worker's clock and checkpoint, as the fleet compares them."""
+    return FleetContext(genesis=settings.genesis, run_seed=settings.run_seed, block_time_s=settings.block_time_s,
+                        window_blocks=settings.window_blocks,
+                        checkpoint=checkpoint_identity(checkpoint.name, checkpoint.checkpoint_window, checkpoint.source))
+
+
+def check_fleet(settings: MineSettings, hotkey: str, checkpoint: CheckpointSource) -> None:
+    """Before anything slow: one UserError line when Redis is unreachable or the fleet mines another checkpoint
+    (or clock). A worker of another model was refused only after it had loaded it (22 s on the CPU)."""
+    assert settings.redis_url is not None
+    client = connect(settings.redis_url)
+    try:
+        SharedContext(client, FleetKeys(hotkey)).check(proposal(settings, checkpoint))
+    finally:
+        client.close()
+
+
+def join_fleet(settings: MineSettings, hotkey: str, checkpoint: CheckpointSource) -> FleetMember:
     """Join the hotkey's fleet at `settings.redis_url` with this worker's clock and checkpoint: one UserError
     line when Redis is unreachable or the fleet mines another checkpoint (or clock)."""
     assert settings.redis_url is not None
-    proposal = FleetContext(genesis=settings.genesis, run_seed=settings.run_seed, block_time_s=settings.block_time_s,
-                            window_blocks=settings.window_blocks,
-                            checkpoint=checkpoint_identity(loaded.name, loaded.checkpoint_window, loaded.source))
-    member = FleetMember.join(settings.redis_url, hotkey, proposal, settings.out_dir / SPILL_DIR,
+    member = FleetMember.join(settings.redis_url, hotkey, proposal(settings, checkpoint), settings.out_dir / SPILL_DIR,
                               timings_for(settings.window_seconds))
     t = member.timings
     logger.info("joined the fleet of %s at %s as %s (checkpoint %s, genesis %.3f; claims lapse %g s after their "
@@ -132,14 +151,18 @@ class FleetWorker:
     async def indices(self, window_start: int) -> AsyncGenerator[int, None]:
         """The ProblemSource's index provider: one claim per problem, until the fleet stops the window."""
         while not self.stopping() and self.clock.generation_open(window_start):
+            latency = self.plan.latency()
             try:
-                taken, cut_at = await anyio.to_thread.run_sync(lambda: self._claim(window_start))
+                taken, cut_at, others = await anyio.to_thread.run_sync(lambda: self._claim(window_start, latency))
             except RedisUnavailable:
                 continue
             if cut_at is not None:
                 self.plan.fix_cut(window_start, cut_at)
             if not taken:
-                return  # the leader's stop passed, or the window's file is written
+                if others and self.plan.admit(window_start):  # after the stop: a lease held elsewhere may lapse
+                    await anyio.sleep(REISSUE_POLL_S)
+                    continue
+                return  # the leader's stop passed and nothing can lapse in time, or the window's file is written
             claim = taken[0]
             self.held[window_start].add(claim.index)
             if claim.reissued_from:
@@ -147,17 +170,21 @@ class FleetWorker:
                             claim.index, claim.reissued_from or "?")
             yield claim.index
 
-    def _claim(self, window_start: int) -> tuple[list, float | None]:
+    def _claim(self, window_start: int, latency_s: float) -> tuple[list, float | None, bool]:
         """One claim (a worker thread). Spilled groups go first: after an outage their leases have lapsed, and
         merged they end those leases instead of being re-issued and mined twice. The fleet's published cut
-        is read with it, so the source admits the next problem only if this worker's latency makes it."""
+        is read with it, so the source admits the next problem only if this worker's latency makes it; with
+        no claim, also whether other workers hold leases in the window (one may lapse and be re-issued)."""
         m = self.member
         m.handover.merge_spill()
-        taken = m.guard.call(lambda: m.claims.claim(window_start, 1), patience_s=CLAIM_RETRY_S)
+        taken = m.guard.call(lambda: m.claims.claim(window_start, 1, latency_s), patience_s=CLAIM_RETRY_S)
         try:
-            return taken, m.guard.attempt(lambda: m.plans.cut(window_start)).cut_at
+            cut_at = m.guard.attempt(lambda: m.plans.cut(window_start)).cut_at
+            others = not taken and any(lease.owner != m.worker for lease in
+                                       m.guard.attempt(lambda: m.claims.leases(window_start)))
+            return taken, cut_at, others
         except RedisUnavailable:
-            return taken, None  # the claim stands; the cut is read with the next one
+            return taken, None, False  # the claim stands; the cut is read with the next one
 
     async def last_window(self, window_start: int) -> int | None:
         """The fleet's last window of a `--max-windows` run (ProblemSource's hook, as each window opens); None

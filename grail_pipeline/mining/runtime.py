@@ -7,75 +7,25 @@ the daemon runs.
 from __future__ import annotations
 
 import argparse
-import functools
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
-from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.engine import Engine, SamplingParams
-from grail_pipeline.inference.loading import (
-    LoadedModel,
-    load_config,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    wants_multi_gpu,
-)
-from grail_pipeline.inference.models import family_for, why_not_fast
+from grail_pipeline.inference.loading import LoadedModel, load_model, load_tokenizer
+from grail_pipeline.mining.choices import RunChoices, resolve_choices
 from grail_pipeline.mining.lengths import LengthProfile
 from grail_pipeline.mining.messages import ProvedGroup, SignedGroup
 from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
-from grail_pipeline.mining.rules import check_batch_size, check_workload, checked_length_profile
+from grail_pipeline.mining.rules import check_batch_size
 from grail_pipeline.mining.signing import GroupSigner, SigningPool
 from grail_pipeline.protocol.wallet import Signer
 from grail_pipeline.proving.batched import BatchedProver
 from grail_pipeline.proving.prefix import PrefixProver, supports_prefix_proofs
 from grail_pipeline.proving.proofs import Prover
 from grail_pipeline.proving.reference import ReferenceProver
-
-log = logging.getLogger("grail_pipeline")
-
-
-def resolve_engine(kind: str, device: torch.device, model: str) -> str:
-    """`auto` is the fast engine on a GPU and hf on the CPU; one model over several GPUs is hf only, and so is
-    a model no family of the fast engine runs (inference/models/; read from its config, before any weights).
-    `--engine fast` for such a model is a user error, `auto` falls back to hf and says why in one line."""
-    spread = device.type == "cuda" and wants_multi_gpu()
-    if kind == "auto":
-        if device.type != "cuda" or spread:
-            return "hf"
-        why = why_not_fast(load_config(model))
-        if why is not None:
-            _say_once(f"--engine auto: using the hf engine, since {why}")
-            return "hf"
-        return "fast"
-    if kind == "fast" and spread:
-        raise UserError("GRAIL_MULTI_GPU=1 spreads one model over every GPU, and the fast engine runs on one: "
-                        "use --engine hf, or one worker per GPU without GRAIL_MULTI_GPU")
-    if kind == "fast":
-        family_for(load_config(model))
-    return kind
-
-
-@functools.cache
-def _say_once(line: str) -> None:
-    """A warning logged once per process (the engine is resolved before the model loads and again after)."""
-    log.warning("%s", line)
-
-
-def preflight(args: argparse.Namespace, batch_sizes: list[int] | None) -> str:
-    """Check the shared flags (and any batch sizes) before anything slow; returns the engine kind."""
-    engine_kind = resolve_engine(args.engine, resolve_device(args.device), args.model)
-    check_workload(args.model, args.length_profile, args.max_new_tokens, args.max_prompt_tokens)
-    for size in batch_sizes or []:
-        check_batch_size(engine_kind, size)
-    return engine_kind
-
 
 @dataclass
 class Runtime:
@@ -94,14 +44,18 @@ class Runtime:
     _provers: dict[str, Prover] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Runtime":
-        lengths = checked_length_profile(args.model, args.length_profile, args.max_new_tokens)
-        tokenizer = load_tokenizer(args.model)
-        engine_kind = resolve_engine(args.engine, resolve_device(args.device), args.model)  # before the weights
-        loaded = load_model(args.model, args.device)
+    def from_choices(cls, choices: RunChoices) -> "Runtime":
+        """The tokenizer and the weights of the run's choices (mining/choices.py): the slow part, after them."""
+        tokenizer = load_tokenizer(choices.model)
+        loaded = load_model(choices.model, choices.device, choices.checkpoint)
         sampling = SamplingParams(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  max_new_tokens=args.max_new_tokens)
-        return cls(loaded, tokenizer, engine_kind, sampling, lengths, args.max_prompt_tokens)
+                                  max_new_tokens=choices.max_new_tokens)
+        return cls(loaded, tokenizer, choices.engine_kind, sampling, choices.lengths, choices.max_prompt_tokens)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Runtime":
+        """Choices and load in one call (scripts and tests; the commands resolve the choices first)."""
+        return cls.from_choices(resolve_choices(args))
 
     def check_batch_size(self, batch_size: int) -> None:
         check_batch_size(self.engine_kind, batch_size)

@@ -12,7 +12,12 @@ as an Arrow table (a tenth of the memory of the record dicts) until the window i
 A dropped group (a completion under the challenge size) is redrawn for the same index (`redraw`, the
 source's) up to `MAX_DRAWS` times; an index that still fails ends the file before it, and the report
 says how many rollouts after it that cost. Writing is temporary name, fsync, rename: after any stop,
-even SIGKILL, a file under the final name is complete.
+even SIGKILL, a file under the final name is complete. A window with no rollout in its prefix gets no
+file: a 0-row file scores nothing and only hides, in `verify`, that the window was lost.
+
+Every generated group is counted once: in the file, cut at the write (after a gap, or issued and still
+in flight: `missing_groups`, 16 rollouts each), or, arriving after the write without having been counted
+there (the cut found the window still issuing, or found nothing), handed to `on_late` for the status.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from grail_pipeline.mining.deadline import DeadlinePlan
 from grail_pipeline.mining.messages import ProblemTask, SignedGroup
 from grail_pipeline.mining.source import WindowClose
 from grail_pipeline.protocol.profile import PROFILE
-from grail_pipeline.protocol.records import INFERENCE_SCHEMA, records_table, write_window_table
+from grail_pipeline.protocol.records import records_table, write_window_table
 
 logger = logging.getLogger("grail_pipeline")
 
@@ -68,7 +73,7 @@ class WindowReport:
     """What was written for one window (the per-window summary and the status file's windows record)."""
 
     window_start: int
-    file: str
+    file: str | None  # None: nothing in the prefix, no file written
     partial: bool
     issued_groups: int
     groups: int  # in the file: 0..groups-1
@@ -78,6 +83,7 @@ class WindowReport:
     failed_indices: list[int]  # dropped MAX_DRAWS times or never redrawn: the file ends before the first
     redraws: int
     missing_groups: list[int]  # issued, not arrived when the file was written
+    gaps: list[dict]  # each missing or failed index, in order: why, who held it, the stored rollouts it cut
     completion_tokens: int  # of the rollouts in the file
     solved: int  # answers that satisfy the formula, EOS stripped (what a person calls success)
     validator_success: int  # the validator's `success` flag (scored text includes the trailing EOS)
@@ -167,7 +173,21 @@ class _OpenWindow:
 
 
 OnWritten = Callable[[WindowReport, list[dict]], Awaitable[None]]
+OnLate = Callable[[int, int, int], Awaitable[None]]  # (window start, group index, rollouts) cut after the write
 Redraw = Callable[[ProblemTask], bool]
+
+
+def gap_costs(stored: dict[int, int], missing: dict[int, dict]) -> list[dict]:
+    """Each index that is not in the file although a later one was issued (`missing`: index -> what is known
+    of it, e.g. its state and owner), lowest first, with the stored rollouts it cut: those after it and before
+    the next missing index (the first gap ends the file, so the first one also cost what the later ones did)."""
+    order = sorted(missing)
+    gaps = []
+    for k, index in enumerate(order):
+        following = order[k + 1] if k + 1 < len(order) else None
+        cost = sum(n for i, n in stored.items() if i > index and (following is None or i < following))
+        gaps.append({"index": index, **missing[index], "rollouts_cut_after": cost})
+    return gaps
 
 
 class WindowSink:
@@ -176,12 +196,13 @@ class WindowSink:
     `put` is the pipeline's GroupSink; `close_window` is the ProblemSource's on_close; `cut` is called
     by the daemon at the plan's cut time. `on_written` (optional) gets each window's report and up to
     `sample_size` of its file's records (a uniform sample, for the self-check). After `finish`, late puts
-    are refused with a warning.
+    are refused with a warning; one the write did not count as cut goes to `on_late`.
     """
 
     def __init__(self, out_dir: str | Path, hotkey: str, worker: WorkerSlot, window_blocks: int, *,
                  plan: DeadlinePlan | None = None, redraw: Redraw | None = None, extra_metadata: dict | None = None,
-                 on_written: OnWritten | None = None, sample_size: int = 0, run_seed: int = 0) -> None:
+                 on_written: OnWritten | None = None, sample_size: int = 0, run_seed: int = 0,
+                 on_late: OnLate | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.hotkey = hotkey
         self.worker = worker
@@ -194,7 +215,8 @@ class WindowSink:
         self.run_seed = run_seed
         self.reports: list[WindowReport] = []
         self.groups_sunk = 0
-        self.late: dict[int, int] = {}  # window start -> rollouts that arrived after its file was written
+        self.on_late = on_late
+        self._counted_missing: dict[int, set[int]] = {}  # window start -> in flight at the write, counted cut
         self._open: dict[int, _OpenWindow] = {}
         self._written: set[int] = set()
         self._lock = anyio.Lock()
@@ -221,13 +243,11 @@ class WindowSink:
         if self.plan is not None:
             self.plan.finished(task.key)
         if self._finished or start in self._written:
-            self.late[start] = self.late.get(start, 0) + group.rollouts
-            logger.warning("group %d of window %d arrived after the window's file was written: cut", task.index,
-                           start)
+            await self._late(group)
             return
         table = await anyio.to_thread.run_sync(records_table, group.records) if group.records else None
         if self._finished or start in self._written:  # written while the rows were being converted
-            self.late[start] = self.late.get(start, 0) + group.rollouts
+            await self._late(group)
             return
         state = self._window(task.window)
         if state.resolved(task.index):
@@ -259,6 +279,24 @@ class WindowSink:
                 self.plan.rate(state.rollouts / elapsed)
         if state.complete:
             await self._write(state, "complete")
+
+    async def _late(self, group: SignedGroup) -> None:
+        """A group after its window's file: cut. Counted at the write when it was in flight then (missing);
+        else (the window was still issuing at the cut, or the cut found nothing) counted now, by `on_late`."""
+        start, index = group.task.window.window_start, group.task.index
+        counted = self._counted_missing.get(start, set())
+        if index in counted:
+            counted.discard(index)
+            logger.warning("group %d of window %d arrived after the window's file was written: cut (counted at the "
+                           "write)", index, start)
+            return
+        if group.dropped:
+            logger.info("dropped group %d of window %d arrived after the window's file was written", index, start)
+            return
+        logger.warning("group %d of window %d arrived after the window's file was written: %d rollouts cut",
+                       index, start, group.rollouts)
+        if self.on_late is not None:
+            await self.on_late(start, index, group.rollouts)
 
     def _sample(self, state: _OpenWindow, records: list[dict]) -> None:
         """Reservoir sampling, so the self-check sees a uniform sample without keeping every record."""
@@ -332,12 +370,18 @@ class WindowSink:
             in_file = [state.groups[i] for i in range(count)]
             after_gap = [g for i, g in state.groups.items() if i >= count]
             missing = sorted(i for i in issued if not state.resolved(i))
+            self._counted_missing[start] = set(missing)
+            for old in [w for w in self._counted_missing if w < start - 2 * self.window_blocks]:
+                del self._counted_missing[old]
+            gaps = gap_costs({i: g.rollouts for i, g in state.groups.items()},
+                             {**{i: {"state": "in flight"} for i in missing},
+                              **{i: {"state": "failed"} for i in state.failed}})
             contents = WindowContents(
                 window=state.window, groups=in_file, issued_groups=len(issued),
                 cut_groups=len(after_gap) + len(missing),
                 cut_rollouts=sum(g.rollouts for g in after_gap) + PROFILE.rollouts_per_problem * len(missing),
                 failed_indices=sorted(state.failed), missing_groups=missing, redraws=state.redraws,
-                partial=state.partial, opened=state.opened)
+                partial=state.partial, opened=state.opened, gaps=gaps)
             report = await write_window(self.path_for(start), self.hotkey, self.window_blocks, contents, trigger,
                                         self.plan, {"worker_id": self.worker.worker_id,
                                                     "total_workers": self.worker.total_workers,
@@ -363,6 +407,7 @@ class WindowContents:
     redraws: int
     partial: bool
     opened: float | None  # unix time the window's first problem was issued (None: not known)
+    gaps: list[dict] = field(default_factory=list)  # gap_costs: the indices that end the file early
 
 
 async def write_window(path: Path, hotkey: str, window_blocks: int, contents: WindowContents, trigger: str,
@@ -371,12 +416,12 @@ async def write_window(path: Path, hotkey: str, window_blocks: int, contents: Wi
     and of a fleet's leader (mining/fleet_leader.py), so both files carry the same metadata.
 
     `trigger` is "complete", "cut" (the deadline plan's) or the reason of a stop; the plan (when given) names
-    the deadline and learns the write time and file size for the next window's cut.
+    the deadline and learns the write time and file size for the next window's cut. No group in the prefix:
+    no file (the report's `file` is None), and the report still says what was cut and why.
     """
     c = contents
     start = c.window.window_start
     rollouts = sum(g.rollouts for g in c.groups)
-    table = pa.concat_tables([g.table for g in c.groups]) if c.groups else INFERENCE_SCHEMA.empty_table()
     deadline = plan.times(start).deadline if plan is not None else None
     metadata = {
         "wallet": hotkey,
@@ -396,18 +441,20 @@ async def write_window(path: Path, hotkey: str, window_blocks: int, contents: Wi
         **window_checkpoint(c.window),
     }
     t0 = time.perf_counter()
-    await anyio.to_thread.run_sync(write_window_table, path, table, metadata)
+    if c.groups:
+        table = pa.concat_tables([g.table for g in c.groups])
+        await anyio.to_thread.run_sync(write_window_table, path, table, metadata)
     write_seconds = time.perf_counter() - t0
     ready_at = time.time()
-    nbytes = os.path.getsize(path)
+    nbytes = os.path.getsize(path) if c.groups else 0
     if plan is not None:
         plan.wrote(rollouts, write_seconds, nbytes)
     opened = c.opened or ready_at
     last = max((g.arrived for g in c.groups), default=opened)
     return WindowReport(
-        window_start=start, file=str(path), partial=c.partial, issued_groups=c.issued_groups, groups=len(c.groups),
+        window_start=start, file=str(path) if c.groups else None, partial=c.partial, issued_groups=c.issued_groups, groups=len(c.groups),
         rollouts=rollouts, cut_groups=c.cut_groups, cut_rollouts=c.cut_rollouts, failed_indices=c.failed_indices,
-        redraws=c.redraws, missing_groups=c.missing_groups,
+        redraws=c.redraws, missing_groups=c.missing_groups, gaps=c.gaps,
         completion_tokens=sum(g.completion_tokens for g in c.groups), solved=sum(g.solved for g in c.groups),
         validator_success=sum(g.validator_success for g in c.groups),
         reward_sum=sum(g.reward_sum for g in c.groups), seconds=max(0.0, last - opened), deadline=deadline,

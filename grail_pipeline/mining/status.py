@@ -12,6 +12,7 @@ success_pct, file, partial}, updated (unix time). More fields are added alongsid
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -20,6 +21,8 @@ from typing import Any
 
 from grail_pipeline.common.atomic import stale_temporaries, write_atomically
 from grail_pipeline.common.errors import UserError
+
+logger = logging.getLogger("grail_pipeline")
 
 STATES = ("starting", "mining", "draining", "stopped")
 LAST_WINDOW_FIELDS = ("window_start", "rollouts", "rollouts_per_s", "success_pct", "file", "partial")
@@ -88,3 +91,43 @@ def read_status(path: str | os.PathLike[str]) -> dict[str, Any]:
 def status_age(data: dict[str, Any], now: float | None = None) -> float:
     """Seconds since the status was last written."""
     return (time.time() if now is None else now) - float(data.get("updated", 0.0))
+
+
+def previous_windows(path: str | os.PathLike[str]) -> dict[str, dict]:
+    """The `windows` a previous run of this worker recorded (none when its status is missing or unreadable)."""
+    try:
+        windows = read_status(path).get("windows")
+    except UserError:
+        return {}
+    return windows if isinstance(windows, dict) else {}
+
+
+def reconciled_windows(out_dir: str | os.PathLike[str], hotkey: str, previous: dict[str, dict]) -> dict[str, dict]:
+    """The status's `windows` at start: one record per window file of `hotkey` in `out_dir`, the previous run's
+    where it has one, else one read from the file's metadata and modification time. A run killed between a
+    file and its status record (SIGKILL) left a file its status did not know, and `verify --status` exited 2."""
+    import pyarrow.parquet as pq  # here: a health check imports this module without pyarrow's start-up cost
+
+    windows: dict[str, dict] = {}
+    for path in sorted(Path(out_dir).glob(f"{hotkey}-window-*.parquet")):
+        try:
+            meta = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+            start = int(meta["window_start"])
+            mtime = path.stat().st_mtime
+        except (OSError, KeyError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            logger.warning("%s is not a readable window file (%s): left out of the status", path, exc)
+            continue
+        record = previous.get(str(start))
+        if record is None or Path(str(record.get("file"))).name != path.name:
+            deadline = float(meta["deadline"]) if "deadline" in meta else None
+            record = {"window_start": start, "file": str(path), "rollouts": int(meta.get("inference_count", 0)),
+                      "groups": int(meta.get("groups", 0)), "cut_groups": int(meta.get("cut_groups", 0)),
+                      "cut_rollouts": int(meta.get("cut_rollouts", 0)), "partial": meta.get("partial") == "true",
+                      "trigger": meta.get("written"), "deadline": deadline, "ready_at": round(mtime, 3),
+                      "margin_s": None if deadline is None else round(deadline - mtime, 3),
+                      "on_time": deadline is None or mtime <= deadline, "file_bytes": path.stat().st_size,
+                      "reconciled": "from the file: its run stopped before recording it"}
+            logger.warning("window %d: %s was not in the status (its run stopped between the file and the record): "
+                           "recorded from the file", start, path.name)
+        windows[str(start)] = record
+    return windows

@@ -64,7 +64,7 @@ BY_DESIGN = "fails by design on random weights (EOS is forced; every token is ~1
 
 # name, what it checks, one of F's checks (counts in the 'validator' verdict), soft (gates at a fraction)
 CHECKS: tuple[tuple[str, str, bool, bool], ...] = (
-    ("file", f"at least {PROFILE.min_file_bytes} bytes, named {{wallet}}-window-{{window_start}}.parquet", True, False),
+    ("file", f"at least {PROFILE.min_file_bytes} bytes and one rollout, named {{wallet}}-window-{{window_start}}.parquet", True, False),
     ("deadline", "modified no later than the upload deadline (--status or the file's deadline metadata)", True, False),
     ("metadata", "wallet, window, inference_count match the rows", True, False),
     ("checkpoint", "checkpoint_window = the checkpoint's window (metadata.json or --checkpoint-window)", True, False),
@@ -405,6 +405,7 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
     if expected_checkpoint_window is None and loaded is not None:
         expected_checkpoint_window = loaded.checkpoint_window
     _check_file(checks["file"], path, metadata, profile)
+    checks["file"].record(bool(records), "no rollout in the file (it scores nothing; a window with none gets no file)")
     if checks["deadline"].checked == 0:
         _check_deadline(checks["deadline"], path, deadline)
     _check_metadata(checks["metadata"], metadata, records)

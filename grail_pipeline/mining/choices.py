@@ -1,0 +1,88 @@
+"""A run's choices, made in one place before anything slow: the model and its checkpoint, the device, the
+engine, the lengths and the workload's limits, as one value that the runtime and the commands read.
+
+Following `mine`'s arguments through the code, they went down from mining/ into inference/ and back up six
+times: the model reference was parsed five times (the rules' length default and context check, the engine
+choice, the tokenizer, the weights), the device resolved in the preflight, in `Runtime.from_args` and in
+`loading`, and the checkpoint's identity (source, commit name, window) was known only once the weights had
+loaded, so a fleet refused a worker of another model after 22 s of loading it on the CPU. `resolve_choices`
+makes each choice once, reading configs and metadata but no weights (a dummy preset's checkpoint is written
+on first use, as its load would); every flag's mistake is one UserError line from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.inference.loading import (
+    CheckpointSource,
+    checkpoint_source,
+    load_config,
+    resolve_device,
+    wants_multi_gpu,
+)
+from grail_pipeline.inference.models import family_for, why_not_fast
+from grail_pipeline.mining.lengths import LengthProfile
+from grail_pipeline.mining.rules import check_batch_size, check_workload
+
+log = logging.getLogger("grail_pipeline")
+
+
+@dataclass(frozen=True)
+class RunChoices:
+    """What a run mines or measures with, resolved from its flags once (`resolve_choices`)."""
+
+    model: str  # the --model value as given (a hub id, a checkpoint directory or a dummy preset)
+    checkpoint: CheckpointSource  # what from_pretrained reads, the name every commit carries, its window
+    device: torch.device
+    engine_kind: str  # "hf" or "fast"
+    lengths: LengthProfile
+    max_new_tokens: int
+    max_prompt_tokens: int
+
+
+def resolve_engine(kind: str, device: torch.device, model: str) -> str:
+    """`auto` is the fast engine on a GPU and hf on the CPU; one model over several GPUs is hf only, and so is
+    a model no family of the fast engine runs (inference/models/; read from its config, before any weights).
+    `--engine fast` for such a model is a user error, `auto` falls back to hf and says why in one line."""
+    spread = device.type == "cuda" and wants_multi_gpu()
+    if kind == "auto":
+        if device.type != "cuda" or spread:
+            return "hf"
+        why = why_not_fast(load_config(model))
+        if why is not None:
+            _say_once(f"--engine auto: using the hf engine, since {why}")
+            return "hf"
+        return "fast"
+    if kind == "fast" and spread:
+        raise UserError("GRAIL_MULTI_GPU=1 spreads one model over every GPU, and the fast engine runs on one: "
+                        "use --engine hf, or one worker per GPU without GRAIL_MULTI_GPU")
+    if kind == "fast":
+        family_for(load_config(model))
+    return kind
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    """A warning logged once per process (a rotation resolves the engine again for each new architecture)."""
+    log.warning("%s", line)
+
+
+def resolve_choices(args: argparse.Namespace, batch_sizes: list[int] | None = None) -> RunChoices:
+    """The run's choices from its flags (`model`, `device`, `engine`, `length_profile`, `max_new_tokens`,
+    `max_prompt_tokens`), and `batch_sizes` checked against the engine: one UserError line before anything
+    slow when any is wrong."""
+    device = resolve_device(args.device)
+    engine_kind = resolve_engine(args.engine, device, args.model)
+    lengths = check_workload(args.model, args.length_profile, args.max_new_tokens, args.max_prompt_tokens)
+    for size in batch_sizes or []:
+        check_batch_size(engine_kind, size)
+    return RunChoices(model=args.model, checkpoint=checkpoint_source(args.model), device=device,
+                      engine_kind=engine_kind, lengths=lengths, max_new_tokens=args.max_new_tokens,
+                      max_prompt_tokens=args.max_prompt_tokens)
