@@ -11,19 +11,29 @@ command's --help renders.
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import math
+import os
+import random
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import run_cli
 
 from grail_pipeline.cli import main as cli
-from grail_pipeline.protocol.records import write_window_file
+from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.records import INFERENCE_SCHEMA, build_rollout_record, write_window_file
+from grail_pipeline.protocol.wallet import ephemeral_signer
 from grail_pipeline.tools.calibration_file import save_entry
 
 CPU = "cpu"
@@ -198,7 +208,7 @@ CASES = [
     C("benchmark", "--verify", "-1", expect="--verify takes a positive number of rollouts"),
     # --- calibrate
     C("calibrate", "--calibration", "/proc/nope/cal.yaml", expect="cannot write --calibration /proc/nope/cal.yaml"),
-    C("calibrate", "--calibration", "/tmp", expect="calibration file /tmp cannot be read"),
+    C("calibrate", "--calibration", "/tmp", expect="calibration file /tmp is a directory, not a file"),
     C("calibrate", "--headroom-gb", "-1", expect="argument --headroom-gb: '-1' cannot be negative"),
     C("calibrate", "--headroom-gb", "64", expect="--headroom-gb 64 leaves nothing of 64.0 GB"),
     C("calibrate", "--memory-gb", "inf", expect="argument --memory-gb: 'inf' is not a finite number"),
@@ -371,3 +381,172 @@ def test_a_failed_emit_into_a_file_says_the_file_is_empty(calibration, tmp_path)
     run = subprocess.run([*command, "--out", str(target)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "left empty" not in run.stderr
     assert target.read_text() == "the previous file\n"  # --out: whole or not at all
+
+
+# --- window files: every field of a row, the metadata, and the file itself, as `verify` meets them (issue #26)
+ROWS = 16  # one group
+WINDOW = 60
+BLOCK_HASH = "0x" + "ab" * 32
+
+
+def honest_rows() -> list[dict]:
+    """One group of well-formed rows as a real miner writes them (the signatures are not real: the schema is
+    what these cases are about, and no case needs a model)."""
+    signer = ephemeral_signer()
+    rng = random.Random(7)
+    rows = []
+    for index in range(ROWS):
+        tokens = [rng.randrange(1000, 100_000) for _ in range(40)]
+        commitments = [{"sketch": rng.randrange(PROFILE.prime_q), "indices": list(range(PROFILE.proof_topk)),
+                        "position": p} for p in range(len(tokens))]
+        rows.append(build_rollout_record(
+            window_start=WINDOW, block=WINDOW + 1, block_hash=BLOCK_HASH, randomness="cd" * 32, use_drand=False,
+            checkpoint_window=0, rollout_group=0, rollout_index=index, total_in_group=16,
+            nonce=PROFILE.nonce(0, index), tokens=tokens, prompt_length=20, commitments=commitments,
+            token_logprobs=[0.0] * 40, model_name="dummy:tiny", commit_signature="ab" * 64, total_reward=0.0,
+            advantage=0.0, success=False, assignment=[True], hotkey=signer.ss58_address, challenge="c",
+            signature="cd" * 64))
+    return rows
+
+
+def leaf_paths(fields, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every field of INFERENCE_SCHEMA, structs and their members alike."""
+    paths = []
+    for f in fields:
+        paths.append((*prefix, f.name))
+        if pa.types.is_struct(f.type):
+            paths.extend(leaf_paths(list(f.type), (*prefix, f.name)))
+    return paths
+
+
+def put(row: dict, path: tuple, value: object) -> None:
+    for key in path[:-1]:
+        row = row[key]
+    row[path[-1]] = value
+
+
+BAD_ROW = 3
+# (field path in the file's form, the value written there, what the one problem names); JSON fields hold text
+ROW_CASES = [(path, None, ".".join(path)) for path in leaf_paths(list(INFERENCE_SCHEMA))] + [
+    (("commit", "tokens"), [5, None, 7] * 13 + [5], "commit.tokens.1"),
+    (("commit", "tokens"), [5, -3] * 20, "commit.tokens.1: input should be greater than or equal to 0"),
+    (("commit", "commitments"), json.dumps(list(range(40))), "commit.commitments.0: input should be a valid dict"),
+    (("commit", "commitments"), "7", "commit.commitments: input should be a valid list"),
+    (("commit", "commitments"), "null", "commit.commitments: input should be a valid list"),
+    (("commit", "commitments"), "{not json", "commit.commitments is not JSON"),
+    (("commit", "commitments"), "[" * 20_000 + "]" * 20_000, "commit.commitments is not JSON (nested too deep)"),
+    (("commit", "commitments"), json.dumps([{"sketch": "1", "indices": [], "position": 0}] * 40),
+     "commit.commitments.0.sketch: input should be a valid integer"),
+    (("commit", "commitments"), json.dumps([{"sketch": 1, "indices": [-1], "position": 0}] * 40),
+     "commit.commitments.0.indices.0: input should be greater than or equal to 0"),
+    (("commit", "beacon"), '"abc"', "commit.beacon: input should be a valid dict"),
+    (("commit", "beacon"), "[]", "commit.beacon: input should be a valid dict"),
+    (("commit", "beacon"), '{"randomness": 5}', "commit.beacon.randomness: input should be a valid string"),
+    (("commit", "beacon"), "{}", "commit.beacon.randomness: field required"),
+    (("commit", "rollout", "trajectory"), "\ufffd", "commit.rollout.trajectory is not JSON"),
+    (("commit", "rollout", "total_reward"), math.nan, "commit.rollout.total_reward: input should be a finite number"),
+    (("commit", "rollout", "advantage"), math.inf, "commit.rollout.advantage: input should be a finite number"),
+    (("commit", "rollout", "token_logprobs"), [None] * 40, "commit.rollout.token_logprobs.0"),
+    (("commit", "rollout", "assignment"), [True, None], "commit.rollout.assignment.1"),
+    (("commit", "rollout", "prompt_length"), -20, "commit.rollout.prompt_length: input should be greater than"),
+    (("rollout_index",), -1, "rollout_index: input should be greater than or equal to 0"),
+    (("rollout_group",), -2, "rollout_group: input should be greater than or equal to 0"),
+    (("window_start",), -60, "window_start: input should be greater than or equal to 0"),
+]
+
+
+def write_rows(path: Path, rows: list[dict], metadata: dict[bytes, bytes] | None = None) -> Path:
+    """Rows in the file's form (JSON fields as text) written as Parquet with INFERENCE_SCHEMA, as anyone could."""
+    table = pa.Table.from_pylist(rows, schema=INFERENCE_SCHEMA)
+    wallet = rows[0]["hotkey"] if rows and rows[0]["hotkey"] else "5x"
+    meta = {b"wallet": wallet.encode(), b"window_start": str(WINDOW).encode(), b"window_length": b"30",
+            b"inference_count": str(len(rows)).encode(), b"block_hash": BLOCK_HASH.encode()}
+    pq.write_table(table.replace_schema_metadata({**meta, **(metadata or {})}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def file_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The honest group in the file's form, read back from a file written by write_window_file."""
+    path = tmp_path_factory.mktemp("honest") / "w.parquet"
+    write_window_file(path, honest_rows(), {"wallet": "5x", "window_start": WINDOW, "window_length": 30})
+    return pq.read_table(path).to_pylist()
+
+
+def verify_json(capsys, path: Path) -> tuple[int, dict, str]:
+    rc, out, err = run_cli(capsys, "verify", str(path), "--skip-proofs", "--json")
+    return rc, (json.loads(out) if out else {}), err
+
+
+def test_an_honest_file_passes_the_schema(file_rows, tmp_path, capsys) -> None:
+    rc, report, err = verify_json(capsys, write_rows(tmp_path / "w.parquet", copy.deepcopy(file_rows)))
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["structure"]["checked"] == checks["structure"]["passed"] == ROWS, checks["structure"]
+    assert checks["metadata"]["passed"] == checks["metadata"]["checked"], checks["metadata"]
+
+
+@pytest.mark.parametrize(("path", "value", "expect"), ROW_CASES,
+                         ids=[f"{'.'.join(c[0])}={str(c[1])[:20]}" for c in ROW_CASES])
+def test_a_malformed_row_is_a_failed_check_at_its_row(path, value, expect, file_rows, tmp_path, capsys) -> None:
+    """verify reads the whole file: the bad row fails `structure` at its file row, the others are checked."""
+    rows = copy.deepcopy(file_rows)
+    put(rows[BAD_ROW], path, value)
+    rc, report, err = verify_json(capsys, write_rows(tmp_path / "w.parquet", rows))
+    assert rc == 1 and err == "", err
+    structure = next(c for c in report["checks"] if c["name"] == "structure")
+    assert structure["checked"] == ROWS and structure["passed"] == ROWS - 1, structure
+    assert structure["problems"][0].startswith(f"file row {BAD_ROW}: ") and expect in structure["problems"][0], \
+        structure["problems"]
+    assert report["verdicts"]["validator"]["failed"]["structure"] and report["rollouts"] == ROWS
+    signatures = next(c for c in report["checks"] if c["name"] == "signatures")
+    assert signatures["checked"] == ROWS - 1  # every other row was still read and checked
+
+
+META_CASES = [
+    ({b"window_start": b"\xff\xfe"}, "metadata window_start '\\\\xff\\\\xfe' is not a whole number"),
+    ({b"window_start": b"sixty"}, "metadata window_start 'sixty' is not a whole number"),
+    ({b"window_start": b"9" * 30}, "is not a whole number"),
+    ({b"window_length": b"garbage"}, "metadata window_length 'garbage' is not a whole number"),
+    ({b"window_length": b"0"}, "metadata window_length is 0"),
+    ({b"inference_count": b"-1"}, "metadata inference_count '-1' is not a whole number"),
+    ({b"wallet": b"\x80\x81"}, "rows signed by another hotkey than the file's wallet"),
+    ({b"\xff": b"\xff", b"deadline": b"soon"}, "deadline metadata 'soon' is not a number"),
+]
+
+
+@pytest.mark.parametrize(("metadata", "expect"), META_CASES, ids=[str(m) for m, _ in META_CASES])
+def test_bad_metadata_fails_the_metadata_check(metadata, expect, file_rows, tmp_path, capsys) -> None:
+    rc, report, err = verify_json(capsys, write_rows(tmp_path / "w.parquet", copy.deepcopy(file_rows), metadata))
+    assert rc == 1 and err == "", err
+    problems = [p for c in report["checks"] for p in c["problems"]]
+    assert any(expect in p for p in problems), problems
+    json.dumps(report, ensure_ascii=True)  # what was not UTF-8 is printable
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def holding(data: bytes) -> Callable[[Path], Path]:
+    def make(path: Path) -> Path:
+        path.write_bytes(data)
+        return path
+    return make
+
+
+# (how the file is made, what the one line says): these are not window files at all, so no check can run
+FILE_CASES = [
+    (lambda p: p.mkdir() or p, "is a directory, not a file"),
+    (lambda p: fifo(p), "is not a regular file (a pipe, socket or device)"),
+    (holding(b""), "is not a readable Parquet file"),
+    (holding(b"PAR1" + bytes(300) + b"PAR1"), "is not a readable Parquet file"),
+    (lambda p: pq.write_table(pa.table({"x": [1]}), p) or p, "does not have the GRAIL window schema"),
+]
+
+
+@pytest.mark.parametrize(("make", "expect"), FILE_CASES, ids=["directory", "fifo", "empty", "garbage", "foreign"])
+def test_what_is_not_a_window_file_is_one_line(make, expect, tmp_path, capsys) -> None:
+    path = make(tmp_path / "w.parquet")
+    rc, out, err = run_cli(capsys, "verify", str(path), "--skip-proofs")
+    assert (rc, out) == (2, "") and err.count("\n") == 1 and expect in err, err

@@ -128,6 +128,7 @@ def render(report: FileReport, out: Any = None) -> None:
 def run(args: argparse.Namespace) -> int:
     from grail_pipeline.inference.loading import load_model, load_tokenizer
     from grail_pipeline.protocol.records import read_window_file
+    from grail_pipeline.protocol.window_schema import metadata_window, row_problem
     from grail_pipeline.tools.window_check import check_window_file
 
     if args.proof_sample < 0:
@@ -135,13 +136,14 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint_window is not None and args.checkpoint_window < 0:
         raise UserError("--checkpoint-window takes a window number, at least 0")
     path = Path(args.path)
-    contents = read_window_file(path)  # a broken file is one line before any model loads
-    records, metadata = contents
-    window_start = records[0]["window_start"] if records else metadata.get("window_start")
+    contents = read_window_file(path)  # an unreadable file is one line before any model loads
+    rows, metadata = contents
+    first = next((r for r in rows if row_problem(r) is None), None)  # malformed rows are failed checks, later
+    window_start = first["window_start"] if first else metadata_window(metadata)
     deadline = status_deadline(args.status, window_start) if args.status else None  # also before the model
-    model_ref = args.model or (records[0]["commit"]["model"]["name"] if records else None)
+    model_ref = args.model or (first["commit"]["model"]["name"] if first else None)
     tokenizer = load_tokenizer(model_ref) if model_ref else None  # an empty file has nothing to score
-    loaded = None if args.skip_proofs or not records else load_model(model_ref, args.device)
+    loaded = None if args.skip_proofs or first is None else load_model(model_ref, args.device)
     report = check_window_file(path, tokenizer, loaded, args.proof_sample, contents=contents,
                                expected_checkpoint_window=args.checkpoint_window, deadline=deadline)
     if args.json:
