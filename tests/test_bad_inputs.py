@@ -130,7 +130,7 @@ CASES = [
     C("make-checkpoints", "--first-window", "-5", expect="argument --first-window: '-5' cannot be negative"),
     C("make-checkpoints", "--every-blocks", "0", expect="argument --every-blocks: '0' must be at least 1"),
     C("make-checkpoints", "--noise", "-1", expect="argument --noise: '-1' cannot be negative"),
-    C("make-checkpoints", "--seed", "x", expect="argument --seed: invalid int value: 'x'"),
+    C("make-checkpoints", "--seed", "x", expect="argument --seed: 'x' is not a whole number"),
     C("make-checkpoints", "--model-name", "{x}", expect="--model-name '{x}': the only field it may name is {window}"),
     C("make-checkpoints", "--ready-every", "-1", expect="argument --ready-every: '-1' cannot be negative"),
     # --- fleet-status: a fleet's view, from its Redis
@@ -175,7 +175,7 @@ CASES = [
     C("mine", "--out-dir", "/proc/nope", expect="cannot create --out-dir /proc/nope"),
     C("mine", "--status-file", "/proc/nope/status.json", expect="cannot write the status file /proc/nope/status.json"),
     C("mine", "--window-blocks", "0", expect="argument --window-blocks: '0' must be at least 1"),
-    C("mine", "--run-seed", "x", expect="argument --run-seed: invalid int value: 'x'"),
+    C("mine", "--run-seed", "x", expect="argument --run-seed: 'x' is not a whole number"),
     C("mine", "--verify-sample", "-1", expect="--verify-sample takes a number of rollouts, at least 0"),
     C("mine", "--upload-allowance", "-1", expect="argument --upload-allowance: '-1' cannot be negative"),
     C("mine", "--max-windows", "0", expect="argument --max-windows: '0' must be at least 1"),
@@ -202,7 +202,7 @@ CASES = [
     C("benchmark", "--num-problems", "0", expect="argument --num-problems: '0' must be at least 1"),
     C("benchmark", "--workers", "x", expect="argument --workers: 'x' is not a whole number"),
     C("benchmark", "--full-benchmark=yes", expect="argument --full-benchmark: ignored explicit argument 'yes'"),
-    C("benchmark", "--seed", "x", expect="argument --seed: invalid int value: 'x'"),
+    C("benchmark", "--seed", "x", expect="argument --seed: 'x' is not a whole number"),
     C("benchmark", "--warmup-problems", "-1", expect="--warmup-problems cannot be negative"),
     C("benchmark", "--window-blocks", "0", expect="argument --window-blocks: '0' must be at least 1"),
     C("benchmark", "--verify", "-1", expect="--verify takes a positive number of rollouts"),
@@ -222,7 +222,7 @@ CASES = [
     C("calibrate", "--engine", "fast", "--batch-sizes", "8", expect="must be at least 16 (one problem's rollouts)"),
     C("calibrate", "--num-problems", "0", expect="argument --num-problems: '0' must be at least 1"),
     C("calibrate", "--warmup-problems", "-1", expect="--warmup-problems cannot be negative"),
-    C("calibrate", "--seed", "x", expect="argument --seed: invalid int value: 'x'"),
+    C("calibrate", "--seed", "x", expect="argument --seed: 'x' is not a whole number"),
     # --- verify (what it checks today; the file's contents are test_verify_cmd's)
     C("verify", "--model", "dummy:nope", expect="unknown model preset 'dummy:nope'"),
     C("verify", "--device", expect="argument --device: expected one argument"),
@@ -231,6 +231,38 @@ CASES = [
     C("verify", "--status", "/no/such/status.json", expect="status file /no/such/status.json does not exist"),
     C("verify", "--checkpoint-window", "-1", expect="--checkpoint-window takes a window number, at least 0"),
     C("verify", "--json=yes", expect="argument --json: ignored explicit argument 'yes'"),
+]
+# --- numbers, by range (issue #26): digits str.isdigit() accepts and int() refuses, values beyond int64 (the
+# window file's columns, the seeds' generators), and values that parse but make no sense
+CASES += [
+    C("emit-pm2", "--gpus", "²", expect="--gpus takes GPU indices (whole numbers), got '²'"),
+    C("emit-pm2", "--gpus", "0,①", expect="--gpus takes GPU indices (whole numbers), got '①'"),
+    C("emit-pm2", "--node-index", "١", expect="argument --node-index: '١' is not a whole number"),
+    C("emit-pm2", "--redis-node", str(2**64), expect=f"argument --redis-node: '{2**64}' is out of range"),
+    C("benchmark", "--batch-sizes", "16,²", expect="batch sizes must be positive whole numbers, got '²'"),
+    C("calibrate", "--batch-sizes", "①", expect="batch sizes must be positive whole numbers, got '①'"),
+    C("mine", expect="GRAIL_GENERATION_BATCH_SIZE='²' must be a positive whole number",
+      env={"GRAIL_GENERATION_BATCH_SIZE": "²"}),
+    C("mine", expect="GRAIL_WORKER_ID='①' is not a whole number", env={"GRAIL_WORKER_ID": "①"}),
+    C("mine", expect=f"GRAIL_MINER_SAFETY_BLOCKS {10**30} must be between", env={"GRAIL_MINER_SAFETY_BLOCKS": str(10**30)}),
+    C("mine", expect="GRAIL_USE_FLASH_ATTENTION='maybe' must be 1 or 0", env={"GRAIL_USE_FLASH_ATTENTION": "maybe"}),
+    C("mine", "--run-seed", str(2**64), expect=f"argument --run-seed: '{2**64}' is out of range"),
+    C("mine", "--window-blocks", str(10**12), expect=f"--window-blocks {10**12} must be between 1 and 7200"),
+    C("mine", "--upload-allowance", "360", expect="--upload-allowance 360 s is not less than the window's 360 s"),
+    C("mine", "--length-profile", "fixed:8",
+      expect="length profile 'fixed:8' allows at most 8 tokens: every completion would be under the protocol's "
+             "minimum of 16"),
+    C("mine", "--max-new-tokens", "15", "--length-profile", "natural", expect="--max-new-tokens allows at most 15"),
+    C("benchmark", "--seed", str(2**63), expect=f"argument --seed: '{2**63}' is out of range"),
+    C("benchmark", "--window-blocks", str(10**12), expect=f"--window-blocks {10**12} must be between 1 and 7200"),
+    C("benchmark", "--length-profile", "fixed:8", expect="every completion would be under the protocol's minimum"),
+    C("calibrate", "--seed", "1e3", expect="argument --seed: '1e3' is not a whole number"),
+    C("verify", "--checkpoint-window", str(2**70), expect=f"argument --checkpoint-window: '{2**70}' is out of range"),
+    C("make-checkpoints", "--windows", f"0,{2**64}", expect=f"window {2**64} is beyond {2**63 - 1}"),
+    C("make-checkpoints", "--seed", str(10**17), expect=f"--seed {10**17} must be at least 0 and at most"),
+    C("make-checkpoints", "--noise", "1e308", expect="--noise 1e+308 makes tensor"),
+    C("make-checkpoints", "--out", "", expect="--out is empty (an unset shell variable?)"),
+    C("fleet-status", "--windows", str(10**30), expect=f"argument --windows: '{10**30}' is out of range"),
 ]
 VERIFY_MISSING = C("verify", expect="window file /no/such.parquet does not exist")  # the positional PATH
 
@@ -550,3 +582,21 @@ def test_what_is_not_a_window_file_is_one_line(make, expect, tmp_path, capsys) -
     path = make(tmp_path / "w.parquet")
     rc, out, err = run_cli(capsys, "verify", str(path), "--skip-proofs")
     assert (rc, out) == (2, "") and err.count("\n") == 1 and expect in err, err
+
+
+@pytest.mark.parametrize(("argv", "dest", "says"), [
+    (["mine", "--dry-run", "--out-dir", ""], "out_dir", "--out-dir is empty (an unset shell variable?): using the default"),
+    (["mine", "--dry-run", "--status-file", " "], "status_file", "--status-file is empty"),
+    (["benchmark", "--json", ""], "json", "--json is empty (an unset shell variable?): no JSON is written"),
+    (["emit-pm2", "--out", ""], "out", "--out is empty (an unset shell variable?): printing to stdout"),
+    (["emit-pm2", "--cwd", ""], "cwd", "--cwd is empty (an unset shell variable?): using the current directory"),
+])
+def test_an_empty_path_warns_in_one_line_and_means_the_default(argv, dest, says, capsys) -> None:
+    """`--out-dir "$UNSET"` went somewhere else without a word; now the default is used, and said."""
+    args = cli.build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert getattr(args, dest) is None and err.count("\n") == 1 and says in err, err
+    if argv[0] == "mine":
+        from grail_pipeline.cli.mine import default_out_dir, resolve_settings
+
+        assert resolve_settings(args, {}).out_dir == default_out_dir({})

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 
+from grail_pipeline.cli.arguments import whole_int
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.protocol.profile import PROFILE
 
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--redis-url", default=None, help="default $GRAIL_REDIS_URL")
     p.add_argument("--hotkey", default=None,
                    help="the fleet's hotkey (ss58); default the wallet's (BT_WALLET_COLD, BT_WALLET_HOT)")
-    p.add_argument("--windows", type=int, default=3, help="how many recent windows to show (default 3)")
+    p.add_argument("--windows", type=whole_int, default=3, help="how many recent windows to show (default 3)")
     p.add_argument("--json", action="store_true", help="the snapshot as JSON")
     p.set_defaults(func=run)
 
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         now_s = server_now_ms(client) / 1000
         block = max(0, int((now_s - context.genesis) // context.block_time_s))
         current = block // context.window_blocks * context.window_blocks
-        windows = [w for w in (current - k * context.window_blocks for k in range(args.windows)) if w >= 0]
+        shown = min(args.windows, current // context.window_blocks + 1)  # windows before block 0 do not exist
+        windows = [current - k * context.window_blocks for k in range(shown)]
     view = FleetView(client, keys, Claims(client, keys, "fleet-status", 1.0, timings.window_ttl_s),
                      Results(client, keys, timings.window_ttl_s), WindowPlans(client, keys, timings.window_ttl_s))
     snapshot = {"hotkey": hotkey, "context": None if context is None else json.loads(context.to_json()),

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grail_pipeline.cli.arguments import whole_int
 from grail_pipeline.common.errors import UserError
 
 if TYPE_CHECKING:
@@ -59,12 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-proofs", action="store_true",
                    help="no model: no tokens, proofs, termination or distribution check (and no checkpoint "
                         "check without --checkpoint-window)")
-    p.add_argument("--proof-sample", type=int, default=0, metavar="N",
+    p.add_argument("--proof-sample", type=whole_int, default=0, metavar="N",
                    help="strict proof check on N rollouts spread over the file (default 0: all); F's sample is "
                         "always proved")
     p.add_argument("--status", default=None, metavar="PATH",
                    help="the daemon's status JSON: the deadline of this file's window comes from its 'windows'")
-    p.add_argument("--checkpoint-window", type=int, default=None, metavar="N",
+    p.add_argument("--checkpoint-window", type=whole_int, default=None, metavar="N",
                    help="the checkpoint window every rollout must name (default: the model's metadata.json window)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(func=run)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -78,10 +79,22 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def attention_implementation(device: torch.device, env: dict[str, str] | None = None) -> str:
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off (any case; unset is off). Anything else
+    is one line: `GRAIL_USE_FLASH_ATTENTION=true` used to mean off without a word."""
+    value = env.get(name, "").strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise UserError(f"{name}={env[name]!r} must be 1 or 0 (true/false, yes/no, on/off)")
+
+
+def attention_implementation(device: torch.device, env: Mapping[str, str] | None = None) -> str:
     """`GRAIL_USE_FLASH_ATTENTION=1` asks for flash-attention 2 where it can run; otherwise sdpa."""
     env = os.environ if env is None else env
-    if env.get("GRAIL_USE_FLASH_ATTENTION", "0") != "1":
+    if not env_flag(env, "GRAIL_USE_FLASH_ATTENTION"):
         return "sdpa"
     if device.type != "cuda":
         log.warning("GRAIL_USE_FLASH_ATTENTION=1 ignored: flash-attention needs a CUDA GPU; using sdpa")
@@ -94,9 +107,9 @@ def attention_implementation(device: torch.device, env: dict[str, str] | None = 
     return "flash_attention_2"
 
 
-def wants_multi_gpu(env: dict[str, str] | None = None) -> bool:
+def wants_multi_gpu(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
-    return env.get("GRAIL_MULTI_GPU", "0") == "1" and torch.cuda.device_count() > 1
+    return env_flag(env, "GRAIL_MULTI_GPU") and torch.cuda.device_count() > 1
 
 
 def load_config(model: str) -> PreTrainedConfig:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -29,6 +30,47 @@ MAX_GENESIS_AHEAD_S = 86400.0  # more than a day ahead is a mistake (millisecond
 HF_MAX_BATCH = PROFILE.rollouts_per_problem  # hf generates one problem's rollouts per call (the upstream miner caps it too)
 FAST_MIN_SLOTS = PROFILE.rollouts_per_problem  # a slot per rollout of one problem at least
 FAST_MAX_SLOTS = 4096
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # window numbers, blocks and nonces are int64 columns of the window file
+MAX_WINDOW_BLOCKS = 7200  # a day of 12-s blocks; the protocol's window is 30
+_WHOLE = re.compile(r"[+-]?[0-9]+")
+
+
+def parse_whole(text: str) -> int | None:
+    """`text` as a whole number in ASCII digits (spaces around allowed), else None.
+
+    The one rule for every whole number a user types (flags, environment, lists): `str.isdigit()` accepts
+    '²' and '①', which int() then refuses with a traceback; int() itself accepts other scripts' digits and
+    '1_000'. Neither is what anyone means by a GPU index or a batch size."""
+    text = text.strip()
+    return int(text) if _WHOLE.fullmatch(text) else None
+
+
+def whole_number(text: str, name: str, minimum: int = INT64_MIN, maximum: int = INT64_MAX) -> int:
+    """A whole number in [minimum, maximum] (int64 unless said otherwise), or one UserError line naming it."""
+    value = parse_whole(text)
+    if value is None:
+        raise UserError(f"{name}={text!r} is not a whole number")
+    if not minimum <= value <= maximum:
+        raise UserError(f"{name} {value} must be between {minimum} and {maximum}")
+    return value
+
+
+def check_window_blocks(value: int, name: str = "--window-blocks") -> int:
+    """Blocks per simulated window: 1 up to a day of blocks (10^12 is a typo; no window would ever end)."""
+    if not 1 <= value <= MAX_WINDOW_BLOCKS:
+        raise UserError(f"{name} {value} must be between 1 and {MAX_WINDOW_BLOCKS} (the protocol's window is "
+                        f"{PROFILE.window_length_blocks} blocks)")
+    return value
+
+
+def check_upload_allowance(value: float | None, window_blocks: int, block_time_s: float) -> float | None:
+    """Seconds reserved before a window's deadline to upload its file: less than the window itself, or no
+    problem could ever be admitted and every window would be empty without a word."""
+    window_s = window_blocks * block_time_s
+    if value is not None and value >= window_s:
+        raise UserError(f"--upload-allowance {value:g} s is not less than the window's {window_s:g} s "
+                        f"({window_blocks} blocks x {block_time_s:g} s): no problem could ever be admitted")
+    return value
 
 
 def check_block_time(value: float, name: str = "--block-time") -> float:
@@ -93,6 +135,11 @@ def checked_length_profile(model: str, spec: str | None, max_new_tokens: int) ->
     if longest is not None and longest > max_new_tokens:
         raise UserError(f"length profile '{lengths.spec}' draws up to {longest} tokens, "
                         f"more than --max-new-tokens {max_new_tokens}")
+    most = min(longest or max_new_tokens, max_new_tokens)
+    if most < PROFILE.min_completion_tokens:  # each would be dropped and redrawn, and no window would hold a group
+        source = f"length profile '{lengths.spec}'" if most == longest else "--max-new-tokens"
+        raise UserError(f"{source} allows at most {most} tokens: every completion would be under the protocol's "
+                        f"minimum of {PROFILE.min_completion_tokens}, and dropped")
     return lengths
 
 

@@ -68,9 +68,10 @@ def parse_gpus(text: str) -> list[int]:
         raise UserError("--gpus is empty: list GPU indices, e.g. --gpus 0,1,2,3")
     gpus = []
     for part in parts:
-        if not part.isdigit():
+        index = rules.parse_whole(part)
+        if index is None or index < 0:
             raise UserError(f"--gpus takes GPU indices (whole numbers), got '{part}'")
-        gpus.append(int(part))
+        gpus.append(index)
     duplicates = sorted({g for g in gpus if gpus.count(g) > 1})
     if duplicates:
         raise UserError(f"--gpus lists GPU {', '.join(map(str, duplicates))} more than once")
