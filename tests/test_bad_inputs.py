@@ -600,3 +600,98 @@ def test_an_empty_path_warns_in_one_line_and_means_the_default(argv, dest, says,
         from grail_pipeline.cli.mine import default_out_dir, resolve_settings
 
         assert resolve_settings(args, {}).out_dir == default_out_dir({})
+
+
+# --- streams and full disks: output nobody can take, a locale that cannot show '×', no room left (issue #26)
+def grail(*argv: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    """A real `python -m grail_pipeline` process: what a shell's redirection does to it matters here."""
+    return subprocess.Popen([sys.executable, "-m", "grail_pipeline", *argv], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.fixture
+def empty_window_file(tmp_path: Path) -> Path:
+    path = tmp_path / "5x-window-60.parquet"
+    write_window_file(path, [], {"wallet": "5x", "window_start": 60, "window_length": 30})
+    return path
+
+
+def test_stdout_on_a_full_device_is_one_line(empty_window_file) -> None:
+    with open("/dev/full", "w") as full:
+        run = grail("verify", str(empty_window_file), "--skip-proofs", "--json", stdout=full)
+        err = run.communicate(timeout=120)[1]
+    assert run.returncode == 2 and err.count("\n") == 1, err
+    assert "grail-pipeline verify: error: cannot write standard output: No space left on device" in err
+
+
+@pytest.mark.parametrize(("flags", "code"), [(["--json"], 141), ([], 1)], ids=["json", "table"])
+def test_a_reader_that_left_ends_the_command_quietly(flags, code, empty_window_file) -> None:
+    """`grail-pipeline verify FILE | head -0`: the pipe's reader is gone before the first write. The JSON is
+    written by us (141, as a process SIGPIPE ended); the table by rich, whose own handler exits 1, as quietly."""
+    run = grail("verify", str(empty_window_file), "--skip-proofs", *flags, stdout=subprocess.PIPE)
+    run.stdout.close()
+    err = run.communicate(timeout=120)[1]
+    assert run.returncode == code and err == "", err
+
+
+@pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "ascii"},
+                                 {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}],
+                         ids=["PYTHONIOENCODING=ascii", "LC_ALL=C"])
+def test_an_ascii_stdout_prints_the_table(env, empty_window_file) -> None:
+    """verify's table says 'group×100': under an ASCII locale it printed half and died with UnicodeEncodeError."""
+    run = grail("verify", str(empty_window_file), "--skip-proofs", env=env, stdout=subprocess.PIPE)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0 and err == "", err
+    assert "nonce = group?100+index" in " ".join(out.split()) and "strict: PASS" in out
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 64 kB tmpfs (mounting needs root: skipped elsewhere, as the README's test command runs as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(directory: Path) -> None:
+    with open(directory / "filler", "wb", buffering=0) as fh, pytest.raises(OSError, match="No space left"):
+        while True:
+            fh.write(bytes(4096))
+
+
+def test_a_full_disk_refuses_the_calibration_before_the_sweep(small_disk, capsys) -> None:
+    fill(small_disk)
+    rc, out, err = run_cli(capsys, "calibrate", "--model", "dummy:tiny", "--device", "cpu", "--memory-gb", "64",
+                           "--calibration", str(small_disk / "c.yaml"))
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    assert f"cannot write --calibration {small_disk / 'c.yaml'} (No space left on device)" in err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_a_full_disk_while_writing_checkpoints_is_one_line(small_disk, capsys) -> None:
+    rc, out, err = run_cli(capsys, "make-checkpoints", "--model", "dummy:tiny", "--out", str(small_disk / "series"),
+                           "--windows", "0")
+    assert (rc, out) == (2, "") and err.count("\n") == 1 and "No space left on device" in err, err
+    assert list((small_disk / "series").iterdir()) == []  # no half checkpoint, no temporary
+
+
+def test_a_full_disk_leaves_no_window_file(small_disk, file_rows) -> None:
+    """The daemon's window write (write_window_file) on a full disk: an OSError, no file, no temporary."""
+    fill(small_disk)
+    rows = [_decoded(r) for r in copy.deepcopy(file_rows)]
+    with pytest.raises(OSError, match="No space left"):
+        write_window_file(small_disk / "w.parquet", rows, {"wallet": "5x", "window_start": 60, "window_length": 30})
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def _decoded(row: dict) -> dict:
+    commit = row["commit"]
+    commit["commitments"], commit["beacon"] = json.loads(commit["commitments"]), json.loads(commit["beacon"])
+    commit["rollout"]["trajectory"] = json.loads(commit["rollout"]["trajectory"])
+    return row

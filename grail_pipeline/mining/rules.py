@@ -173,15 +173,18 @@ def check_workload(model: str, spec: str | None, max_new_tokens: int, max_prompt
 
 
 def check_writable(path: str | os.PathLike[str], name: str) -> Path:
-    """A file a command writes at its end is tried at its start: its folder is made and a probe written there."""
+    """A file a command writes at its end is tried at its start: its folder is made and a probe written there (a
+    byte, so that a full disk is found now, not after the run)."""
     file = Path(path).expanduser()
     if file.is_dir():
         raise UserError(f"{name} {file} is a directory; give a file name")
     probe = file.parent / f".{file.name}.{uuid.uuid4().hex[:12]}.probe"
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
+        try:
+            probe.write_bytes(b"\0")
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as exc:
         raise UserError(f"cannot write {name} {file} ({exc.strerror or exc})") from None
     return file
