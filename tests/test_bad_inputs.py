@@ -11,15 +11,19 @@ command's --help renders.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
 import random
 import shlex
+import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -695,3 +699,125 @@ def _decoded(row: dict) -> dict:
     commit["commitments"], commit["beacon"] = json.loads(commit["commitments"]), json.loads(commit["beacon"])
     commit["rollout"]["trajectory"] = json.loads(commit["rollout"]["trajectory"])
     return row
+
+
+# --- Redis: the URL, the server behind it, and what the fleet's own keys hold (issue #26)
+CASES += [
+    C("fleet-status", "--redis-url", "redis://[::1:6379/0", expect="is not a Redis URL: Invalid IPv6 URL"),
+    C("fleet-status", "--redis-url", "redis://h:99999/0", expect="is not a Redis URL: Port out of range 0-65535"),
+    C("fleet-status", "--redis-url", "redis://h:port/0", expect="is not a Redis URL: Port could not be cast"),
+    C("fleet-status", "--redis-url", "redis://:6379/0", expect="names no host"),
+    C("fleet-status", "--redis-url", "redis://h:0/0", expect="has port 0"),
+    C("mine", expect="GRAIL_REDIS_URL='redis://***' is not a Redis URL: Invalid IPv6 URL",
+      env={"GRAIL_REDIS_URL": "redis://:secret@[fe80::1/0"}),
+    C("mine", expect="is not a Redis URL: Port out of range", env={"GRAIL_REDIS_URL": "redis://h:70000/0"}),
+    C("emit-pm2", "--redis-url", "rediss://h:x/0", expect="is not a Redis URL: Port could not be cast"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """A real HTTP server (python -m http.server) on a free port: what a Redis URL with the wrong port reaches."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            break
+        time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture
+def babbling_server():
+    """A server that answers every request with `+PONG` (redis-py's handshake then failed inside itself)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(2)
+                while conn.recv(4096):
+                    conn.sendall(b"+PONG\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    stop.set()
+    thread.join(timeout=5)
+    listener.close()
+
+
+@pytest.mark.parametrize("server", ["http_server", "babbling_server"])
+def test_a_server_that_is_not_redis_is_one_line(server, request, capsys) -> None:
+    url = request.getfixturevalue(server)
+    rc, out, err = run_cli(capsys, "fleet-status", "--redis-url", url, "--hotkey", "5x")
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    assert f"the server at {url}" in err and "as Redis does" in err and "is that the Redis port?" in err
+
+
+def fleet_context(**changes) -> str:
+    return json.dumps({"genesis": time.time() - 100, "run_seed": 0, "block_time_s": 1.0, "window_blocks": 30,
+                       "checkpoint": "dummy:tiny", **changes})
+
+
+# (what is written under the fleet's keys, what fleet-status's one line says; None: it shows the fleet, and the
+# damage, with exit 0)
+KEY_CASES = {
+    "context not JSON": ([("set", "context", "{not json")], "does not hold a fleet context (invalid json"),
+    "context nested deep": ([("set", "context", "[" * 20_000)], "does not hold a fleet context"),
+    "context missing fields": ([("set", "context", '{"genesis": 1.0}')], "run_seed: field required"),
+    "context zero block time": ([("set", "context", fleet_context(block_time_s=0))],
+                                "block_time_s: input should be greater than 0"),
+    "context infinite genesis": ([("set", "context", fleet_context(genesis="inf"))], "genesis"),
+    "context of the wrong type": ([("hset", "context", "a", "b")], "WRONGTYPE"),
+    "workers of the wrong type": ([("set", "context", fleet_context()), ("set", "workers", "x")], "WRONGTYPE"),
+    "window counter garbage": ([("set", "context", fleet_context()), ("set", "w:90:next", "many")],
+                               "holds what the fleet does not write (ValueError"),
+    "heartbeat garbage": ([("hset", "workers", "w1", "garbage")], None),
+    "heartbeat without a stamp": ([("hset", "workers", "w1", '{"rollouts_per_s": 1}')], None),
+    "heartbeat rate a word": ([("hset", "workers", "w1", '{"at_ms": 1, "rollouts_per_s": "fast"}')], None),
+    "worker name not UTF-8": ([("hset", "workers", b"w\xff", "garbage")], None),
+    "leader name not UTF-8": ([("set", "leader", b"\xff\xfeleader")], None),
+}
+
+
+@pytest.mark.parametrize("case", KEY_CASES, ids=list(KEY_CASES))
+def test_corrupt_fleet_keys_in_a_real_redis(case, redis_server, capsys) -> None:
+    import redis
+
+    from grail_pipeline.fleet.keys import FleetKeys
+
+    writes, expect = KEY_CASES[case]
+    keys = FleetKeys(f"5bad{uuid.uuid4().hex[:8]}")
+    client = redis.Redis.from_url(redis_server.url)
+    for op, key, *values in writes:
+        getattr(client, op)(f"{keys.prefix}:{key}", *values)
+    for output in ((), ("--json",)):
+        rc, out, err = run_cli(capsys, "fleet-status", "--redis-url", redis_server.url, "--hotkey", keys.hotkey,
+                               *output)
+        if expect is None:
+            assert rc == 0 and err == "", err
+            assert "leader" in out and ("\\xff" in out or "not a heartbeat" in out), out
+        else:
+            assert (rc, out) == (2, "") and err.count("\n") == 1 and expect in err, err
+            assert keys.prefix in err, err
+    if expect is None:
+        snapshot = json.loads(out)
+        assert not snapshot["workers"] or "leader" in case  # an unreadable worker is no live worker
+    client.delete(*[f"{keys.prefix}:{w[1]}" for w in writes])
