@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,6 +36,7 @@ import yaml
 from conftest import run_cli
 
 from grail_pipeline.cli import main as cli
+from grail_pipeline.common.errors import UserError
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.records import INFERENCE_SCHEMA, build_rollout_record, write_window_file
 from grail_pipeline.protocol.wallet import ephemeral_signer
@@ -821,3 +823,116 @@ def test_corrupt_fleet_keys_in_a_real_redis(case, redis_server, capsys) -> None:
         snapshot = json.loads(out)
         assert not snapshot["workers"] or "leader" in case  # an unreadable worker is no live worker
     client.delete(*[f"{keys.prefix}:{w[1]}" for w in writes])
+
+
+# --- checkpoints: what arrives from the network, or a cache cut short, as every command that loads one meets it
+def _weights(directory: Path) -> Path:
+    return directory / "model.safetensors"
+
+
+def _cut(directory: Path) -> None:
+    data = _weights(directory).read_bytes()
+    _weights(directory).write_bytes(data[: len(data) // 2])
+
+
+def _tensors(directory: Path, change: Callable[[dict], dict]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file(change(load_file(str(_weights(directory)))), str(_weights(directory)), metadata={"format": "pt"})
+
+
+def _json(name: str, change: Callable[[dict], object]) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        path = directory / name
+        path.write_text(json.dumps(change(json.loads(path.read_text()))) if change else "")
+    return edit
+
+
+def _fifo_for(name: str) -> Callable[[Path], None]:
+    def make(directory: Path) -> None:
+        (directory / name).unlink()
+        os.mkfifo(directory / name)
+    return make
+
+
+def _small_vocab(directory: Path) -> None:
+    """A consistent checkpoint (config and tensors agree) whose vocabulary is smaller than its tokenizer's."""
+    _json("config.json", lambda c: {**c, "vocab_size": 1000})(directory)
+    _tensors(directory, lambda t: {k: (v[:1000].clone() if v.shape[0] == 151936 else v) for k, v in t.items()})
+
+
+def _wrong_shape(tensors: dict) -> dict:
+    import torch
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    return {**tensors, name: torch.zeros(3, 5, dtype=tensors[name].dtype)}
+
+
+CHECKPOINT_CASES = {
+    "weights cut in half": (_cut, "model.safetensors are not a whole safetensors file"),
+    "weights garbage": (lambda d: _weights(d).write_bytes(b"garbage" * 100), "are not a whole safetensors file"),
+    "weights a FIFO": (_fifo_for("model.safetensors"), "is not a regular file"),
+    "a tensor of the wrong shape": (lambda d: _tensors(d, _wrong_shape),
+                                    "tensor model.layers.0.self_attn.q_proj.weight is [3, 5] in the weights but [64, 64]"),
+    "vocabulary smaller than the tokenizer's": (_small_vocab, "embeds 1000 token ids but its tokenizer has 151665"),
+    "text_config a string": (_json("config.json", lambda c: {**c, "text_config": "qwen"}),
+                             "text_config is a str, not an object"),
+    "config not JSON": (_json("config.json", None), "is not JSON"),
+    "config vocab_size a word": (_json("config.json", lambda c: {**c, "vocab_size": "many"}),
+                                 "vocab_size 'many' is not a positive whole number"),
+    "config nested deep": (lambda d: (d / "config.json").write_text("[" * 20_000 + "]" * 20_000), "nested too deep"),
+    "config a FIFO": (_fifo_for("config.json"), "checkpoint config"),
+    "metadata window 2^70": (_json("metadata.json", lambda m: {**m, "window": 2**70}),
+                             f"window {2**70}: it must be a whole number from 0 to {2**63 - 1}"),
+    "metadata window nested deep": (lambda d: (d / "metadata.json").write_text('{"window": ' + "[" * 20_000 + "]" * 20_000 + "}"),
+                                    "nested too deep"),
+    "metadata window a list": (_json("metadata.json", lambda m: {**m, "window": [[[30]]]}), "window [[[30]]]"),
+    "metadata a list": (_json("metadata.json", lambda m: [m]), "is not a JSON object"),
+    "metadata a FIFO": (_fifo_for("metadata.json"), "is not a regular file (a pipe, socket or device)"),
+}
+
+
+# make-checkpoints copies its base's tokenizer without reading it: the series' vocabulary is judged where it is loaded
+CHECKPOINT_RUNS = [(case, command) for case in CHECKPOINT_CASES for command in ("benchmark", "verify", "make-checkpoints")
+                   if (case, command) != ("vocabulary smaller than the tokenizer's", "make-checkpoints")]
+
+
+@pytest.mark.parametrize(("case", "command"), CHECKPOINT_RUNS, ids=[f"{c}-{m}" for c, m in CHECKPOINT_RUNS])
+def test_a_damaged_checkpoint_is_one_line(case, command, tmp_path, capsys) -> None:
+    from grail_pipeline.inference.checkpoints import dummy_checkpoint
+
+    directory = Path(shutil.copytree(dummy_checkpoint("tiny"), tmp_path / "checkpoint"))
+    damage, expect = CHECKPOINT_CASES[case]
+    damage(directory)
+    if command == "benchmark":
+        argv = ["benchmark", "--model", str(directory), "--device", "cpu", "--length-profile", "fixed:16",
+                "--max-new-tokens", "16", "--num-problems", "1", "--batch-sizes", "4", "--engine", "hf"]
+    elif command == "verify":  # verify loads the checkpoint the file names, or --model's
+        argv = ["verify", str(_one_row_file(tmp_path)), "--model", str(directory), "--device", "cpu"]
+    else:  # a series built on a damaged base
+        argv = ["make-checkpoints", "--model", str(directory), "--out", str(tmp_path / "series"), "--windows", "0"]
+    rc, out, err = run_cli(capsys, *argv)
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    assert expect in err, err
+
+
+def _one_row_file(tmp_path: Path) -> Path:
+    """A window file with one row, so that verify loads a model for it."""
+    rows = honest_rows()[:1]
+    path = tmp_path / f"{rows[0]['hotkey']}-window-{WINDOW}.parquet"
+    write_window_file(path, rows, {"wallet": rows[0]["hotkey"], "window_start": WINDOW, "window_length": 30})
+    return path
+
+
+def test_the_cached_dummy_checkpoint_cut_in_half_is_written_again(tmp_path, caplog) -> None:
+    from grail_pipeline.inference.checkpoints import check_checkpoint, dummy_checkpoint
+
+    path = dummy_checkpoint("tiny", root=tmp_path)
+    whole = _weights(path).read_bytes()
+    _cut(path)
+    with pytest.raises(UserError, match="not a whole safetensors file"):
+        check_checkpoint(path)
+    caplog.set_level("WARNING", logger="grail_pipeline")
+    assert dummy_checkpoint("tiny", root=tmp_path) == path
+    assert _weights(path).read_bytes() == whole  # the same seed, the same weights
+    assert "is damaged; writing it again" in caplog.text

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.mining.lengths import W1_SPEC
-from grail_pipeline.mining.rules import INT64_MAX, INT64_MIN, parse_whole
-from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.mining.rules import parse_whole
+from grail_pipeline.protocol.profile import INT64_MAX, INT64_MIN, PROFILE
 
 ENGINES = ("auto", "hf", "fast")
 DEFAULT_BATCH_SIZES = {"hf": [4], "fast": [256]}

@@ -26,6 +26,7 @@ from transformers import (
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.checkpoints import (
+    check_checkpoint,
     checkpoint_metadata,
     checkpoint_window_of,
     dummy_checkpoint,
@@ -117,10 +118,21 @@ def load_config(model: str) -> PreTrainedConfig:
     ref = parse_model_ref(model)
     if ref.preset:
         return dummy_config(ref.preset)
+    if ref.kind == "local":
+        check_checkpoint(ref.raw)  # a damaged checkpoint is one line before anything else reads it
     try:
         return AutoConfig.from_pretrained(ref.raw)
     except Exception as exc:  # OSError, ValueError, hub errors: all mean "not loadable here"
         raise unavailable(ref, exc) from None
+
+
+def vocab_size_of(config: PreTrainedConfig) -> int | None:
+    """The model's vocabulary (its embedding's rows), on the config or its text_config (multimodal configs)."""
+    for part in (config, getattr(config, "text_config", None)):
+        value = getattr(part, "vocab_size", None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def load_model(model: str, device: str = "auto") -> LoadedModel:
@@ -131,6 +143,8 @@ def load_model(model: str, device: str = "auto") -> LoadedModel:
     attn = attention_implementation(dev)
     multi = dev.type == "cuda" and wants_multi_gpu()
     source = str(dummy_checkpoint(ref.preset)) if ref.preset else ref.raw
+    if ref.kind == "local":
+        check_checkpoint(source)
     net = _load_pretrained(ref, source, dev, dtype, attn, multi)
     net.eval()
     net.requires_grad_(False)
@@ -155,7 +169,7 @@ def _load_pretrained(ref: ModelRef, source: str, dev: torch.device, dtype: torch
     try:
         with transformers_progress_off():
             net = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a checkpoint from outside fails in transformers' own ways (OSError, ValueError, ...)
         raise unavailable(ref, exc) from None
     return net if multi else net.to(dev)
 
@@ -165,6 +179,8 @@ def load_tokenizer(model_ref: str) -> PreTrainedTokenizerFast:
     ref = parse_model_ref(model_ref)
     if ref.is_dummy:
         return builtin_tokenizer()
+    if ref.kind == "local":
+        check_checkpoint(ref.raw)  # the tokenizer reads config.json too
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.raw)
     except Exception as exc:  # OSError, ValueError, hub errors: all mean "not loadable here"
@@ -172,6 +188,13 @@ def load_tokenizer(model_ref: str) -> PreTrainedTokenizerFast:
     if len(tokenizer) <= 1 or tokenizer.eos_token_id is None:  # what a directory without tokenizer files loads
         raise UserError(f"model '{ref.raw}' has no tokenizer ({len(tokenizer)} token(s) loaded): the checkpoint "
                         f"needs its tokenizer files (tokenizer.json, tokenizer_config.json)")
+    try:
+        vocab = vocab_size_of(load_config(model_ref))
+    except UserError:  # a tokenizer without a model's config (verify --skip-proofs reads only the tokenizer)
+        vocab = None
+    if vocab is not None and len(tokenizer) > vocab:
+        raise UserError(f"model '{ref.raw}' embeds {vocab} token ids but its tokenizer has {len(tokenizer)}: prompts "
+                        f"would hold ids the model cannot embed (a vocab_size or a tokenizer of another model)")
     tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

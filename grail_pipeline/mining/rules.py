@@ -17,9 +17,10 @@ import uuid
 from pathlib import Path
 
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.common.input_file import not_a_regular_file
 from grail_pipeline.inference.model_ref import PRESETS, parse_model_ref
 from grail_pipeline.mining.lengths import W1_SPEC, LengthProfile, parse_length_profile
-from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.profile import INT64_MAX, INT64_MIN, PROFILE
 
 # a block shorter than this turns the clock's block numbers into noise; longer than an hour is a typo
 # (a 30-block window would take more than a day)
@@ -30,7 +31,6 @@ MAX_GENESIS_AHEAD_S = 86400.0  # more than a day ahead is a mistake (millisecond
 HF_MAX_BATCH = PROFILE.rollouts_per_problem  # hf generates one problem's rollouts per call (the upstream miner caps it too)
 FAST_MIN_SLOTS = PROFILE.rollouts_per_problem  # a slot per rollout of one problem at least
 FAST_MAX_SLOTS = 4096
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # window numbers, blocks and nonces are int64 columns of the window file
 MAX_WINDOW_BLOCKS = 7200  # a day of 12-s blocks; the protocol's window is 30
 _WHOLE = re.compile(r"[+-]?[0-9]+")
 
@@ -150,15 +150,20 @@ def model_context(model: str) -> int | None:
     if ref.is_dummy:
         config: object = dict(PRESETS[ref.preset].config)
     elif ref.kind == "local":
+        file = Path(ref.raw) / "config.json"
         try:
-            config = json.loads((Path(ref.raw) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            if not_a_regular_file(file):  # a FIFO would block here for ever
+                return None
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
             return None  # not a checkpoint: the loader says so in its own line
     else:
         return None
     if not isinstance(config, dict):
         return None
-    value = config.get("max_position_embeddings", (config.get("text_config") or {}).get("max_position_embeddings"))
+    text_config = config.get("text_config")  # a string there is the checkpoint rule's to refuse, not a crash here
+    value = config.get("max_position_embeddings",
+                       (text_config if isinstance(text_config, dict) else {}).get("max_position_embeddings"))
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 

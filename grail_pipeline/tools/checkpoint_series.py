@@ -29,10 +29,11 @@ from safetensors.torch import load_file, save_file
 from grail_pipeline import __version__
 from grail_pipeline.common.atomic import publish_directory, write_atomically
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.inference.checkpoints import METADATA, checkpoint_metadata, dummy_checkpoint
+from grail_pipeline.inference.checkpoints import METADATA, check_checkpoint, checkpoint_metadata, dummy_checkpoint
 from grail_pipeline.inference.model_ref import parse_model_ref
 from grail_pipeline.mining.checkpoint_dir import READY_MARKER
-from grail_pipeline.mining.rules import INT64_MAX, parse_whole
+from grail_pipeline.mining.rules import parse_whole
+from grail_pipeline.protocol.profile import INT64_MAX
 
 log = logging.getLogger("grail_pipeline")
 
@@ -66,6 +67,8 @@ def base_checkpoint(model: str) -> Path:
     if ref.preset is not None:
         return dummy_checkpoint(ref.preset)
     path = Path(ref.raw)
+    if ref.kind == "local":
+        check_checkpoint(path)
     if ref.kind != "local" or not (path / WEIGHTS).is_file():
         raise UserError(f"--model {model}: a dummy preset or a local checkpoint directory with one {WEIGHTS} "
                         f"(sharded checkpoints are not supported here)")
