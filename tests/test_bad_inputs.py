@@ -235,6 +235,7 @@ CASES = [
     C("verify", "--skip-proofs=yes", expect="argument --skip-proofs: ignored explicit argument 'yes'"),
     C("verify", "--proof-sample", "-1", expect="--proof-sample takes a number of rollouts, at least 0"),
     C("verify", "--status", "/no/such/status.json", expect="status file /no/such/status.json does not exist"),
+    C("verify", "--status", "/tmp", expect="status file /tmp is a directory, not a file"),
     C("verify", "--checkpoint-window", "-1", expect="--checkpoint-window takes a window number, at least 0"),
     C("verify", "--json=yes", expect="argument --json: ignored explicit argument 'yes'"),
 ]
@@ -936,3 +937,56 @@ def test_the_cached_dummy_checkpoint_cut_in_half_is_written_again(tmp_path, capl
     assert dummy_checkpoint("tiny", root=tmp_path) == path
     assert _weights(path).read_bytes() == whole  # the same seed, the same weights
     assert "is damaged; writing it again" in caplog.text
+
+
+# --- every other file a command reads: a FIFO (it must not hang), nesting 20,000 deep, the wrong kind of document
+def _calibration_args(command: str, path: Path, tmp_path: Path) -> list[str]:
+    if command == "emit-pm2":
+        return ["emit-pm2", "--calibration", str(path), "--gpus", "0", "--gpu-kind", CPU, "--wallet-cold", "c",
+                "--wallet-hot", "h", "--cwd", str(tmp_path)]
+    return ["calibrate", "--model", "dummy:tiny", "--device", "cpu", "--memory-gb", "64", "--calibration", str(path)]
+
+
+INPUT_FILES = {
+    "a FIFO": (lambda p: os.mkfifo(p), "is not a regular file (a pipe, socket or device)"),
+    "YAML nested 20,000 deep": (lambda p: p.write_text("[" * 20_000 + "]" * 20_000), "nested too deep"),
+    "JSON nested 20,000 deep": (lambda p: p.write_text('{"a": ' * 20_000 + "1" + "}" * 20_000), "nested too deep"),
+    "not UTF-8": (lambda p: p.write_bytes(b"\xff\xfe kind: x"), "is not UTF-8 text"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", INPUT_FILES, ids=list(INPUT_FILES))
+@pytest.mark.parametrize("command", ["emit-pm2 --calibration", "calibrate --calibration", "verify --status"])
+def test_a_hostile_input_file_is_one_line(kind, command, tmp_path, capsys, empty_window_file) -> None:
+    make, expect = INPUT_FILES[kind]
+    path = tmp_path / "input"
+    make(path)
+    name = command.split()[0]
+    if name == "verify":
+        argv = ["verify", str(empty_window_file), "--skip-proofs", "--status", str(path)]
+    else:
+        argv = _calibration_args(name, path, tmp_path)
+    rc, out, err = run_cli(capsys, *argv)
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    assert expect in err and str(path) in err, err
+
+
+STATUS_DOCUMENTS = {
+    "a list": "[]",
+    "no state": '{"windows": {}}',
+    "windows a list": '{"state": "mining", "windows": []}',
+    "deadline NaN": '{"state": "mining", "windows": {"60": {"deadline": NaN}}}',
+    "deadline true": '{"state": "mining", "windows": {"60": {"deadline": true}}}',
+    "deadline a word": '{"state": "mining", "windows": {"60": {"deadline": "soon"}}}',
+}
+
+
+@pytest.mark.parametrize("document", STATUS_DOCUMENTS, ids=list(STATUS_DOCUMENTS))
+def test_a_status_file_that_says_no_deadline_is_one_line(document, tmp_path, capsys, empty_window_file) -> None:
+    status = tmp_path / "status.json"
+    status.write_text(STATUS_DOCUMENTS[document])
+    rc, out, err = run_cli(capsys, "verify", str(empty_window_file), "--skip-proofs", "--status", str(status))
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    says = "not a grail-pipeline daemon status" if document in ("a list", "no state") else "no deadline for window 60"
+    assert f"status file {status}" in err and says in err, err

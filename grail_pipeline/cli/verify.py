@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,9 +78,10 @@ def status_deadline(status_path: str, window_start: int | None) -> tuple[float, 
 
     windows = read_status(status_path).get("windows")
     entry = windows.get(str(window_start)) if isinstance(windows, dict) else None
-    if not isinstance(entry, dict) or not isinstance(entry.get("deadline"), (int, float)):
+    deadline = entry.get("deadline") if isinstance(entry, dict) else None
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
         raise UserError(f"status file {status_path} records no deadline for window {window_start}")
-    return float(entry["deadline"]), f"status file {status_path}"
+    return float(deadline), f"status file {status_path}"
 
 
 def render(report: FileReport, out: Any = None) -> None:
