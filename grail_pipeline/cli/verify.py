@@ -25,9 +25,11 @@ checks (F = one of F's validator checks; the rest are ours):
   file          F  at least 200 bytes, named {wallet}-window-{window_start}.parquet
   deadline      F  file modified no later than the deadline: --status, else the file's 'deadline'
                    metadata; with neither it is reported as not run
-  metadata      F  wallet, window_start, window_length, inference_count match the rows
+  metadata      F  wallet, window_start, window_length, inference_count present, whole numbers, match the rows
   checkpoint    F  every checkpoint_window = the checkpoint's metadata.json window (or --checkpoint-window)
-  structure     F  schema: len(tokens) >= 10, 16 <= completion <= 2048, lengths, proof version, top-k, hex beacon
+  structure     F  schema: every field of every row typed as the protocol says (a malformed row fails here, at
+                   its file row, and no later check reads it); len(tokens) >= 10, 16 <= completion <= 2048,
+                   lengths, proof version, top-k, hex beacon
   fields        F  one window, block hash and hotkey, no nonce twice; ours: nonce = group*100+index, challenge
   signatures    F  commit and rollout sr25519 signatures
   tokens        F  ids in [0, vocab size), length <= the model's context (a failing rollout stops here)

@@ -15,7 +15,6 @@ start-up (UserError) and, while mining, a logged warning and skipped (once per f
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
