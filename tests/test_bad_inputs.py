@@ -242,10 +242,12 @@ CASES = [
 # --- numbers, by range (issue #26): digits str.isdigit() accepts and int() refuses, values beyond int64 (the
 # window file's columns, the seeds' generators), and values that parse but make no sense
 CASES += [
-    C("emit-pm2", "--gpus", "²", expect="--gpus takes GPU indices (whole numbers), got '²'"),
-    C("emit-pm2", "--gpus", "0,①", expect="--gpus takes GPU indices (whole numbers), got '①'"),
+    C("emit-pm2", "--gpus", "²", expect="--gpus takes GPU indices (whole numbers from 0 to 1023), got '²'"),
+    C("emit-pm2", "--gpus", "0,①", expect="--gpus takes GPU indices (whole numbers from 0 to 1023), got '①'"),
     C("emit-pm2", "--node-index", "١", expect="argument --node-index: '١' is not a whole number"),
     C("emit-pm2", "--redis-node", str(2**64), expect=f"argument --redis-node: '{2**64}' is out of range"),
+    C("emit-pm2", "--gpus", "9" * 5000, expect="--gpus takes GPU indices (whole numbers from 0 to 1023), got '9999"),
+    C("mine", expect="GRAIL_WORKER_ID 1" + "0" * 40 + " must be between", env={"GRAIL_WORKER_ID": "9" * 5000}),
     C("benchmark", "--batch-sizes", "16,²", expect="batch sizes must be positive whole numbers, got '²'"),
     C("calibrate", "--batch-sizes", "①", expect="batch sizes must be positive whole numbers, got '①'"),
     C("mine", expect="GRAIL_GENERATION_BATCH_SIZE='²' must be a positive whole number",
@@ -775,7 +777,8 @@ def test_a_server_that_is_not_redis_is_one_line(server, request, capsys) -> None
 
 
 def fleet_context(**changes) -> str:
-    return json.dumps({"genesis": time.time() - 100, "run_seed": 0, "block_time_s": 1.0, "window_blocks": 30,
+    """A fleet context whose current window is 0 for an hour (the table is built when the tests are collected)."""
+    return json.dumps({"genesis": time.time() - 100, "run_seed": 0, "block_time_s": 3600.0, "window_blocks": 30,
                        "checkpoint": "dummy:tiny", **changes})
 
 
@@ -790,7 +793,7 @@ KEY_CASES = {
     "context infinite genesis": ([("set", "context", fleet_context(genesis="inf"))], "genesis"),
     "context of the wrong type": ([("hset", "context", "a", "b")], "WRONGTYPE"),
     "workers of the wrong type": ([("set", "context", fleet_context()), ("set", "workers", "x")], "WRONGTYPE"),
-    "window counter garbage": ([("set", "context", fleet_context()), ("set", "w:90:next", "many")],
+    "window counter garbage": ([("set", "context", fleet_context()), ("set", "w:0:next", "many")],
                                "holds what the fleet does not write (ValueError"),
     "heartbeat garbage": ([("hset", "workers", "w1", "garbage")], None),
     "heartbeat without a stamp": ([("hset", "workers", "w1", '{"rollouts_per_s": 1}')], None),

@@ -40,9 +40,14 @@ def parse_whole(text: str) -> int | None:
 
     The one rule for every whole number a user types (flags, environment, lists): `str.isdigit()` accepts
     '²' and '①', which int() then refuses with a traceback; int() itself accepts other scripts' digits and
-    '1_000'. Neither is what anyone means by a GPU index or a batch size."""
+    '1_000'. Neither is what anyone means by a GPU index or a batch size. More than 40 digits read as ±10^40,
+    beyond every range here (int() itself refuses more than 4300 digits with a ValueError)."""
     text = text.strip()
-    return int(text) if _WHOLE.fullmatch(text) else None
+    if not _WHOLE.fullmatch(text):
+        return None
+    if len(text.lstrip("+-")) > 40:
+        return -(10**40) if text.startswith("-") else 10**40
+    return int(text)
 
 
 def whole_number(text: str, name: str, minimum: int = INT64_MIN, maximum: int = INT64_MAX) -> int:

@@ -62,6 +62,9 @@ class Worker:
 
 GRAIL_SAFETY_BLOCKS = 6  # the fork's production configs (grail-protocol.md §7): the upstream miner's only stop rule
 
+MAX_GPU_INDEX = 1023  # CUDA_VISIBLE_DEVICES of a host; more is a typo
+
+
 def parse_gpus(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",")]
     if not any(parts):
@@ -69,8 +72,8 @@ def parse_gpus(text: str) -> list[int]:
     gpus = []
     for part in parts:
         index = rules.parse_whole(part)
-        if index is None or index < 0:
-            raise UserError(f"--gpus takes GPU indices (whole numbers), got '{part}'")
+        if index is None or not 0 <= index <= MAX_GPU_INDEX:
+            raise UserError(f"--gpus takes GPU indices (whole numbers from 0 to {MAX_GPU_INDEX}), got '{part[:20]}'")
         gpus.append(index)
     duplicates = sorted({g for g in gpus if gpus.count(g) > 1})
     if duplicates:

@@ -67,7 +67,7 @@ BY_DESIGN = "fails by design on random weights (EOS is forced; every token is ~1
 CHECKS: tuple[tuple[str, str, bool, bool], ...] = (
     ("file", f"at least {PROFILE.min_file_bytes} bytes, named {{wallet}}-window-{{window_start}}.parquet", True, False),
     ("deadline", "modified no later than the upload deadline (--status or the file's deadline metadata)", True, False),
-    ("metadata", "wallet, window, inference_count match the rows", True, False),
+    ("metadata", "wallet, window, inference_count present, whole numbers, matching the rows", True, False),
     ("checkpoint", "checkpoint_window = the checkpoint's window (metadata.json or --checkpoint-window)", True, False),
     ("structure", "schema: every field's type, lengths, 10 <= tokens, 16 <= completion <= max, proof version, "
                   "top-k, hex beacon", True, False),
