@@ -76,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         code = int(args.func(args) or 0)
-        sys.stdout.flush()  # a write error of the output surfaces here, not in the interpreter's exit
+        try:
+            sys.stdout.flush()  # a write error of the output surfaces here, not in the interpreter's exit
+        except OSError as exc:
+            exc.filename = exc.filename or "standard output"
+            raise
         return code
     except UserError as exc:
         print(f"grail-pipeline {args.command}: error: {exc}", file=sys.stderr)
@@ -91,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         full = find_in_group(exc, OSError)
         if full is None or full.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        where = full.filename or "standard output"
+        where = full.filename or "standard output or a file"  # files written whole (common/atomic.py) are named
         print(f"grail-pipeline {args.command}: error: cannot write {where}: {full.strerror}", file=sys.stderr)
         _quiet_stdout()
         return 2

@@ -151,6 +151,8 @@ def _write_checkpoint(final: Path, base: Path, tensors: dict[str, torch.Tensor],
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         publish_directory(tmp, final)
+    except OSError as exc:  # a full disk: copy2's error names the file it copied from, not where it failed
+        raise UserError(f"cannot write the checkpoint {final} ({exc.strerror or exc}); nothing of it is left") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)
