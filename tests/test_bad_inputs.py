@@ -271,6 +271,7 @@ CASES += [
     C("make-checkpoints", "--seed", str(10**17), expect=f"--seed {10**17} must be at least 0 and at most"),
     C("make-checkpoints", "--noise", "1e308", expect="--noise 1e+308 makes tensor"),
     C("make-checkpoints", "--out", "", expect="--out is empty (an unset shell variable?)"),
+    C("make-checkpoints", "--ready-every", "1e19", expect="--ready-every 1e+19 must be from 0 to 86400 seconds"),
     C("fleet-status", "--windows", str(10**30), expect=f"argument --windows: '{10**30}' is out of range"),
 ]
 VERIFY_MISSING = C("verify", expect="window file /no/such.parquet does not exist")  # the positional PATH
@@ -995,3 +996,25 @@ def test_a_status_file_that_says_no_deadline_is_one_line(document, tmp_path, cap
     assert (rc, out) == (2, "") and err.count("\n") == 1, err
     says = "not a grail-pipeline daemon status" if document in ("a list", "no state") else "no deadline for window 60"
     assert f"status file {status}" in err and says in err, err
+
+
+NUMBER_TYPES = {"whole_int", "positive_int", "nonnegative_int", "finite_float", "positive_float", "nonnegative_float"}
+NUMBER_FLAGS = [(name, action.option_strings[-1], action.type.__name__) for name, parser in commands().items()
+                for action in parser._actions
+                if action.option_strings and getattr(action.type, "__name__", None) in NUMBER_TYPES]
+
+
+@pytest.mark.parametrize(("command", "flag", "kind"), NUMBER_FLAGS, ids=[f"{c} {f}" for c, f, _ in NUMBER_FLAGS])
+@pytest.mark.parametrize("value", ["²", "①", "١٢", "1_000", str(2**64), "9" * 5000, "1e999", "nan", "-inf", "0x10"])
+def test_every_number_flag_refuses_what_is_no_number_in_range(command, flag, kind, value, capsys) -> None:
+    """Every flag typed as a number, whatever its command: one line and exit 2 at parse time (before any work).
+    A float flag reads '١٢', '1_000' and 2^64 as numbers, as Python does: its range is its rule's (the table above)."""
+    base = ["--out", "x"] if command == "make-checkpoints" else []
+    if kind.endswith("float") and value in ("١٢", "1_000", str(2**64)):
+        assert cli.build_parser().parse_args([command, *base, flag, value]) is not None
+        return
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args([command, *base, flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert f"argument {flag}:" in err or (value == "-inf" and "unrecognized arguments: -inf" in err), err

@@ -42,6 +42,7 @@ WEIGHTS = "model.safetensors"
 
 SEED_STRIDE = 1_000_003  # the noise of (seed, window) is drawn from seed x SEED_STRIDE + window
 MAX_SERIES = 10_000  # checkpoints in one series: each is a whole model on disk
+MAX_READY_EVERY_S = 86400.0  # a day between two checkpoints of a rehearsal; 1e19 s overflowed time.sleep
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ def check_plan(plan: SeriesPlan) -> None:
                         f"rewritten (choose other windows or another --out)")
     if not (math.isfinite(plan.noise) and plan.noise >= 0):
         raise UserError(f"--noise must be a finite number, at least 0, got {plan.noise}")
+    if not 0 <= plan.ready_every_s <= MAX_READY_EVERY_S:
+        raise UserError(f"--ready-every {plan.ready_every_s:g} must be from 0 to {MAX_READY_EVERY_S:g} seconds")
     if plan.model_name is not None:
         try:
             plan.model_name.format(window=0)
