@@ -481,6 +481,8 @@ ROW_CASES = [(path, None, ".".join(path)) for path in leaf_paths(list(INFERENCE_
      "commit.commitments.0.sketch: input should be a valid integer"),
     (("commit", "commitments"), json.dumps([{"sketch": 1, "indices": [-1], "position": 0}] * 40),
      "commit.commitments.0.indices.0: input should be greater than or equal to 0"),
+    (("commit", "commitments"), json.dumps([{"sketch": 10**30, "indices": [0], "position": 0}] * 40),
+     "commit.commitments.0.sketch: input should be less than 2147483647"),
     (("commit", "beacon"), '"abc"', "commit.beacon: input should be a valid dict"),
     (("commit", "beacon"), "[]", "commit.beacon: input should be a valid dict"),
     (("commit", "beacon"), '{"randomness": 5}', "commit.beacon.randomness: input should be a valid string"),
@@ -542,6 +544,24 @@ def test_a_malformed_row_is_a_failed_check_at_its_row(path, value, expect, file_
     assert report["verdicts"]["validator"]["failed"]["structure"] and report["rollouts"] == ROWS
     signatures = next(c for c in report["checks"] if c["name"] == "signatures")
     assert signatures["checked"] == ROWS - 1  # every other row was still read and checked
+
+
+def test_rows_the_validator_cannot_compute_fail_their_checks(tmp_path, capsys) -> None:
+    """Rows that hold the schema but no proof can be computed from: indices beyond the model's hidden size (the
+    gather failed with a traceback), NaN and infinite logprobs. verify loads the model and judges each."""
+    rows = honest_rows()
+    for c in rows[2]["commit"]["commitments"]:
+        c["indices"] = [10**9] * len(c["indices"])
+    rows[4]["commit"]["rollout"]["token_logprobs"] = [math.nan] * 40
+    rows[5]["commit"]["rollout"]["token_logprobs"] = [math.inf] * 40
+    path = tmp_path / f"{rows[0]['hotkey']}-window-{WINDOW}.parquet"
+    write_window_file(path, rows, {"wallet": rows[0]["hotkey"], "window_start": WINDOW, "window_length": 30})
+    rc, out, err = run_cli(capsys, "verify", str(path), "--device", "cpu", "--json")
+    assert rc == 1, err
+    proofs = next(c for c in json.loads(out)["checks"] if c["name"] == "proofs")
+    assert proofs["checked"] == ROWS and proofs["passed"] == 0
+    assert any(f"rollout 2 (file position 0): {40 * PROFILE.proof_topk} commitment indices outside the hidden size 64" in p
+               for p in proofs["problems"]), proofs["problems"]
 
 
 META_CASES = [

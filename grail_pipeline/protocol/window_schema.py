@@ -11,8 +11,9 @@ it is the library made for this (F's validator uses it for the same schema), its
 path, and its core is compiled: a W1 row of 700 commitments validates in about 0.2 ms.
 
 Bounds that belong to the protocol, not to a check, are here too: token ids are unsigned 32-bit (the commit
-binding packs them as big-endian uint32), lengths and indices cannot be negative, rewards and advantages
-are finite (a NaN advantage would pass the group check's `abs(sum) > tol` comparison).
+binding packs them as big-endian uint32), a sketch is a residue mod the protocol's prime (one beyond int64
+broke the proof check's tensor), lengths and indices cannot be negative, rewards and advantages are finite (a
+NaN advantage would pass the group check's `abs(sum) > tol` comparison).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict
 
+from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.records import MalformedRow
 
 STRICT = ConfigDict(strict=True, allow_inf_nan=False)
@@ -33,8 +35,8 @@ TokenId = Annotated[int, Field(ge=0, lt=2**32)]
 
 @with_config(STRICT)
 class Commitment(TypedDict):
-    sketch: int
-    indices: list[NonNegative]
+    sketch: Annotated[int, Field(ge=0, lt=PROFILE.prime_q)]  # a sketch is a residue mod q (sketches.py)
+    indices: list[NonNegative]  # below the model's hidden size: the proof check's rule (it knows the model)
     position: NonNegative
 
 

@@ -423,6 +423,8 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
     problems = _Problems(tokenizer) if tokenizer is not None else None
     model_rows = set(_proof_indices(len(records), proof_sample)) | sampled_rows if loaded is not None else set()
     config = loaded.model.config if loaded is not None else None
+    hidden_size = int(getattr(config, "hidden_size", None) or getattr(config.get_text_config(), "hidden_size")) \
+        if config is not None else 0
     eos_id = tokenizer.eos_token_id if tokenizer is not None else None
     random_weights = loaded is not None and "preset" in checkpoint_metadata(loaded.source)
     seen_nonces: set[int] = set()
@@ -466,6 +468,11 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
                                     f"{where}: reward {claimed:.4f}, recomputed {expected:.4f} for problem {index}",
                                     sampled=sampled)
         if i not in model_rows:
+            continue
+        outside = [x for c in r["commit"]["commitments"] for x in c["indices"] if x >= hidden_size]
+        if outside:  # the validator's forward cannot gather there: the proof fails without running it
+            problem = f"{where}: {len(outside)} commitment indices outside the hidden size {hidden_size} (first {outside[0]})"
+            checks["proofs"].record(False, problem, sampled=sampled)
             continue
         res = verify_rollout(loaded.model, r, profile, eos_id)
         strict_ok = res.positions_checked > 0 and res.positions_passed == res.positions_checked \
