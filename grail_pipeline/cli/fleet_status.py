@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     except redis.ResponseError as exc:  # WRONGTYPE: another program wrote one of the fleet's keys as another type
         raise UserError(f"a key of the fleet under {keys.prefix}: in Redis is not what the fleet writes ({exc}); "
                         f"stop the fleet and delete the keys matching '{keys.prefix}:*'") from None
-    except (ValueError, TypeError, KeyError) as exc:  # a window's counters or plan, garbage (context, beats: their own rule)
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # a window's keys hold garbage (the context and
+        # the heartbeats have their own rule)
         raise UserError(f"a key of the fleet under {keys.prefix}: in Redis holds what the fleet does not write "
                         f"({type(exc).__name__}: {str(exc)[:80]})") from None
     if args.json:
