@@ -572,7 +572,9 @@ META_CASES = [
     ({b"window_length": b"0"}, "metadata window_length is 0"),
     ({b"inference_count": b"-1"}, "metadata inference_count '-1' is not a whole number"),
     ({b"wallet": b"\x80\x81"}, "rows signed by another hotkey than the file's wallet"),
-    ({b"\xff": b"\xff", b"deadline": b"soon"}, "deadline metadata 'soon' is not a number"),
+    ({b"\xff": b"\xff", b"deadline": b"soon"}, "deadline metadata 'soon' is not a finite number"),
+    ({b"deadline": b"inf"}, "deadline metadata 'inf' is not a finite number"),
+    ({b"deadline": b"nan"}, "deadline metadata 'nan' is not a finite number"),
 ]
 
 

@@ -410,9 +410,13 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
 
     if deadline is None and "deadline" in metadata:
         try:
-            deadline = (float(metadata["deadline"]), "the file's deadline metadata")
+            when = float(metadata["deadline"])
         except ValueError:
-            checks["deadline"].record(False, f"deadline metadata {metadata['deadline']!r} is not a number")
+            when = math.nan
+        if math.isfinite(when):
+            deadline = (when, "the file's deadline metadata")
+        else:  # 'inf' passed every file, 'nan' failed every one with "nan s after"
+            checks["deadline"].record(False, f"deadline metadata {metadata['deadline'][:40]!r} is not a finite number")
     if expected_checkpoint_window is None and loaded is not None:
         expected_checkpoint_window = loaded.checkpoint_window
     _check_file(checks["file"], path, metadata, profile)
