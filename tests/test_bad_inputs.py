@@ -1044,3 +1044,17 @@ def test_every_number_flag_refuses_what_is_no_number_in_range(command, flag, kin
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1, err
     assert f"argument {flag}:" in err or (value == "-inf" and "unrecognized arguments: -inf" in err), err
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("true", True), ("YES", True), (" on ", True), ("0", False),
+                                           ("false", False), ("", False), ("Off", False)])
+def test_on_off_variables_take_the_usual_words(value, on, caplog) -> None:
+    """`GRAIL_USE_FLASH_ATTENTION=true` was read as off without a word; every on/off variable takes these words."""
+    import torch
+
+    from grail_pipeline.inference.loading import attention_implementation, env_flag
+
+    assert env_flag({"GRAIL_USE_FLASH_ATTENTION": value}, "GRAIL_USE_FLASH_ATTENTION") is on
+    caplog.set_level("WARNING", logger="grail_pipeline")
+    assert attention_implementation(torch.device("cpu"), {"GRAIL_USE_FLASH_ATTENTION": value}) == "sdpa"
+    assert ("flash-attention needs a CUDA GPU" in caplog.text) is on  # asked for, and told why not here
