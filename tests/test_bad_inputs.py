@@ -11,19 +11,35 @@ command's --help renders.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import random
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import run_cli
 
 from grail_pipeline.cli import main as cli
-from grail_pipeline.protocol.records import write_window_file
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.records import INFERENCE_SCHEMA, build_rollout_record, write_window_file
+from grail_pipeline.protocol.wallet import ephemeral_signer
 from grail_pipeline.tools.calibration_file import save_entry
 
 CPU = "cpu"
@@ -120,7 +136,7 @@ CASES = [
     C("make-checkpoints", "--first-window", "-5", expect="argument --first-window: '-5' cannot be negative"),
     C("make-checkpoints", "--every-blocks", "0", expect="argument --every-blocks: '0' must be at least 1"),
     C("make-checkpoints", "--noise", "-1", expect="argument --noise: '-1' cannot be negative"),
-    C("make-checkpoints", "--seed", "x", expect="argument --seed: invalid int value: 'x'"),
+    C("make-checkpoints", "--seed", "x", expect="argument --seed: 'x' is not a whole number"),
     C("make-checkpoints", "--model-name", "{x}", expect="--model-name '{x}': the only field it may name is {window}"),
     C("make-checkpoints", "--ready-every", "-1", expect="argument --ready-every: '-1' cannot be negative"),
     # --- fleet-status: a fleet's view, from its Redis
@@ -165,7 +181,7 @@ CASES = [
     C("mine", "--out-dir", "/proc/nope", expect="cannot create --out-dir /proc/nope"),
     C("mine", "--status-file", "/proc/nope/status.json", expect="cannot write the status file /proc/nope/status.json"),
     C("mine", "--window-blocks", "0", expect="argument --window-blocks: '0' must be at least 1"),
-    C("mine", "--run-seed", "x", expect="argument --run-seed: invalid int value: 'x'"),
+    C("mine", "--run-seed", "x", expect="argument --run-seed: 'x' is not a whole number"),
     C("mine", "--verify-sample", "-1", expect="--verify-sample takes a number of rollouts, at least 0"),
     C("mine", "--upload-allowance", "-1", expect="argument --upload-allowance: '-1' cannot be negative"),
     C("mine", "--max-windows", "0", expect="argument --max-windows: '0' must be at least 1"),
@@ -192,13 +208,13 @@ CASES = [
     C("benchmark", "--num-problems", "0", expect="argument --num-problems: '0' must be at least 1"),
     C("benchmark", "--workers", "x", expect="argument --workers: 'x' is not a whole number"),
     C("benchmark", "--full-benchmark=yes", expect="argument --full-benchmark: ignored explicit argument 'yes'"),
-    C("benchmark", "--seed", "x", expect="argument --seed: invalid int value: 'x'"),
+    C("benchmark", "--seed", "x", expect="argument --seed: 'x' is not a whole number"),
     C("benchmark", "--warmup-problems", "-1", expect="--warmup-problems cannot be negative"),
     C("benchmark", "--window-blocks", "0", expect="argument --window-blocks: '0' must be at least 1"),
     C("benchmark", "--verify", "-1", expect="--verify takes a positive number of rollouts"),
     # --- calibrate
     C("calibrate", "--calibration", "/proc/nope/cal.yaml", expect="cannot write --calibration /proc/nope/cal.yaml"),
-    C("calibrate", "--calibration", "/tmp", expect="calibration file /tmp cannot be read"),
+    C("calibrate", "--calibration", "/tmp", expect="calibration file /tmp is a directory, not a file"),
     C("calibrate", "--headroom-gb", "-1", expect="argument --headroom-gb: '-1' cannot be negative"),
     C("calibrate", "--headroom-gb", "64", expect="--headroom-gb 64 leaves nothing of 64.0 GB"),
     C("calibrate", "--memory-gb", "inf", expect="argument --memory-gb: 'inf' is not a finite number"),
@@ -212,15 +228,51 @@ CASES = [
     C("calibrate", "--engine", "fast", "--batch-sizes", "8", expect="must be at least 16 (one problem's rollouts)"),
     C("calibrate", "--num-problems", "0", expect="argument --num-problems: '0' must be at least 1"),
     C("calibrate", "--warmup-problems", "-1", expect="--warmup-problems cannot be negative"),
-    C("calibrate", "--seed", "x", expect="argument --seed: invalid int value: 'x'"),
+    C("calibrate", "--seed", "x", expect="argument --seed: 'x' is not a whole number"),
     # --- verify (what it checks today; the file's contents are test_verify_cmd's)
     C("verify", "--model", "dummy:nope", expect="unknown model preset 'dummy:nope'"),
     C("verify", "--device", expect="argument --device: expected one argument"),
     C("verify", "--skip-proofs=yes", expect="argument --skip-proofs: ignored explicit argument 'yes'"),
     C("verify", "--proof-sample", "-1", expect="--proof-sample takes a number of rollouts, at least 0"),
     C("verify", "--status", "/no/such/status.json", expect="status file /no/such/status.json does not exist"),
+    C("verify", "--status", "/tmp", expect="status file /tmp is a directory, not a file"),
     C("verify", "--checkpoint-window", "-1", expect="--checkpoint-window takes a window number, at least 0"),
     C("verify", "--json=yes", expect="argument --json: ignored explicit argument 'yes'"),
+]
+# --- numbers, by range (issue #26): digits str.isdigit() accepts and int() refuses, values beyond int64 (the
+# window file's columns, the seeds' generators), and values that parse but make no sense
+CASES += [
+    C("emit-pm2", "--gpus", "²", expect="--gpus takes GPU indices (whole numbers from 0 to 1023), got '²'"),
+    C("emit-pm2", "--gpus", "0,①", expect="--gpus takes GPU indices (whole numbers from 0 to 1023), got '①'"),
+    C("emit-pm2", "--node-index", "١", expect="argument --node-index: '١' is not a whole number"),
+    C("emit-pm2", "--redis-node", str(2**64), expect=f"argument --redis-node: '{2**64}' is out of range"),
+    C("emit-pm2", "--gpus", "9" * 5000, expect="--gpus takes GPU indices (whole numbers from 0 to 1023), got '9999"),
+    C("mine", expect="GRAIL_WORKER_ID 1" + "0" * 40 + " must be between", env={"GRAIL_WORKER_ID": "9" * 5000}),
+    C("benchmark", "--batch-sizes", "16,²", expect="batch sizes must be positive whole numbers, got '²'"),
+    C("calibrate", "--batch-sizes", "①", expect="batch sizes must be positive whole numbers, got '①'"),
+    C("mine", expect="GRAIL_GENERATION_BATCH_SIZE='²' must be a positive whole number",
+      env={"GRAIL_GENERATION_BATCH_SIZE": "²"}),
+    C("mine", expect="GRAIL_WORKER_ID='①' is not a whole number", env={"GRAIL_WORKER_ID": "①"}),
+    C("mine", expect=f"GRAIL_MINER_SAFETY_BLOCKS {10**30} must be between", env={"GRAIL_MINER_SAFETY_BLOCKS": str(10**30)}),
+    C("mine", expect="GRAIL_USE_FLASH_ATTENTION='maybe' must be 1 or 0", env={"GRAIL_USE_FLASH_ATTENTION": "maybe"}),
+    C("mine", "--run-seed", str(2**64), expect=f"argument --run-seed: '{2**64}' is out of range"),
+    C("mine", "--window-blocks", str(10**12), expect=f"--window-blocks {10**12} must be between 1 and 7200"),
+    C("mine", "--upload-allowance", "360", expect="--upload-allowance 360 s is not less than the window's 360 s"),
+    C("mine", "--length-profile", "fixed:8",
+      expect="length profile 'fixed:8' allows at most 8 tokens: every completion would be under the protocol's "
+             "minimum of 16"),
+    C("mine", "--max-new-tokens", "15", "--length-profile", "natural", expect="--max-new-tokens allows at most 15"),
+    C("benchmark", "--seed", str(2**63), expect=f"argument --seed: '{2**63}' is out of range"),
+    C("benchmark", "--window-blocks", str(10**12), expect=f"--window-blocks {10**12} must be between 1 and 7200"),
+    C("benchmark", "--length-profile", "fixed:8", expect="every completion would be under the protocol's minimum"),
+    C("calibrate", "--seed", "1e3", expect="argument --seed: '1e3' is not a whole number"),
+    C("verify", "--checkpoint-window", str(2**70), expect=f"argument --checkpoint-window: '{2**70}' is out of range"),
+    C("make-checkpoints", "--windows", f"0,{2**64}", expect=f"window {2**64} is beyond {2**63 - 1}"),
+    C("make-checkpoints", "--seed", str(10**17), expect=f"--seed {10**17} must be at least 0 and at most"),
+    C("make-checkpoints", "--noise", "1e308", expect="--noise 1e+308 makes tensor"),
+    C("make-checkpoints", "--out", "", expect="--out is empty (an unset shell variable?)"),
+    C("make-checkpoints", "--ready-every", "1e19", expect="--ready-every 1e+19 must be from 0 to 86400 seconds"),
+    C("fleet-status", "--windows", str(10**30), expect=f"argument --windows: '{10**30}' is out of range"),
 ]
 VERIFY_MISSING = C("verify", expect="window file /no/such.parquet does not exist")  # the positional PATH
 
@@ -371,3 +423,638 @@ def test_a_failed_emit_into_a_file_says_the_file_is_empty(calibration, tmp_path)
     run = subprocess.run([*command, "--out", str(target)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "left empty" not in run.stderr
     assert target.read_text() == "the previous file\n"  # --out: whole or not at all
+
+
+# --- window files: every field of a row, the metadata, and the file itself, as `verify` meets them (issue #26)
+ROWS = 16  # one group
+WINDOW = 60
+BLOCK_HASH = "0x" + "ab" * 32
+
+
+def honest_rows() -> list[dict]:
+    """One group of well-formed rows as a real miner writes them (the signatures are not real: the schema is
+    what these cases are about, and no case needs a model)."""
+    signer = ephemeral_signer()
+    rng = random.Random(7)
+    rows = []
+    for index in range(ROWS):
+        tokens = [rng.randrange(1000, 100_000) for _ in range(40)]
+        commitments = [{"sketch": rng.randrange(PROFILE.prime_q), "indices": list(range(PROFILE.proof_topk)),
+                        "position": p} for p in range(len(tokens))]
+        rows.append(build_rollout_record(
+            window_start=WINDOW, block=WINDOW + 1, block_hash=BLOCK_HASH, randomness="cd" * 32, use_drand=False,
+            checkpoint_window=0, rollout_group=0, rollout_index=index, total_in_group=16,
+            nonce=PROFILE.nonce(0, index), tokens=tokens, prompt_length=20, commitments=commitments,
+            token_logprobs=[0.0] * 40, model_name="dummy:tiny", commit_signature="ab" * 64, total_reward=0.0,
+            advantage=0.0, success=False, assignment=[True], hotkey=signer.ss58_address, challenge="c",
+            signature="cd" * 64))
+    return rows
+
+
+def leaf_paths(fields, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every field of INFERENCE_SCHEMA, structs and their members alike."""
+    paths = []
+    for f in fields:
+        paths.append((*prefix, f.name))
+        if pa.types.is_struct(f.type):
+            paths.extend(leaf_paths(list(f.type), (*prefix, f.name)))
+    return paths
+
+
+def put(row: dict, path: tuple, value: object) -> None:
+    for key in path[:-1]:
+        row = row[key]
+    row[path[-1]] = value
+
+
+BAD_ROW = 3
+# (field path in the file's form, the value written there, what the one problem names); JSON fields hold text
+ROW_CASES = [(path, None, ".".join(path)) for path in leaf_paths(list(INFERENCE_SCHEMA))] + [
+    (("commit", "tokens"), [5, None, 7] * 13 + [5], "commit.tokens.1"),
+    (("commit", "tokens"), [5, -3] * 20, "commit.tokens.1: input should be greater than or equal to 0"),
+    (("commit", "commitments"), json.dumps(list(range(40))), "commit.commitments.0: input should be a valid dict"),
+    (("commit", "commitments"), "7", "commit.commitments: input should be a valid list"),
+    (("commit", "commitments"), "null", "commit.commitments: input should be a valid list"),
+    (("commit", "commitments"), "{not json", "commit.commitments is not JSON"),
+    (("commit", "commitments"), "[" * 20_000 + "]" * 20_000, "commit.commitments is not JSON (nested too deep)"),
+    (("commit", "commitments"), json.dumps([{"sketch": "1", "indices": [], "position": 0}] * 40),
+     "commit.commitments.0.sketch: input should be a valid integer"),
+    (("commit", "commitments"), json.dumps([{"sketch": 1, "indices": [-1], "position": 0}] * 40),
+     "commit.commitments.0.indices.0: input should be greater than or equal to 0"),
+    (("commit", "commitments"), json.dumps([{"sketch": 10**30, "indices": [0], "position": 0}] * 40),
+     "commit.commitments.0.sketch: input should be less than 2147483647"),
+    (("commit", "beacon"), '"abc"', "commit.beacon: input should be a valid dict"),
+    (("commit", "beacon"), "[]", "commit.beacon: input should be a valid dict"),
+    (("commit", "beacon"), '{"randomness": 5}', "commit.beacon.randomness: input should be a valid string"),
+    (("commit", "beacon"), "{}", "commit.beacon.randomness: field required"),
+    (("commit", "rollout", "trajectory"), "\ufffd", "commit.rollout.trajectory is not JSON"),
+    (("commit", "rollout", "total_reward"), math.nan, "commit.rollout.total_reward: input should be a finite number"),
+    (("commit", "rollout", "advantage"), math.inf, "commit.rollout.advantage: input should be a finite number"),
+    (("commit", "rollout", "token_logprobs"), [None] * 40, "commit.rollout.token_logprobs.0"),
+    (("commit", "rollout", "assignment"), [True, None], "commit.rollout.assignment.1"),
+    (("commit", "rollout", "prompt_length"), -20, "commit.rollout.prompt_length: input should be greater than"),
+    (("rollout_index",), -1, "rollout_index: input should be greater than or equal to 0"),
+    (("rollout_group",), -2, "rollout_group: input should be greater than or equal to 0"),
+    (("window_start",), -60, "window_start: input should be greater than or equal to 0"),
+]
+
+
+def write_rows(path: Path, rows: list[dict], metadata: dict[bytes, bytes] | None = None) -> Path:
+    """Rows in the file's form (JSON fields as text) written as Parquet with INFERENCE_SCHEMA, as anyone could."""
+    table = pa.Table.from_pylist(rows, schema=INFERENCE_SCHEMA)
+    wallet = rows[0]["hotkey"] if rows and rows[0]["hotkey"] else "5x"
+    meta = {b"wallet": wallet.encode(), b"window_start": str(WINDOW).encode(), b"window_length": b"30",
+            b"inference_count": str(len(rows)).encode(), b"block_hash": BLOCK_HASH.encode()}
+    pq.write_table(table.replace_schema_metadata({**meta, **(metadata or {})}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def file_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The honest group in the file's form, read back from a file written by write_window_file."""
+    path = tmp_path_factory.mktemp("honest") / "w.parquet"
+    write_window_file(path, honest_rows(), {"wallet": "5x", "window_start": WINDOW, "window_length": 30})
+    return pq.read_table(path).to_pylist()
+
+
+def verify_json(capsys, path: Path) -> tuple[int, dict, str]:
+    rc, out, err = run_cli(capsys, "verify", str(path), "--skip-proofs", "--json")
+    return rc, (json.loads(out) if out else {}), err
+
+
+def test_an_honest_file_passes_the_schema(file_rows, tmp_path, capsys) -> None:
+    rc, report, err = verify_json(capsys, write_rows(tmp_path / "w.parquet", copy.deepcopy(file_rows)))
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["structure"]["checked"] == checks["structure"]["passed"] == ROWS, checks["structure"]
+    assert checks["metadata"]["passed"] == checks["metadata"]["checked"], checks["metadata"]
+
+
+@pytest.mark.parametrize(("path", "value", "expect"), ROW_CASES,
+                         ids=[f"{'.'.join(c[0])}={str(c[1])[:20]}" for c in ROW_CASES])
+def test_a_malformed_row_is_a_failed_check_at_its_row(path, value, expect, file_rows, tmp_path, capsys) -> None:
+    """verify reads the whole file: the bad row fails `structure` at its file row, the others are checked."""
+    rows = copy.deepcopy(file_rows)
+    put(rows[BAD_ROW], path, value)
+    rc, report, err = verify_json(capsys, write_rows(tmp_path / "w.parquet", rows))
+    assert rc == 1 and err == "", err
+    structure = next(c for c in report["checks"] if c["name"] == "structure")
+    assert structure["checked"] == ROWS and structure["passed"] == ROWS - 1, structure
+    assert structure["problems"][0].startswith(f"file row {BAD_ROW}: ") and expect in structure["problems"][0], \
+        structure["problems"]
+    assert report["verdicts"]["validator"]["failed"]["structure"] and report["rollouts"] == ROWS
+    signatures = next(c for c in report["checks"] if c["name"] == "signatures")
+    assert signatures["checked"] == ROWS - 1  # every other row was still read and checked
+
+
+def test_rows_the_validator_cannot_compute_fail_their_checks(tmp_path, capsys) -> None:
+    """Rows that hold the schema but no proof can be computed from: indices beyond the model's hidden size (the
+    gather failed with a traceback), NaN and infinite logprobs. verify loads the model and judges each."""
+    rows = honest_rows()
+    for c in rows[2]["commit"]["commitments"]:
+        c["indices"] = [10**9] * len(c["indices"])
+    rows[4]["commit"]["rollout"]["token_logprobs"] = [math.nan] * 40
+    rows[5]["commit"]["rollout"]["token_logprobs"] = [math.inf] * 40
+    path = tmp_path / f"{rows[0]['hotkey']}-window-{WINDOW}.parquet"
+    write_window_file(path, rows, {"wallet": rows[0]["hotkey"], "window_start": WINDOW, "window_length": 30})
+    rc, out, err = run_cli(capsys, "verify", str(path), "--device", "cpu", "--json")
+    assert rc == 1, err
+    proofs = next(c for c in json.loads(out)["checks"] if c["name"] == "proofs")
+    assert proofs["checked"] == ROWS and proofs["passed"] == 0
+    assert any(f"rollout 2 (file position 0): {40 * PROFILE.proof_topk} commitment indices outside the hidden size 64" in p
+               for p in proofs["problems"]), proofs["problems"]
+
+
+META_CASES = [
+    ({b"window_start": b"\xff\xfe"}, "metadata window_start '\\\\xff\\\\xfe' is not a whole number"),
+    ({b"window_start": b"sixty"}, "metadata window_start 'sixty' is not a whole number"),
+    ({b"window_start": b"9" * 30}, "is not a whole number"),
+    ({b"window_length": b"garbage"}, "metadata window_length 'garbage' is not a whole number"),
+    ({b"window_length": b"0"}, "metadata window_length is 0"),
+    ({b"inference_count": b"-1"}, "metadata inference_count '-1' is not a whole number"),
+    ({b"wallet": b"\x80\x81"}, "rows signed by another hotkey than the file's wallet"),
+    ({b"\xff": b"\xff", b"deadline": b"soon"}, "deadline metadata 'soon' is not a finite number"),
+    ({b"deadline": b"inf"}, "deadline metadata 'inf' is not a finite number"),
+    ({b"deadline": b"nan"}, "deadline metadata 'nan' is not a finite number"),
+]
+
+
+@pytest.mark.parametrize(("metadata", "expect"), META_CASES, ids=[str(m) for m, _ in META_CASES])
+def test_bad_metadata_fails_the_metadata_check(metadata, expect, file_rows, tmp_path, capsys) -> None:
+    rc, report, err = verify_json(capsys, write_rows(tmp_path / "w.parquet", copy.deepcopy(file_rows), metadata))
+    assert rc == 1 and err == "", err
+    problems = [p for c in report["checks"] for p in c["problems"]]
+    assert any(expect in p for p in problems), problems
+    json.dumps(report, ensure_ascii=True)  # what was not UTF-8 is printable
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def holding(data: bytes) -> Callable[[Path], Path]:
+    def make(path: Path) -> Path:
+        path.write_bytes(data)
+        return path
+    return make
+
+
+# (how the file is made, what the one line says): these are not window files at all, so no check can run
+FILE_CASES = [
+    (lambda p: p.mkdir() or p, "is a directory, not a file"),
+    (lambda p: fifo(p), "is not a regular file (a pipe, socket or device)"),
+    (holding(b""), "is not a readable Parquet file"),
+    (holding(b"PAR1" + bytes(300) + b"PAR1"), "is not a readable Parquet file"),
+    (lambda p: pq.write_table(pa.table({"x": [1]}), p) or p, "does not have the GRAIL window schema"),
+]
+
+
+@pytest.mark.parametrize(("make", "expect"), FILE_CASES, ids=["directory", "fifo", "empty", "garbage", "foreign"])
+def test_what_is_not_a_window_file_is_one_line(make, expect, tmp_path, capsys) -> None:
+    path = make(tmp_path / "w.parquet")
+    rc, out, err = run_cli(capsys, "verify", str(path), "--skip-proofs")
+    assert (rc, out) == (2, "") and err.count("\n") == 1 and expect in err, err
+
+
+@pytest.mark.parametrize(("argv", "dest", "says"), [
+    (["mine", "--dry-run", "--out-dir", ""], "out_dir", "--out-dir is empty (an unset shell variable?): using the default"),
+    (["mine", "--dry-run", "--status-file", " "], "status_file", "--status-file is empty"),
+    (["benchmark", "--json", ""], "json", "--json is empty (an unset shell variable?): no JSON is written"),
+    (["emit-pm2", "--out", ""], "out", "--out is empty (an unset shell variable?): printing to stdout"),
+    (["emit-pm2", "--cwd", ""], "cwd", "--cwd is empty (an unset shell variable?): using the current directory"),
+])
+def test_an_empty_path_warns_in_one_line_and_means_the_default(argv, dest, says, capsys) -> None:
+    """`--out-dir "$UNSET"` went somewhere else without a word; now the default is used, and said."""
+    args = cli.build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert getattr(args, dest) is None and err.count("\n") == 1 and says in err, err
+    if argv[0] == "mine":
+        from grail_pipeline.cli.mine import default_out_dir, resolve_settings
+
+        assert resolve_settings(args, {}).out_dir == default_out_dir({})
+
+
+# --- streams and full disks: output nobody can take, a locale that cannot show '×', no room left (issue #26)
+def grail(*argv: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    """A real `python -m grail_pipeline` process: what a shell's redirection does to it matters here."""
+    return subprocess.Popen([sys.executable, "-m", "grail_pipeline", *argv], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.fixture
+def empty_window_file(tmp_path: Path) -> Path:
+    path = tmp_path / "5x-window-60.parquet"
+    write_window_file(path, [], {"wallet": "5x", "window_start": 60, "window_length": 30})
+    return path
+
+
+def test_stdout_on_a_full_device_is_one_line(empty_window_file) -> None:
+    with open("/dev/full", "w") as full:
+        run = grail("verify", str(empty_window_file), "--skip-proofs", "--json", stdout=full)
+        err = run.communicate(timeout=120)[1]
+    assert run.returncode == 2 and err.count("\n") == 1, err
+    assert "grail-pipeline verify: error: cannot write standard output" in err and "No space left on device" in err
+
+
+@pytest.mark.parametrize(("flags", "code"), [(["--json"], 141), ([], 1)], ids=["json", "table"])
+def test_a_reader_that_left_ends_the_command_quietly(flags, code, empty_window_file) -> None:
+    """`grail-pipeline verify FILE | head -0`: the pipe's reader is gone before the first write. The JSON is
+    written by us (141, as a process SIGPIPE ended); the table by rich, whose own handler exits 1, as quietly."""
+    run = grail("verify", str(empty_window_file), "--skip-proofs", *flags, stdout=subprocess.PIPE)
+    run.stdout.close()
+    err = run.communicate(timeout=120)[1]
+    assert run.returncode == code and err == "", err
+
+
+@pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "ascii"},
+                                 {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}],
+                         ids=["PYTHONIOENCODING=ascii", "LC_ALL=C"])
+def test_an_ascii_stdout_prints_the_table(env, empty_window_file) -> None:
+    """verify's table says 'group×100': under an ASCII locale it printed half and died with UnicodeEncodeError."""
+    run = grail("verify", str(empty_window_file), "--skip-proofs", env=env, stdout=subprocess.PIPE)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0 and err == "", err
+    assert "nonce = group?100+index" in " ".join(out.split()) and "strict: PASS" in out
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 64 kB tmpfs (mounting needs root: skipped elsewhere, as the README's test command runs as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(directory: Path) -> None:
+    with open(directory / "filler", "wb", buffering=0) as fh, pytest.raises(OSError, match="No space left"):
+        while True:
+            fh.write(bytes(4096))
+
+
+def test_a_full_disk_refuses_the_calibration_before_the_sweep(small_disk, capsys) -> None:
+    fill(small_disk)
+    rc, out, err = run_cli(capsys, "calibrate", "--model", "dummy:tiny", "--device", "cpu", "--memory-gb", "64",
+                           "--calibration", str(small_disk / "c.yaml"))
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    assert f"cannot write --calibration {small_disk / 'c.yaml'} (No space left on device)" in err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_a_full_disk_while_writing_checkpoints_is_one_line(small_disk, capsys) -> None:
+    rc, out, err = run_cli(capsys, "make-checkpoints", "--model", "dummy:tiny", "--out", str(small_disk / "series"),
+                           "--windows", "0")
+    assert (rc, out) == (2, "") and err.count("\n") == 1 and "No space left on device" in err, err
+    assert f"cannot write the checkpoint {small_disk / 'series' / 'checkpoint-0'}" in err, err
+    assert list((small_disk / "series").iterdir()) == []  # no half checkpoint, no temporary
+
+
+def test_a_full_disk_leaves_no_window_file(small_disk, file_rows) -> None:
+    """The daemon's window write (write_window_file) on a full disk: an OSError, no file, no temporary."""
+    fill(small_disk)
+    rows = [_decoded(r) for r in copy.deepcopy(file_rows)]
+    with pytest.raises(OSError, match="No space left") as info:
+        write_window_file(small_disk / "w.parquet", rows, {"wallet": "5x", "window_start": 60, "window_length": 30})
+    assert info.value.filename == str(small_disk / "w.parquet")  # what the one line of `mine` names
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def _decoded(row: dict) -> dict:
+    commit = row["commit"]
+    commit["commitments"], commit["beacon"] = json.loads(commit["commitments"]), json.loads(commit["beacon"])
+    commit["rollout"]["trajectory"] = json.loads(commit["rollout"]["trajectory"])
+    return row
+
+
+# --- Redis: the URL, the server behind it, and what the fleet's own keys hold (issue #26)
+CASES += [
+    C("fleet-status", "--redis-url", "redis://[::1:6379/0", expect="is not a Redis URL: Invalid IPv6 URL"),
+    C("fleet-status", "--redis-url", "redis://h:99999/0", expect="is not a Redis URL: Port out of range 0-65535"),
+    C("fleet-status", "--redis-url", "redis://h:port/0", expect="is not a Redis URL: Port could not be cast"),
+    C("fleet-status", "--redis-url", "redis://:6379/0", expect="names no host"),
+    C("fleet-status", "--redis-url", "redis://h:0/0", expect="has port 0"),
+    C("mine", expect="GRAIL_REDIS_URL='redis://***' is not a Redis URL: Invalid IPv6 URL",
+      env={"GRAIL_REDIS_URL": "redis://:secret@[fe80::1/0"}),
+    C("mine", expect="is not a Redis URL: Port out of range", env={"GRAIL_REDIS_URL": "redis://h:70000/0"}),
+    C("emit-pm2", "--redis-url", "rediss://h:x/0", expect="is not a Redis URL: Port could not be cast"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """A real HTTP server (python -m http.server) on a free port: what a Redis URL with the wrong port reaches."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            break
+        time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture
+def babbling_server():
+    """A server that answers every request with `+PONG` (redis-py's handshake then failed inside itself)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(2)
+                while conn.recv(4096):
+                    conn.sendall(b"+PONG\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    stop.set()
+    thread.join(timeout=5)
+    listener.close()
+
+
+@pytest.mark.parametrize("server", ["http_server", "babbling_server"])
+def test_a_server_that_is_not_redis_is_one_line(server, request, capsys) -> None:
+    url = request.getfixturevalue(server)
+    rc, out, err = run_cli(capsys, "fleet-status", "--redis-url", url, "--hotkey", "5x")
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    assert f"the server at {url}" in err and "as Redis does" in err and "is that the Redis port?" in err
+
+
+def fleet_context(**changes) -> str:
+    """A fleet context whose current window is 0 for an hour (the table is built when the tests are collected)."""
+    return json.dumps({"genesis": time.time() - 100, "run_seed": 0, "block_time_s": 3600.0, "window_blocks": 30,
+                       "checkpoint": "dummy:tiny", **changes})
+
+
+# (what is written under the fleet's keys, what fleet-status's one line says; None: it shows the fleet, and the
+# damage, with exit 0)
+KEY_CASES = {
+    "context not JSON": ([("set", "context", "{not json")], "does not hold a fleet context (invalid json"),
+    "context nested deep": ([("set", "context", "[" * 20_000)], "does not hold a fleet context"),
+    "context missing fields": ([("set", "context", '{"genesis": 1.0}')], "run_seed: field required"),
+    "context zero block time": ([("set", "context", fleet_context(block_time_s=0))],
+                                "block_time_s: input should be greater than 0"),
+    "context infinite genesis": ([("set", "context", fleet_context(genesis="inf"))], "genesis"),
+    "context of the wrong type": ([("hset", "context", "a", "b")], "WRONGTYPE"),
+    "workers of the wrong type": ([("set", "context", fleet_context()), ("set", "workers", "x")], "WRONGTYPE"),
+    "window counter garbage": ([("set", "context", fleet_context()), ("set", "w:0:next", "many")],
+                               "holds what the fleet does not write (ValueError"),
+    "written report nested deep": ([("set", "context", fleet_context()), ("set", "w:0:written", "[" * 20_000)],
+                                   "holds what the fleet does not write (RecursionError"),
+    "plan garbage": ([("set", "context", fleet_context()), ("hset", "w:0:plan", "stop_at_ms", "soon")],
+                     "holds what the fleet does not write (ValueError"),
+    "heartbeat garbage": ([("hset", "workers", "w1", "garbage")], None),
+    "heartbeat without a stamp": ([("hset", "workers", "w1", '{"rollouts_per_s": 1}')], None),
+    "heartbeat rate a word": ([("hset", "workers", "w1", '{"at_ms": 1, "rollouts_per_s": "fast"}')], None),
+    "worker name not UTF-8": ([("hset", "workers", b"w\xff", "garbage")], None),
+    "leader name not UTF-8": ([("set", "leader", b"\xff\xfeleader")], None),
+}
+
+
+@pytest.mark.parametrize("case", KEY_CASES, ids=list(KEY_CASES))
+def test_corrupt_fleet_keys_in_a_real_redis(case, redis_server, capsys) -> None:
+    import redis
+
+    from grail_pipeline.fleet.keys import FleetKeys
+
+    writes, expect = KEY_CASES[case]
+    keys = FleetKeys(f"5bad{uuid.uuid4().hex[:8]}")
+    client = redis.Redis.from_url(redis_server.url)
+    for op, key, *values in writes:
+        getattr(client, op)(f"{keys.prefix}:{key}", *values)
+    for output in ((), ("--json",)):
+        rc, out, err = run_cli(capsys, "fleet-status", "--redis-url", redis_server.url, "--hotkey", keys.hotkey,
+                               *output)
+        if expect is None:
+            assert rc == 0 and err == "", err
+            assert "leader" in out and ("\\xff" in out or "not a heartbeat" in out), out
+        else:
+            assert (rc, out) == (2, "") and err.count("\n") == 1 and expect in err, err
+            assert keys.prefix in err, err
+    if expect is None:
+        snapshot = json.loads(out)
+        assert not snapshot["workers"] or "leader" in case  # an unreadable worker is no live worker
+    client.delete(*[f"{keys.prefix}:{w[1]}" for w in writes])
+
+
+# --- checkpoints: what arrives from the network, or a cache cut short, as every command that loads one meets it
+def _weights(directory: Path) -> Path:
+    return directory / "model.safetensors"
+
+
+def _cut(directory: Path) -> None:
+    data = _weights(directory).read_bytes()
+    _weights(directory).write_bytes(data[: len(data) // 2])
+
+
+def _tensors(directory: Path, change: Callable[[dict], dict]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file(change(load_file(str(_weights(directory)))), str(_weights(directory)), metadata={"format": "pt"})
+
+
+def _json(name: str, change: Callable[[dict], object]) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        path = directory / name
+        path.write_text(json.dumps(change(json.loads(path.read_text()))) if change else "")
+    return edit
+
+
+def _fifo_for(name: str) -> Callable[[Path], None]:
+    def make(directory: Path) -> None:
+        (directory / name).unlink()
+        os.mkfifo(directory / name)
+    return make
+
+
+def _small_vocab(directory: Path) -> None:
+    """A consistent checkpoint (config and tensors agree) whose vocabulary is smaller than its tokenizer's."""
+    _json("config.json", lambda c: {**c, "vocab_size": 1000})(directory)
+    _tensors(directory, lambda t: {k: (v[:1000].clone() if v.shape[0] == 151936 else v) for k, v in t.items()})
+
+
+def _wrong_shape(tensors: dict) -> dict:
+    import torch
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    return {**tensors, name: torch.zeros(3, 5, dtype=tensors[name].dtype)}
+
+
+CHECKPOINT_CASES = {
+    "weights cut in half": (_cut, "model.safetensors are not a whole safetensors file"),
+    "weights garbage": (lambda d: _weights(d).write_bytes(b"garbage" * 100), "are not a whole safetensors file"),
+    "weights a FIFO": (_fifo_for("model.safetensors"), "is not a regular file"),
+    "a tensor of the wrong shape": (lambda d: _tensors(d, _wrong_shape),
+                                    "tensor model.layers.0.self_attn.q_proj.weight is [3, 5] in the weights but [64, 64]"),
+    "vocabulary smaller than the tokenizer's": (_small_vocab, "embeds 1000 token ids but its tokenizer has 151665"),
+    "text_config a string": (_json("config.json", lambda c: {**c, "text_config": "qwen"}),
+                             "text_config is a str, not an object"),
+    "config not JSON": (_json("config.json", None), "is not JSON"),
+    "config vocab_size a word": (_json("config.json", lambda c: {**c, "vocab_size": "many"}),
+                                 "vocab_size 'many' is not a positive whole number"),
+    "config nested deep": (lambda d: (d / "config.json").write_text("[" * 20_000 + "]" * 20_000), "nested too deep"),
+    "config a FIFO": (_fifo_for("config.json"), "checkpoint config"),
+    "metadata window 2^70": (_json("metadata.json", lambda m: {**m, "window": 2**70}),
+                             f"window {2**70}: it must be a whole number from 0 to {2**63 - 1}"),
+    "metadata window nested deep": (lambda d: (d / "metadata.json").write_text('{"window": ' + "[" * 20_000 + "]" * 20_000 + "}"),
+                                    "nested too deep"),
+    "metadata window a list": (_json("metadata.json", lambda m: {**m, "window": [[[30]]]}), "window [[[30]]]"),
+    "metadata a list": (_json("metadata.json", lambda m: [m]), "is not a JSON object"),
+    "metadata a FIFO": (_fifo_for("metadata.json"), "is not a regular file (a pipe, socket or device)"),
+}
+
+
+# make-checkpoints copies its base's tokenizer without reading it: the series' vocabulary is judged where it is loaded
+CHECKPOINT_RUNS = [(case, command) for case in CHECKPOINT_CASES for command in ("benchmark", "verify", "make-checkpoints")
+                   if (case, command) != ("vocabulary smaller than the tokenizer's", "make-checkpoints")]
+
+
+@pytest.mark.parametrize(("case", "command"), CHECKPOINT_RUNS, ids=[f"{c}-{m}" for c, m in CHECKPOINT_RUNS])
+def test_a_damaged_checkpoint_is_one_line(case, command, tmp_path, capsys) -> None:
+    from grail_pipeline.inference.checkpoints import dummy_checkpoint
+
+    directory = Path(shutil.copytree(dummy_checkpoint("tiny"), tmp_path / "checkpoint"))
+    damage, expect = CHECKPOINT_CASES[case]
+    damage(directory)
+    if command == "benchmark":
+        argv = ["benchmark", "--model", str(directory), "--device", "cpu", "--length-profile", "fixed:16",
+                "--max-new-tokens", "16", "--num-problems", "1", "--batch-sizes", "4", "--engine", "hf"]
+    elif command == "verify":  # verify loads the checkpoint the file names, or --model's
+        argv = ["verify", str(_one_row_file(tmp_path)), "--model", str(directory), "--device", "cpu"]
+    else:  # a series built on a damaged base
+        argv = ["make-checkpoints", "--model", str(directory), "--out", str(tmp_path / "series"), "--windows", "0"]
+    rc, out, err = run_cli(capsys, *argv)
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    assert expect in err, err
+
+
+def _one_row_file(tmp_path: Path) -> Path:
+    """A window file with one row, so that verify loads a model for it."""
+    rows = honest_rows()[:1]
+    path = tmp_path / f"{rows[0]['hotkey']}-window-{WINDOW}.parquet"
+    write_window_file(path, rows, {"wallet": rows[0]["hotkey"], "window_start": WINDOW, "window_length": 30})
+    return path
+
+
+def test_the_cached_dummy_checkpoint_cut_in_half_is_written_again(tmp_path, caplog) -> None:
+    from grail_pipeline.inference.checkpoints import check_checkpoint, dummy_checkpoint
+
+    path = dummy_checkpoint("tiny", root=tmp_path)
+    whole = _weights(path).read_bytes()
+    _cut(path)
+    with pytest.raises(UserError, match="not a whole safetensors file"):
+        check_checkpoint(path)
+    caplog.set_level("WARNING", logger="grail_pipeline")
+    assert dummy_checkpoint("tiny", root=tmp_path) == path
+    assert _weights(path).read_bytes() == whole  # the same seed, the same weights
+    assert "is damaged; writing it again" in caplog.text
+
+
+# --- every other file a command reads: a FIFO (it must not hang), nesting 20,000 deep, the wrong kind of document
+def _calibration_args(command: str, path: Path, tmp_path: Path) -> list[str]:
+    if command == "emit-pm2":
+        return ["emit-pm2", "--calibration", str(path), "--gpus", "0", "--gpu-kind", CPU, "--wallet-cold", "c",
+                "--wallet-hot", "h", "--cwd", str(tmp_path)]
+    return ["calibrate", "--model", "dummy:tiny", "--device", "cpu", "--memory-gb", "64", "--calibration", str(path)]
+
+
+INPUT_FILES = {
+    "a FIFO": (lambda p: os.mkfifo(p), "is not a regular file (a pipe, socket or device)"),
+    "YAML nested 20,000 deep": (lambda p: p.write_text("[" * 20_000 + "]" * 20_000), "nested too deep"),
+    "JSON nested 20,000 deep": (lambda p: p.write_text('{"a": ' * 20_000 + "1" + "}" * 20_000), "nested too deep"),
+    "not UTF-8": (lambda p: p.write_bytes(b"\xff\xfe kind: x"), "is not UTF-8 text"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", INPUT_FILES, ids=list(INPUT_FILES))
+@pytest.mark.parametrize("command", ["emit-pm2 --calibration", "calibrate --calibration", "verify --status"])
+def test_a_hostile_input_file_is_one_line(kind, command, tmp_path, capsys, empty_window_file) -> None:
+    make, expect = INPUT_FILES[kind]
+    path = tmp_path / "input"
+    make(path)
+    name = command.split()[0]
+    if name == "verify":
+        argv = ["verify", str(empty_window_file), "--skip-proofs", "--status", str(path)]
+    else:
+        argv = _calibration_args(name, path, tmp_path)
+    rc, out, err = run_cli(capsys, *argv)
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    assert expect in err and str(path) in err, err
+
+
+STATUS_DOCUMENTS = {
+    "a list": "[]",
+    "no state": '{"windows": {}}',
+    "windows a list": '{"state": "mining", "windows": []}',
+    "deadline NaN": '{"state": "mining", "windows": {"60": {"deadline": NaN}}}',
+    "deadline true": '{"state": "mining", "windows": {"60": {"deadline": true}}}',
+    "deadline a word": '{"state": "mining", "windows": {"60": {"deadline": "soon"}}}',
+}
+
+
+@pytest.mark.parametrize("document", STATUS_DOCUMENTS, ids=list(STATUS_DOCUMENTS))
+def test_a_status_file_that_says_no_deadline_is_one_line(document, tmp_path, capsys, empty_window_file) -> None:
+    status = tmp_path / "status.json"
+    status.write_text(STATUS_DOCUMENTS[document])
+    rc, out, err = run_cli(capsys, "verify", str(empty_window_file), "--skip-proofs", "--status", str(status))
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    says = "not a grail-pipeline daemon status" if document in ("a list", "no state") else "no deadline for window 60"
+    assert f"status file {status}" in err and says in err, err
+
+
+NUMBER_TYPES = {"whole_int", "positive_int", "nonnegative_int", "finite_float", "positive_float", "nonnegative_float"}
+NUMBER_FLAGS = [(name, action.option_strings[-1], action.type.__name__) for name, parser in commands().items()
+                for action in parser._actions
+                if action.option_strings and getattr(action.type, "__name__", None) in NUMBER_TYPES]
+
+
+@pytest.mark.parametrize(("command", "flag", "kind"), NUMBER_FLAGS, ids=[f"{c} {f}" for c, f, _ in NUMBER_FLAGS])
+@pytest.mark.parametrize("value", ["²", "①", "١٢", "1_000", str(2**64), "9" * 5000, "1e999", "nan", "-inf", "0x10"])
+def test_every_number_flag_refuses_what_is_no_number_in_range(command, flag, kind, value, capsys) -> None:
+    """Every flag typed as a number, whatever its command: one line and exit 2 at parse time (before any work).
+    A float flag reads '١٢', '1_000' and 2^64 as numbers, as Python does: its range is its rule's (the table above)."""
+    base = ["--out", "x"] if command == "make-checkpoints" else []
+    if kind.endswith("float") and value in ("١٢", "1_000", str(2**64)):
+        assert cli.build_parser().parse_args([command, *base, flag, value]) is not None
+        return
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args([command, *base, flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert f"argument {flag}:" in err or (value == "-inf" and "unrecognized arguments: -inf" in err), err
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("true", True), ("YES", True), (" on ", True), ("0", False),
+                                           ("false", False), ("", False), ("Off", False)])
+def test_on_off_variables_take_the_usual_words(value, on, caplog) -> None:
+    """`GRAIL_USE_FLASH_ATTENTION=true` was read as off without a word; every on/off variable takes these words."""
+    import torch
+
+    from grail_pipeline.inference.loading import attention_implementation, env_flag
+
+    assert env_flag({"GRAIL_USE_FLASH_ATTENTION": value}, "GRAIL_USE_FLASH_ATTENTION") is on
+    caplog.set_level("WARNING", logger="grail_pipeline")
+    assert attention_implementation(torch.device("cpu"), {"GRAIL_USE_FLASH_ATTENTION": value}) == "sdpa"
+    assert ("flash-attention needs a CUDA GPU" in caplog.text) is on  # asked for, and told why not here

@@ -148,7 +148,7 @@ def test_missing_local_directory_is_a_user_error(path) -> None:
 
 def test_directory_without_a_model_is_a_user_error(tmp_path) -> None:
     assert parse_model_ref(str(tmp_path)).kind == "local"
-    with pytest.raises(UserError, match=f"cannot load model '{tmp_path}'") as err:
+    with pytest.raises(UserError, match=f"cannot load the checkpoint '{tmp_path}'") as err:
         load_model(str(tmp_path), "cpu")
     assert "\n" not in str(err.value)
 

@@ -194,7 +194,7 @@ BAD = [
     (["--gpus", "0,x"], None, "whole numbers"),
     (["--gpus", "0,-1"], None, "whole numbers"),
     (["--gpu-kind", f"{H100},{H100},{H100}"], None, "3 names for 2 GPUs"),
-    (["--node-index", "x"], None, "invalid int value"),
+    (["--node-index", "x"], None, "is not a whole number"),
     (["--nodes", "0"], None, "must be at least 1"),
     (["--nodes", "two"], None, "not a whole number"),
     (["--node-index", "2", "--nodes", "2"], None, "not in 0..1"),

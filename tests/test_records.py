@@ -15,6 +15,7 @@ from grail_pipeline.common.errors import UserError
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.records import (
     INFERENCE_SCHEMA,
+    MalformedRow,
     WindowFileError,
     build_rollout_record,
     grpo_advantages,
@@ -222,10 +223,14 @@ def test_reading_garbage_missing_or_foreign_files(tmp_path: Path) -> None:
     assert "schema" in read_error(foreign)
 
 
-def test_reading_a_malformed_json_field(tmp_path: Path) -> None:
+def test_a_malformed_json_field_stays_in_its_row(tmp_path: Path) -> None:
+    """One row's broken JSON is that row's problem (verify fails it at its file row), not the file's."""
     path = tmp_path / "w.parquet"
-    write_window_file(path, [make_record(0, 0)], METADATA)
+    write_window_file(path, [make_record(0, 0), make_record(0, 1)], METADATA)
     rows = pq.read_table(path).to_pylist()
     rows[0]["commit"]["beacon"] = "{not json"
     pq.write_table(pa.Table.from_pylist(rows, schema=INFERENCE_SCHEMA), path)
-    assert "malformed JSON" in read_error(path)
+    records, _ = read_window_file(path)
+    assert isinstance(records[0], MalformedRow) and records[0].row == 0
+    assert records[0].problem.startswith("commit.beacon is not JSON")
+    assert_same_typed(records[1:], [make_record(0, 1)])

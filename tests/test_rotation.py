@@ -131,7 +131,7 @@ def test_the_directory_ignores_unready_folders_and_picks_each_windows_checkpoint
         assert [c.window for c in checkpoints.ready()] == [0]
         assert [c.window for c in checkpoints.ready()] == [0]
     assert sum("skipping checkpoint" in r.getMessage() for r in caplog.records) == 1  # said once
-    with pytest.raises(UserError, match="checkpoint-30: metadata.json is not readable JSON"):
+    with pytest.raises(UserError, match="checkpoint-30/metadata.json is not JSON"):
         checkpoints.first(30, now)
     (root / "checkpoint-30" / "metadata.json").unlink()
     with pytest.raises(UserError, match="marked READY but has no metadata.json"):

@@ -325,7 +325,7 @@ def test_status_file_round_trip(tmp_path: Path) -> None:
     assert remove_stale_status_temporaries(path) == [mine] and other.exists()
 
 
-@pytest.mark.parametrize("content, words", [(None, "does not exist"), ("{", "not readable JSON"),
+@pytest.mark.parametrize("content, words", [(None, "does not exist"), ("{", "status.json is not JSON"),
                                             ('{"state": "x"}', "not a grail-pipeline daemon status")])
 def test_read_status_errors(tmp_path: Path, content: str | None, words: str) -> None:
     path = tmp_path / "status.json"

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from collections.abc import Callable
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.mining.lengths import W1_SPEC
-from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.mining.rules import parse_whole
+from grail_pipeline.protocol.profile import INT64_MAX, INT64_MIN, PROFILE
 
 ENGINES = ("auto", "hf", "fast")
 DEFAULT_BATCH_SIZES = {"hf": [4], "fast": [256]}
@@ -54,21 +57,26 @@ def apply_memory_cap(args: argparse.Namespace) -> str | None:
     return None
 
 
+def whole_int(text: str) -> int:
+    """A whole number in ASCII digits within int64 (rules.parse_whole says why); argparse's own `int` accepts
+    '١٢' and numbers no Parquet column or seed holds."""
+    value = parse_whole(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"'{text}' is out of range (at most {INT64_MAX})")
+    return value
+
+
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    value = whole_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
     return value
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    value = whole_int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"'{text}' cannot be negative")
     return value
@@ -99,12 +107,23 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def path_or_default(flag: str, default: str) -> Callable[[str], str | None]:
+    """The type of a path flag with a default: '' (what `--out-dir "$UNSET"` passes) means the default, said in one
+    warning line, instead of falling back (or writing to the current directory) without a word."""
+    def parse(text: str) -> str | None:
+        if text.strip():
+            return text
+        print(f"grail-pipeline: warning: {flag} is empty (an unset shell variable?): {default}", file=sys.stderr)
+        return None
+    return parse
+
+
 def parse_batch_sizes(text: str) -> list[int]:
     """A comma-separated list of positive whole numbers."""
     sizes = []
     for part in text.split(","):
-        part = part.strip()
-        if not part.isdigit() or int(part) < 1:
-            raise UserError(f"batch sizes must be positive whole numbers, got '{part or text}'")
-        sizes.append(int(part))
+        value = parse_whole(part)
+        if value is None or value < 1:
+            raise UserError(f"batch sizes must be positive whole numbers, got '{part.strip() or text}'")
+        sizes.append(value)
     return sizes

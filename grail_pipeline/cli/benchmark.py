@@ -19,12 +19,14 @@ from grail_pipeline.cli.arguments import (
     add_runtime_arguments,
     apply_memory_cap,
     parse_batch_sizes,
+    path_or_default,
     positive_float,
     positive_int,
+    whole_int,
 )
 from grail_pipeline.cli.progress import rate_progress
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.mining.rules import check_block_time, check_writable
+from grail_pipeline.mining.rules import check_block_time, check_window_blocks, check_writable
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.tools.projection import WindowSpec
 
@@ -39,14 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=positive_int, default=1, help="project throughput for N workers")
     p.add_argument("--full-benchmark", action="store_true",
                    help="every batch size: 1,2,4,8,16 for hf; 64,128,256,512 for fast")
-    p.add_argument("--seed", type=int, default=42, help="seed of the benchmark's window (problems, randomness)")
-    p.add_argument("--warmup-problems", type=int, default=1,
+    p.add_argument("--seed", type=whole_int, default=42, help="seed of the benchmark's window (problems, randomness)")
+    p.add_argument("--warmup-problems", type=whole_int, default=1,
                    help="untimed problems with short completions before each batch size (every kernel compiled once)")
     p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks)
     p.add_argument("--block-time", type=positive_float, default=PROFILE.block_time_s, help="seconds per block")
-    p.add_argument("--verify", type=int, nargs="?", const=16, default=0, metavar="N",
+    p.add_argument("--verify", type=whole_int, nargs="?", const=16, default=0, metavar="N",
                    help="re-check N rollouts (default 16) per batch size with the validator's method")
-    p.add_argument("--json", metavar="PATH", help="write every figure as JSON ('-' for stdout)")
+    p.add_argument("--json", metavar="PATH", type=path_or_default("--json", "no JSON is written"), help="write every figure as JSON ('-' for stdout)")
     p.set_defaults(func=run)
 
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--warmup-problems cannot be negative")
     if args.verify < 0:
         raise UserError("--verify takes a positive number of rollouts")
-    spec = WindowSpec(blocks=args.window_blocks, block_time_s=check_block_time(args.block_time))
+    spec = WindowSpec(blocks=check_window_blocks(args.window_blocks), block_time_s=check_block_time(args.block_time))
     if args.json and args.json != "-":
         check_writable(args.json, "--json")  # before the run, not after it
     out = sys.stderr if args.json == "-" else sys.stdout

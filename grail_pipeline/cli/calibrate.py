@@ -26,6 +26,7 @@ from grail_pipeline.cli.arguments import (
     nonnegative_float,
     parse_batch_sizes,
     positive_int,
+    whole_int,
 )
 from grail_pipeline.cli.progress import rate_progress
 from grail_pipeline.common.errors import UserError
@@ -69,8 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-problems", type=positive_int, default=None,
                    help=f"problems per batch size; default enough to fill the batch twice (at least {MIN_PROBLEMS}); "
                         f"{CPU_PROBLEMS} on the CPU")
-    p.add_argument("--warmup-problems", type=int, default=1, help="untimed problems before each batch size")
-    p.add_argument("--seed", type=int, default=42, help="seed of the calibration's window (problems, randomness)")
+    p.add_argument("--warmup-problems", type=whole_int, default=1, help="untimed problems before each batch size")
+    p.add_argument("--seed", type=whole_int, default=42, help="seed of the calibration's window (problems, randomness)")
     p.add_argument("--calibration", default="calibration.yaml", metavar="PATH",
                    help="file to add this GPU kind's entry to (other GPU kinds' entries are kept)")
     p.set_defaults(func=run)

@@ -11,7 +11,14 @@ import os
 import stat
 import sys
 
-from grail_pipeline.cli.arguments import finite_float, nonnegative_int, positive_float, positive_int
+from grail_pipeline.cli.arguments import (
+    finite_float,
+    nonnegative_int,
+    path_or_default,
+    positive_float,
+    positive_int,
+    whole_int,
+)
 from grail_pipeline.common.atomic import write_atomically
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.tools.pm2 import DEFAULT_DRAIN_S, KILL_MARGIN_S, NAME_PREFIX, TARGETS, build_context, render
@@ -30,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=("hf", "fast"), default=None,
                    help="which calibration to use; default hf for grail (its batch size is HF generate's), "
                         "for dry-run fast where calibrated, else hf")
-    p.add_argument("--node-index", type=int, default=0, help="this node's index, 0-based")
+    p.add_argument("--node-index", type=whole_int, default=0, help="this node's index, 0-based")
     p.add_argument("--nodes", type=positive_int, default=1, help="nodes in the fleet")
     p.add_argument("--gpus-per-node", type=positive_int, default=None,
                    help="GPUs (workers) on every node; default the number of GPUs here")
@@ -44,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "--target dry-run (our daemon stops by its measured deadline plan; N adds margin)")
     p.add_argument("--flash-attention", choices=("0", "1"), default=None,
                    help="GRAIL_USE_FLASH_ATTENTION; default what the calibration ran with")
-    p.add_argument("--cwd", default=None, help="working directory of every app; default the current one")
-    p.add_argument("--log-dir", default=None, help="PM2 log files; default <cwd>/logs")
+    p.add_argument("--cwd", default=None, type=path_or_default("--cwd", "using the current directory"), help="working directory of every app; default the current one")
+    p.add_argument("--log-dir", default=None, type=path_or_default("--log-dir", "using <cwd>/logs"), help="PM2 log files; default <cwd>/logs")
     p.add_argument("--name-prefix", default=None, help="app names are <prefix>-<worker id>; default "
                    + " / ".join(f"{NAME_PREFIX[t]} ({t})" for t in TARGETS))
     p.add_argument("--max-memory-restart", default="80G",
@@ -65,11 +72,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--redis-url", default=None, metavar="URL",
                    help="GRAIL_REDIS_URL of every worker, for a fleet of several workers of one hotkey (default on one "
                         "node: redis://127.0.0.1:6379/0; several nodes must give the hub's, the same on every node)")
-    p.add_argument("--redis-node", type=int, default=0, help="the node whose file runs the fleet's Redis (default 0)")
+    p.add_argument("--redis-node", type=whole_int, default=0, help="the node whose file runs the fleet's Redis (default 0)")
     p.add_argument("--redis-app", action=argparse.BooleanOptionalAction, default=True,
                    help="an app for redis-server on --redis-node (--no-redis-app: you run the server yourself)")
     p.add_argument("--redis-server", default=None, metavar="PATH", help="the redis-server binary (default: on PATH)")
-    p.add_argument("--out", default=None, metavar="PATH",
+    p.add_argument("--out", default=None, metavar="PATH", type=path_or_default("--out", "printing to stdout"),
                    help="write the file here, whole or not at all (default stdout)")
     p.set_defaults(func=run)
 

@@ -11,9 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import TYPE_CHECKING
 
+from grail_pipeline.cli.arguments import whole_int
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.protocol.profile import PROFILE
+
+if TYPE_CHECKING:
+    import redis
+
+    from grail_pipeline.fleet.keys import FleetKeys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,20 +29,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--redis-url", default=None, help="default $GRAIL_REDIS_URL")
     p.add_argument("--hotkey", default=None,
                    help="the fleet's hotkey (ss58); default the wallet's (BT_WALLET_COLD, BT_WALLET_HOT)")
-    p.add_argument("--windows", type=int, default=3, help="how many recent windows to show (default 3)")
+    p.add_argument("--windows", type=whole_int, default=3, help="how many recent windows to show (default 3)")
     p.add_argument("--json", action="store_true", help="the snapshot as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from grail_pipeline.fleet.claims import Claims
+    import redis
+
     from grail_pipeline.fleet.connection import ENV_REDIS_URL, connect, redis_url_from_env
-    from grail_pipeline.fleet.context import SharedContext
     from grail_pipeline.fleet.keys import FleetKeys
-    from grail_pipeline.fleet.member import FleetTimings
-    from grail_pipeline.fleet.plan import WindowPlans
-    from grail_pipeline.fleet.results import Results
-    from grail_pipeline.fleet.status import FleetView, server_now_ms
 
     if args.windows < 1:
         raise UserError("--windows must be at least 1")
@@ -47,6 +50,31 @@ def run(args: argparse.Namespace) -> int:
     hotkey = args.hotkey or _wallet_hotkey()
     client = connect(url)
     keys = FleetKeys(hotkey)
+    try:
+        snapshot = _snapshot(args, client, keys)
+    except redis.ResponseError as exc:  # WRONGTYPE: another program wrote one of the fleet's keys as another type
+        raise UserError(f"a key of the fleet under {keys.prefix}: in Redis is not what the fleet writes ({exc}); "
+                        f"stop the fleet and delete the keys matching '{keys.prefix}:*'") from None
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # a window's keys hold garbage (the context and
+        # the heartbeats have their own rule)
+        raise UserError(f"a key of the fleet under {keys.prefix}: in Redis holds what the fleet does not write "
+                        f"({type(exc).__name__}: {str(exc)[:80]})") from None
+    if args.json:
+        print(json.dumps(snapshot, indent=2, sort_keys=True))
+    else:
+        print(table(snapshot))
+    return 0
+
+
+def _snapshot(args: argparse.Namespace, client: redis.Redis, keys: FleetKeys) -> dict:
+    """Everything fleet-status shows, read from the fleet's keys."""
+    from grail_pipeline.fleet.claims import Claims
+    from grail_pipeline.fleet.context import SharedContext
+    from grail_pipeline.fleet.member import FleetTimings
+    from grail_pipeline.fleet.plan import WindowPlans
+    from grail_pipeline.fleet.results import Results
+    from grail_pipeline.fleet.status import FleetView, server_now_ms
+
     context = SharedContext(client, keys).current()
     timings = FleetTimings()
     windows: list[int] = []
@@ -54,16 +82,12 @@ def run(args: argparse.Namespace) -> int:
         now_s = server_now_ms(client) / 1000
         block = max(0, int((now_s - context.genesis) // context.block_time_s))
         current = block // context.window_blocks * context.window_blocks
-        windows = [w for w in (current - k * context.window_blocks for k in range(args.windows)) if w >= 0]
+        shown = min(args.windows, current // context.window_blocks + 1)  # windows before block 0 do not exist
+        windows = [current - k * context.window_blocks for k in range(shown)]
     view = FleetView(client, keys, Claims(client, keys, "fleet-status", 1.0, timings.window_ttl_s),
                      Results(client, keys, timings.window_ttl_s), WindowPlans(client, keys, timings.window_ttl_s))
-    snapshot = {"hotkey": hotkey, "context": None if context is None else json.loads(context.to_json()),
-                **view.snapshot(sorted(windows))}
-    if args.json:
-        print(json.dumps(snapshot, indent=2, sort_keys=True))
-    else:
-        print(table(snapshot))
-    return 0
+    return {"hotkey": keys.hotkey, "context": None if context is None else json.loads(context.to_json()),
+            **view.snapshot(sorted(windows))}
 
 
 def _wallet_hotkey() -> str:
@@ -94,6 +118,8 @@ def table(snapshot: dict) -> str:
                      f"{'-' if lease is None else f'{lease:.1f}':>8} {beat.get('age_s', 0):>8.1f} "
                      f"{beat.get('spilled', 0):>7}  {'ok' if outage is None else f'away {outage:.0f} s'}"
                      + ("  (leader)" if name == snapshot["leader"] else ""))
+    for name, why in sorted(snapshot.get("unreadable_workers", {}).items()):
+        lines.append(f"{name[:34]:<34} {why}")
     if not snapshot["workers"]:
         lines.append("(no worker has a heartbeat)")
     lines.append("")

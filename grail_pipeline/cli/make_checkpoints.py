@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from grail_pipeline.cli.arguments import nonnegative_float, nonnegative_int, positive_int
+from grail_pipeline.common.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--every-blocks", type=positive_int, default=30)
     p.add_argument("--noise", type=nonnegative_float, default=0.1,
                    help="noise per tensor, as a fraction of the tensor's standard deviation (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="the noise's seed (same seed and window, same weights)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="the noise's seed (same seed and window, same weights)")
     p.add_argument("--model-name", default=None, metavar="TEMPLATE",
                    help="metadata.json model_name, {window} replaced (default: the base's model_name)")
     p.add_argument("--ready-every", type=nonnegative_float, default=0.0, metavar="SECONDS",
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from grail_pipeline.tools.checkpoint_series import SeriesPlan, windows_from, write_series
 
     logging.getLogger("grail_pipeline").setLevel(logging.INFO)
+    if not args.out.strip():
+        raise UserError("--out is empty (an unset shell variable?): name the checkpoint directory")
     windows = windows_from(args.windows, args.count, args.first_window, args.every_blocks)
     plan = SeriesPlan(args.model, Path(args.out).expanduser(), windows, noise=args.noise, seed=args.seed,
                       model_name=args.model_name, ready_every_s=args.ready_every)

@@ -25,7 +25,9 @@ from grail_pipeline.cli.arguments import (
     finite_float,
     nonnegative_float,
     positive_float,
+    path_or_default,
     positive_int,
+    whole_int,
 )
 from grail_pipeline.common.errors import UserError, find_in_group
 from grail_pipeline.common.paths import ENV_CACHE, cache_root
@@ -66,20 +68,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"generation batch size (hf) or decode slots (fast); default ${ENV_BATCH_SIZE}, "
                         f"else {DEFAULT_BATCH_SIZES['hf'][0]} for hf and {DEFAULT_BATCH_SIZES['fast'][0]} for fast")
-    p.add_argument("--out-dir", default=None,
+    p.add_argument("--out-dir", default=None, type=path_or_default("--out-dir", "using the default"),
                    help=f"where window files go (default ${ENV_CACHE}/windows or ~/.cache/grail-pipeline/windows)")
-    p.add_argument("--status-file", default=None, help="JSON status (default <out-dir>/status-worker-<id>.json)")
+    p.add_argument("--status-file", default=None, type=path_or_default("--status-file", "using the default"), help="JSON status (default <out-dir>/status-worker-<id>.json)")
     p.add_argument("--block-time", type=positive_float, default=None,
                    help=f"seconds per simulated block (default ${ENV_BLOCK_TIME}, else {PROFILE.block_time_s:g})")
     p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks)
-    p.add_argument("--run-seed", type=int, default=0,
+    p.add_argument("--run-seed", type=whole_int, default=0,
                    help="seed of the simulated block hashes and drand rounds (same seed, same problems)")
     p.add_argument("--genesis", type=finite_float, default=None, metavar="UNIX_TIME",
                    help="time of simulated block 0 (default: when mining starts); give every worker of a fleet "
                         "the same value so they share windows")
     p.add_argument("--drain-timeout", type=positive_float, default=60.0,
                    help="seconds a stop signal may spend finishing in-flight work before exiting anyway")
-    p.add_argument("--verify-sample", type=int, default=0, metavar="N",
+    p.add_argument("--verify-sample", type=whole_int, default=0, metavar="N",
                    help="re-verify N rollouts per window with the validator's method and log the pass rate")
     p.add_argument("--upload-allowance", type=nonnegative_float, default=None, metavar="SECONDS",
                    help="seconds reserved before each window's deadline for the upload a real miner makes (default: "
@@ -93,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "start is an error. `grail-pipeline make-checkpoints` writes a series to rehearse")
     p.add_argument("--max-windows", type=positive_int, default=None,
                    help="stop after N complete windows (tests, rehearsals)")
-    p.add_argument("--warmup-problems", type=int, default=1,
+    p.add_argument("--warmup-problems", type=whole_int, default=1,
                    help="untimed problems with short completions before the clock starts (every kernel compiled once)")
     p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info",
                    help="debug adds one line per group handed to the sink")
@@ -115,13 +117,15 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] = os.envir
     rules.check_drain_timeout(args.drain_timeout)
     if args.genesis is not None:
         rules.check_genesis(args.genesis, time.time())
+    rules.check_window_blocks(args.window_blocks)
+    rules.check_upload_allowance(args.upload_allowance, args.window_blocks, block_time)
     safety = safety_blocks_from_env(args.window_blocks, env)
     batch_size = args.batch_size
     if batch_size is None and env.get(ENV_BATCH_SIZE, "").strip():
         text = env[ENV_BATCH_SIZE].strip()
-        if not text.isdigit() or int(text) < 1:
+        batch_size = rules.parse_whole(text)
+        if batch_size is None or batch_size < 1:
             raise UserError(f"{ENV_BATCH_SIZE}={text!r} must be a positive whole number")
-        batch_size = int(text)
     if args.verify_sample < 0:
         raise UserError("--verify-sample takes a number of rollouts, at least 0")
     if args.warmup_problems < 0:

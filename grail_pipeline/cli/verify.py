@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grail_pipeline.cli.arguments import whole_int
 from grail_pipeline.common.errors import UserError
 
 if TYPE_CHECKING:
@@ -23,9 +25,11 @@ checks (F = one of F's validator checks; the rest are ours):
   file          F  at least 200 bytes, named {wallet}-window-{window_start}.parquet
   deadline      F  file modified no later than the deadline: --status, else the file's 'deadline'
                    metadata; with neither it is reported as not run
-  metadata      F  wallet, window_start, window_length, inference_count match the rows
+  metadata      F  wallet, window_start, window_length, inference_count present, whole numbers, match the rows
   checkpoint    F  every checkpoint_window = the checkpoint's metadata.json window (or --checkpoint-window)
-  structure     F  schema: len(tokens) >= 10, 16 <= completion <= 2048, lengths, proof version, top-k, hex beacon
+  structure     F  schema: every field of every row typed as the protocol says (a malformed row fails here, at
+                   its file row, and no later check reads it); len(tokens) >= 10, 16 <= completion <= 2048,
+                   lengths, proof version, top-k, hex beacon
   fields        F  one window, block hash and hotkey, no nonce twice; ours: nonce = group*100+index, challenge
   signatures    F  commit and rollout sr25519 signatures
   tokens        F  ids in [0, vocab size), length <= the model's context (a failing rollout stops here)
@@ -59,12 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-proofs", action="store_true",
                    help="no model: no tokens, proofs, termination or distribution check (and no checkpoint "
                         "check without --checkpoint-window)")
-    p.add_argument("--proof-sample", type=int, default=0, metavar="N",
+    p.add_argument("--proof-sample", type=whole_int, default=0, metavar="N",
                    help="strict proof check on N rollouts spread over the file (default 0: all); F's sample is "
                         "always proved")
     p.add_argument("--status", default=None, metavar="PATH",
                    help="the daemon's status JSON: the deadline of this file's window comes from its 'windows'")
-    p.add_argument("--checkpoint-window", type=int, default=None, metavar="N",
+    p.add_argument("--checkpoint-window", type=whole_int, default=None, metavar="N",
                    help="the checkpoint window every rollout must name (default: the model's metadata.json window)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(func=run)
@@ -76,9 +80,10 @@ def status_deadline(status_path: str, window_start: int | None) -> tuple[float, 
 
     windows = read_status(status_path).get("windows")
     entry = windows.get(str(window_start)) if isinstance(windows, dict) else None
-    if not isinstance(entry, dict) or not isinstance(entry.get("deadline"), (int, float)):
+    deadline = entry.get("deadline") if isinstance(entry, dict) else None
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
         raise UserError(f"status file {status_path} records no deadline for window {window_start}")
-    return float(entry["deadline"]), f"status file {status_path}"
+    return float(deadline), f"status file {status_path}"
 
 
 def render(report: FileReport, out: Any = None) -> None:
@@ -128,6 +133,7 @@ def render(report: FileReport, out: Any = None) -> None:
 def run(args: argparse.Namespace) -> int:
     from grail_pipeline.inference.loading import load_model, load_tokenizer
     from grail_pipeline.protocol.records import read_window_file
+    from grail_pipeline.protocol.window_schema import metadata_window, row_problem
     from grail_pipeline.tools.window_check import check_window_file
 
     if args.proof_sample < 0:
@@ -135,13 +141,14 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint_window is not None and args.checkpoint_window < 0:
         raise UserError("--checkpoint-window takes a window number, at least 0")
     path = Path(args.path)
-    contents = read_window_file(path)  # a broken file is one line before any model loads
-    records, metadata = contents
-    window_start = records[0]["window_start"] if records else metadata.get("window_start")
+    contents = read_window_file(path)  # an unreadable file is one line before any model loads
+    rows, metadata = contents
+    first = next((r for r in rows if row_problem(r) is None), None)  # malformed rows are failed checks, later
+    window_start = first["window_start"] if first else metadata_window(metadata)
     deadline = status_deadline(args.status, window_start) if args.status else None  # also before the model
-    model_ref = args.model or (records[0]["commit"]["model"]["name"] if records else None)
+    model_ref = args.model or (first["commit"]["model"]["name"] if first else None)
     tokenizer = load_tokenizer(model_ref) if model_ref else None  # an empty file has nothing to score
-    loaded = None if args.skip_proofs or not records else load_model(model_ref, args.device)
+    loaded = None if args.skip_proofs or first is None else load_model(model_ref, args.device)
     report = check_window_file(path, tokenizer, loaded, args.proof_sample, contents=contents,
                                expected_checkpoint_window=args.checkpoint_window, deadline=deadline)
     if args.json:

@@ -30,8 +30,10 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a write's error names no file: name the one meant
+            exc.filename = str(final)
         raise
     directory = os.open(final.parent, os.O_RDONLY)
     try:

@@ -26,23 +26,39 @@ DEFAULT_TIMEOUT_S = 2.0
 
 
 def redacted(url: str) -> str:
-    """`url` with any password replaced by `***`, for log lines and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """`url` with any password replaced by `***`, for log lines and errors (a URL too broken to parse: all of it
+    after the scheme, which may hold one)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        scheme, sep, _ = url.partition("://")
+        return f"{scheme}{sep}***" if sep else "***"
+    if password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
 
 
 def redis_url_from_env(env: Mapping[str, str] = os.environ) -> str | None:
-    """`GRAIL_REDIS_URL`, checked for its form only (no connection yet); None when unset or empty."""
+    """`GRAIL_REDIS_URL`, checked for its form (no connection yet): the one rule for a Redis URL, whoever gives it.
+    None when unset or empty."""
     url = env.get(ENV_REDIS_URL, "").strip()
     if not url:
         return None
-    scheme = urlsplit(url).scheme
-    if scheme not in SCHEMES:
-        raise UserError(f"{ENV_REDIS_URL}={redacted(url)!r} is not a Redis URL: it must start with "
-                        + ", ".join(f"{s}://" for s in SCHEMES))
+    shown = f"{ENV_REDIS_URL}={redacted(url)!r}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # parsed on access: out of range or not a number raises here
+        host = parts.hostname
+    except ValueError as exc:  # a bracketed IPv6 host left open, a port of 99999 or 'abc'
+        raise UserError(f"{shown} is not a Redis URL: {exc}") from None
+    if parts.scheme not in SCHEMES:
+        raise UserError(f"{shown} is not a Redis URL: it must start with " + ", ".join(f"{s}://" for s in SCHEMES))
+    if parts.scheme != "unix" and not host:
+        raise UserError(f"{shown} names no host (e.g. redis://127.0.0.1:6379/0)")
+    if port == 0:
+        raise UserError(f"{shown} has port 0: a Redis server listens on a port from 1 to 65535")
     return url
 
 
@@ -63,11 +79,20 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.Redis:
         version = str(client.info("server").get("redis_version", "0"))
     except redis.AuthenticationError as exc:
         raise UserError(f"Redis at {shown} refused the credentials: {exc}") from None
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+    except redis.ConnectionError as exc:
+        if "closed by server" in str(exc):  # something listens there, and it is not Redis (an HTTP server, say)
+            raise UserError(f"the server at {shown} closed the connection without answering as Redis does; is that "
+                            f"the Redis port?") from None
+        raise UserError(f"Redis at {shown} is unreachable ({exc}); start it, or unset {ENV_REDIS_URL} "
+                        f"to mine with one worker alone") from None
+    except (redis.TimeoutError, OSError) as exc:
         raise UserError(f"Redis at {shown} is unreachable ({exc}); start it, or unset {ENV_REDIS_URL} "
                         f"to mine with one worker alone") from None
     except redis.ResponseError as exc:
         raise UserError(f"Redis at {shown} refused a PING: {exc}") from None
+    except Exception as exc:  # an HTTP server, or anything else talking: redis-py fails in ways of its own
+        raise UserError(f"the server at {shown} does not answer as Redis does ({type(exc).__name__}: "
+                        f"{str(exc)[:80]}); is that the Redis port?") from None
     numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if numbers < MIN_SERVER:
         raise UserError(f"Redis at {shown} is version {version}; the fleet needs "

@@ -17,10 +17,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Annotated
 
 import redis
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict
 
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.common.input_file import parse_json
 from grail_pipeline.fleet.keys import FleetKeys
 
 DEFAULT_TTL_S = 120.0
@@ -40,11 +44,33 @@ class FleetContext:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> FleetContext:
-        data = json.loads(text)
-        return cls(genesis=float(data["genesis"]), run_seed=int(data["run_seed"]),
-                   block_time_s=float(data["block_time_s"]), window_blocks=int(data["window_blocks"]),
-                   checkpoint=str(data["checkpoint"]))
+    def from_json(cls, text: str | bytes, key: str = "the fleet context") -> FleetContext:
+        """The context as stored under `key`; what another program (or a damaged server) left there instead is
+        one UserError line naming the key and its first problem (_STORED is the rule)."""
+        try:
+            data = _STORED.validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise UserError(f"Redis key {key} does not hold a fleet context ({where + ': ' if where else ''}"
+                            f"{first['msg'].lower()}): delete it (redis-cli DEL '{key}') and restart the workers") \
+                from None
+        return cls(**data)
+
+
+@with_config(ConfigDict(allow_inf_nan=False))
+class _StoredContext(TypedDict):
+    """What a fleet context's JSON must hold: a finite genesis, a block time above 0 (fleet-status and the clock
+    divide by it), at least one block per window."""
+
+    genesis: Annotated[float, Field(ge=0)]
+    run_seed: int
+    block_time_s: Annotated[float, Field(gt=0)]
+    window_blocks: Annotated[int, Field(ge=1)]
+    checkpoint: str
+
+
+_STORED = TypeAdapter(_StoredContext)
 
 
 def mismatch(mine: FleetContext, fleet: FleetContext) -> str | None:
@@ -77,10 +103,14 @@ class SharedContext:
         for _ in range(3):  # the fleet's context may expire between SET NX and GET; try again then
             if self.client.set(self.keys.context, first.to_json(), nx=True, px=self.ttl_ms):
                 return first
-            text = self.client.get(self.keys.context)
+            try:
+                text = self.client.get(self.keys.context)
+            except redis.ResponseError as exc:  # WRONGTYPE: another program's key under the fleet's name
+                raise UserError(f"Redis key {self.keys.context} is not the fleet's context ({exc}): delete it "
+                                f"(redis-cli DEL '{self.keys.context}')") from None
             if text is None:
                 continue
-            fleet = FleetContext.from_json(text)
+            fleet = FleetContext.from_json(text, self.keys.context)
             why = mismatch(proposal, fleet)
             if why:
                 raise UserError(f"refused by the fleet of hotkey {self.keys.hotkey}: {why}")
@@ -101,7 +131,7 @@ class SharedContext:
 
     def current(self) -> FleetContext | None:
         text = self.client.get(self.keys.context)
-        return None if text is None else FleetContext.from_json(text)
+        return None if text is None else FleetContext.from_json(text, self.keys.context)
 
     def window_facts(self, window_start: int, proposal: dict, ttl_s: float) -> dict:
         """The fleet's facts for a window (JSON-able): `proposal` when this worker is the first to say, else
@@ -111,4 +141,9 @@ class SharedContext:
         if self.client.set(key, text, nx=True, px=int(ttl_s * 1000)):
             return proposal
         stored = self.client.get(key)
-        return proposal if stored is None else json.loads(stored)
+        if stored is None:
+            return proposal
+        facts = parse_json(stored, f"Redis key {key}")
+        if not isinstance(facts, dict) or set(facts) != set(proposal):
+            raise UserError(f"Redis key {key} does not hold a window's facts (the keys {sorted(proposal)})")
+        return facts

@@ -55,4 +55,4 @@ class LeaderLease:
 
     def holder(self) -> str | None:
         value = self.client.get(self.key)
-        return None if value is None else value.decode()
+        return None if value is None else value.decode(errors="backslashreplace")  # another program's bytes

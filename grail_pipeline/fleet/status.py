@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from typing import Annotated
 
 import redis
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from typing_extensions import Required, TypedDict
 
 from grail_pipeline.fleet.claims import Claims
 from grail_pipeline.fleet.keys import FleetKeys
@@ -27,6 +30,26 @@ return redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(beat))
 """
 
 
+@with_config(ConfigDict(extra="allow", allow_inf_nan=False))
+class _StoredBeat(TypedDict, total=False):
+    """What a heartbeat in the fleet's hash must hold for the leader and fleet-status to read it: the server's
+    stamp, and numbers where numbers are read (Heartbeats.beat's fields; others are kept as they are)."""
+
+    at_ms: Required[int]
+    worker_id: int
+    pid: int
+    host: str
+    rollouts_per_s: Annotated[float, Field(ge=0)]
+    latency_s: Annotated[float, Field(ge=0)]
+    groups_stored: int
+    spilled: int
+    redis_outage_s: float | None
+    leader: bool
+
+
+_BEAT = TypeAdapter(_StoredBeat)
+
+
 def server_now_ms(client: redis.Redis) -> int:
     seconds, micros = client.time()
     return int(seconds) * 1000 + int(micros) // 1000
@@ -40,6 +63,7 @@ class Heartbeats:
         self.keys = keys
         self.worker = worker
         self._beat = client.register_script(BEAT)
+        self.unreadable: dict[str, str] = {}  # worker → why its last beat could not be read (filled by `read`)
 
     def beat(self, **fields: object) -> None:
         """Publish this worker's state: e.g. host, pid, rollouts_per_s, groups_stored, spilled, redis_outage_s."""
@@ -50,13 +74,22 @@ class Heartbeats:
         self.client.hdel(self.keys.workers, self.worker)
 
     def read(self) -> dict[str, dict]:
-        """worker → its last beat, with `age_s` on the server's clock."""
+        """worker → its last beat, with `age_s` on the server's clock. A beat that is not one (garbage left in
+        the fleet's hash) is left out, and why is kept in `unreadable`: a worker that cannot be read is not alive."""
         now = server_now_ms(self.client)
         beats = {}
+        self.unreadable = {}
         for worker, text in self.client.hgetall(self.keys.workers).items():
-            beat = json.loads(text)
+            name = worker.decode(errors="backslashreplace")
+            try:
+                beat = dict(_BEAT.validate_json(text))
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in first["loc"])
+                self.unreadable[name] = f"not a heartbeat ({where + ': ' if where else ''}{first['msg'].lower()})"
+                continue
             beat["age_s"] = (now - beat.pop("at_ms")) / 1000
-            beats[worker.decode()] = beat
+            beats[name] = beat
         return beats
 
 
@@ -103,12 +136,13 @@ class FleetView:
         for window_start in windows:
             for lease in self.claims.leases(window_start):
                 held[lease.owner].append(lease.remaining_s)
-        workers = Heartbeats(self.client, self.keys, "").read()
+        heartbeats = Heartbeats(self.client, self.keys, "")
+        workers = heartbeats.read()
         value = self.client.get(self.keys.leader)
-        leader = None if value is None else value.decode()
+        leader = None if value is None else value.decode(errors="backslashreplace")
         for worker, beat in workers.items():
             beat["claims"] = len(held.get(worker, ()))
             beat["soonest_lease_s"] = min(held[worker]) if held.get(worker) else None
             beat["leader"] = worker == leader
-        return {"leader": leader, "workers": workers,
+        return {"leader": leader, "workers": workers, "unreadable_workers": heartbeats.unreadable,
                 "windows": [self.window(w) for w in windows]}

@@ -30,14 +30,17 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.utils import logging as hf_logging
 
 from grail_pipeline import __version__
 from grail_pipeline.common.atomic import publish_directory
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.common.input_file import not_a_regular_file, parse_json, read_text
 from grail_pipeline.common.paths import ENV_CACHE, cache_root
 from grail_pipeline.inference.model_ref import DUMMY_PREFIX, PRESETS
+from grail_pipeline.protocol.profile import INT64_MAX
 from grail_pipeline.protocol.tokenizer import builtin_tokenizer
 
 log = logging.getLogger("grail_pipeline")
@@ -64,13 +67,16 @@ def dummy_checkpoint(preset: str, seed: int = DUMMY_SEED, root: Path | None = No
     key = json.dumps(dict(format=FORMAT, preset=preset, seed=seed, config=PRESETS[preset].config,
                           model_type=PRESETS[preset].model_type), sort_keys=True)
     path = root / f"{preset}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if (path / METADATA).is_file():
+    if _whole(path):
         return path
     try:
         root.mkdir(parents=True, exist_ok=True)
         with open(root / f".{path.name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process of this node may be writing it right now
-            if not (path / METADATA).is_file():
+            if not _whole(path):
+                if path.exists():  # damaged after it was written (a disk filled, a file cut): written again
+                    log.warning("the cached dummy:%s checkpoint at %s is damaged; writing it again", preset, path)
+                    shutil.rmtree(path)
                 for stale in root.glob(f".{path.name}.*.tmp"):  # a writer killed half-way (we hold the lock)
                     shutil.rmtree(stale, ignore_errors=True)
                 _write(path, preset, seed)
@@ -78,6 +84,18 @@ def dummy_checkpoint(preset: str, seed: int = DUMMY_SEED, root: Path | None = No
         raise UserError(f"cannot write the {DUMMY_PREFIX}{preset} checkpoint to {root} ({exc.strerror or exc}); "
                         f"set {ENV_CACHE} to a writable directory with room for it") from None
     return path
+
+
+def _whole(path: Path) -> bool:
+    """A cached preset checkpoint is there and whole (metadata.json is written last, the weights' header covers the
+    file): a cache cut short after it was written is noticed and rebuilt, not loaded."""
+    if not (path / METADATA).is_file():
+        return False
+    try:
+        check_checkpoint(path)
+    except UserError:
+        return False
+    return True
 
 
 def _write(path: Path, preset: str, seed: int) -> None:
@@ -138,15 +156,78 @@ def transformers_progress_off() -> Iterator[None]:
 def checkpoint_window_of(metadata: dict) -> int:
     """The checkpoint window a `metadata.json` states (0 where it states none: a hub model or a plain directory)."""
     value = metadata.get("window", 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise UserError(f"the checkpoint's metadata.json has window {value!r}: it must be a whole number, at least 0")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "…"
+        raise UserError(f"the checkpoint's metadata.json has window {shown}: it must be a whole number from 0 to "
+                        f"{INT64_MAX} (the window file's checkpoint_window is int64)")
     return value
 
 
-def checkpoint_metadata(path: str | os.PathLike[str]) -> dict:
-    """A checkpoint directory's `metadata.json` ({} where there is none or it is not a JSON object)."""
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads((Path(path) / METADATA).read_text(encoding="utf-8"))
-        if isinstance(data, dict):
-            return data
-    return {}
+def checkpoint_metadata(path: str | os.PathLike[str], required: bool = False) -> dict:
+    """A checkpoint directory's `metadata.json` ({} where there is none, or where `path` is no directory: a hub id).
+    One that is there but is not a regular file (a FIFO would block the reader), not JSON, nested too deep or not
+    a JSON object is a UserError naming it; `required`: a missing one is too."""
+    file = Path(path) / METADATA
+    if not Path(path).is_dir() or not (file.exists() or file.is_symlink()):
+        if required:
+            raise UserError(f"checkpoint {path} has no {METADATA}")
+        return {}
+    data = parse_json(read_text(file, "checkpoint metadata"), f"checkpoint metadata {file}")
+    if not isinstance(data, dict):
+        raise UserError(f"checkpoint metadata {file} is not a JSON object")
+    return data
+
+
+def check_checkpoint(path: str | os.PathLike[str]) -> None:
+    """The checkpoint rule: what a directory must hold before `from_pretrained` reads it, each miss one UserError
+    naming it (a checkpoint arrives from the network, and a cache can be cut short by a full disk or a kill).
+
+    config.json is a JSON object whose text_config, if any, is one too, with a positive vocab_size; metadata.json
+    is `checkpoint_metadata`'s and its window `checkpoint_window_of`'s; every *.safetensors file has a whole header
+    covering the file (safetensors checks it without reading the tensors); and every tensor whose name the
+    config's model has has that model's shape (the model is built on the meta device, no memory): transformers
+    would otherwise read gigabytes before refusing a mismatch, with a report table and a traceback.
+    """
+    directory = Path(path)
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        return  # not a checkpoint directory: from_pretrained says so in its own words
+    config = parse_json(read_text(config_file, "checkpoint config"), f"checkpoint config {config_file}")
+    if not isinstance(config, dict):
+        raise UserError(f"checkpoint config {config_file} is not a JSON object")
+    text_config = config.get("text_config")
+    if text_config is not None and not isinstance(text_config, dict):
+        raise UserError(f"checkpoint config {config_file}: text_config is a {type(text_config).__name__}, not an object")
+    for part in (config, text_config or {}):
+        vocab = part.get("vocab_size")
+        if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1):
+            raise UserError(f"checkpoint config {config_file}: vocab_size {vocab!r} is not a positive whole number")
+    checkpoint_window_of(checkpoint_metadata(directory))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for weights in sorted(directory.glob("*.safetensors")):
+        problem = not_a_regular_file(weights)
+        if problem is not None:
+            raise UserError(f"checkpoint weights {weights} {problem}")
+        try:
+            with safe_open(str(weights), "pt") as handle:
+                shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+        except Exception as exc:  # SafetensorError: truncated, garbage, a header that lies about the file
+            raise UserError(f"checkpoint weights {weights} are not a whole safetensors file "
+                            f"({str(exc).strip()[:120]})") from None
+    if shapes:
+        _check_shapes(directory, shapes)
+
+
+def _check_shapes(directory: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"), transformers_progress_off():
+            expected = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    except Exception as exc:  # a config transformers cannot build a model from: its loader says it in one line
+        raise UserError(f"checkpoint {directory}: config.json does not describe a model transformers can build "
+                        f"({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__})") from None
+    wrong = [(name, shape, expected[name]) for name, shape in shapes.items() if name in expected and shape != expected[name]]
+    if wrong:
+        name, shape, want = wrong[0]
+        raise UserError(f"checkpoint {directory}: tensor {name} is {list(shape)} in the weights but {list(want)} for "
+                        f"the model config.json describes" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from transformers import (
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.checkpoints import (
+    check_checkpoint,
     checkpoint_metadata,
     checkpoint_window_of,
     dummy_checkpoint,
@@ -97,10 +99,22 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def attention_implementation(device: torch.device, env: dict[str, str] | None = None) -> str:
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off (any case; unset is off). Anything else
+    is one line: `GRAIL_USE_FLASH_ATTENTION=true` used to mean off without a word."""
+    value = env.get(name, "").strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise UserError(f"{name}={env[name]!r} must be 1 or 0 (true/false, yes/no, on/off)")
+
+
+def attention_implementation(device: torch.device, env: Mapping[str, str] | None = None) -> str:
     """`GRAIL_USE_FLASH_ATTENTION=1` asks for flash-attention 2 where it can run; otherwise sdpa."""
     env = os.environ if env is None else env
-    if env.get("GRAIL_USE_FLASH_ATTENTION", "0") != "1":
+    if not env_flag(env, "GRAIL_USE_FLASH_ATTENTION"):
         return "sdpa"
     if device.type != "cuda":
         log.warning("GRAIL_USE_FLASH_ATTENTION=1 ignored: flash-attention needs a CUDA GPU; using sdpa")
@@ -113,9 +127,9 @@ def attention_implementation(device: torch.device, env: dict[str, str] | None = 
     return "flash_attention_2"
 
 
-def wants_multi_gpu(env: dict[str, str] | None = None) -> bool:
+def wants_multi_gpu(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
-    return env.get("GRAIL_MULTI_GPU", "0") == "1" and torch.cuda.device_count() > 1
+    return env_flag(env, "GRAIL_MULTI_GPU") and torch.cuda.device_count() > 1
 
 
 def load_config(model: str) -> PreTrainedConfig:
@@ -123,10 +137,21 @@ def load_config(model: str) -> PreTrainedConfig:
     ref = parse_model_ref(model)
     if ref.preset:
         return dummy_config(ref.preset)
+    if ref.kind == "local":
+        check_checkpoint(ref.raw)  # a damaged checkpoint is one line before anything else reads it
     try:
         return AutoConfig.from_pretrained(ref.raw)
     except Exception as exc:  # OSError, ValueError, hub errors: all mean "not loadable here"
         raise unavailable(ref, exc) from None
+
+
+def vocab_size_of(config: PreTrainedConfig) -> int | None:
+    """The model's vocabulary (its embedding's rows), on the config or its text_config (multimodal configs)."""
+    for part in (config, getattr(config, "text_config", None)):
+        value = getattr(part, "vocab_size", None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def load_model(model: str, device: str | torch.device = "auto",
@@ -139,6 +164,8 @@ def load_model(model: str, device: str | torch.device = "auto",
     attn = attention_implementation(dev)
     multi = dev.type == "cuda" and wants_multi_gpu()
     checkpoint = checkpoint or checkpoint_source(model)
+    if ref.kind == "local":
+        check_checkpoint(checkpoint.source)
     net = _load_pretrained(ref, checkpoint.source, dev, dtype, attn, multi)
     net.eval()
     net.requires_grad_(False)
@@ -161,7 +188,7 @@ def _load_pretrained(ref: ModelRef, source: str, dev: torch.device, dtype: torch
     try:
         with transformers_progress_off():
             net = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a checkpoint from outside fails in transformers' own ways (OSError, ValueError, ...)
         raise unavailable(ref, exc) from None
     return net if multi else net.to(dev)
 
@@ -171,6 +198,8 @@ def load_tokenizer(model_ref: str) -> PreTrainedTokenizerFast:
     ref = parse_model_ref(model_ref)
     if ref.is_dummy:
         return builtin_tokenizer()
+    if ref.kind == "local":
+        check_checkpoint(ref.raw)  # the tokenizer reads config.json too
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.raw)
     except Exception as exc:  # OSError, ValueError, hub errors: all mean "not loadable here"
@@ -178,6 +207,13 @@ def load_tokenizer(model_ref: str) -> PreTrainedTokenizerFast:
     if len(tokenizer) <= 1 or tokenizer.eos_token_id is None:  # what a directory without tokenizer files loads
         raise UserError(f"model '{ref.raw}' has no tokenizer ({len(tokenizer)} token(s) loaded): the checkpoint "
                         f"needs its tokenizer files (tokenizer.json, tokenizer_config.json)")
+    try:
+        vocab = vocab_size_of(load_config(model_ref))
+    except UserError:  # a tokenizer without a model's config (verify --skip-proofs reads only the tokenizer)
+        vocab = None
+    if vocab is not None and len(tokenizer) > vocab:
+        raise UserError(f"model '{ref.raw}' embeds {vocab} token ids but its tokenizer has {len(tokenizer)}: prompts "
+                        f"would hold ids the model cannot embed (a vocab_size or a tokenizer of another model)")
     tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -109,6 +109,8 @@ def parse_model_ref(value: str) -> ModelRef:
 def unavailable(ref: ModelRef, exc: BaseException) -> UserError:
     """The one line for a model or tokenizer that cannot be loaded (no network, no cache, typo)."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if ref.kind == "local":
+        return UserError(f"cannot load the checkpoint '{ref.raw}' ({reason[:160]})")
     return UserError(
         f"cannot load model '{ref.raw}' ({reason[:160]}); it must be a local directory or a hub id "
         f"in the local Hugging Face cache; for a network-free run use --model dummy:qwen2.5-3b"

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.mining.rules import check_safety_blocks
+from grail_pipeline.mining.rules import check_safety_blocks, whole_number
 from grail_pipeline.protocol.profile import PROFILE
 
 ENV_WORKER_ID = "GRAIL_WORKER_ID"
@@ -67,12 +67,7 @@ def simulated_window(domain: str, window_start: int, *key: object) -> WindowCont
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
     text = env.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"{name}={text!r} is not a whole number") from None
+    return whole_number(text, name) if text else default
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,13 @@ start-up (UserError) and, while mining, a logged warning and skipped (once per f
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.inference.checkpoints import METADATA, checkpoint_window_of
+from grail_pipeline.inference.checkpoints import METADATA, checkpoint_metadata, checkpoint_window_of
 
 log = logging.getLogger("grail_pipeline")
 
@@ -42,13 +41,9 @@ class Checkpoint:
 
 def read_checkpoint(folder: Path) -> Checkpoint:
     """The ready folder's checkpoint; a missing or unreadable metadata.json is a UserError naming the folder."""
-    meta_path = folder / METADATA
-    try:
-        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {folder} is marked {READY_MARKER} but has no {METADATA}") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"checkpoint {folder}: {METADATA} is not readable JSON ({exc})") from None
+    if not (folder / METADATA).exists():
+        raise UserError(f"checkpoint {folder} is marked {READY_MARKER} but has no {METADATA}")
+    metadata = checkpoint_metadata(folder, required=True)  # a FIFO, not JSON, nested too deep: one line
     if not isinstance(metadata, dict) or not isinstance(metadata.get("model_name"), str) or not metadata["model_name"]:
         raise UserError(f"checkpoint {folder}: {METADATA} must be a JSON object with a 'model_name' string")
     if "window" not in metadata:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from pathlib import Path
 
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.common.input_file import not_a_regular_file
 from grail_pipeline.inference.model_ref import PRESETS, parse_model_ref
 from grail_pipeline.mining.lengths import W1_SPEC, LengthProfile, parse_length_profile
-from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.profile import INT64_MAX, INT64_MIN, PROFILE
 
 # a block shorter than this turns the clock's block numbers into noise; longer than an hour is a typo
 # (a 30-block window would take more than a day)
@@ -29,6 +31,51 @@ MAX_GENESIS_AHEAD_S = 86400.0  # more than a day ahead is a mistake (millisecond
 HF_MAX_BATCH = PROFILE.rollouts_per_problem  # hf generates one problem's rollouts per call (the upstream miner caps it too)
 FAST_MIN_SLOTS = PROFILE.rollouts_per_problem  # a slot per rollout of one problem at least
 FAST_MAX_SLOTS = 4096
+MAX_WINDOW_BLOCKS = 7200  # a day of 12-s blocks; the protocol's window is 30
+_WHOLE = re.compile(r"[+-]?[0-9]+")
+
+
+def parse_whole(text: str) -> int | None:
+    """`text` as a whole number in ASCII digits (spaces around allowed), else None.
+
+    The one rule for every whole number a user types (flags, environment, lists): `str.isdigit()` accepts
+    '²' and '①', which int() then refuses with a traceback; int() itself accepts other scripts' digits and
+    '1_000'. Neither is what anyone means by a GPU index or a batch size. More than 40 digits read as ±10^40,
+    beyond every range here (int() itself refuses more than 4300 digits with a ValueError)."""
+    text = text.strip()
+    if not _WHOLE.fullmatch(text):
+        return None
+    if len(text.lstrip("+-")) > 40:
+        return -(10**40) if text.startswith("-") else 10**40
+    return int(text)
+
+
+def whole_number(text: str, name: str, minimum: int = INT64_MIN, maximum: int = INT64_MAX) -> int:
+    """A whole number in [minimum, maximum] (int64 unless said otherwise), or one UserError line naming it."""
+    value = parse_whole(text)
+    if value is None:
+        raise UserError(f"{name}={text!r} is not a whole number")
+    if not minimum <= value <= maximum:
+        raise UserError(f"{name} {value} must be between {minimum} and {maximum}")
+    return value
+
+
+def check_window_blocks(value: int, name: str = "--window-blocks") -> int:
+    """Blocks per simulated window: 1 up to a day of blocks (10^12 is a typo; no window would ever end)."""
+    if not 1 <= value <= MAX_WINDOW_BLOCKS:
+        raise UserError(f"{name} {value} must be between 1 and {MAX_WINDOW_BLOCKS} (the protocol's window is "
+                        f"{PROFILE.window_length_blocks} blocks)")
+    return value
+
+
+def check_upload_allowance(value: float | None, window_blocks: int, block_time_s: float) -> float | None:
+    """Seconds reserved before a window's deadline to upload its file: less than the window itself, or no
+    problem could ever be admitted and every window would be empty without a word."""
+    window_s = window_blocks * block_time_s
+    if value is not None and value >= window_s:
+        raise UserError(f"--upload-allowance {value:g} s is not less than the window's {window_s:g} s "
+                        f"({window_blocks} blocks x {block_time_s:g} s): no problem could ever be admitted")
+    return value
 
 
 def check_block_time(value: float, name: str = "--block-time") -> float:
@@ -93,6 +140,11 @@ def checked_length_profile(model: str, spec: str | None, max_new_tokens: int) ->
     if longest is not None and longest > max_new_tokens:
         raise UserError(f"length profile '{lengths.spec}' draws up to {longest} tokens, "
                         f"more than --max-new-tokens {max_new_tokens}")
+    most = min(longest or max_new_tokens, max_new_tokens)
+    if most < PROFILE.min_completion_tokens:  # each would be dropped and redrawn, and no window would hold a group
+        source = f"length profile '{lengths.spec}'" if most == longest else "--max-new-tokens"
+        raise UserError(f"{source} allows at most {most} tokens: every completion would be under the protocol's "
+                        f"minimum of {PROFILE.min_completion_tokens}, and dropped")
     return lengths
 
 
@@ -103,15 +155,20 @@ def model_context(model: str) -> int | None:
     if ref.is_dummy:
         config: object = dict(PRESETS[ref.preset].config)
     elif ref.kind == "local":
+        file = Path(ref.raw) / "config.json"
         try:
-            config = json.loads((Path(ref.raw) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            if not_a_regular_file(file):  # a FIFO would block here for ever
+                return None
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
             return None  # not a checkpoint: the loader says so in its own line
     else:
         return None
     if not isinstance(config, dict):
         return None
-    value = config.get("max_position_embeddings", (config.get("text_config") or {}).get("max_position_embeddings"))
+    text_config = config.get("text_config")  # a string there is the checkpoint rule's to refuse, not a crash here
+    value = config.get("max_position_embeddings",
+                       (text_config if isinstance(text_config, dict) else {}).get("max_position_embeddings"))
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
@@ -126,15 +183,18 @@ def check_workload(model: str, spec: str | None, max_new_tokens: int, max_prompt
 
 
 def check_writable(path: str | os.PathLike[str], name: str) -> Path:
-    """A file a command writes at its end is tried at its start: its folder is made and a probe written there."""
+    """A file a command writes at its end is tried at its start: its folder is made and a probe written there (a
+    byte, so that a full disk is found now, not after the run)."""
     file = Path(path).expanduser()
     if file.is_dir():
         raise UserError(f"{name} {file} is a directory; give a file name")
     probe = file.parent / f".{file.name}.{uuid.uuid4().hex[:12]}.probe"
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
+        try:
+            probe.write_bytes(b"\0")
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as exc:
         raise UserError(f"cannot write {name} {file} ({exc.strerror or exc})") from None
     return file

@@ -21,6 +21,7 @@ from typing import Any
 
 from grail_pipeline.common.atomic import stale_temporaries, write_atomically
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.common.input_file import parse_json, read_text
 
 logger = logging.getLogger("grail_pipeline")
 
@@ -77,12 +78,9 @@ class StatusFile:
 
 def read_status(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A daemon's status; a missing or unreadable file is one UserError line."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"status file {path} does not exist (is the daemon running with this --out-dir?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"status file {path} is not readable JSON ({type(exc).__name__})") from None
+    if not Path(path).exists():
+        raise UserError(f"status file {path} does not exist (is the daemon running with this --out-dir?)")
+    data = parse_json(read_text(path, "status file"), f"status file {path}")
     if not isinstance(data, dict) or data.get("state") not in STATES:
         raise UserError(f"status file {path} is not a grail-pipeline daemon status")
     return data

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# the window file's window_start, block, nonce, rollout_group and checkpoint_window are int64 columns: a number a
+# command takes for one of them (or a seed our generators take) must fit
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 SYSTEM_PROMPT = (
     "You are given a problem.\n"
     "Think about the problem and provide your working out.\n"

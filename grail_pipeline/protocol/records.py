@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 
 from grail_pipeline.common.atomic import write_atomically
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.common.input_file import not_a_regular_file
 from grail_pipeline.protocol.profile import PROFILE, ProtocolProfile
 
 _MODEL = pa.struct([("name", pa.string()), ("layer_index", pa.int32())])
@@ -205,14 +207,31 @@ def _encode(value: Mapping[str, Any], struct: pa.Schema | pa.StructType, path: t
 
 
 def _decode(row: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The inverse of _encode: JSON text back to lists and dicts, nested structs recursively."""
+    """The inverse of _encode: JSON text back to lists and dicts, nested structs recursively.
+
+    Raises ValueError naming the field when its text is not JSON, or is nested too deep to decode."""
     for name, value in row.items():
         key = (*path, name)
         if key in _JSON_FIELDS:
-            row[name] = json.loads(value)
+            try:
+                row[name] = json.loads(value) if isinstance(value, str) else value
+            except (ValueError, RecursionError) as exc:
+                detail = "nested too deep" if isinstance(exc, RecursionError) else str(exc)
+                raise ValueError(f"{'.'.join(key)} is not JSON ({detail[:80]})") from None
         elif isinstance(value, dict):
             _decode(value, key)
     return row
+
+
+@dataclass(frozen=True)
+class MalformedRow:
+    """A row of a window file that cannot be decoded (a JSON field that is not JSON): where it is and why.
+
+    read_window_file keeps it in its place so that `verify` reports it as a failed check at its file row;
+    window_schema.row_problem judges every row that did decode."""
+
+    row: int
+    problem: str
 
 
 def records_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
@@ -252,20 +271,31 @@ def write_window_table(path: str | os.PathLike[str], table: pa.Table, metadata: 
                                                       write_statistics=True))
 
 
-def read_window_file(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The records (shaped as build_rollout_record makes them) and the string metadata of a window file."""
+def read_window_file(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any] | MalformedRow], dict[str, str]]:
+    """The records (shaped as build_rollout_record makes them) and the string metadata of a window file.
+
+    A row whose JSON fields do not decode is a MalformedRow in its place; what the decoded rows hold is
+    not checked here (window_schema.row_problem is the rule). Metadata that is not UTF-8 is decoded with
+    backslash escapes, so that it can be shown and fails the metadata rules instead of raising. Anything
+    but a regular file is refused before it is opened (a FIFO would block the reader forever).
+    """
+    problem = not_a_regular_file(path)
+    if problem is not None:
+        raise WindowFileError(f"window file {path} {problem}")
     try:
         table = pq.read_table(path)
-    except FileNotFoundError:
-        raise WindowFileError(f"window file {path} does not exist") from None
     except (pa.ArrowException, OSError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WindowFileError(f"window file {path} is not a readable Parquet file ({reason[:160]})") from None
     if not table.schema.remove_metadata().equals(INFERENCE_SCHEMA):
         raise WindowFileError(f"window file {path} does not have the GRAIL window schema")
-    metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    try:
-        records = [_decode(row) for row in table.to_pylist()]
-    except ValueError as exc:
-        raise WindowFileError(f"window file {path} holds a malformed JSON field ({exc})") from None
+    metadata = {k.decode(errors="backslashreplace"): v.decode(errors="backslashreplace")
+                for k, v in (table.schema.metadata or {}).items()}
+    records: list[dict[str, Any] | MalformedRow] = []
+    for i, row in enumerate(table.to_pylist()):
+        try:
+            records.append(_decode(row))
+        except ValueError as exc:
+            records.append(MalformedRow(i, str(exc)))
     return records, metadata
+

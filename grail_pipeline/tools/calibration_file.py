@@ -20,6 +20,7 @@ import yaml
 
 from grail_pipeline.common.atomic import write_atomically
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.common.input_file import read_text
 
 KIND = "grail-pipeline-calibration"
 FORMAT = 1
@@ -48,14 +49,13 @@ class Choice:
 def load_calibrations(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """The `calibrations` mapping of a file, or a UserError if it is missing or not ours."""
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"calibration file {file} does not exist; run `grail-pipeline calibrate` first") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"calibration file {file} cannot be read ({type(exc).__name__})") from None
+    if not file.exists():
+        raise UserError(f"calibration file {file} does not exist; run `grail-pipeline calibrate` first")
+    text = read_text(file, "calibration file")
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"calibration file {file} is nested too deep to read") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

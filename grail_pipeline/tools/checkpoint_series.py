@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -28,13 +29,20 @@ from safetensors.torch import load_file, save_file
 from grail_pipeline import __version__
 from grail_pipeline.common.atomic import publish_directory, write_atomically
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.inference.checkpoints import METADATA, checkpoint_metadata, dummy_checkpoint
+from grail_pipeline.inference.checkpoints import METADATA, check_checkpoint, checkpoint_metadata, dummy_checkpoint
 from grail_pipeline.inference.model_ref import parse_model_ref
 from grail_pipeline.mining.checkpoint_dir import READY_MARKER
+from grail_pipeline.mining.rules import parse_whole
+from grail_pipeline.protocol.profile import INT64_MAX
 
 log = logging.getLogger("grail_pipeline")
 
 WEIGHTS = "model.safetensors"
+
+
+SEED_STRIDE = 1_000_003  # the noise of (seed, window) is drawn from seed x SEED_STRIDE + window
+MAX_SERIES = 10_000  # checkpoints in one series: each is a whole model on disk
+MAX_READY_EVERY_S = 86400.0  # a day between two checkpoints of a rehearsal; 1e19 s overflowed time.sleep
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,8 @@ def base_checkpoint(model: str) -> Path:
     if ref.preset is not None:
         return dummy_checkpoint(ref.preset)
     path = Path(ref.raw)
+    if ref.kind == "local":
+        check_checkpoint(path)
     if ref.kind != "local" or not (path / WEIGHTS).is_file():
         raise UserError(f"--model {model}: a dummy preset or a local checkpoint directory with one {WEIGHTS} "
                         f"(sharded checkpoints are not supported here)")
@@ -71,13 +81,20 @@ def check_plan(plan: SeriesPlan) -> None:
     if not plan.windows:
         raise UserError("no windows to write a checkpoint for")
     if len(set(plan.windows)) != len(plan.windows) or any(w < 0 for w in plan.windows):
-        raise UserError(f"windows must be distinct whole numbers, at least 0: {list(plan.windows)}")
+        raise UserError(f"windows must be distinct whole numbers, at least 0: {list(plan.windows)[:10]}")
+    if max(plan.windows) > INT64_MAX:
+        raise UserError(f"window {max(plan.windows)} is beyond {INT64_MAX}: a window file's checkpoint_window is int64")
+    if not 0 <= plan.seed * SEED_STRIDE + max(plan.windows) <= INT64_MAX:
+        raise UserError(f"--seed {plan.seed} must be at least 0 and at most {(INT64_MAX - max(plan.windows)) // SEED_STRIDE}"
+                        f" (the noise's generator is seeded with seed x {SEED_STRIDE} + window, a 64-bit number)")
     taken = [w for w in plan.windows if (plan.out_dir / folder_name(w)).exists()]
     if taken:
         raise UserError(f"{plan.out_dir / folder_name(taken[0])} exists already: a published checkpoint is never "
                         f"rewritten (choose other windows or another --out)")
-    if not plan.noise >= 0:
-        raise UserError(f"--noise must be at least 0, got {plan.noise}")
+    if not (math.isfinite(plan.noise) and plan.noise >= 0):
+        raise UserError(f"--noise must be a finite number, at least 0, got {plan.noise}")
+    if not 0 <= plan.ready_every_s <= MAX_READY_EVERY_S:
+        raise UserError(f"--ready-every {plan.ready_every_s:g} must be from 0 to {MAX_READY_EVERY_S:g} seconds")
     if plan.model_name is not None:
         try:
             plan.model_name.format(window=0)
@@ -92,13 +109,16 @@ def check_plan(plan: SeriesPlan) -> None:
 def perturbed(tensors: dict[str, torch.Tensor], noise: float, seed: int, window: int) -> dict[str, torch.Tensor]:
     """Each tensor plus N(0, (noise × its spread)²) noise, drawn in float32 from (seed, window), in its own dtype; the
     spread is its standard deviation, or its mean magnitude where it is constant (a norm's ones)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + window)
+    generator = torch.Generator().manual_seed(seed * SEED_STRIDE + window)
     out = {}
     for name in sorted(tensors):
         t = tensors[name].float()
         spread = t.std().item() if t.numel() > 1 else 0.0
         spread = spread if spread > 0 else t.abs().mean().item()
         out[name] = (t + torch.randn(t.shape, generator=generator) * (noise * spread)).to(tensors[name].dtype)
+        if not torch.isfinite(out[name]).all():  # e.g. --noise 1e308: a checkpoint no model can run
+            raise UserError(f"--noise {noise:g} makes tensor {name} infinite in {tensors[name].dtype} "
+                            f"(its spread is {spread:.3g}): choose a smaller --noise")
     return out
 
 
@@ -134,6 +154,8 @@ def _write_checkpoint(final: Path, base: Path, tensors: dict[str, torch.Tensor],
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         publish_directory(tmp, final)
+    except OSError as exc:  # a full disk: copy2's error names the file it copied from, not where it failed
+        raise UserError(f"cannot write the checkpoint {final} ({exc.strerror or exc}); nothing of it is left") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)
@@ -146,8 +168,10 @@ def windows_from(spec: str | None, count: int | None, first: int, every_blocks: 
     if (spec is None) == (count is None):
         raise UserError("give either --windows LIST or --count N")
     if spec is not None:
-        try:
-            return tuple(int(part) for part in spec.split(",") if part.strip())
-        except ValueError:
-            raise UserError(f"--windows {spec!r} must be a comma list of whole numbers (window start blocks)") from None
+        windows = tuple(parse_whole(part) for part in spec.split(",") if part.strip())
+        if None in windows:
+            raise UserError(f"--windows {spec!r} must be a comma list of whole numbers (window start blocks)")
+        return windows  # type: ignore[return-value]
+    if (count or 0) > MAX_SERIES:
+        raise UserError(f"--count {count} is more than {MAX_SERIES} checkpoints")
     return tuple(first + i * every_blocks for i in range(count or 0))

@@ -62,15 +62,19 @@ class Worker:
 
 GRAIL_SAFETY_BLOCKS = 6  # the fork's production configs (grail-protocol.md §7): the upstream miner's only stop rule
 
+MAX_GPU_INDEX = 1023  # CUDA_VISIBLE_DEVICES of a host; more is a typo
+
+
 def parse_gpus(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",")]
     if not any(parts):
         raise UserError("--gpus is empty: list GPU indices, e.g. --gpus 0,1,2,3")
     gpus = []
     for part in parts:
-        if not part.isdigit():
-            raise UserError(f"--gpus takes GPU indices (whole numbers), got '{part}'")
-        gpus.append(int(part))
+        index = rules.parse_whole(part)
+        if index is None or not 0 <= index <= MAX_GPU_INDEX:
+            raise UserError(f"--gpus takes GPU indices (whole numbers from 0 to {MAX_GPU_INDEX}), got '{part[:20]}'")
+        gpus.append(index)
     duplicates = sorted({g for g in gpus if gpus.count(g) > 1})
     if duplicates:
         raise UserError(f"--gpus lists GPU {', '.join(map(str, duplicates))} more than once")

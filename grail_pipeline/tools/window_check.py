@@ -46,6 +46,7 @@ from grail_pipeline.protocol.records import REQUIRED_METADATA, grpo_advantages, 
 from grail_pipeline.protocol.sat import SatProblem, problem_for_index, score_completion
 from grail_pipeline.protocol.tokenizer import decode_completion, prompt_ids
 from grail_pipeline.protocol.wallet import rollout_challenge
+from grail_pipeline.protocol.window_schema import metadata_problems, metadata_window, row_problem
 from grail_pipeline.proving.validator import (
     challenged_problem,
     distribution_problem,
@@ -66,10 +67,10 @@ BY_DESIGN = "fails by design on random weights (EOS is forced; every token is ~1
 CHECKS: tuple[tuple[str, str, bool, bool], ...] = (
     ("file", f"at least {PROFILE.min_file_bytes} bytes and one rollout, named {{wallet}}-window-{{window_start}}.parquet", True, False),
     ("deadline", "modified no later than the upload deadline (--status or the file's deadline metadata)", True, False),
-    ("metadata", "wallet, window, inference_count match the rows", True, False),
+    ("metadata", "wallet, window, inference_count present, whole numbers, matching the rows", True, False),
     ("checkpoint", "checkpoint_window = the checkpoint's window (metadata.json or --checkpoint-window)", True, False),
-    ("structure", "schema: lengths, 10 <= tokens, 16 <= completion <= max, proof version, top-k, hex beacon", True,
-     False),
+    ("structure", "schema: every field's type, lengths, 10 <= tokens, 16 <= completion <= max, proof version, "
+                  "top-k, hex beacon", True, False),
     ("fields", "one window, block hash and hotkey, unique nonces (F); nonce = group×100+index, challenge (ours)",
      True, False),
     ("signatures", "commit and rollout sr25519 signatures", True, False),
@@ -278,11 +279,14 @@ def _check_deadline(check: Check, path: Path, deadline: tuple[float, str] | None
     check.record(mtime <= when, f"modified {mtime - when:.1f} s after the deadline {when:.1f} (from {source})")
 
 
-def _check_metadata(check: Check, metadata: dict[str, str], records: list[dict[str, Any]]) -> None:
+def _check_metadata(check: Check, metadata: dict[str, str], records: list[dict[str, Any]], rows: int) -> None:
+    """`records`: the rows that passed the schema; `rows`: every row of the file."""
     for key in REQUIRED_METADATA:
         check.record(key in metadata, f"metadata has no '{key}'")
+    for problem in metadata_problems(metadata):
+        check.record(False, problem)
     count = metadata.get("inference_count")
-    check.record(count == str(len(records)), f"inference_count {count} but {len(records)} rows")
+    check.record(count == str(rows), f"inference_count {count} but {rows} rows")
     if "window_start" in metadata:
         wrong = [r for r in records if str(r["window_start"]) != metadata["window_start"]]
         check.record(not wrong, f"{len(wrong)} rows not in window {metadata['window_start']}"
@@ -383,8 +387,15 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
     A file that is not a readable window file raises WindowFileError (a UserError).
     """
     path = Path(path)
-    records, metadata = contents if contents is not None else read_window_file(path)
+    file_rows, metadata = contents if contents is not None else read_window_file(path)
     checks = {name: Check(name, what, f_rule, soft) for name, what, f_rule, soft in CHECKS}
+    records = []  # the rows every later check reads: those that hold the protocol's schema
+    for i, r in enumerate(file_rows):  # F cannot read a malformed row of the file, sampled or not
+        problem = row_problem(r)
+        if problem is None:
+            records.append(r)
+        else:
+            checks["structure"].record(False, f"file row {i}: {problem}")
     first = records[0] if records else None
     hotkey = metadata.get("wallet") or (first["hotkey"] if first else None)
     block_hash = metadata.get("block_hash") or (first["block_hash"] if first else "")
@@ -399,20 +410,26 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
 
     if deadline is None and "deadline" in metadata:
         try:
-            deadline = (float(metadata["deadline"]), "the file's deadline metadata")
+            when = float(metadata["deadline"])
         except ValueError:
-            checks["deadline"].record(False, f"deadline metadata {metadata['deadline']!r} is not a number")
+            when = math.nan
+        if math.isfinite(when):
+            deadline = (when, "the file's deadline metadata")
+        else:  # 'inf' passed every file, 'nan' failed every one with "nan s after"
+            checks["deadline"].record(False, f"deadline metadata {metadata['deadline'][:40]!r} is not a finite number")
     if expected_checkpoint_window is None and loaded is not None:
         expected_checkpoint_window = loaded.checkpoint_window
     _check_file(checks["file"], path, metadata, profile)
     checks["file"].record(bool(records), "no rollout in the file (it scores nothing; a window with none gets no file)")
     if checks["deadline"].checked == 0:
         _check_deadline(checks["deadline"], path, deadline)
-    _check_metadata(checks["metadata"], metadata, records)
+    _check_metadata(checks["metadata"], metadata, records, len(file_rows))
 
     problems = _Problems(tokenizer) if tokenizer is not None else None
     model_rows = set(_proof_indices(len(records), proof_sample)) | sampled_rows if loaded is not None else set()
     config = loaded.model.config if loaded is not None else None
+    hidden_size = int(getattr(config, "hidden_size", None) or getattr(config.get_text_config(), "hidden_size")) \
+        if config is not None else 0
     eos_id = tokenizer.eos_token_id if tokenizer is not None else None
     random_weights = loaded is not None and "preset" in checkpoint_metadata(loaded.source)
     seen_nonces: set[int] = set()
@@ -457,6 +474,11 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
                                     sampled=sampled)
         if i not in model_rows:
             continue
+        outside = [x for c in r["commit"]["commitments"] for x in c["indices"] if x >= hidden_size]
+        if outside:  # the validator's forward cannot gather there: the proof fails without running it
+            problem = f"{where}: {len(outside)} commitment indices outside the hidden size {hidden_size} (first {outside[0]})"
+            checks["proofs"].record(False, problem, sampled=sampled)
+            continue
         res = verify_rollout(loaded.model, r, profile, eos_id)
         strict_ok = res.positions_checked > 0 and res.positions_passed == res.positions_checked \
             and res.logprobs_passed == res.logprobs_checked
@@ -477,7 +499,7 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
         out_of_place = _order_problem(k, g, rows, set(rows_by_group))
         checks["order"].record(out_of_place is None, out_of_place or "")
 
-    none = "no rollouts in the file" if not records else None
+    none = ("no rollouts in the file" if not file_rows else "no row of the file holds the schema") if not records else None
     if tokenizer is None:
         for name in ("prompt", "reward", "termination"):
             checks[name].skipped = none or "no tokenizer"
@@ -492,11 +514,11 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
             checks[name].by_design = BY_DESIGN
     ordered = list(checks.values())
     return FileReport(
-        path=str(path), metadata=metadata, rollouts=len(records), groups=len(rows_by_group),
+        path=str(path), metadata=metadata, rollouts=len(file_rows), groups=len(rows_by_group),
         hotkey=first["hotkey"] if first else metadata.get("wallet"),
-        window_start=first["window_start"] if first else (int(metadata["window_start"]) if "window_start" in metadata else None),
+        window_start=first["window_start"] if first else metadata_window(metadata),
         model=first["commit"]["model"]["name"] if first else None,
-        checks=ordered, verdicts=_verdicts(ordered, len(sampled_rows), len(records), profile),
+        checks=ordered, verdicts=_verdicts(ordered, len(sampled_rows), len(file_rows), profile),
         sample={"groups": sorted(sampled_groups, key=position.get), "of_groups": len(rows_by_group),
                 "rollouts": len(sampled_rows), "window_randomness": window_rand, "randomness_from": WINDOW_RANDOMNESS},
         model_path=loaded.source if loaded is not None else None,
