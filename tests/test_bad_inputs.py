@@ -376,8 +376,8 @@ def test_every_help_renders() -> None:
 def test_what_emit_pm2_writes_mine_accepts(calibration, tmp_path, capsys, monkeypatch) -> None:
     """An app's args and env, parsed by mine's parser and checked by its settings and preflight (no model loads)."""
     from grail_pipeline.cli.mine import resolve_settings
-    from grail_pipeline.mining.rules import check_batch_size
     from grail_pipeline.mining.choices import resolve_choices
+    from grail_pipeline.mining.rules import check_batch_size
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     for engine in ("hf", "fast"):

@@ -24,8 +24,8 @@ from grail_pipeline.cli.arguments import (
     apply_memory_cap,
     finite_float,
     nonnegative_float,
-    positive_float,
     path_or_default,
+    positive_float,
     positive_int,
     whole_int,
 )
@@ -184,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from grail_pipeline.mining.daemon import Daemon
     from grail_pipeline.mining.choices import resolve_choices
+    from grail_pipeline.mining.daemon import Daemon
     from grail_pipeline.mining.runtime import Runtime
     from grail_pipeline.mining.sink import remove_stale_temporaries
     from grail_pipeline.protocol.wallet import load_signer

@@ -27,6 +27,7 @@ from grail_pipeline.proving.prefix import PrefixProver, supports_prefix_proofs
 from grail_pipeline.proving.proofs import Prover
 from grail_pipeline.proving.reference import ReferenceProver
 
+
 @dataclass
 class Runtime:
     """A loaded model and tokenizer, able to build engines, provers and pipelines on demand.
