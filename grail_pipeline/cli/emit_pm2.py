@@ -2,6 +2,7 @@
 
 The file is `tools.pm2`'s; this module reads the flags and writes the rendered file to stdout, or to --out
 atomically (a failed run leaves the old file as it was; `> file` would leave it empty, which the error says).
+For dry-run workers it also writes the Prometheus scrape configuration of their metrics beside it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,18 @@ import sys
 from grail_pipeline.cli.arguments import finite_float, nonnegative_int, positive_float, positive_int
 from grail_pipeline.common.atomic import write_atomically
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.tools.pm2 import DEFAULT_DRAIN_S, KILL_MARGIN_S, NAME_PREFIX, TARGETS, build_context, render
+from grail_pipeline.tools.pm2 import (
+    DEFAULT_DRAIN_S,
+    DEFAULT_METRICS_PORT,
+    KILL_MARGIN_S,
+    NAME_PREFIX,
+    SCRAPE_FILE,
+    SCRAPE_TEMPLATE,
+    TARGETS,
+    build_context,
+    render,
+    scrape_config_path,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,12 +83,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--redis-server", default=None, metavar="PATH", help="the redis-server binary (default: on PATH)")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write the file here, whole or not at all (default stdout)")
+    p.add_argument("--metrics-port", type=nonnegative_int, default=None, metavar="PORT",
+                   help=f"dry-run target: the first worker's Prometheus metrics port, the next ones count up "
+                        f"(default {DEFAULT_METRICS_PORT}; 0: no metrics); the scrape configuration for them is "
+                        f"written as {SCRAPE_FILE} beside --out (or in --cwd with stdout)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="dry-run target: the name or address Prometheus reaches this node at (the scrape "
+                        "configuration's targets); another than 127.0.0.1 makes the workers listen on every interface")
+    p.add_argument("--scrape-interval", type=positive_float, default=15.0, metavar="SECONDS",
+                   help="dry-run target: how often Prometheus scrapes the workers (default 15)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        text = render(build_context(args))
+        context = build_context(args)
+        text = render(context)
     except UserError as exc:
         if args.out is None and _stdout_is_a_file():
             raise UserError(f"{exc} (nothing was written: the file stdout goes to is left empty; "
@@ -84,11 +106,19 @@ def run(args: argparse.Namespace) -> int:
         raise
     if args.out is None:
         sys.stdout.write(text)
-        return 0
-    try:
-        write_atomically(os.path.expanduser(args.out), text.encode("utf-8"))
-    except OSError as exc:
-        raise UserError(f"cannot write --out {args.out} ({exc.strerror or exc})") from None
+    else:
+        try:
+            write_atomically(os.path.expanduser(args.out), text.encode("utf-8"))
+        except OSError as exc:
+            raise UserError(f"cannot write --out {args.out} ({exc.strerror or exc})") from None
+    if any(app["metrics_port"] is not None for app in context["apps"]):
+        path = scrape_config_path(args.out, context["apps"][0]["cwd"])
+        try:
+            write_atomically(path, render(context, SCRAPE_TEMPLATE).encode("utf-8"))
+        except OSError as exc:
+            raise UserError(f"cannot write the scrape configuration {path} ({exc.strerror or exc})") from None
+        print(f"grail-pipeline emit-pm2: Prometheus scrape configuration for the workers' metrics: {path}",
+              file=sys.stderr)
     return 0
 
 

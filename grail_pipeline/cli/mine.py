@@ -91,6 +91,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="untimed problems with short completions before the clock starts (every kernel compiled once)")
     p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info",
                    help="debug adds one line per group handed to the sink")
+    p.add_argument("--metrics-port", type=positive_int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://ADDRESS:PORT/metrics (default: off); emit-pm2 gives "
+                        "each worker its own port and writes the scrape configuration")
+    p.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
+                   help="the address the metrics server listens on (0.0.0.0: every interface, for a Prometheus "
+                        "on another machine)")
     tuning = p.add_argument_group("pipeline tuning (defaults: the engine's)")
     for name in QUEUE_FLAGS:
         tuning.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=None)
@@ -209,6 +215,7 @@ def _run(args: argparse.Namespace) -> int:
         status.update(state="starting")
     except OSError as exc:
         raise UserError(f"cannot write the status file {settings.status_file} ({exc.strerror or exc})") from None
+    metrics = _serve_metrics(args, status, signer.ss58_address, settings.worker.worker_id)
     logger.info("starting %s, hotkey %s, window files in %s, status in %s", settings.worker.describe(),
                 signer.ss58_address, settings.out_dir, settings.status_file)
     removed = remove_stale_temporaries(settings.out_dir, signer.ss58_address)
@@ -239,6 +246,8 @@ def _run(args: argparse.Namespace) -> int:
             fleet = join_fleet(settings, signer.ss58_address, runtime.loaded)
             status.update(fleet={"worker": fleet.worker, "checkpoint": fleet.context.checkpoint})
         daemon = Daemon(settings, runtime, signer, engine, batch_size, status, rotation, fleet=fleet)
+        if metrics is not None:
+            metrics.daemon = daemon  # read when Prometheus scrapes (mining/metrics.py)
         code = anyio.run(daemon.main)
         # the event loop's signal handlers are gone: keep the last status write from being cut short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -260,6 +269,21 @@ def _run(args: argparse.Namespace) -> int:
             runtime.close()
         if daemon is not None and daemon.runtime is not runtime:  # restarted on another architecture
             daemon.runtime.close()
+
+
+def _serve_metrics(args: argparse.Namespace, status: StatusFile, hotkey: str, worker_id: int) -> Any:
+    """--metrics-port: the worker's metrics served from now on, fed by its status (None without the flag)."""
+    if args.metrics_port is None:
+        return None
+    from grail_pipeline.inference.loading import resolve_device
+    from grail_pipeline.mining.metrics import MinerMetrics
+
+    device = resolve_device(args.device)
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or ("cpu" if device.type == "cpu" else str(device))
+    metrics = MinerMetrics(hotkey, worker_id, gpu)
+    metrics.watch(status)
+    metrics.serve(args.metrics_port, args.metrics_address)
+    return metrics
 
 
 def _wait_for_redis(url: str) -> None:

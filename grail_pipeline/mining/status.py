@@ -12,15 +12,18 @@ success_pct, file, partial}, updated (unix time). More fields are added alongsid
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from grail_pipeline.common.atomic import stale_temporaries, write_atomically
 from grail_pipeline.common.errors import UserError
 
+logger = logging.getLogger("grail_pipeline")
 STATES = ("starting", "mining", "draining", "stopped")
 LAST_WINDOW_FIELDS = ("window_start", "rollouts", "rollouts_per_s", "success_pct", "file", "partial")
 
@@ -56,6 +59,13 @@ class StatusFile:
             "updated": time.time(),
             **fields,
         }
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def listen(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call `listener(fields)` after each update, with the fields it changed (the metrics, mining/metrics.py);
+        in the updating thread, under the lock, so updates arrive in order. One that fails is dropped, said once:
+        the status file and the mining go on."""
+        self._listeners.append(listener)
 
     @property
     def data(self) -> dict[str, Any]:
@@ -70,6 +80,12 @@ class StatusFile:
             self._data["updated"] = time.time()
             text = json.dumps(self._data, indent=2, sort_keys=True, default=str) + "\n"
             write_atomically(self.path, text.encode())
+            for listener in list(self._listeners):
+                try:
+                    listener(fields)
+                except Exception:  # noqa: BLE001 - a listener's bug must not stop the daemon's status
+                    logger.exception("status listener %r failed and is dropped", listener)
+                    self._listeners.remove(listener)
 
 
 def read_status(path: str | os.PathLike[str]) -> dict[str, Any]:
