@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -99,6 +101,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, message) -> N
     assert rc == 2 and err.startswith("grail-pipeline calibrate: error: ") and err.count("\n") == 1, err
     assert message in err
     assert not (tmp_path / "c.yaml").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ([], "give --memory-gb, the memory to budget from, with a --headroom-gb below it (e.g. --memory-gb 16"),
+    (["--memory-gb", "8"], "--headroom-gb 12 leaves nothing of --memory-gb 8: give a smaller --headroom-gb (e.g. "
+                           "--headroom-gb 2)"),
+])
+def test_the_budget_is_checked_before_torch_loads(tmp_path, flags, message) -> None:
+    """On the CPU a missing --memory-gb, or a headroom larger than it, is said before torch's imports."""
+    code = ("import sys\nfrom grail_pipeline.cli.main import main\n"
+            f"rc = main({['calibrate', *FAST_CPU, *flags, '--calibration', str(tmp_path / 'c.yaml')]!r})\n"
+            "print('torch' in sys.modules, rc)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["False", "2"], run.stderr
+    assert message in run.stderr
 
 
 def test_corrupt_calibration_file_is_refused_before_the_sweep(tmp_path, capsys) -> None:
@@ -207,7 +224,7 @@ def test_concurrent_writers_lose_nothing(tmp_path) -> None:
     for t in threads:
         t.join()
     assert sorted(load_calibrations(path)) == sorted(kinds)
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]  # no temporary, and the lock file is removed
 
 
 def test_a_file_that_is_not_ours_is_not_overwritten(tmp_path) -> None:

@@ -143,12 +143,13 @@ def test_daemon_mines_on_time_windows_that_verify(tmp_path, monkeypatch, wallet_
     assert starts[0] % 30 == 0 and starts[1] > starts[0]
     assert status["state"] == "stopped" and status["windows_written"] == 2 and status["pid"] == os.getpid()
     last = status["last_window"]
-    assert last["window_start"] == max(starts) and last["file"].endswith(".parquet") and last["partial"] is False
+    assert last["window_start"] == max(starts) and last["file"].endswith(".parquet") and last["written_at_stop"] is False
     assert last["rollouts"] > 0 and last["rollouts_per_s"] > 0 and 0 <= last["success_pct"] <= 100
     assert status["self_check"]["rollouts_checked"] == status["self_check"]["rollouts_passed"] == 2
     assert status["self_check"]["model_path"] == loaded.source == str(dummy_checkpoint("tiny"))  # its own load
     summaries = [r.getMessage() for r in caplog.records if "on-time rollouts (" in r.getMessage()]
-    assert len(summaries) == 2 and all("before the deadline" in m and "GPU idle" in m for m in summaries)
+    # a CPU run has no GPU to be idle: the line says nothing of one
+    assert len(summaries) == 2 and all("before the deadline" in m and "GPU idle" not in m for m in summaries)
     assert sum("self-check" in r.getMessage() and "2/2 rollouts pass" in r.getMessage() for r in caplog.records) == 2
     assert elapsed < 120
 

@@ -43,6 +43,7 @@ from grail_pipeline.tools.calibration_sweep import (
     MIN_PROBLEMS,
     Row,
     calibration_entry,
+    check_budget_flags,
     choose,
     default_sizes,
     memory_budget,
@@ -108,6 +109,7 @@ def _gpu_memory(device: str) -> tuple[str, float] | None:
 def run(args: argparse.Namespace) -> int:
     if args.warmup_problems < 0:
         raise UserError("--warmup-problems cannot be negative")
+    check_budget_flags(args.device, args.memory_gb, args.headroom_gb)  # before torch's seconds of imports
     if Path(args.calibration).exists():
         load_calibrations(args.calibration)  # refuse a corrupt file before a long sweep, not after it
     check_writable(args.calibration, "--calibration")  # and an unwritable one (it is written at the end)

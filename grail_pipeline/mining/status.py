@@ -6,7 +6,7 @@ reader never sees half a file. Kept free of heavy imports (no torch), so a healt
 
 Fields (names others rely on): worker_id, total_workers, pid, state (starting / mining / draining /
 stopped), current_window, windows_written, last_window {window_start, rollouts, rollouts_per_s,
-success_pct, file, partial}, updated (unix time). More fields are added alongside.
+success_pct, file, written_at_stop}, updated (unix time). More fields are added alongside.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from grail_pipeline.common.errors import UserError
 
 logger = logging.getLogger("grail_pipeline")
 STATES = ("starting", "mining", "draining", "stopped")
-LAST_WINDOW_FIELDS = ("window_start", "rollouts", "rollouts_per_s", "success_pct", "file", "partial")
+LAST_WINDOW_FIELDS = ("window_start", "rollouts", "rollouts_per_s", "success_pct", "file", "written_at_stop")
 
 
 def default_status_path(out_dir: str | os.PathLike[str], worker_id: int) -> Path:
