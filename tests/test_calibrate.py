@@ -15,6 +15,7 @@ from conftest import run_cli
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.mining.rules import FAST_MAX_SLOTS
 from grail_pipeline.tools.calibration_file import load_calibrations, read_choice, save_entry
+from grail_pipeline.tools.calibration_plot import BUDGET, CHOSEN, ON_TIME, PEAK, RATE, TOTAL, calibration_figure
 from grail_pipeline.tools.calibration_sweep import (
     CPU_LENGTH_PROFILE,
     CPU_PROBLEMS,
@@ -76,6 +77,30 @@ def test_cpu_calibration_adds_to_the_file(tmp_path, capsys) -> None:
     assert (choice.batch_size, choice.model, choice.attention) == (fastest["batch_size"], "dummy:tiny", "sdpa")
     assert "CHOSEN: batch size" in out and "rejected" in out and "high-water" in out
     assert "batch sizes 4, 16 at most" in " ".join(out.split())
+    assert (tmp_path / "calibration.png").read_bytes().startswith(b"\x89PNG")  # beside the YAML
+    check_picture(calibrations, "cpu", "hf")
+
+
+def check_picture(calibrations: dict, gpu: str, engine: str) -> None:
+    """calibration.png's panels hold the file's rows: rollouts/s, on-time per window and peak memory per measured
+    batch size, the chosen size marked, the budget and total lines, and every size's verdict in the notes."""
+    entry = calibrations[gpu][engine]
+    figure = calibration_figure(calibrations)
+    rate, on_time, peak, notes = figure.axes[:4]  # the first entry's row (the file's other entries have no rows)
+
+    def line(axes, label):
+        return next(line for line in axes.get_lines() if line.get_label() == label)
+
+    rows = sorted(entry["rows"], key=lambda r: r["batch_size"])
+    assert line(rate, RATE).get_xydata().tolist() == [[r["batch_size"], r["rollouts_per_s"]] for r in rows]
+    assert line(peak, PEAK).get_xydata().tolist() == [[r["batch_size"], r["peak_gb"]] for r in rows]
+    assert line(on_time, ON_TIME).get_xdata().tolist() == [r["batch_size"] for r in rows]
+    assert all(line(axes, CHOSEN).get_xdata().tolist() == [entry["chosen"]["batch_size"]] for axes in (rate, peak,
+                                                                                                     on_time))
+    assert list(line(peak, BUDGET).get_ydata()) == [entry["memory"]["budget_gb"]] * 2
+    assert list(line(peak, TOTAL).get_ydata()) == [entry["gpu"]["total_memory_gb"]] * 2
+    text = notes.texts[0].get_text()
+    assert all(f"batch {r['batch_size']}: {r['verdict']} – {r['reason']}" in text for r in rows)
 
 
 def test_nothing_fits_leaves_the_file_alone(tmp_path, capsys) -> None:

@@ -93,11 +93,11 @@ def test_no_import_cycles(graph) -> None:
             assert cycle is None, " -> ".join(cycle)
 
 
-HEAVY = ("torch", "transformers")
+HEAVY = ("torch", "transformers", "matplotlib")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["emit-pm2", "--help"], ["mine", "--help"], ["benchmark", "--help"],
-                                  ["calibrate", "--help"], ["verify", "--help"]])
+                                  ["calibrate", "--help"], ["verify", "--help"], ["report", "--help"]])
 def test_help_imports_neither_torch_nor_transformers(argv) -> None:
     """Building the parser and printing help loads only light modules (a fresh interpreter, as a user runs it)."""
     script = ("import json, sys\nfrom grail_pipeline.cli.main import main\ntry:\n    main(sys.argv[1:])\n"
@@ -107,6 +107,32 @@ def test_help_imports_neither_torch_nor_transformers(argv) -> None:
     assert run.returncode == 0, run.stderr
     assert "usage: grail-pipeline" in run.stdout
     assert json.loads(run.stderr.strip().splitlines()[-1]) == []
+
+
+def imports_package(path: Path, package: str) -> bool:
+    """Whether `path` imports `package` (or a module of it) anywhere, inside functions too."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if any(name == package or name.startswith(package + ".") for name in names):
+            return True
+    return False
+
+
+def test_mine_never_imports_the_plotting_library(graph) -> None:
+    """matplotlib is for `calibrate` and `report`: nothing `mine` can reach imports it, however lazily (every
+    import counts, those inside functions too), so the daemon's import path stays free of it."""
+    reached, todo = set(), ["grail_pipeline.cli.mine"]
+    while todo:
+        module = todo.pop()
+        if module not in reached and module in graph:
+            reached.add(module)
+            todo.extend(graph[module])
+    assert "grail_pipeline.mining.metrics" in reached and "grail_pipeline.mining.daemon" in reached
+    path_of = {module_name(p): p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    plotting = sorted(m for m in reached if imports_package(path_of[m], "matplotlib"))
+    assert not plotting, f"mine reaches modules that import matplotlib: {plotting}"
+    assert imports_package(path_of["grail_pipeline.tools.pictures"], "matplotlib")  # the check can see one
 
 
 def test_console_script_runs() -> None:

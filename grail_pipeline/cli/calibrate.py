@@ -170,9 +170,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     entry = calibration_entry(args, runtime, budget, rows, best, peak_source, explicit, driver_version())
     save_entry(args.calibration, entry)
+    from grail_pipeline.tools.calibration_plot import calibration_png_path, write_calibration_png  # matplotlib
+
+    picture = write_calibration_png(load_calibrations(args.calibration), calibration_png_path(args.calibration))
     console.print(f"CHOSEN: batch size {best.batch_size} -> {best.rate:.2f} rollouts/s, peak {best.peak_gb:.2f} GB "
                   f"(GRAIL_GENERATION_BATCH_SIZE={best.batch_size} for {budget.gpu_name}, engine "
-                  f"{runtime.engine_kind}); written to {args.calibration}", style="bold")
+                  f"{runtime.engine_kind}); written to {args.calibration}, the picture to {picture}", style="bold")
     if runtime.engine_kind == "fast":
         console.print("The fast engine's batch size is its decode slots: use it with `emit-pm2 --target dry-run`. "
                       "`grail mine` takes an hf calibration (calibrate --engine hf).", style="dim")

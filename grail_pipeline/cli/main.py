@@ -16,7 +16,7 @@ from grail_pipeline.common.errors import UserError
 COMMAND_MODULES: tuple[str, ...] = ("grail_pipeline.cli.benchmark", "grail_pipeline.cli.mine",
                                    "grail_pipeline.cli.verify", "grail_pipeline.cli.calibrate",
                                    "grail_pipeline.cli.emit_pm2", "grail_pipeline.cli.make_checkpoints",
-                                   "grail_pipeline.cli.fleet_status")
+                                   "grail_pipeline.cli.fleet_status", "grail_pipeline.cli.report")
 
 
 class OneLineParser(argparse.ArgumentParser):

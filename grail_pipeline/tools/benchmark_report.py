@@ -182,10 +182,15 @@ def _projections(console: Console, workers: int, spec: WindowSpec, results: list
 
 
 def on_time(spec: WindowSpec, result: "BatchResult", workers: int = 1) -> float:
-    """On-time rollouts per window for `workers` workers at this result's rate: each drains its own slots and
+    """On-time rollouts per window for `workers` workers at this result's rate (`on_time_at`)."""
+    return on_time_at(spec, result.batch_size, result.rollouts_per_s, workers)
+
+
+def on_time_at(spec: WindowSpec, batch_size: int, rollouts_per_s: float, workers: int = 1) -> float:
+    """On-time rollouts per window for `workers` workers at `rollouts_per_s` each: each drains its own slots and
     generation queue (16 rollouts per queued problem), the file is one upload of all of them."""
-    in_flight = result.batch_size + PipelineConfig().generation_queue * PROFILE.rollouts_per_problem
-    return spec.on_time_per_window(result.rollouts_per_s * workers, in_flight * workers)
+    in_flight = batch_size + PipelineConfig().generation_queue * PROFILE.rollouts_per_problem
+    return spec.on_time_per_window(rollouts_per_s * workers, in_flight * workers)
 
 
 def report_dict(args: argparse.Namespace, runtime: Runtime, signer: Signer, spec: WindowSpec,
