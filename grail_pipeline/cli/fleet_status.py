@@ -2,8 +2,9 @@
 
 Each worker's rate, claims and the time left on its soonest lease (from its heartbeat and the claim
 leases), the leader, and per window the on-time rollouts (the contiguous prefix 0..N−1), the cut rollouts
-and the margin before the deadline of the written file. A table by default, `--json` for programs; an
-unreachable Redis is one line (exit 2).
+and the margin before the deadline of the written file. A table by default, refreshed in place with `--watch`
+(rich's Live display) until Ctrl-C, `--json` for programs; an unreachable Redis is one line (exit 2) at the
+start, and a line in the table while watching.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
+from collections.abc import Callable
 
+from grail_pipeline.cli.arguments import positive_float
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.protocol.profile import PROFILE
 
@@ -24,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the fleet's hotkey (ss58); default the wallet's (BT_WALLET_COLD, BT_WALLET_HOT)")
     p.add_argument("--windows", type=int, default=3, help="how many recent windows to show (default 3)")
     p.add_argument("--json", action="store_true", help="the snapshot as JSON")
+    p.add_argument("--watch", type=positive_float, nargs="?", const=5.0, default=None, metavar="SECONDS",
+                   help="refresh the table in place every SECONDS (default 5) until Ctrl-C")
     p.set_defaults(func=run)
 
 
@@ -39,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.windows < 1:
         raise UserError("--windows must be at least 1")
+    if args.watch is not None and args.json:
+        raise UserError("--watch refreshes the table; --json prints one snapshot (run it again for another)")
     url = args.redis_url or redis_url_from_env(os.environ)
     if url is None:
         raise UserError(f"no fleet to show: give --redis-url or set {ENV_REDIS_URL}")
@@ -47,23 +55,51 @@ def run(args: argparse.Namespace) -> int:
     hotkey = args.hotkey or _wallet_hotkey()
     client = connect(url)
     keys = FleetKeys(hotkey)
-    context = SharedContext(client, keys).current()
     timings = FleetTimings()
-    windows: list[int] = []
-    if context is not None and context.genesis is not None:
-        now_s = server_now_ms(client) / 1000
-        block = max(0, int((now_s - context.genesis) // context.block_time_s))
-        current = block // context.window_blocks * context.window_blocks
-        windows = [w for w in (current - k * context.window_blocks for k in range(args.windows)) if w >= 0]
     view = FleetView(client, keys, Claims(client, keys, "fleet-status", 1.0, timings.window_ttl_s),
                      Results(client, keys, timings.window_ttl_s), WindowPlans(client, keys, timings.window_ttl_s))
-    snapshot = {"hotkey": hotkey, "context": None if context is None else json.loads(context.to_json()),
+
+    def snapshot() -> dict:
+        context = SharedContext(client, keys).current()
+        windows: list[int] = []
+        if context is not None and context.genesis is not None:
+            now_s = server_now_ms(client) / 1000
+            block = max(0, int((now_s - context.genesis) // context.block_time_s))
+            current = block // context.window_blocks * context.window_blocks
+            windows = [w for w in (current - k * context.window_blocks for k in range(args.windows)) if w >= 0]
+        return {"hotkey": hotkey, "context": None if context is None else json.loads(context.to_json()),
                 **view.snapshot(sorted(windows))}
+
+    if args.watch is not None:
+        return _watch(lambda: table(snapshot()), args.watch)
     if args.json:
-        print(json.dumps(snapshot, indent=2, sort_keys=True))
+        print(json.dumps(snapshot(), indent=2, sort_keys=True))
     else:
-        print(table(snapshot))
+        print(table(snapshot()))
     return 0
+
+
+def _watch(render: Callable[[], str], interval_s: float) -> int:
+    """The table refreshed in place (rich Live) every `interval_s` until Ctrl-C, which ends it with exit 0; Redis
+    going away mid-watch is a line in place of the table until it answers again."""
+    import redis
+    from rich.live import Live
+    from rich.text import Text
+
+    def frame() -> Text:
+        try:
+            text = render()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            text = f"Redis does not answer ({exc}); trying again every {interval_s:g} s"
+        return Text(f"{text}\n(refreshed {time.strftime('%H:%M:%S')} every {interval_s:g} s; Ctrl-C to stop)")
+
+    try:
+        with Live(frame(), auto_refresh=False) as live:
+            while True:
+                time.sleep(interval_s)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _wallet_hotkey() -> str:
