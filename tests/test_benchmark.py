@@ -26,7 +26,8 @@ from grail_pipeline.mining.runtime import Runtime
 from grail_pipeline.mining.workload import benchmark_window
 from grail_pipeline.tools.measurement import measure_batch_size
 
-HEADERS = ("Batch", "Problems", "Rollouts", "Time(s)", "Roll/s", "Prob/s", "Tok/s", "GPU(GB)", "Success%", "Verified%")
+HEADERS = ("Batch", "Probs", "Rollouts", "Time (s)", "Roll/s", "Prob/s", "Tok/s", "GPU (GB)", "Success %",
+           "Verified %")
 TINY = ["--model", "dummy:tiny", "--device", "cpu"]
 W1_SMALL = ["--length-profile", "fixed:20", "--max-new-tokens", "24"]
 
@@ -52,15 +53,24 @@ def run_benchmark(args: list[str], env: dict[str, str]) -> Run:
 
 
 def table_rows(text: str, title: str) -> list[list[str]]:
-    """The body rows of the rich table under `title`, as lists of cell texts."""
+    """The body rows of the table under `title` (tools/tables.py: no frame, `│` between columns, `┼` under the
+    header), as lists of cell texts."""
     lines = text[text.index(title):].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("┡"))
+    start = next(i for i, line in enumerate(lines) if "┼" in line)
     rows = []
     for line in lines[start + 1:]:
-        if not line.startswith("│"):
+        if "│" not in line:
             break
-        rows.append([cell.strip() for cell in line.strip("│").split("│")])
+        rows.append([cell.strip() for cell in line.split("│")])
     return rows
+
+
+def table_header(text: str, title: str) -> list[str]:
+    """The column names of the table under `title`, their lines joined with a space ("Time (s)")."""
+    lines = text[text.index(title):].splitlines()
+    end = next(i for i, line in enumerate(lines) if "┼" in line)
+    parts = [[cell.strip() for cell in line.split("│")] for line in lines[1:end]]
+    return [" ".join(p for p in column if p) for column in zip(*parts, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +101,7 @@ def test_fast_engine_tables(fast_run, real_wallet) -> None:
     assert "Traceback" not in out
     assert f"hotkey {real_wallet['address']}" in out and "ephemeral" not in out
     assert "│ Window      │ 30 blocks × 12 s = 360 s" in out
-    header = out[out.index("BENCHMARK RESULTS"):].splitlines()[2]
-    assert [cell.strip() for cell in header.strip("┃").split("┃")] == list(HEADERS)
+    assert table_header(out, "BENCHMARK RESULTS") == list(HEADERS)
     (row,) = table_rows(out, "BENCHMARK RESULTS")
     assert row[:3] == ["16", "2", "32"] and row[9] == "100.0 (n=4)"
     assert float(row[4]) > 0 and row[7] == "-"  # no GPU memory on the CPU

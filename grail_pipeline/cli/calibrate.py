@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from grail_pipeline.cli.arguments import (
     add_runtime_arguments,
@@ -53,6 +52,7 @@ from grail_pipeline.tools.calibration_sweep import (
     too_big,
 )
 from grail_pipeline.tools.memory_report import breakdown_line
+from grail_pipeline.tools.tables import narrow_table
 
 DEFAULT_HEADROOM_GB = 12.0
 
@@ -187,9 +187,8 @@ def _print_rows(console: Console, rows: list[Row], explicit: list[int] | None, p
     from grail_pipeline.tools.projection import WindowSpec
 
     spec = WindowSpec()
-    table = Table(title="CALIBRATION", title_justify="left")
-    for col in ("Batch", "Problems", "Roll/s", "On time/window", "Tok/s", "Peak(GB)", "Verdict"):
-        table.add_column(col, justify="right" if col != "Verdict" else "left")
+    table = narrow_table("CALIBRATION", ["Batch", "Probs", "Roll/s", "On time\nper window", "Tok/s", "Peak\n(GB)",
+                                         "Verdict"], left=("Verdict",))
     for r in rows:
         res = r.result
         peak = "-" if r.peak_gb is None else f"{r.peak_gb:.2f}"
@@ -203,7 +202,7 @@ def _print_rows(console: Console, rows: list[Row], explicit: list[int] | None, p
             table.add_row(str(size), "-", "-", "-", "-", "-", "skipped: a smaller size already ran out of memory "
                                                          "or exceeded the budget")
     console.print(table)
-    console.print(f"Peak = {peak_source}. On time/window = what reaches a {spec.describe()} window's file before its "
+    console.print(f"Peak = {peak_source}. On time per window = what reaches a {spec.describe()} window's file before its "
                   f"deadline at that rate (benchmark's projection explains it).", style="dim")
     for r in rows:
         if r.result.memory:

@@ -85,7 +85,8 @@ def render(report: FileReport, out: Any = None) -> None:
     """The report as a rich table, then the two verdicts."""
     from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
+
+    from grail_pipeline.tools.tables import narrow_table
 
     console = Console(file=out or sys.stdout, width=None if (out or sys.stdout).isatty() else 160)
     console.print(f"[bold]{escape(report.path)}[/bold]")
@@ -97,9 +98,8 @@ def render(report: FileReport, out: Any = None) -> None:
     sample = report.sample
     console.print(f"F's sample: groups {sample['groups']} of {sample['of_groups']} ({sample['rollouts']} rollouts), "
                   f"window randomness {sample['randomness_from']}")
-    table = Table(show_lines=False)
-    for column in ("Check", "F", "Strict", "Validator", "Result", "Detail (first problem when it fails)"):
-        table.add_column(column, justify="right" if column in ("Strict", "Validator") else "left")
+    table = narrow_table(None, ["Check", "F", "Strict", "Validator", "Result", "Detail (first problem when it fails)"],
+                         left=("Check", "F", "Result", "Detail (first problem when it fails)"))
     for c in report.checks:
         if c.skipped:
             result = "[dim]not run[/dim]"
@@ -126,6 +126,9 @@ def render(report: FileReport, out: Any = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from grail_pipeline.cli.progress import rate_progress
     from grail_pipeline.inference.loading import load_model, load_tokenizer
     from grail_pipeline.protocol.records import read_window_file
     from grail_pipeline.tools.window_check import check_window_file
@@ -141,9 +144,21 @@ def run(args: argparse.Namespace) -> int:
     deadline = status_deadline(args.status, window_start) if args.status else None  # also before the model
     model_ref = args.model or (records[0]["commit"]["model"]["name"] if records else None)
     tokenizer = load_tokenizer(model_ref) if model_ref else None  # an empty file has nothing to score
-    loaded = None if args.skip_proofs or not records else load_model(model_ref, args.device)
-    report = check_window_file(path, tokenizer, loaded, args.proof_sample, contents=contents,
-                               expected_checkpoint_window=args.checkpoint_window, deadline=deadline)
+    # progress on stdout (stderr under --json, which owns stdout): a bar on a terminal, lines in a log
+    progress_console = Console(file=sys.stderr if args.json else sys.stdout)
+    with rate_progress(progress_console) as progress:
+        loaded = None
+        if not args.skip_proofs and records:
+            task = progress.add_task(f"loading {model_ref} for the validator's forward", total=None, rate="")
+            loaded = load_model(model_ref, args.device)
+            progress.stop_task(task)
+        task = progress.add_task(f"checking {len(records)} rollouts" + (" (proofs: every position)" if loaded else ""),
+                                 total=len(records), rate="")
+        report = check_window_file(path, tokenizer, loaded, args.proof_sample, contents=contents,
+                                   expected_checkpoint_window=args.checkpoint_window, deadline=deadline,
+                                   on_row=lambda i, n: progress.update(task, completed=i))
+        progress.update(task, completed=len(records))
+        progress.stop_task(task)
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
