@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,29 @@ def test_console_script_runs() -> None:
     run = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("grail-pipeline ")
+
+
+def test_every_flag_has_help_and_help_never_breaks_a_word(monkeypatch) -> None:
+    """Each command's --help at 80 columns: every flag explained, and lines break at spaces only (argparse's
+    default broke `--no-redis-\\napp` and `grail-\\npipeline`); --model lists every preset and F is defined."""
+    import argparse
+
+    from grail_pipeline.cli.main import build_parser
+    from grail_pipeline.inference.model_ref import PRESETS
+
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert "F = the GRAIL fork" in parser.format_help()
+    for name, command in commands.items():
+        text = command.format_help()
+        assert not re.search(r"\w-\n", text), f"{name}: a line breaks inside a word:\n{text}"
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+            for flag in action.option_strings:
+                assert re.search(rf"(^|[\s\[,]){re.escape(flag)}([\s\],=]|$)", text, re.M), (name, flag)
+        model = next((a for a in command._actions if "--model" in a.option_strings), None)
+        if model is not None and name != "verify":
+            assert all(f"dummy:{preset}" in model.help for preset in PRESETS), name

@@ -331,3 +331,12 @@ def test_a_stop_during_the_warm_up_exits_at_once(tmp_path, wallet_env) -> None:
     assert "SIGTERM during the warm-up: nothing to write" in text
     assert not list(out.glob("*.parquet"))
     assert read_status(out / "status-worker-0.json")["exit_reason"] == "SIGTERM during warm-up"
+
+
+def test_log_lines_go_to_stdout_and_problems_to_stderr() -> None:
+    """Under PM2 a worker's normal lines belong in its out log, warnings and errors in its err log."""
+    code = ("import logging\nfrom grail_pipeline.cli.main import configure_logging\nconfigure_logging()\n"
+            "log = logging.getLogger('grail_pipeline')\nlog.setLevel('INFO')\nlog.info('a normal line')\n"
+            "log.warning('a problem')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout == "INFO a normal line\n" and run.stderr == "WARNING a problem\n"

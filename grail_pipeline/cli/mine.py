@@ -47,6 +47,12 @@ logger = logging.getLogger("grail_pipeline")
 ENV_BATCH_SIZE = "GRAIL_GENERATION_BATCH_SIZE"
 REDIS_START_WAIT_S = 15.0
 QUEUE_FLAGS = ("generation_queue", "proof_queue", "sign_queue", "sink_queue", "sign_workers")
+QUEUE_HELP = {"generation_queue": "problems waiting for a decode slot (a fleet worker keeps it short: claims held, "
+                                  "not queued)",
+              "proof_queue": "generated groups waiting for their proofs",
+              "sign_queue": "proved groups waiting to be scored and signed",
+              "sink_queue": "signed groups waiting for the window's file",
+              "sign_workers": "threads scoring and signing groups"}
 NOT_DRY_RUN = ("this tool does not talk to the chain: run `grail-pipeline mine --dry-run` to mine against a "
                "simulated chain (nothing is uploaded); use the GRAIL miner itself on mainnet")
 
@@ -65,7 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--status-file", default=None, help="JSON status (default <out-dir>/status-worker-<id>.json)")
     p.add_argument("--block-time", type=positive_float, default=None,
                    help=f"seconds per simulated block (default ${ENV_BLOCK_TIME}, else {PROFILE.block_time_s:g})")
-    p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks)
+    p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks, metavar="N",
+                   help=f"blocks per scoring window (default {PROFILE.window_length_blocks}, the protocol's); fewer "
+                        "make short windows for rehearsals")
     p.add_argument("--run-seed", type=int, default=0,
                    help="seed of the simulated block hashes and drand rounds (same seed, same problems)")
     p.add_argument("--genesis", type=finite_float, default=None, metavar="UNIX_TIME",
@@ -85,9 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "newest checkpoint ready before it opened and naming it or an earlier window, copied into "
                         "the engine's tensors (another architecture restarts the engine); no ready checkpoint at "
                         "start is an error. `grail-pipeline make-checkpoints` writes a series to rehearse")
-    p.add_argument("--max-windows", type=positive_int, default=None,
+    p.add_argument("--max-windows", type=positive_int, default=None, metavar="N",
                    help="stop after N complete windows (tests, rehearsals)")
-    p.add_argument("--warmup-problems", type=int, default=1,
+    p.add_argument("--warmup-problems", type=int, default=1, metavar="N",
                    help="untimed problems with short completions before the clock starts (every kernel compiled once)")
     p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info",
                    help="debug adds one line per group handed to the sink")
@@ -99,7 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "on another machine)")
     tuning = p.add_argument_group("pipeline tuning (defaults: the engine's)")
     for name in QUEUE_FLAGS:
-        tuning.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=None)
+        tuning.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=None, metavar="N",
+                            help=QUEUE_HELP[name])
     p.set_defaults(func=run)
 
 

@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grail_pipeline.cli.arguments import RawDescriptionHelpFormatter
 from grail_pipeline.common.errors import UserError
 
 if TYPE_CHECKING:
     from grail_pipeline.tools.window_check import FileReport
 
 EPILOG = """\
+F = the GRAIL fork (github.com/Agile-Ascent-Limited/Grail at c66a3e4) whose validator these checks match.
 checks (F = one of F's validator checks; the rest are ours):
   file          F  at least 200 bytes, named {wallet}-window-{window_start}.parquet
   deadline      F  file modified no later than the deadline: --status, else the file's 'deadline'
@@ -50,7 +52,7 @@ and counted apart, outside both verdicts. Exit 0 when both verdicts pass, 1 when
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("verify", help="check a window file offline as F's validator does, and strictly",
                               description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("path", help="a window Parquet file")
     p.add_argument("--model", default=None,
                    help="model for the model checks (hub id, local directory or dummy:*); default: the model "
