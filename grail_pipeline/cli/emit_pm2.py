@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", default=None, help="comma list of GPU indices (nvidia-smi order); default every GPU")
     p.add_argument("--gpu-kind", default=None, metavar="NAME[,NAME...]",
                    help="the calibration entry of each listed GPU (one name for all) when they are not detected "
-                        "here, e.g. when writing another node's file")
+                        "here, e.g. when writing another node's file; on a box without a GPU: --gpus 0 --gpu-kind cpu")
     p.add_argument("--engine", choices=("hf", "fast"), default=None,
                    help="which calibration to use; default hf for grail (its batch size is HF generate's), "
                         "for dry-run fast where calibrated, else hf")
@@ -65,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=positive_float, default=DEFAULT_DRAIN_S,
                    help="seconds a stopping worker gets to finish; PM2's kill_timeout is this plus "
                         f"{KILL_MARGIN_S:g} s")
-    p.add_argument("--grail-bin", default=".venv/bin/grail", help="grail target: the miner, relative to --cwd")
+    p.add_argument("--grail-bin", default=".venv/bin/grail",
+                   help="grail target: F's miner (`grail mine`, installed from github.com/Agile-Ascent-Limited/Grail; "
+                        "deploy/README.md step 3), relative to --cwd")
     p.add_argument("--out-dir", default=None, help="dry-run target: window and status files; default <cwd>/dry-run")
     p.add_argument("--block-time", type=positive_float, default=None,
                    help="dry-run target: seconds per simulated block (GRAIL_BLOCK_TIME; the daemon's default 12)")

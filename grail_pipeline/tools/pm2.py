@@ -315,7 +315,9 @@ def build_context(args: argparse.Namespace) -> dict:
                          out_file=os.path.join(log_dir, f"{name}.out.log"),
                          error_file=os.path.join(log_dir, f"{name}.err.log")))
     if args.target == "grail" and not os.path.exists(apps[0]["script"]):
-        print(f"grail-pipeline emit-pm2: warning: {apps[0]['script']} does not exist here", file=sys.stderr)
+        print(f"grail-pipeline emit-pm2: warning: {apps[0]['script']} does not exist here: --target grail runs "
+              f"F's miner (`grail mine`, from github.com/Agile-Ascent-Limited/Grail); install it there or give "
+              f"--grail-bin PATH (deploy/README.md, step 3)", file=sys.stderr)
     return dict(version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), target=args.target,
                 command=shlex.join(["grail-pipeline", *sys.argv[1:]]), calibration=args.calibration,
                 node_index=args.node_index, nodes=args.nodes, total_workers=total, log_dir=log_dir, apps=apps,
