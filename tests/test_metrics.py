@@ -189,6 +189,8 @@ def test_prometheus_scrapes_the_workers_emit_pm2_configured(tmp_path, capsys, re
             assert all(p.poll() is None for p in procs), "\n".join(p.read_text()[-3000:] for p in logs)
             if len(prometheus.by_worker("grail_worker_info")) < workers:
                 return False
+            if workers > 1 and len(prometheus.by_worker("grail_fleet_heartbeat_age_seconds")) < workers:
+                return False  # each worker's fleet part (written with every third heartbeat)
             files = file_rollouts(out, hotkey) if out.exists() else {}
             total = sum(prometheus.by_worker("grail_rollouts_on_time_total").values())
             return bool(files) and total == sum(files.values()) > 0
@@ -209,6 +211,10 @@ def test_prometheus_scrapes_the_workers_emit_pm2_configured(tmp_path, capsys, re
         assert labels["hotkey"] == hotkey and labels["gpu"] in {str(w) for w in range(workers)}
         assert labels["job"] == "grail-pipeline" and labels["node"] == "0"
         assert prometheus.by_worker("grail_decode_steps_total") and prometheus.by_worker("grail_queue_depth")
+        if workers > 1:  # the fleet's view from each worker: at most one leader, claims and heartbeats
+            assert sum(prometheus.by_worker("grail_fleet_leader").values()) <= 1
+            assert set(prometheus.by_worker("grail_fleet_claims_held")) == {"0", "1"}
+            assert all(age < 60 for age in prometheus.by_worker("grail_fleet_heartbeat_age_seconds").values())
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -28,6 +28,7 @@ def record(start: int, rollouts: int, cut: int, margin: float, idle: float, chec
 def status_file(tmp_path, worker: int, records: list[dict]) -> str:
     status = StatusFile(tmp_path / f"status-worker-{worker}.json", worker, 2, hotkey="hk", model="dummy:tiny")
     status.update(state="mining", windows={str(r["window_start"]): r for r in records}, windows_written=len(records),
+                  window_blocks=30,
                   engine="fast", batch_size=16, self_check={"rollouts_checked": 4, "rollouts_passed": 4})
     return str(status.path)
 
@@ -39,7 +40,8 @@ def bars(axes, label: str) -> list[tuple[float, float]]:
 
 
 def test_one_bar_per_window_and_worker_and_a_line_per_checkpoint_change(tmp_path, capsys) -> None:
-    first = [record(0, 64, 16, 12.5, 3.0, 0), record(30, 48, 0, 20.0, 1.5, 0), record(90, 32, 32, -2.0, 0.5, 30)]
+    first = [record(0, 64, 16, 12.5, 3.0, 0), record(30, 48, 0, 20.0, 1.5, 0), record(90, 32, 32, -2.0, 0.5, 30),
+             record(150, 16, 0, 5.0, 0.5, 30)]  # window 120: no worker wrote a file
     second = [record(60, 80, 0, 8.0, 2.0, 0)]  # a fleet: the other worker led window 60
     paths = [status_file(tmp_path, 0, first), status_file(tmp_path, 1, second)]
     figure = timeline_figure(load(paths))
@@ -51,18 +53,20 @@ def test_one_bar_per_window_and_worker_and_a_line_per_checkpoint_change(tmp_path
         assert [h for _, h in bars(rollouts, f"{CUT} · {worker}")] == [r["cut_rollouts"] for r in records]
         assert [h for _, h in bars(margin, f"{MARGIN} · {worker}")] == [r["margin_s"] for r in records]
         assert [h for _, h in bars(idle, f"{IDLE} · {worker}")] == [r["idle_gpu_s"] for r in records]
-    assert [h for _, h in bars(rollouts, f"{LATE} · worker 0")] == [0, 0, 32]  # window 90's file was late
+    assert [h for _, h in bars(rollouts, f"{LATE} · worker 0")] == [0, 0, 32, 0]  # window 90's file was late
     # windows in order on one axis: 0, 30, 60 (worker 1), 90
     xs = sorted([x for x, _ in bars(rollouts, f"{ON_TIME} · worker 0")] +
                 [x for x, _ in bars(rollouts, f"{ON_TIME} · worker 1")])
-    assert [round(x) for x in xs] == [0, 1, 2, 3]
+    assert [round(x) for x in xs] == [0, 1, 2, 3, 5]  # window 120 (position 4) is a gap
+    assert [t.get_text() for t in rollouts.texts if t.get_text() == "no file"] == ["no file"]
+    assert [t.get_text() for t in idle.get_xticklabels()] == ["0", "30", "60", "90", "120", "150"]
     changes = [line.get_xdata()[0] for line in rollouts.get_lines() if line.get_label() == CHECKPOINT]
     assert changes == [2.5]  # between window 60 (checkpoint 0) and window 90 (checkpoint 30)
 
     page = tmp_path / "report.html"
     rc, out, err = run_cli(capsys, "report", *paths, "--html", str(page))
     assert rc == 0, err
-    assert out.startswith("4 window(s) of 2 worker(s): picture ") and err == ""
+    assert out.startswith("5 window(s) of 2 worker(s): picture ") and err == ""
     png = (tmp_path / "windows.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     text = page.read_text()

@@ -49,16 +49,17 @@ class LineProgress(Progress):
         return task_id
 
     def stop_task(self, task_id: TaskID) -> None:
-        if self._tasks[task_id].stop_time is None:
-            super().stop_task(task_id)
-            self.line(task_id, " (done)")
+        with self._lock:  # the ticker prints under the same lock: nothing of a task comes after its "(done)"
+            if self._tasks[task_id].stop_time is None:
+                super().stop_task(task_id)
+                self.line(task_id, " (done)")
 
     def _tick(self) -> None:
         while not self._stop.wait(self.every_s):
             with self._lock:
-                running = [t.id for t in self._tasks.values() if t.started and t.stop_time is None]
-            for task_id in running:
-                self.line(task_id)
+                for task in list(self._tasks.values()):
+                    if task.started and task.stop_time is None:
+                        self.line(task.id)
 
     def start(self) -> None:
         self._stop.clear()

@@ -3,9 +3,9 @@
 Each status file (`mine`'s `status-worker-<id>.json`) holds a record per window its worker wrote (in a fleet, the
 windows it wrote as the leader). The timeline puts them side by side per window: on-time rollouts with the cut
 ones stacked on top, the margin before the deadline, the GPU side's idle seconds, and a line where the
-checkpoint changed; one bar per window and worker. The page (`--html`) is one file with the picture inlined
-(base64) and the numbers in tables, so it can be mailed or archived as is. matplotlib's object interface on
-the Agg canvas; `mine` never imports this.
+checkpoint changed; one bar per window and worker, and a gap marked "no file" for a window none of them wrote.
+The page (`--html`) is one file with the picture inlined (base64) and the numbers in tables, so it can be
+mailed or archived as is. matplotlib's object interface on the Agg canvas; `mine` never imports this.
 """
 
 from __future__ import annotations
@@ -58,7 +58,13 @@ def load(paths: list[str]) -> list[WorkerWindows]:
 
 
 def window_starts(workers: list[WorkerWindows]) -> list[int]:
-    return sorted({r["window_start"] for w in workers for r in w.windows})
+    """Every window from the first to the last written, those without a file included (they show as gaps)."""
+    written = sorted({r["window_start"] for w in workers for r in w.windows})
+    step = next((w.status["window_blocks"] for w in workers if isinstance(w.status.get("window_blocks"), int)
+                 and w.status["window_blocks"] > 0), None)
+    if not written or step is None:
+        return written
+    return sorted(set(range(written[0], written[-1] + 1, step)) | set(written))
 
 
 def checkpoint_changes(workers: list[WorkerWindows]) -> list[tuple[int, int]]:
@@ -98,7 +104,12 @@ def timeline_figure(workers: list[WorkerWindows]) -> Figure:
                    label=f"{MARGIN} · {worker.name}")
         idle.bar(x, [r.get("idle_gpu_s") or 0.0 for r in worker.windows], width, color=color,
                  label=f"{IDLE} · {worker.name}")
-    rollouts.set_ylim(top=rollouts.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    written = {r["window_start"] for w in workers for r in w.windows}
+    for start in starts:
+        if start not in written:
+            rollouts.annotate("no file", (position[start], 0), xytext=(0, 4), textcoords="offset points",
+                              ha="center", fontsize=8, color="tab:red")
+    rollouts.set_ylim(top=rollouts.get_ylim()[1] * 1.15)
     margin.axhline(0, color="tab:red", linewidth=1)
     for start, checkpoint in checkpoint_changes(workers):
         for axes in (rollouts, margin, idle):
@@ -115,8 +126,8 @@ def timeline_figure(workers: list[WorkerWindows]) -> Figure:
     idle.set_xlabel("window (start block)")
     step = max(1, len(starts) // 24)
     idle.set_xticks(range(0, len(starts), step), [str(s) for s in starts[::step]], rotation=45)
-    if len(workers) > 1 or starts:
-        rollouts.legend(fontsize=7, ncols=min(4, 2 * len(workers)), loc="upper right")
+    if starts:  # beside the panel, where it hides no bar
+        rollouts.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figure
 
 
