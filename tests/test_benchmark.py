@@ -26,8 +26,7 @@ from grail_pipeline.mining.runtime import Runtime
 from grail_pipeline.mining.workload import benchmark_window
 from grail_pipeline.tools.measurement import measure_batch_size
 
-HEADERS = ("Batch", "Probs", "Rollouts", "Time (s)", "Roll/s", "Prob/s", "Tok/s", "GPU (GB)", "Success %",
-           "Verified %")
+HEADERS = ("Batch", "Problems", "Rollouts", "Time (s)", "Roll/s", "Tok/s", "GPU (GB)", "Success %", "Verified %")
 TINY = ["--model", "dummy:tiny", "--device", "cpu"]
 W1_SMALL = ["--length-profile", "fixed:20", "--max-new-tokens", "24"]
 
@@ -103,8 +102,8 @@ def test_fast_engine_tables(fast_run, real_wallet) -> None:
     assert "│ Window      │ 30 blocks × 12 s = 360 s" in out
     assert table_header(out, "BENCHMARK RESULTS") == list(HEADERS)
     (row,) = table_rows(out, "BENCHMARK RESULTS")
-    assert row[:3] == ["16", "2", "32"] and row[9] == "100.0 (n=4)"
-    assert float(row[4]) > 0 and row[7] == "-"  # no GPU memory on the CPU
+    assert row[:3] == ["16", "2", "32"] and row[8] == "100.0 (n=4)"
+    assert float(row[4]) > 0 and row[6] == "-"  # no GPU memory on the CPU
 
     projection = out[out.index("PROJECTED 4-WORKER THROUGHPUT"):]
     assert "30 blocks × 12 s = 360 s" in projection
@@ -270,7 +269,7 @@ def test_out_of_memory_is_a_row_and_the_next_batch_size_still_runs(monkeypatch, 
     assert cli.main([*OOM_RUN, "--batch-sizes", "32,16", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     rows = table_rows(out, "BENCHMARK RESULTS")
-    assert rows[0] == ["32", "OOM"] + ["-"] * 8
+    assert rows[0] == ["32", "OOM"] + ["-"] * 7
     assert rows[1][:3] == ["16", "1", "16"]
     assert [r[0] for r in table_rows(out, "WHERE THE TIME WENT")] == ["16"]
     assert [r[0] for r in table_rows(out, "PROJECTED 1-WORKER THROUGHPUT")] == ["16"]
@@ -306,3 +305,27 @@ def test_other_engine_failures_are_not_hidden_as_oom(tiny, tok, real_wallet) -> 
         measure_batch_size(runtime, ephemeral_signer(), 16, 1, 0, benchmark_window(0), 0, None)
     assert err.group_contains(RuntimeError, match="^boom$")
     assert not err.group_contains(torch.OutOfMemoryError)
+
+
+def test_the_tables_fit_80_columns() -> None:
+    """At 80 columns (a default terminal) no header or cell is cut with '…' (rich cut 'Start-up(s)' to 'Start-…'):
+    cells fold instead, and no line is wider than the terminal."""
+    from rich.console import Console
+
+    from grail_pipeline.tools import benchmark_report
+    from grail_pipeline.tools.measurement import BatchResult
+    from grail_pipeline.tools.projection import WindowSpec
+
+    wide = BatchResult(batch_size=512, problems=640, rollouts=10240, seconds=1234.5, completion_tokens=4_000_000,
+                       gpu_reserved_gb=50.01, gpu_process_gb=51.23, startup_seconds=112.3,
+                       stage_seconds={"generate": 1020.1, "prove": 500.2, "sign": 11.1, "sink": 0.12},
+                       engine={"step_ms": 21.5, "batch_occupancy": 0.93},
+                       verify={"rollouts_passed": 64, "rollouts_checked": 64, "model_path": "/x"})
+    console = Console(width=80, record=True)
+    benchmark_report._results(console, [wide, BatchResult(batch_size=1024, status="OOM")])
+    benchmark_report._engine_details(console, None, [wide])
+    benchmark_report._projections(console, 8, WindowSpec(), [wide])
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80, text
+    assert table_header(text, "BENCHMARK RESULTS") == list(HEADERS)
+    assert table_header(text, "WHERE THE TIME WENT")[1] == "Start-up (s)"

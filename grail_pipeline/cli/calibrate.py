@@ -187,7 +187,7 @@ def _print_rows(console: Console, rows: list[Row], explicit: list[int] | None, p
     from grail_pipeline.tools.projection import WindowSpec
 
     spec = WindowSpec()
-    table = narrow_table("CALIBRATION", ["Batch", "Probs", "Roll/s", "On time\nper window", "Tok/s", "Peak\n(GB)",
+    table = narrow_table("CALIBRATION", ["Batch", "Problems", "Roll/s", "On time\nper window", "Tok/s", "Peak\n(GB)",
                                          "Verdict"], left=("Verdict",))
     for r in rows:
         res = r.result

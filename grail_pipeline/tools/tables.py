@@ -13,5 +13,6 @@ def narrow_table(title: str | None, columns: list[str], left: tuple[str, ...] = 
     table = Table(title=title, title_justify="left", box=box.SQUARE, show_edge=False, pad_edge=False,
                   padding=(0, 1, 0, 0))
     for name in columns:
-        table.add_column(name, justify="left" if name in left else "right", overflow="fold")
+        table.add_column(name, justify="left" if name in left else "right", overflow="fold",
+                         min_width=max(map(len, name.split())))  # a header word is never folded
     return table
