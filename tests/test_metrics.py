@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import run_cli, write_wallet
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -89,6 +90,50 @@ def test_a_port_in_use_is_one_line() -> None:
         metrics = MinerMetrics(HOTKEY, 0, "cpu")
         with pytest.raises(UserError, match=f"--metrics-port {port}: cannot serve metrics"):
             metrics.serve(port, "127.0.0.1")
+
+
+# --- emit-pm2's ports and scrape configuration -------------------------------------------------------------------
+
+
+def cpu_calibration(tmp_path: Path) -> Path:
+    path = tmp_path / "calibration.yaml"
+    save_entry(path, entry("cpu", "fast", 16, model="dummy:tiny", max_new_tokens=16, length_profile="fixed:16"))
+    return path
+
+
+def test_emit_pm2_gives_each_worker_a_port_and_writes_the_scrape_configuration(tmp_path, capsys) -> None:
+    out = tmp_path / "node" / "dry-run.config.js"
+    rc, stdout, err = run_cli(capsys, "emit-pm2", "--calibration", str(cpu_calibration(tmp_path)), "--target",
+                              "dry-run", "--gpus", "0,1,2", "--gpu-kind", "cpu", "--wallet-cold", "c", "--wallet-hot",
+                              "h", "--cwd", str(tmp_path), "--redis-url", "redis://hub:6379/0", "--no-redis-app",
+                              "--metrics-port", "9500", "--metrics-host", "node-7.example", "--scrape-interval", "2",
+                              "--out", str(out))
+    assert rc == 0 and stdout == "", err
+    apps = load_apps(out.read_text(), tmp_path)
+    assert [a["args"][a["args"].index("--metrics-port") + 1] for a in apps] == ["9500", "9501", "9502"]
+    # another host than this one scrapes them: every worker listens on every interface
+    assert all(a["args"][a["args"].index("--metrics-address") + 1] == "0.0.0.0" for a in apps)
+    scrape = out.parent / "prometheus.yml"  # beside the ecosystem file
+    config = yaml.safe_load(scrape.read_text())
+    assert config["global"]["scrape_interval"] == "2s"
+    (job,) = config["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == [f"node-7.example:{p}" for p in (9500, 9501, 9502)]
+    check = subprocess.run([need("promtool"), "check", "config", str(scrape)], capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr  # Prometheus's own checker accepts it
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--target", "grail", "--engine", "hf", "--metrics-port", "9400"], "--metrics-port is for --target dry-run"),
+    (["--target", "dry-run", "--metrics-port", "65535"], "passes port 65535"),
+    (["--target", "dry-run", "--metrics-port", "70000"], "is not a port"),
+])
+def test_bad_metrics_flags_are_one_line(tmp_path, capsys, flags, message) -> None:
+    rc, out, err = run_cli(capsys, "emit-pm2", "--calibration", str(cpu_calibration(tmp_path)), "--gpus", "0,1",
+                           "--gpu-kind", "cpu", "--wallet-cold", "c", "--wallet-hot", "h", "--redis-url",
+                           "redis://hub:6379/0", *flags)
+    assert rc == 2 and message in err and err.count("\n") == 1 and out == "", err
+    assert not (tmp_path / "prometheus.yml").exists()
 
 
 # --- a real Prometheus ------------------------------------------------------------------------------------------
