@@ -146,7 +146,7 @@ def test_the_budget_is_checked_before_torch_loads(tmp_path, flags, message) -> N
 def test_corrupt_calibration_file_is_refused_before_the_sweep(tmp_path, capsys) -> None:
     path = tmp_path / "calibration.yaml"
     path.write_text("calibrations: [not, a, mapping")
-    rc, out, err = calibrate(capsys, *FAST_CPU, "--memory-gb", "8", "--calibration", str(path))
+    rc, out, err = calibrate(capsys, *FAST_CPU, "--memory-gb", "8", "--headroom-gb", "2", "--calibration", str(path))
     assert rc == 2 and "not valid YAML" in err and out == ""
 
 
