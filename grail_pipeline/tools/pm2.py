@@ -55,6 +55,7 @@ KILL_MARGIN_S = 15.0  # PM2 waits this much longer than the drain before SIGKILL
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MEMORY_RE = re.compile(r"[1-9][0-9]*[KMG]")
+HOST_RE = re.compile(r"[A-Za-z0-9._:-]+")  # a name, an IPv4 or an IPv6 address: what a scrape target holds
 # emit-pm2 and every app agree on what GPU index N means: nvidia-smi's order, not CUDA's fastest-first.
 DEVICE_ORDER = "PCI_BUS_ID"
 
@@ -197,6 +198,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         args.metrics_port = DEFAULT_METRICS_PORT if args.target == "dry-run" else 0
     if args.metrics_port > 65535:
         raise UserError(f"--metrics-port {args.metrics_port} is not a port (1 to 65535; 0: no metrics)")
+    if not HOST_RE.fullmatch(args.metrics_host):
+        raise UserError(f"--metrics-host '{args.metrics_host}' is not a host name or address")
     if args.safety_blocks is None:
         args.safety_blocks = GRAIL_SAFETY_BLOCKS if args.target == "grail" else 0
     rules.check_safety_blocks(args.safety_blocks, PROFILE.window_length_blocks)
