@@ -142,7 +142,7 @@ def test_dry_run_target(calibration, tmp_path, capsys) -> None:
         assert env["GRAIL_BLOCK_TIME"] == "0.5" and env["BT_WALLET_PATH"] == str(tmp_path / "wallets")
     assert len(geneses) == 1 and abs(float(geneses.pop()) - time.time()) < 60  # one clock for the whole fleet
     rc, out, _ = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "0",
-                      "--gpu-kind", H100, "--engine", "hf", *WALLET)
+                      "--gpu-kind", H100, "--engine", "hf", *WALLET, "--cwd", str(tmp_path))  # its prometheus.yml
     assert load_apps(out, tmp_path)[0]["env"]["GRAIL_GENERATION_BATCH_SIZE"] == "16"
 
 
