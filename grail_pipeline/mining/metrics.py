@@ -85,7 +85,6 @@ class MinerMetrics:
         self.checked = counter("grail_self_check_rollouts_checked", "rollouts re-verified by --verify-sample")
         self.passed = counter("grail_self_check_rollouts_passed", "re-verified rollouts that passed")
         self.pass_ratio = gauge("grail_self_check_pass_ratio", "the last window's self-check pass rate (0..1)")
-        self.checkpoint = gauge("grail_checkpoint_window", "the checkpoint window in use")
         self.fleet_leader = gauge("grail_fleet_leader", "1 while this worker holds the fleet's leader lease")
         self.fleet_claims = gauge("grail_fleet_claims_held", "problem indices claimed and not yet delivered")
         self.fleet_lapsed = counter("grail_fleet_claims_lapsed", "claims whose lease lapsed to another worker")
@@ -107,8 +106,6 @@ class MinerMetrics:
             self.state.labels(**self.labels).state(fields["state"])
         if isinstance(fields.get("current_window"), int):
             self.current_window.labels(**self.labels).set(fields["current_window"])
-        if isinstance(fields.get("checkpoint_window"), int):
-            self.checkpoint.labels(**self.labels).set(fields["checkpoint_window"])
         if "model_name" in fields or "engine" in fields:
             self._info.update({k: str(fields[k]) for k in ("model_name", "engine", "batch_size") if k in fields})
             self.info.labels(**self.labels).info({"version": __version__, **self._info})
@@ -238,6 +235,10 @@ class _LiveCollector(Collector):
             yield from self._decode(engine.stats, names, values)
         runtime = daemon.runtime
         if runtime is not None:
+            checkpoint = GaugeMetricFamily("grail_checkpoint_window", "the window of the checkpoint in use (a "
+                                           "rotation copies a new one in as its window opens)", labels=names)
+            checkpoint.add_metric(values, runtime.loaded.checkpoint_window)
+            yield checkpoint
             yield from self._gpu_memory(runtime.loaded.device, names, values)
         if daemon.rotation is not None:
             switches = list(daemon.rotation.switches)
