@@ -108,7 +108,8 @@ def gpu_kinds(gpus: list[int] | None, kinds: str | None) -> list[tuple[int, str]
 
     detected = {i: torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
     if not detected:
-        raise UserError("no GPU detected here: give --gpus and --gpu-kind (the GPU name in the calibration file)")
+        raise UserError("no GPU detected here: give --gpus and --gpu-kind (the GPU name in the calibration file; "
+                        "on a box without a GPU, workers of a CPU calibration: --gpus 0 --gpu-kind cpu)")
     for gpu in gpus or []:
         if gpu not in detected:
             raise UserError(f"GPU {gpu} is not on this node (detected: {', '.join(map(str, sorted(detected)))})")
