@@ -8,7 +8,6 @@ when it stops: a log read later still says where the work was.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 from rich.console import Console
