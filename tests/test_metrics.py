@@ -26,6 +26,7 @@ from grail_pipeline.mining.metrics import MinerMetrics
 from grail_pipeline.mining.status import StatusFile
 from grail_pipeline.protocol.records import read_window_file
 from grail_pipeline.tools.calibration_file import save_entry
+from grail_pipeline.tools.window_report import LATE, ON_TIME, load, timeline_figure
 
 HOTKEY = "5FakeHotkeyForMetricsTests"
 
@@ -271,3 +272,12 @@ def test_prometheus_scrapes_the_workers_emit_pm2_configured(tmp_path, capsys, re
             except subprocess.TimeoutExpired:
                 proc.kill()
         prometheus.stop()
+    # the same run's status files drawn by `report`: a bar per window each worker wrote, their rollouts the files'
+    statuses = sorted(str(p) for p in out.glob("status-worker-*.json"))
+    assert len(statuses) == workers
+    rc, text, err = run_cli(capsys, "report", *statuses, "--html", str(tmp_path / "report.html"))
+    assert rc == 0 and (out / "windows.png").is_file() and (tmp_path / "report.html").is_file(), err
+    rollouts = timeline_figure(load(statuses)).axes[0]
+    drawn = sum(p.get_height() for c in rollouts.containers if c.get_label().startswith((ON_TIME, LATE))
+                for p in c.patches)
+    assert drawn == sum(file_rollouts(out, hotkey).values())
