@@ -101,6 +101,12 @@ def test_fast_engine_tables(fast_run, real_wallet) -> None:
     assert f"hotkey {real_wallet['address']}" in out and "ephemeral" not in out
     assert "│ Window      │ 30 blocks × 12 s = 360 s" in out
     assert table_header(out, "BENCHMARK RESULTS") == list(HEADERS)
+    # not a terminal: progress lines say where the run was, the batch's ending at its total, then the labelled check
+    lines = out.splitlines()
+    done = next(i for i, line in enumerate(lines) if line.startswith("batch 16: rollouts: 32/32") and "(done)" in line)
+    check = next(i for i, line in enumerate(lines) if line.startswith(
+        "batch 16: re-verifying 4 rollouts with the validator's method (a process of its own)"))
+    assert done < check and lines[0].startswith("GRAIL THROUGHPUT BENCHMARK")
     (row,) = table_rows(out, "BENCHMARK RESULTS")
     assert row[:3] == ["16", "2", "32"] and row[8] == "100.0 (n=4)"
     assert float(row[4]) > 0 and row[6] == "-"  # no GPU memory on the CPU

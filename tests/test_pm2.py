@@ -360,6 +360,10 @@ def test_dry_run_fleet_under_pm2(tmp_path, capsys, pm2_bin) -> None:
         assert all(p["pm2_env"]["status"] == "stopped" for p in procs), _logs(logs)
     finally:
         pm2("kill")
+    for worker in (0, 1):  # a worker's lines fill its out log; its err log holds only warnings and errors
+        out_log = (logs / f"grail-dry-run-{worker}.out.log").read_text()
+        err_log = (logs / f"grail-dry-run-{worker}.err.log").read_text()
+        assert "INFO mining (dry run" in out_log and " INFO " not in err_log, _logs(logs)
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
     assert not list(out_dir.glob("*worker*.parquet"))  # one file per window, not one per worker
     assert not list((out_dir / "spill").glob("*.group")), "signed groups left in the spill"
