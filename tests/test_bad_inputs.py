@@ -128,6 +128,9 @@ CASES = [
     C("emit-pm2", "--no-redis-app=yes", expect="argument --redis-app/--no-redis-app: ignored explicit argument 'yes'"),
     C("emit-pm2", "--redis-server", "/no/such/redis-server", "--redis-url", "redis://hub:6379/0",
       expect="--redis-server /no/such/redis-server is not an executable file"),
+    C("emit-pm2", "--metrics-port", "70000", expect="--metrics-port 70000 is not a port"),
+    C("emit-pm2", "--metrics-host", "a b", expect="--metrics-host 'a b' is not a host name or address"),
+    C("emit-pm2", "--scrape-interval", "0", expect="argument --scrape-interval: '0' must be positive"),
     # --- make-checkpoints: a rehearsal series for mine --checkpoint-dir
     C("make-checkpoints", "--model", "dummy:nope", expect="unknown model preset 'dummy:nope'"),
     C("make-checkpoints", "--out", "/proc/nope/series", expect="cannot create --out /proc/nope/series"),
@@ -145,6 +148,7 @@ CASES = [
     C("fleet-status", "--windows", "0", expect="--windows must be at least 1"),
     C("fleet-status", "--json=yes", expect="argument --json: ignored explicit argument 'yes'"),
     C("fleet-status", expect="is unreachable", env={"GRAIL_REDIS_URL": None}),
+    C("fleet-status", "--watch", "-1", expect="argument --watch: '-1' must be positive"),
     # --- mine: every mistake one line before the model loads
     C("mine", expect="GRAIL_REDIS_URL='http://h' is not a Redis URL", env={"GRAIL_REDIS_URL": "http://h"}),
     C("mine", "--genesis", "nan", expect="argument --genesis: 'nan' is not a finite number"),
@@ -192,6 +196,9 @@ CASES = [
     C("mine", "--sign-queue", "0", expect="argument --sign-queue: '0' must be at least 1"),
     C("mine", "--sink-queue", "0", expect="argument --sink-queue: '0' must be at least 1"),
     C("mine", "--sign-workers", "0", expect="argument --sign-workers: '0' must be at least 1"),
+    C("mine", "--metrics-port", "0", expect="argument --metrics-port: '0' must be at least 1"),
+    C("mine", "--metrics-address", "192.0.2.1", "--metrics-port", "19999",  # not an address of this machine
+      expect="--metrics-port 19999: cannot serve metrics on 192.0.2.1:19999"),
     # --- benchmark
     C("benchmark", "--block-time", "inf", expect="argument --block-time: 'inf' is not a finite number"),
     C("benchmark", "--memory-gb", "-3", expect="argument --memory-gb: '-3' must be positive"),
@@ -216,7 +223,7 @@ CASES = [
     C("calibrate", "--calibration", "/proc/nope/cal.yaml", expect="cannot write --calibration /proc/nope/cal.yaml"),
     C("calibrate", "--calibration", "/tmp", expect="calibration file /tmp is a directory, not a file"),
     C("calibrate", "--headroom-gb", "-1", expect="argument --headroom-gb: '-1' cannot be negative"),
-    C("calibrate", "--headroom-gb", "64", expect="--headroom-gb 64 leaves nothing of 64.0 GB"),
+    C("calibrate", "--headroom-gb", "64", expect="--headroom-gb 64 leaves nothing of --memory-gb 64"),
     C("calibrate", "--memory-gb", "inf", expect="argument --memory-gb: 'inf' is not a finite number"),
     C("calibrate", "--max-new-tokens", "100000000", expect="do not fit the 4096 positions of dummy:tiny"),
     C("calibrate", "--max-prompt-tokens", "0", expect="argument --max-prompt-tokens: '0' must be at least 1"),
@@ -238,6 +245,9 @@ CASES = [
     C("verify", "--status", "/tmp", expect="status file /tmp is a directory, not a file"),
     C("verify", "--checkpoint-window", "-1", expect="--checkpoint-window takes a window number, at least 0"),
     C("verify", "--json=yes", expect="argument --json: ignored explicit argument 'yes'"),
+    # --- report (the pictures of status files)
+    C("report", "--out", "/proc/nope/windows.png", expect="cannot write --out /proc/nope/windows.png"),
+    C("report", "--html", "/proc/nope/report.html", expect="cannot write --html /proc/nope/report.html"),
 ]
 # --- numbers, by range (issue #26): digits str.isdigit() accepts and int() refuses, values beyond int64 (the
 # window file's columns, the seeds' generators), and values that parse but make no sense
@@ -275,6 +285,7 @@ CASES += [
     C("fleet-status", "--windows", str(10**30), expect=f"argument --windows: '{10**30}' is out of range"),
 ]
 VERIFY_MISSING = C("verify", expect="window file /no/such.parquet does not exist")  # the positional PATH
+REPORT_MISSING = C("report", expect="status file /no/such.json does not exist")  # the positional STATUS.json
 
 
 def good_entry(engine: str, batch_size: int) -> dict:
@@ -319,12 +330,20 @@ def base_argv(case: Case, tmp_path: Path, calibration: Path) -> list[str]:
     if case.command == "calibrate":
         return ["--model", "dummy:tiny", "--device", "cpu", "--memory-gb", "64", "--calibration",
                 str(tmp_path / "c.yaml")]
+    if case.command == "report":
+        if case is REPORT_MISSING:
+            return ["/no/such.json"]
+        from grail_pipeline.mining.status import StatusFile
+
+        status = StatusFile(tmp_path / "status-worker-0.json", 0, 1)
+        status.update(state="stopped")
+        return [str(status.path)]
     empty = tmp_path / "empty.parquet"
     write_window_file(empty, [], {"wallet": "5x", "window_start": 60, "window_length": 30, "block_hash": "0x00"})
     return ["/no/such.parquet"] if case is VERIFY_MISSING else [str(empty)]
 
 
-@pytest.mark.parametrize("case", [*CASES, VERIFY_MISSING], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [*CASES, VERIFY_MISSING, REPORT_MISSING], ids=lambda c: c.id)
 def test_bad_input_is_one_line(case: Case, tmp_path, calibration, monkeypatch, capsys, wallet_env) -> None:
     for name in SCRUBBED:
         monkeypatch.delenv(name, raising=False)
@@ -353,7 +372,7 @@ def commands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_flag_has_a_row() -> None:
     """A flag without a bad value in the table fails here: add its row."""
-    covered = {(c.command, c.flag) for c in CASES} | {("verify", "path")}
+    covered = {(c.command, c.flag) for c in CASES} | {("verify", "path"), ("report", "status")}
     missing = [f"{name} {action.option_strings[-1] if action.option_strings else action.dest}"
                for name, parser in commands().items() for action in parser._actions
                if not isinstance(action, argparse._HelpAction)

@@ -26,7 +26,7 @@ from grail_pipeline.mining.runtime import Runtime
 from grail_pipeline.mining.workload import benchmark_window
 from grail_pipeline.tools.measurement import measure_batch_size
 
-HEADERS = ("Batch", "Problems", "Rollouts", "Time(s)", "Roll/s", "Prob/s", "Tok/s", "GPU(GB)", "Success%", "Verified%")
+HEADERS = ("Batch", "Problems", "Rollouts", "Time (s)", "Roll/s", "Tok/s", "GPU (GB)", "Success %", "Verified %")
 TINY = ["--model", "dummy:tiny", "--device", "cpu"]
 W1_SMALL = ["--length-profile", "fixed:20", "--max-new-tokens", "24"]
 
@@ -52,15 +52,24 @@ def run_benchmark(args: list[str], env: dict[str, str]) -> Run:
 
 
 def table_rows(text: str, title: str) -> list[list[str]]:
-    """The body rows of the rich table under `title`, as lists of cell texts."""
+    """The body rows of the table under `title` (tools/tables.py: no frame, `│` between columns, `┼` under the
+    header), as lists of cell texts."""
     lines = text[text.index(title):].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("┡"))
+    start = next(i for i, line in enumerate(lines) if "┼" in line)
     rows = []
     for line in lines[start + 1:]:
-        if not line.startswith("│"):
+        if "│" not in line:
             break
-        rows.append([cell.strip() for cell in line.strip("│").split("│")])
+        rows.append([cell.strip() for cell in line.split("│")])
     return rows
+
+
+def table_header(text: str, title: str) -> list[str]:
+    """The column names of the table under `title`, their lines joined with a space ("Time (s)")."""
+    lines = text[text.index(title):].splitlines()
+    end = next(i for i, line in enumerate(lines) if "┼" in line)
+    parts = [[cell.strip() for cell in line.split("│")] for line in lines[1:end]]
+    return [" ".join(p for p in column if p) for column in zip(*parts, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +100,16 @@ def test_fast_engine_tables(fast_run, real_wallet) -> None:
     assert "Traceback" not in out
     assert f"hotkey {real_wallet['address']}" in out and "ephemeral" not in out
     assert "│ Window      │ 30 blocks × 12 s = 360 s" in out
-    header = out[out.index("BENCHMARK RESULTS"):].splitlines()[2]
-    assert [cell.strip() for cell in header.strip("┃").split("┃")] == list(HEADERS)
+    assert table_header(out, "BENCHMARK RESULTS") == list(HEADERS)
+    # not a terminal: progress lines say where the run was, the batch's ending at its total, then the labelled check
+    lines = out.splitlines()
+    done = next(i for i, line in enumerate(lines) if line.startswith("batch 16: rollouts: 32/32") and "(done)" in line)
+    check = next(i for i, line in enumerate(lines) if line.startswith(
+        "batch 16: re-verifying 4 rollouts with the validator's method (a process of its own)"))
+    assert done < check and lines[0].startswith("GRAIL THROUGHPUT BENCHMARK")
     (row,) = table_rows(out, "BENCHMARK RESULTS")
-    assert row[:3] == ["16", "2", "32"] and row[9] == "100.0 (n=4)"
-    assert float(row[4]) > 0 and row[7] == "-"  # no GPU memory on the CPU
+    assert row[:3] == ["16", "2", "32"] and row[8] == "100.0 (n=4)"
+    assert float(row[4]) > 0 and row[6] == "-"  # no GPU memory on the CPU
 
     projection = out[out.index("PROJECTED 4-WORKER THROUGHPUT"):]
     assert "30 blocks × 12 s = 360 s" in projection
@@ -261,7 +275,7 @@ def test_out_of_memory_is_a_row_and_the_next_batch_size_still_runs(monkeypatch, 
     assert cli.main([*OOM_RUN, "--batch-sizes", "32,16", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     rows = table_rows(out, "BENCHMARK RESULTS")
-    assert rows[0] == ["32", "OOM"] + ["-"] * 8
+    assert rows[0] == ["32", "OOM"] + ["-"] * 7
     assert rows[1][:3] == ["16", "1", "16"]
     assert [r[0] for r in table_rows(out, "WHERE THE TIME WENT")] == ["16"]
     assert [r[0] for r in table_rows(out, "PROJECTED 1-WORKER THROUGHPUT")] == ["16"]
@@ -297,3 +311,27 @@ def test_other_engine_failures_are_not_hidden_as_oom(tiny, tok, real_wallet) -> 
         measure_batch_size(runtime, ephemeral_signer(), 16, 1, 0, benchmark_window(0), 0, None)
     assert err.group_contains(RuntimeError, match="^boom$")
     assert not err.group_contains(torch.OutOfMemoryError)
+
+
+def test_the_tables_fit_80_columns() -> None:
+    """At 80 columns (a default terminal) no header or cell is cut with '…' (rich cut 'Start-up(s)' to 'Start-…'):
+    cells fold instead, and no line is wider than the terminal."""
+    from rich.console import Console
+
+    from grail_pipeline.tools import benchmark_report
+    from grail_pipeline.tools.measurement import BatchResult
+    from grail_pipeline.tools.projection import WindowSpec
+
+    wide = BatchResult(batch_size=512, problems=640, rollouts=10240, seconds=1234.5, completion_tokens=4_000_000,
+                       gpu_reserved_gb=50.01, gpu_process_gb=51.23, startup_seconds=112.3,
+                       stage_seconds={"generate": 1020.1, "prove": 500.2, "sign": 11.1, "sink": 0.12},
+                       engine={"step_ms": 21.5, "batch_occupancy": 0.93},
+                       verify={"rollouts_passed": 64, "rollouts_checked": 64, "model_path": "/x"})
+    console = Console(width=80, record=True)
+    benchmark_report._results(console, [wide, BatchResult(batch_size=1024, status="OOM")])
+    benchmark_report._engine_details(console, None, [wide])
+    benchmark_report._projections(console, 8, WindowSpec(), [wide])
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80, text
+    assert table_header(text, "BENCHMARK RESULTS") == list(HEADERS)
+    assert table_header(text, "WHERE THE TIME WENT")[1] == "Start-up (s)"

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from conftest import run_cli
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.mining.rules import FAST_MAX_SLOTS
 from grail_pipeline.tools.calibration_file import load_calibrations, read_choice, save_entry
+from grail_pipeline.tools.calibration_plot import BUDGET, CHOSEN, ON_TIME, PEAK, RATE, TOTAL, calibration_figure
 from grail_pipeline.tools.calibration_sweep import (
     CPU_LENGTH_PROFILE,
     CPU_PROBLEMS,
@@ -74,6 +77,30 @@ def test_cpu_calibration_adds_to_the_file(tmp_path, capsys) -> None:
     assert (choice.batch_size, choice.model, choice.attention) == (fastest["batch_size"], "dummy:tiny", "sdpa")
     assert "CHOSEN: batch size" in out and "rejected" in out and "high-water" in out
     assert "batch sizes 4, 16 at most" in " ".join(out.split())
+    assert (tmp_path / "calibration.png").read_bytes().startswith(b"\x89PNG")  # beside the YAML
+    check_picture(calibrations, "cpu", "hf")
+
+
+def check_picture(calibrations: dict, gpu: str, engine: str) -> None:
+    """calibration.png's panels hold the file's rows: rollouts/s, on-time per window and peak memory per measured
+    batch size, the chosen size marked, the budget and total lines, and every size's verdict in the notes."""
+    entry = calibrations[gpu][engine]
+    figure = calibration_figure(calibrations)
+    rate, on_time, peak, notes = figure.axes[:4]  # the first entry's row (the file's other entries have no rows)
+
+    def line(axes, label):
+        return next(line for line in axes.get_lines() if line.get_label() == label)
+
+    rows = sorted(entry["rows"], key=lambda r: r["batch_size"])
+    assert line(rate, RATE).get_xydata().tolist() == [[r["batch_size"], r["rollouts_per_s"]] for r in rows]
+    assert line(peak, PEAK).get_xydata().tolist() == [[r["batch_size"], r["peak_gb"]] for r in rows]
+    assert line(on_time, ON_TIME).get_xdata().tolist() == [r["batch_size"] for r in rows]
+    assert all(line(axes, CHOSEN).get_xdata().tolist() == [entry["chosen"]["batch_size"]] for axes in (rate, peak,
+                                                                                                     on_time))
+    assert list(line(peak, BUDGET).get_ydata()) == [entry["memory"]["budget_gb"]] * 2
+    assert list(line(peak, TOTAL).get_ydata()) == [entry["gpu"]["total_memory_gb"]] * 2
+    text = notes.texts[0].get_text()
+    assert all(f"batch {r['batch_size']}: {r['verdict']} – {r['reason']}" in text for r in rows)
 
 
 def test_nothing_fits_leaves_the_file_alone(tmp_path, capsys) -> None:
@@ -101,10 +128,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, message) -> N
     assert not (tmp_path / "c.yaml").exists()
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    ([], "give --memory-gb, the memory to budget from, with a --headroom-gb below it (e.g. --memory-gb 16"),
+    (["--memory-gb", "8"], "--headroom-gb 12 leaves nothing of --memory-gb 8: give a smaller --headroom-gb (e.g. "
+                           "--headroom-gb 2)"),
+])
+def test_the_budget_is_checked_before_torch_loads(tmp_path, flags, message) -> None:
+    """On the CPU a missing --memory-gb, or a headroom larger than it, is said before torch's imports."""
+    code = ("import sys\nfrom grail_pipeline.cli.main import main\n"
+            f"rc = main({['calibrate', *FAST_CPU, *flags, '--calibration', str(tmp_path / 'c.yaml')]!r})\n"
+            "print('torch' in sys.modules, rc)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["False", "2"], run.stderr
+    assert message in run.stderr
+
+
 def test_corrupt_calibration_file_is_refused_before_the_sweep(tmp_path, capsys) -> None:
     path = tmp_path / "calibration.yaml"
     path.write_text("calibrations: [not, a, mapping")
-    rc, out, err = calibrate(capsys, *FAST_CPU, "--memory-gb", "8", "--calibration", str(path))
+    rc, out, err = calibrate(capsys, *FAST_CPU, "--memory-gb", "8", "--headroom-gb", "2", "--calibration", str(path))
     assert rc == 2 and "not valid YAML" in err and out == ""
 
 
@@ -223,7 +265,7 @@ def test_concurrent_writers_lose_nothing(tmp_path) -> None:
     for t in threads:
         t.join()
     assert sorted(load_calibrations(path)) == sorted(kinds)
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]  # no temporary, and the lock file is removed
 
 
 def test_a_file_that_is_not_ours_is_not_overwritten(tmp_path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,11 +94,11 @@ def test_no_import_cycles(graph) -> None:
             assert cycle is None, " -> ".join(cycle)
 
 
-HEAVY = ("torch", "transformers")
+HEAVY = ("torch", "transformers", "matplotlib")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["emit-pm2", "--help"], ["mine", "--help"], ["benchmark", "--help"],
-                                  ["calibrate", "--help"], ["verify", "--help"]])
+                                  ["calibrate", "--help"], ["verify", "--help"], ["report", "--help"]])
 def test_help_imports_neither_torch_nor_transformers(argv) -> None:
     """Building the parser and printing help loads only light modules (a fresh interpreter, as a user runs it)."""
     script = ("import json, sys\nfrom grail_pipeline.cli.main import main\ntry:\n    main(sys.argv[1:])\n"
@@ -109,6 +110,32 @@ def test_help_imports_neither_torch_nor_transformers(argv) -> None:
     assert json.loads(run.stderr.strip().splitlines()[-1]) == []
 
 
+def imports_package(path: Path, package: str) -> bool:
+    """Whether `path` imports `package` (or a module of it) anywhere, inside functions too."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if any(name == package or name.startswith(package + ".") for name in names):
+            return True
+    return False
+
+
+def test_mine_never_imports_the_plotting_library(graph) -> None:
+    """matplotlib is for `calibrate` and `report`: nothing `mine` can reach imports it, however lazily (every
+    import counts, those inside functions too), so the daemon's import path stays free of it."""
+    reached, todo = set(), ["grail_pipeline.cli.mine"]
+    while todo:
+        module = todo.pop()
+        if module not in reached and module in graph:
+            reached.add(module)
+            todo.extend(graph[module])
+    assert "grail_pipeline.mining.metrics" in reached and "grail_pipeline.mining.daemon" in reached
+    path_of = {module_name(p): p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    plotting = sorted(m for m in reached if imports_package(path_of[m], "matplotlib"))
+    assert not plotting, f"mine reaches modules that import matplotlib: {plotting}"
+    assert imports_package(path_of["grail_pipeline.tools.pictures"], "matplotlib")  # the check can see one
+
+
 def test_console_script_runs() -> None:
     """The installed `grail-pipeline` entry point (pyproject's [project.scripts]) names a callable."""
     script = Path(sys.executable).with_name("grail-pipeline")
@@ -117,3 +144,29 @@ def test_console_script_runs() -> None:
     run = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("grail-pipeline ")
+
+
+def test_every_flag_has_help_and_help_never_breaks_a_word(monkeypatch) -> None:
+    """Each command's --help at 80 columns: every flag explained, and lines break at spaces only (argparse's
+    default broke `--no-redis-\\napp` and `grail-\\npipeline`); --model lists every preset and F is defined."""
+    import argparse
+
+    from grail_pipeline.cli.main import build_parser
+    from grail_pipeline.inference.model_ref import PRESETS
+
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert "F = the GRAIL fork" in parser.format_help()
+    for name, command in commands.items():
+        text = command.format_help()
+        assert not re.search(r"\w-\n", text), f"{name}: a line breaks inside a word:\n{text}"
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+            for flag in action.option_strings:
+                assert re.search(rf"(^|[\s\[,]){re.escape(flag)}([\s\],=]|$)", text, re.M), (name, flag)
+        model = next((a for a in command._actions if "--model" in a.option_strings), None)
+        if model is not None and name != "verify":
+            assert all(f"dummy:{preset}" in model.help for preset in PRESETS), name

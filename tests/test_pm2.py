@@ -142,7 +142,7 @@ def test_dry_run_target(calibration, tmp_path, capsys) -> None:
         assert env["GRAIL_BLOCK_TIME"] == "0.5" and env["BT_WALLET_PATH"] == str(tmp_path / "wallets")
     assert len(geneses) == 1 and abs(float(geneses.pop()) - time.time()) < 60  # one clock for the whole fleet
     rc, out, _ = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "0",
-                      "--gpu-kind", H100, "--engine", "hf", *WALLET)
+                      "--gpu-kind", H100, "--engine", "hf", *WALLET, "--cwd", str(tmp_path))  # its prometheus.yml
     assert load_apps(out, tmp_path)[0]["env"]["GRAIL_GENERATION_BATCH_SIZE"] == "16"
 
 
@@ -360,6 +360,10 @@ def test_dry_run_fleet_under_pm2(tmp_path, capsys, pm2_bin) -> None:
         assert all(p["pm2_env"]["status"] == "stopped" for p in procs), _logs(logs)
     finally:
         pm2("kill")
+    for worker in (0, 1):  # a worker's lines fill its out log; its err log holds only warnings and errors
+        out_log = (logs / f"grail-dry-run-{worker}.out.log").read_text()
+        err_log = (logs / f"grail-dry-run-{worker}.err.log").read_text()
+        assert "INFO mining (dry run" in out_log and " INFO " not in err_log, _logs(logs)
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
     assert not list(out_dir.glob("*worker*.parquet"))  # one file per window, not one per worker
     assert not list((out_dir / "spill").glob("*.group")), "signed groups left in the spill"

@@ -111,6 +111,13 @@ def test_an_honest_file_passes_both_verdicts_apart_from_random_weights(groups, t
         assert name in report.verdicts["validator"].by_design and name in report.verdicts["strict"].by_design
     assert "EOS probability" in report.check("termination").problems[0]
     assert "insufficient: 18 completion steps" in report.check("distribution").problems[0]
+    # the strict verdict says what it proved: every rollout here, a sample with --proof-sample, none without a model
+    assert report.verdicts["strict"].rules == "every rollout, position and logprob, and our own rules"
+    sampled = check_window_file(path, tok, tiny, proof_sample=4)
+    proved = sampled.check("proofs").checked
+    assert 16 <= proved < 48 and sampled.verdicts["strict"].rules.startswith(
+        f"every position and logprob of a sample of {proved} of 48 rollouts")
+    assert "no rollout proved" in check_window_file(path, tok, None).verdicts["strict"].rules
 
 
 def test_forced_eos_fails_the_verdict_when_the_weights_are_not_random(groups, tiny, tok, signer, tmp_path) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from collections.abc import Callable
 
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.inference.model_ref import DUMMY_PREFIX, PRESETS
 from grail_pipeline.mining.lengths import W1_SPEC
 from grail_pipeline.mining.rules import parse_whole
 from grail_pipeline.protocol.profile import INT64_MAX, INT64_MIN, PROFILE
@@ -21,20 +23,50 @@ DEFAULT_BATCH_SIZES = {"hf": [4], "fast": [256]}
 FULL_BATCH_SIZES = {"hf": [1, 2, 4, 8, 16], "fast": [64, 128, 256, 512]}
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help wrapped at spaces only, never inside a flag name, a path or a hyphenated word (argparse's default broke
+    `--no-redis-app` and `grail-pipeline` across lines), with the help column a little further right."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 30,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False,
+                             break_long_words=False)
+
+
+class RawDescriptionHelpFormatter(HelpFormatter):
+    """HelpFormatter with the description and epilog kept as written (verify's table of checks)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+MODEL_HELP = ("hub id, local checkpoint directory, or a random-initialised preset: "
+              + ", ".join(DUMMY_PREFIX + name for name in PRESETS))
+ENGINE_HELP = ("hf = transformers generate (the reference method); fast = our continuous-batching engine (CUDA "
+               "graphs on a GPU; it runs on the CPU too, eagerly); auto = fast on a GPU, hf on the CPU")
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
     """The flags every command that runs the pipeline shares."""
-    parser.add_argument("--model", default=default_model,
-                        help="hub id, local directory, or dummy:qwen2.5-3b / dummy:qwen2.5-0.5b / dummy:tiny")
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="hf = transformers generate (the reference method); fast = continuous batching "
-                             "with CUDA graphs; auto = fast on a GPU, hf on the CPU")
+    parser.add_argument("--model", default=default_model, help=f"{MODEL_HELP} (default {default_model})")
+    parser.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=PROFILE.sampling.max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=PROFILE.sampling.max_new_tokens, metavar="N",
+                        help=f"longest completion in tokens (default {PROFILE.sampling.max_new_tokens}, the "
+                             "protocol's)")
     parser.add_argument("--length-profile", default=None,
                         help=f"lognormal:MEDIAN:SIGMA:MIN:MAX, fixed:N or natural; default {W1_SPEC} "
                              "(the W1 workload) for dummy models, natural for real weights")
-    parser.add_argument("--max-prompt-tokens", type=positive_int, default=512,
-                        help="longest prompt the fast engine reserves KV cache for")
+    parser.add_argument("--max-prompt-tokens", type=positive_int, default=512, metavar="N",
+                        help="longest prompt the fast engine reserves KV cache for (default 512)")
     parser.add_argument("--memory-gb", type=positive_float, default=None, metavar="N",
                         help="cap this process's GPU memory at N GB (torch's per-process memory fraction, set before "
                              "anything allocates), so a big card rehearses a smaller one (e.g. 24 on an H100); on the "

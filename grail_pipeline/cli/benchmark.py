@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=whole_int, default=42, help="seed of the benchmark's window (problems, randomness)")
     p.add_argument("--warmup-problems", type=whole_int, default=1,
                    help="untimed problems with short completions before each batch size (every kernel compiled once)")
-    p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks)
+    p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks, metavar="N",
+                   help=f"blocks per scoring window for the projections (default {PROFILE.window_length_blocks})")
     p.add_argument("--block-time", type=positive_float, default=PROFILE.block_time_s, help="seconds per block")
     p.add_argument("--verify", type=whole_int, nargs="?", const=16, default=0, metavar="N",
                    help="re-check N rollouts (default 16) per batch size with the validator's method")

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from grail_pipeline.cli.arguments import (
     add_runtime_arguments,
@@ -44,6 +43,7 @@ from grail_pipeline.tools.calibration_sweep import (
     MIN_PROBLEMS,
     Row,
     calibration_entry,
+    check_budget_flags,
     choose,
     default_sizes,
     memory_budget,
@@ -53,6 +53,7 @@ from grail_pipeline.tools.calibration_sweep import (
     too_big,
 )
 from grail_pipeline.tools.memory_report import breakdown_line
+from grail_pipeline.tools.tables import narrow_table
 
 DEFAULT_HEADROOM_GB = 12.0
 
@@ -109,6 +110,7 @@ def _gpu_memory(device: str) -> tuple[str, float] | None:
 def run(args: argparse.Namespace) -> int:
     if args.warmup_problems < 0:
         raise UserError("--warmup-problems cannot be negative")
+    check_budget_flags(args.device, args.memory_gb, args.headroom_gb)  # before torch's seconds of imports
     if Path(args.calibration).exists():
         load_calibrations(args.calibration)  # refuse a corrupt file before a long sweep, not after it
     check_writable(args.calibration, "--calibration")  # and an unwritable one (it is written at the end)
@@ -171,9 +173,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     entry = calibration_entry(args, runtime, budget, rows, best, peak_source, explicit, driver_version())
     save_entry(args.calibration, entry)
+    from grail_pipeline.tools.calibration_plot import calibration_png_path, write_calibration_png  # matplotlib
+
+    picture = write_calibration_png(load_calibrations(args.calibration), calibration_png_path(args.calibration))
     console.print(f"CHOSEN: batch size {best.batch_size} -> {best.rate:.2f} rollouts/s, peak {best.peak_gb:.2f} GB "
                   f"(GRAIL_GENERATION_BATCH_SIZE={best.batch_size} for {budget.gpu_name}, engine "
-                  f"{runtime.engine_kind}); written to {args.calibration}", style="bold")
+                  f"{runtime.engine_kind}); written to {args.calibration}, the picture to {picture}", style="bold")
     if runtime.engine_kind == "fast":
         console.print("The fast engine's batch size is its decode slots: use it with `emit-pm2 --target dry-run`. "
                       "`grail mine` takes an hf calibration (calibrate --engine hf).", style="dim")
@@ -184,9 +189,8 @@ def _print_rows(console: Console, rows: list[Row], explicit: list[int] | None, p
     from grail_pipeline.tools.projection import WindowSpec, on_time
 
     spec = WindowSpec()
-    table = Table(title="CALIBRATION", title_justify="left")
-    for col in ("Batch", "Problems", "Roll/s", "On time/window", "Tok/s", "Peak(GB)", "Verdict"):
-        table.add_column(col, justify="right" if col != "Verdict" else "left")
+    table = narrow_table("CALIBRATION", ["Batch", "Problems", "Roll/s", "On time\nper window", "Tok/s", "Peak\n(GB)",
+                                         "Verdict"], left=("Verdict",))
     for r in rows:
         res = r.result
         peak = "-" if r.peak_gb is None else f"{r.peak_gb:.2f}"
@@ -200,7 +204,7 @@ def _print_rows(console: Console, rows: list[Row], explicit: list[int] | None, p
             table.add_row(str(size), "-", "-", "-", "-", "-", "skipped: a smaller size already ran out of memory "
                                                          "or exceeded the budget")
     console.print(table)
-    console.print(f"Peak = {peak_source}. On time/window = what reaches a {spec.describe()} window's file before its "
+    console.print(f"Peak = {peak_source}. On time per window = what reaches a {spec.describe()} window's file before its "
                   f"deadline at that rate (benchmark's projection explains it).", style="dim")
     for r in rows:
         if r.result.memory:

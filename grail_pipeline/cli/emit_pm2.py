@@ -2,6 +2,7 @@
 
 The file is `tools.pm2`'s; this module reads the flags and writes the rendered file to stdout, or to --out
 atomically (a failed run leaves the old file as it was; `> file` would leave it empty, which the error says).
+For dry-run workers it also writes the Prometheus scrape configuration of their metrics beside it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from grail_pipeline.cli.arguments import (
 )
 from grail_pipeline.common.atomic import write_atomically
 from grail_pipeline.common.errors import UserError
-from grail_pipeline.tools.pm2 import DEFAULT_DRAIN_S, KILL_MARGIN_S, NAME_PREFIX, TARGETS, build_context, render
+from grail_pipeline.tools.pm2 import (
+    DEFAULT_DRAIN_S,
+    DEFAULT_METRICS_PORT,
+    KILL_MARGIN_S,
+    NAME_PREFIX,
+    SCRAPE_FILE,
+    SCRAPE_TEMPLATE,
+    TARGETS,
+    build_context,
+    render,
+    scrape_config_path,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", default=None, help="comma list of GPU indices (nvidia-smi order); default every GPU")
     p.add_argument("--gpu-kind", default=None, metavar="NAME[,NAME...]",
                    help="the calibration entry of each listed GPU (one name for all) when they are not detected "
-                        "here, e.g. when writing another node's file")
+                        "here, e.g. when writing another node's file; on a box without a GPU: --gpus 0 --gpu-kind cpu")
     p.add_argument("--engine", choices=("hf", "fast"), default=None,
                    help="which calibration to use; default hf for grail (its batch size is HF generate's), "
                         "for dry-run fast where calibrated, else hf")
@@ -60,7 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=positive_float, default=DEFAULT_DRAIN_S,
                    help="seconds a stopping worker gets to finish; PM2's kill_timeout is this plus "
                         f"{KILL_MARGIN_S:g} s")
-    p.add_argument("--grail-bin", default=".venv/bin/grail", help="grail target: the miner, relative to --cwd")
+    p.add_argument("--grail-bin", default=".venv/bin/grail",
+                   help="grail target: F's miner (`grail mine`, installed from github.com/Agile-Ascent-Limited/Grail; "
+                        "deploy/README.md step 3), relative to --cwd")
     p.add_argument("--out-dir", default=None, help="dry-run target: window and status files; default <cwd>/dry-run")
     p.add_argument("--block-time", type=positive_float, default=None,
                    help="dry-run target: seconds per simulated block (GRAIL_BLOCK_TIME; the daemon's default 12)")
@@ -78,12 +92,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--redis-server", default=None, metavar="PATH", help="the redis-server binary (default: on PATH)")
     p.add_argument("--out", default=None, metavar="PATH", type=path_or_default("--out", "printing to stdout"),
                    help="write the file here, whole or not at all (default stdout)")
+    p.add_argument("--metrics-port", type=nonnegative_int, default=None, metavar="PORT",
+                   help=f"dry-run target: the first worker's Prometheus metrics port, the next ones count up "
+                        f"(default {DEFAULT_METRICS_PORT}; 0: no metrics); the scrape configuration for them is "
+                        f"written as {SCRAPE_FILE} beside --out (or in --cwd with stdout)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="dry-run target: the name or address Prometheus reaches this node at (the scrape "
+                        "configuration's targets); another than 127.0.0.1 makes the workers listen on every interface")
+    p.add_argument("--scrape-interval", type=positive_float, default=15.0, metavar="SECONDS",
+                   help="dry-run target: how often Prometheus scrapes the workers (default 15)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        text = render(build_context(args))
+        context = build_context(args)
+        text = render(context)
     except UserError as exc:
         if args.out is None and _stdout_is_a_file():
             raise UserError(f"{exc} (nothing was written: the file stdout goes to is left empty; "
@@ -91,11 +115,19 @@ def run(args: argparse.Namespace) -> int:
         raise
     if args.out is None:
         sys.stdout.write(text)
-        return 0
-    try:
-        write_atomically(os.path.expanduser(args.out), text.encode("utf-8"))
-    except OSError as exc:
-        raise UserError(f"cannot write --out {args.out} ({exc.strerror or exc})") from None
+    else:
+        try:
+            write_atomically(os.path.expanduser(args.out), text.encode("utf-8"))
+        except OSError as exc:
+            raise UserError(f"cannot write --out {args.out} ({exc.strerror or exc})") from None
+    if any(app["metrics_port"] is not None for app in context["apps"]):
+        path = scrape_config_path(args.out, context["apps"][0]["cwd"])
+        try:
+            write_atomically(path, render(context, SCRAPE_TEMPLATE).encode("utf-8"))
+        except OSError as exc:
+            raise UserError(f"cannot write the scrape configuration {path} ({exc.strerror or exc})") from None
+        print(f"grail-pipeline emit-pm2: Prometheus scrape configuration for the workers' metrics: {path}",
+              file=sys.stderr)
     return 0
 
 

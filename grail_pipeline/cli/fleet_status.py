@@ -2,8 +2,9 @@
 
 Each worker's rate, claims and the time left on its soonest lease (from its heartbeat and the claim
 leases), the leader, and per window the on-time rollouts (the contiguous prefix 0..N−1), the cut rollouts
-and the margin before the deadline of the written file. A table by default, `--json` for programs; an
-unreachable Redis is one line (exit 2).
+and the margin before the deadline of the written file. A table by default, refreshed in place with `--watch`
+(rich's Live display) until Ctrl-C, `--json` for programs; an unreachable Redis is one line (exit 2) at the
+start, and a line in the table while watching.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from grail_pipeline.cli.arguments import whole_int
+from grail_pipeline.cli.arguments import positive_float, whole_int
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.protocol.profile import PROFILE
 
@@ -31,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the fleet's hotkey (ss58); default the wallet's (BT_WALLET_COLD, BT_WALLET_HOT)")
     p.add_argument("--windows", type=whole_int, default=3, help="how many recent windows to show (default 3)")
     p.add_argument("--json", action="store_true", help="the snapshot as JSON")
+    p.add_argument("--watch", type=positive_float, nargs="?", const=5.0, default=None, metavar="SECONDS",
+                   help="refresh the table in place every SECONDS (default 5) until Ctrl-C")
     p.set_defaults(func=run)
 
 
@@ -42,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.windows < 1:
         raise UserError("--windows must be at least 1")
+    if args.watch is not None and args.json:
+        raise UserError("--watch refreshes the table; --json prints one snapshot (run it again for another)")
     url = args.redis_url or redis_url_from_env(os.environ)
     if url is None:
         raise UserError(f"no fleet to show: give --redis-url or set {ENV_REDIS_URL}")
@@ -50,19 +57,24 @@ def run(args: argparse.Namespace) -> int:
     hotkey = args.hotkey or _wallet_hotkey()
     client = connect(url)
     keys = FleetKeys(hotkey)
-    try:
-        snapshot = _snapshot(args, client, keys)
-    except redis.ResponseError as exc:  # WRONGTYPE: another program wrote one of the fleet's keys as another type
-        raise UserError(f"a key of the fleet under {keys.prefix}: in Redis is not what the fleet writes ({exc}); "
-                        f"stop the fleet and delete the keys matching '{keys.prefix}:*'") from None
-    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # a window's keys hold garbage (the context and
-        # the heartbeats have their own rule)
-        raise UserError(f"a key of the fleet under {keys.prefix}: in Redis holds what the fleet does not write "
-                        f"({type(exc).__name__}: {str(exc)[:80]})") from None
+
+    def snapshot() -> dict:
+        try:
+            return _snapshot(args, client, keys)
+        except redis.ResponseError as exc:  # WRONGTYPE: another program wrote one of the fleet's keys as another type
+            raise UserError(f"a key of the fleet under {keys.prefix}: in Redis is not what the fleet writes ({exc}); "
+                            f"stop the fleet and delete the keys matching '{keys.prefix}:*'") from None
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # a window's keys hold garbage (the context
+            # and the heartbeats have their own rule)
+            raise UserError(f"a key of the fleet under {keys.prefix}: in Redis holds what the fleet does not write "
+                            f"({type(exc).__name__}: {str(exc)[:80]})") from None
+
+    if args.watch is not None:
+        return _watch(lambda: table(snapshot()), args.watch)
     if args.json:
-        print(json.dumps(snapshot, indent=2, sort_keys=True))
+        print(json.dumps(snapshot(), indent=2, sort_keys=True))
     else:
-        print(table(snapshot))
+        print(table(snapshot()))
     return 0
 
 
@@ -88,6 +100,29 @@ def _snapshot(args: argparse.Namespace, client: redis.Redis, keys: FleetKeys) ->
                      Results(client, keys, timings.window_ttl_s), WindowPlans(client, keys, timings.window_ttl_s))
     return {"hotkey": keys.hotkey, "context": None if context is None else json.loads(context.to_json()),
             **view.snapshot(sorted(windows))}
+
+
+def _watch(render: Callable[[], str], interval_s: float) -> int:
+    """The table refreshed in place (rich Live) every `interval_s` until Ctrl-C, which ends it with exit 0; Redis
+    going away mid-watch is a line in place of the table until it answers again."""
+    import redis
+    from rich.live import Live
+    from rich.text import Text
+
+    def frame() -> Text:
+        try:
+            text = render()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            text = f"Redis does not answer ({exc}); trying again every {interval_s:g} s"
+        return Text(f"{text}\n(refreshed {time.strftime('%H:%M:%S')} every {interval_s:g} s; Ctrl-C to stop)")
+
+    try:
+        with Live(frame(), auto_refresh=False) as live:
+            while True:
+                time.sleep(interval_s)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _wallet_hotkey() -> str:

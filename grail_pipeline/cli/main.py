@@ -14,17 +14,22 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from grail_pipeline import __version__
+from grail_pipeline.cli.arguments import HelpFormatter
 from grail_pipeline.common.errors import UserError, find_in_group
 
 # Each module provides `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
 COMMAND_MODULES: tuple[str, ...] = ("grail_pipeline.cli.benchmark", "grail_pipeline.cli.mine",
                                    "grail_pipeline.cli.verify", "grail_pipeline.cli.calibrate",
                                    "grail_pipeline.cli.emit_pm2", "grail_pipeline.cli.make_checkpoints",
-                                   "grail_pipeline.cli.fleet_status")
+                                   "grail_pipeline.cli.fleet_status", "grail_pipeline.cli.report")
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Bad flags end in one line on stderr and exit code 2, not a usage dump."""
+    """Bad flags end in one line on stderr and exit code 2, not a usage dump; help wraps at spaces only."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - argparse's own signature
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -34,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="grail-pipeline",
         description="Fast, network-free GRAIL mining: benchmark, calibrate, emit a PM2 fleet, dry-run mine.",
+        epilog="F = the GRAIL fork whose validator this tool's checks match (github.com/Agile-Ascent-Limited/Grail at "
+               "c66a3e4): `verify` and the docs say \"F's rules\" for what that validator checks.",
     )
     parser.add_argument("--version", action="version", version=f"grail-pipeline {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
@@ -66,9 +73,19 @@ def _quiet_stdout() -> None:
         os.close(devnull)
 
 
+def configure_logging() -> None:
+    """Log lines below WARNING on stdout, warnings and errors on stderr: under PM2 a worker's normal lines fill its
+    out log and its err log holds what needs a look (everything went to stderr, the out log stayed empty)."""
+    normal = logging.StreamHandler(sys.stdout)
+    normal.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", handlers=[normal, problems])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     safe_streams()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -11,18 +11,23 @@ from pathlib import Path
 
 from grail_pipeline.cli.arguments import nonnegative_float, nonnegative_int, positive_int
 from grail_pipeline.common.errors import UserError
+from grail_pipeline.inference.model_ref import DUMMY_PREFIX, PRESETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("make-checkpoints", help="write perturbed dummy checkpoints, one per window, to "
                                                        "rehearse mine --checkpoint-dir",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="dummy:tiny", help="the base: a dummy preset or a local checkpoint directory")
+    p.add_argument("--model", default="dummy:tiny",
+                   help="the base: a local checkpoint directory or a random-initialised preset, "
+                        + ", ".join(DUMMY_PREFIX + name for name in PRESETS) + " (default dummy:tiny)")
     p.add_argument("--out", required=True, metavar="DIR", help="the checkpoint directory (mine --checkpoint-dir)")
     p.add_argument("--windows", default=None, metavar="LIST", help="window start blocks, e.g. 0,30,60")
     p.add_argument("--count", type=positive_int, default=None, help="N windows from --first-window, --every-blocks apart")
-    p.add_argument("--first-window", type=nonnegative_int, default=0)
-    p.add_argument("--every-blocks", type=positive_int, default=30)
+    p.add_argument("--first-window", type=nonnegative_int, default=0, metavar="BLOCK",
+                   help="with --count: the first checkpoint's window start block (default 0)")
+    p.add_argument("--every-blocks", type=positive_int, default=30, metavar="N",
+                   help="with --count: blocks between checkpoints (default 30, one window)")
     p.add_argument("--noise", type=nonnegative_float, default=0.1,
                    help="noise per tensor, as a fraction of the tensor's standard deviation (default 0.1)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="the noise's seed (same seed and window, same weights)")

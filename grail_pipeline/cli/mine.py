@@ -55,6 +55,12 @@ logger = logging.getLogger("grail_pipeline")
 ENV_BATCH_SIZE = "GRAIL_GENERATION_BATCH_SIZE"
 REDIS_START_WAIT_S = 15.0
 QUEUE_FLAGS = ("generation_queue", "proof_queue", "sign_queue", "sink_queue", "sign_workers")
+QUEUE_HELP = {"generation_queue": "problems waiting for a decode slot (a fleet worker keeps it short: claims held, "
+                                  "not queued)",
+              "proof_queue": "generated groups waiting for their proofs",
+              "sign_queue": "proved groups waiting to be scored and signed",
+              "sink_queue": "signed groups waiting for the window's file",
+              "sign_workers": "threads scoring and signing groups"}
 NOT_DRY_RUN = ("this tool does not talk to the chain: run `grail-pipeline mine --dry-run` to mine against a "
                "simulated chain (nothing is uploaded); use the GRAIL miner itself on mainnet")
 
@@ -73,7 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--status-file", default=None, type=path_or_default("--status-file", "using the default"), help="JSON status (default <out-dir>/status-worker-<id>.json)")
     p.add_argument("--block-time", type=positive_float, default=None,
                    help=f"seconds per simulated block (default ${ENV_BLOCK_TIME}, else {PROFILE.block_time_s:g})")
-    p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks)
+    p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks, metavar="N",
+                   help=f"blocks per scoring window (default {PROFILE.window_length_blocks}, the protocol's); fewer "
+                        "make short windows for rehearsals")
     p.add_argument("--run-seed", type=whole_int, default=0,
                    help="seed of the simulated block hashes and drand rounds (same seed, same problems)")
     p.add_argument("--genesis", type=finite_float, default=None, metavar="UNIX_TIME",
@@ -93,15 +101,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "newest checkpoint ready before it opened and naming it or an earlier window, copied into "
                         "the engine's tensors (another architecture restarts the engine); no ready checkpoint at "
                         "start is an error. `grail-pipeline make-checkpoints` writes a series to rehearse")
-    p.add_argument("--max-windows", type=positive_int, default=None,
+    p.add_argument("--max-windows", type=positive_int, default=None, metavar="N",
                    help="stop after N complete windows (tests, rehearsals)")
-    p.add_argument("--warmup-problems", type=whole_int, default=1,
+    p.add_argument("--warmup-problems", type=whole_int, default=1, metavar="N",
                    help="untimed problems with short completions before the clock starts (every kernel compiled once)")
     p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info",
                    help="debug adds one line per group handed to the sink")
+    p.add_argument("--metrics-port", type=positive_int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://ADDRESS:PORT/metrics (default: off); emit-pm2 gives "
+                        "each worker its own port and writes the scrape configuration")
+    p.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
+                   help="the address the metrics server listens on (0.0.0.0: every interface, for a Prometheus "
+                        "on another machine)")
     tuning = p.add_argument_group("pipeline tuning (defaults: the engine's)")
     for name in QUEUE_FLAGS:
-        tuning.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=None)
+        tuning.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=None, metavar="N",
+                            help=QUEUE_HELP[name])
     p.set_defaults(func=run)
 
 
@@ -225,6 +240,7 @@ def _run(args: argparse.Namespace) -> int:
         status.update(state="starting")
     except OSError as exc:
         raise UserError(f"cannot write the status file {settings.status_file} ({exc.strerror or exc})") from None
+    metrics = _serve_metrics(args, status, signer.ss58_address, settings.worker.worker_id)
     logger.info("starting %s, hotkey %s, window files in %s, status in %s", settings.worker.describe(),
                 signer.ss58_address, settings.out_dir, settings.status_file)
     removed = remove_stale_temporaries(settings.out_dir, signer.ss58_address)
@@ -259,6 +275,8 @@ def _run(args: argparse.Namespace) -> int:
             fleet = join_fleet(settings, signer.ss58_address, choices.checkpoint)
             status.update(fleet={"worker": fleet.worker, "checkpoint": fleet.context.checkpoint})
         daemon = Daemon(settings, runtime, signer, engine, batch_size, status, rotation, fleet=fleet)
+        if metrics is not None:
+            metrics.daemon = daemon  # read when Prometheus scrapes (mining/metrics.py)
         code = anyio.run(daemon.main)
         # the event loop's signal handlers are gone: keep the last status write from being cut short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -280,6 +298,21 @@ def _run(args: argparse.Namespace) -> int:
             runtime.close()
         if daemon is not None and daemon.runtime is not runtime:  # restarted on another architecture
             daemon.runtime.close()
+
+
+def _serve_metrics(args: argparse.Namespace, status: StatusFile, hotkey: str, worker_id: int) -> Any:
+    """--metrics-port: the worker's metrics served from now on, fed by its status (None without the flag)."""
+    if args.metrics_port is None:
+        return None
+    from grail_pipeline.inference.loading import resolve_device
+    from grail_pipeline.mining.metrics import MinerMetrics
+
+    device = resolve_device(args.device)
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or ("cpu" if device.type == "cpu" else str(device))
+    metrics = MinerMetrics(hotkey, worker_id, gpu)
+    metrics.watch(status)
+    metrics.serve(args.metrics_port, args.metrics_address)
+    return metrics
 
 
 def _wait_for_redis(url: str) -> None:

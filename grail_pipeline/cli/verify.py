@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grail_pipeline.cli.arguments import whole_int
+from grail_pipeline.cli.arguments import RawDescriptionHelpFormatter, whole_int
 from grail_pipeline.common.errors import UserError
 
 if TYPE_CHECKING:
     from grail_pipeline.tools.window_check import FileReport
 
 EPILOG = """\
+F = the GRAIL fork (github.com/Agile-Ascent-Limited/Grail at c66a3e4) whose validator these checks match.
 checks (F = one of F's validator checks; the rest are ours):
   file          F  at least 200 bytes, named {wallet}-window-{window_start}.parquet
   deadline      F  file modified no later than the deadline: --status, else the file's 'deadline'
@@ -54,7 +55,7 @@ and counted apart, outside both verdicts. Exit 0 when both verdicts pass, 1 when
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("verify", help="check a window file offline as F's validator does, and strictly",
                               description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("path", help="a window Parquet file")
     p.add_argument("--model", default=None,
                    help="model for the model checks (hub id, local directory or dummy:*); default: the model "
@@ -90,7 +91,8 @@ def render(report: FileReport, out: Any = None) -> None:
     """The report as a rich table, then the two verdicts."""
     from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
+
+    from grail_pipeline.tools.tables import narrow_table
 
     console = Console(file=out or sys.stdout, width=None if (out or sys.stdout).isatty() else 160)
     console.print(f"[bold]{escape(report.path)}[/bold]")
@@ -102,9 +104,8 @@ def render(report: FileReport, out: Any = None) -> None:
     sample = report.sample
     console.print(f"F's sample: groups {sample['groups']} of {sample['of_groups']} ({sample['rollouts']} rollouts), "
                   f"window randomness {sample['randomness_from']}")
-    table = Table(show_lines=False)
-    for column in ("Check", "F", "Strict", "Validator", "Result", "Detail (first problem when it fails)"):
-        table.add_column(column, justify="right" if column in ("Strict", "Validator") else "left")
+    table = narrow_table(None, ["Check", "F", "Strict", "Validator", "Result", "Detail (first problem when it fails)"],
+                         left=("Check", "F", "Result", "Detail (first problem when it fails)"))
     for c in report.checks:
         if c.skipped:
             result = "[dim]not run[/dim]"
@@ -131,6 +132,9 @@ def render(report: FileReport, out: Any = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from grail_pipeline.cli.progress import rate_progress
     from grail_pipeline.inference.loading import load_model, load_tokenizer
     from grail_pipeline.protocol.records import read_window_file
     from grail_pipeline.protocol.window_schema import metadata_window, row_problem
@@ -148,9 +152,21 @@ def run(args: argparse.Namespace) -> int:
     deadline = status_deadline(args.status, window_start) if args.status else None  # also before the model
     model_ref = args.model or (first["commit"]["model"]["name"] if first else None)
     tokenizer = load_tokenizer(model_ref) if model_ref else None  # an empty file has nothing to score
-    loaded = None if args.skip_proofs or first is None else load_model(model_ref, args.device)
-    report = check_window_file(path, tokenizer, loaded, args.proof_sample, contents=contents,
-                               expected_checkpoint_window=args.checkpoint_window, deadline=deadline)
+    # progress on stdout (stderr under --json, which owns stdout): a bar on a terminal, lines in a log
+    progress_console = Console(file=sys.stderr if args.json else sys.stdout)
+    with rate_progress(progress_console) as progress:
+        loaded = None
+        if not args.skip_proofs and first is not None:
+            task = progress.add_task(f"loading {model_ref} for the validator's forward", total=None, rate="")
+            loaded = load_model(model_ref, args.device)
+            progress.stop_task(task)
+        task = progress.add_task(f"checking {len(rows)} rollouts" + (" (proofs: every position)" if loaded else ""),
+                                 total=len(rows), rate="")
+        report = check_window_file(path, tokenizer, loaded, args.proof_sample, contents=contents,
+                                   expected_checkpoint_window=args.checkpoint_window, deadline=deadline,
+                                   on_row=lambda i, n: progress.update(task, completed=i))
+        progress.update(task, completed=len(rows))
+        progress.stop_task(task)
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -40,6 +40,7 @@ class RedisGuard:
         self._clock = clock
         self._sleep = sleep
         self._down_since: float | None = None
+        self.outages = 0  # times Redis stopped answering (the metrics)
         self._failures = 0
         self._next_try = 0.0
         self._warned = False
@@ -86,6 +87,7 @@ class RedisGuard:
         now = self._clock()
         if self._down_since is None:
             self._down_since = now
+            self.outages += 1
         self._next_try = now + min(self.max_delay_s, self.first_delay_s * 2 ** min(self._failures, 20))
         self._failures += 1
         if not self._warned and now - self._down_since >= self.warn_after_s:

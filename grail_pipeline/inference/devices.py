@@ -29,7 +29,7 @@ class GpuInfo:
     free_gb: float
 
 
-def _nvml():
+def load_nvml():
     try:
         import pynvml
 
@@ -75,7 +75,7 @@ def memory_limit_bytes(device: torch.device) -> int | None:
 
 
 def driver_version() -> str | None:
-    nvml = _nvml()
+    nvml = load_nvml()
     if nvml is None:
         return None
     try:
@@ -112,7 +112,7 @@ class PeakGpuMemory:
         if self.device.type != "cuda":
             return self
         torch.cuda.reset_peak_memory_stats(self.device)
-        nvml = _nvml()
+        nvml = load_nvml()
         index = self.device.index or 0
         if nvml is not None and process_gpu_memory_gb(nvml, index) is not None:
             self._thread = threading.Thread(target=self._sample, args=(nvml, index), daemon=True)
@@ -132,6 +132,6 @@ class PeakGpuMemory:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-            final = process_gpu_memory_gb(_nvml(), self.device.index or 0)
+            final = process_gpu_memory_gb(load_nvml(), self.device.index or 0)
             if final is not None:
                 self.process_gb = max(self.process_gb or 0.0, final)

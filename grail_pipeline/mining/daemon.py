@@ -260,14 +260,15 @@ class Daemon:
         log = logger.info if report.on_time else logger.error
         if report.file is None:
             log = logger.warning
+        on_gpu = self.runtime.loaded.device.type == "cuda"  # no GPU to be idle on the CPU
         log("window %d: %d on-time rollouts (%d groups%s), %d cut, file ready %s the deadline%s | "
-            "GPU idle %.1f s since the last file | success %.1f %% (answer satisfies the formula; validator's flag "
+            "%ssuccess %.1f %% (answer satisfies the formula; validator's flag "
             "with EOS: %.1f %%), mean reward %.3f | write %.2f s, %.1f KB/rollout | busy s %s | %s%s",
             report.window_start, report.rollouts, report.groups,
             f", {report.redraws} redrawn" if report.redraws else "", report.cut_rollouts,
             "?" if margin is None else f"{abs(margin):.1f} s {'before' if margin >= 0 else 'AFTER'}",
             f" (failed indices {report.failed_indices}: the file ends at the first)" if report.failed_indices else "",
-            idle_s, report.success_pct, report.validator_success_pct, report.mean_reward, report.write_seconds,
+            f"GPU idle {idle_s:.1f} s since the last file | " if on_gpu else "", report.success_pct, report.validator_success_pct, report.mean_reward, report.write_seconds,
             report.file_bytes / max(1, report.rollouts) / 1e3, " ".join(f"{k}={v:g}" for k, v in busy.items()),
             Path(report.file).name if report.file else "NO FILE (no rollout in it)", " PARTIAL" if report.partial else "")
         record = report.as_dict()

@@ -140,6 +140,8 @@ class FleetWorker:
         self.held: dict[int, set[int]] = defaultdict(set)  # window start -> indices claimed, not yet stored
         self.outcomes: dict[str, int] = defaultdict(int)  # stored / duplicate / late / spilled / released
         self.claims_lost = 0
+        self.claims_reissued = 0  # taken over from a worker whose lease lapsed
+        self.beat_at: float | None = None  # the last heartbeat Redis took
         self.leading = False
         self.reports: list[WindowReport] = []
         self._delivered: deque[tuple[float, int]] = deque()  # (time, rollouts) of recent deliveries
@@ -166,6 +168,7 @@ class FleetWorker:
             claim = taken[0]
             self.held[window_start].add(claim.index)
             if claim.reissued_from:
+                self.claims_reissued += 1
                 logger.info("window %d: claimed index %d, re-issued from %s (its lease lapsed)", window_start,
                             claim.index, claim.reissued_from or "?")
             yield claim.index
@@ -354,6 +357,7 @@ class FleetWorker:
                 if gone:
                     lost[start] = gone
             m.guard.attempt(lambda: m.heartbeats.beat(**beat))
+            self.beat_at = time.time()
             m.guard.attempt(m.shared.keep_alive)
             m.handover.merge_spill()
             return bool(m.guard.attempt(m.leader.hold)), lost
@@ -381,5 +385,6 @@ class FleetWorker:
         """The fleet part of this worker's status file."""
         m = self.member
         return {"worker": m.worker, "leader": self.leading, "claims_held": sum(len(v) for v in self.held.values()),
-                "claims_lost": self.claims_lost, "groups": dict(self.outcomes), "spilled": m.handover.spilled,
+                "claims_lost": self.claims_lost, "claims_reissued": self.claims_reissued, "groups": dict(self.outcomes),
+                "spilled": m.handover.spilled, "beat_at": self.beat_at, "redis_outages": m.guard.outages,
                 "redis_outage_s": None if m.guard.outage_s is None else round(m.guard.outage_s, 1)}

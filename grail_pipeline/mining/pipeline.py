@@ -51,6 +51,7 @@ class StageTimes:
     prove: float = 0.0
     sign: float = 0.0
     sink: float = 0.0
+    rollouts: int = 0  # signed and handed to the sink (the metrics' rollouts per second)
     max_depth: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)  # interpreter CPU seconds per stage's threads
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -248,6 +249,7 @@ class Pipeline:
                 t0 = time.perf_counter()
                 await sink.put(group)
                 self.times.sink += time.perf_counter() - t0
+                self.times.rollouts += group.rollouts
                 if in_flight is not None:
                     in_flight.release()
 

@@ -94,6 +94,7 @@ class WindowReport:
     write_seconds: float
     file_bytes: int
     trigger: str  # "complete", "cut" or the stop's reason
+    checkpoint_window: int | None = None  # the checkpoint the window was mined on (the file's metadata)
 
     @property
     def margin_s(self) -> float | None:
@@ -121,7 +122,11 @@ class WindowReport:
         return self.reward_sum / self.rollouts if self.rollouts else 0.0
 
     def as_dict(self) -> dict:
+        """The status file's window record. Two fields are named there by what they are: `cut_indices` (the
+        problem indices issued but not in the file: cut) and `written_at_stop` (the daemon stopped during the
+        window); the file's metadata keeps `missing_groups` and `partial`."""
         out = asdict(self)
+        out["cut_indices"], out["written_at_stop"] = out.pop("missing_groups"), out.pop("partial")
         margin = self.margin_s
         out.update(rollouts_per_s=round(self.rollouts_per_s, 4), success_pct=round(self.success_pct, 2),
                    validator_success_pct=round(self.validator_success_pct, 2),
@@ -459,4 +464,5 @@ async def write_window(path: Path, hotkey: str, window_blocks: int, contents: Wi
         validator_success=sum(g.validator_success for g in c.groups),
         reward_sum=sum(g.reward_sum for g in c.groups), seconds=max(0.0, last - opened), deadline=deadline,
         ready_at=ready_at, write_seconds=write_seconds, file_bytes=nbytes, trigger=trigger,
+        checkpoint_window=None if metadata.get("checkpoint_window") is None else int(metadata["checkpoint_window"]),
     )

@@ -6,7 +6,7 @@ reader never sees half a file. Kept free of heavy imports (no torch), so a healt
 
 Fields (names others rely on): worker_id, total_workers, pid, state (starting / mining / draining /
 stopped), current_window, windows_written, last_window {window_start, rollouts, rollouts_per_s,
-success_pct, file, partial}, updated (unix time). More fields are added alongside.
+success_pct, file, written_at_stop}, updated (unix time). More fields are added alongside.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ from grail_pipeline.common.input_file import parse_json, read_text
 
 logger = logging.getLogger("grail_pipeline")
 
+logger = logging.getLogger("grail_pipeline")
 STATES = ("starting", "mining", "draining", "stopped")
-LAST_WINDOW_FIELDS = ("window_start", "rollouts", "rollouts_per_s", "success_pct", "file", "partial")
+LAST_WINDOW_FIELDS = ("window_start", "rollouts", "rollouts_per_s", "success_pct", "file", "written_at_stop")
 
 
 def default_status_path(out_dir: str | os.PathLike[str], worker_id: int) -> Path:
@@ -60,6 +62,13 @@ class StatusFile:
             "updated": time.time(),
             **fields,
         }
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def listen(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call `listener(fields)` after each update, with the fields it changed (the metrics, mining/metrics.py);
+        in the updating thread, under the lock, so updates arrive in order. One that fails is dropped, said once:
+        the status file and the mining go on."""
+        self._listeners.append(listener)
 
     @property
     def data(self) -> dict[str, Any]:
@@ -74,6 +83,12 @@ class StatusFile:
             self._data["updated"] = time.time()
             text = json.dumps(self._data, indent=2, sort_keys=True, default=str) + "\n"
             write_atomically(self.path, text.encode())
+            for listener in list(self._listeners):
+                try:
+                    listener(fields)
+                except Exception:  # noqa: BLE001 - a listener's bug must not stop the daemon's status
+                    logger.exception("status listener %r failed and is dropped", listener)
+                    self._listeners.remove(listener)
 
 
 def read_status(path: str | os.PathLike[str]) -> dict[str, Any]:

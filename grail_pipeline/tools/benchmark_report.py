@@ -26,13 +26,14 @@ from grail_pipeline.protocol.wallet import Signer
 from grail_pipeline.tools.memory_report import breakdown_line
 from grail_pipeline.tools.projection import WindowSpec, on_time
 from grail_pipeline.tools.roofline import result_roofline
+from grail_pipeline.tools.tables import narrow_table
 
 if TYPE_CHECKING:
     from grail_pipeline.tools.measurement import BatchResult
 
 ENV_KEYS = ("GRAIL_USE_FLASH_ATTENTION", "GRAIL_MULTI_GPU", "CUDA_VISIBLE_DEVICES", "GRAIL_WORKER_ID",
             "GRAIL_TOTAL_WORKERS")
-SUCCESS_NOTE = ("Success% = answers that satisfy the formula (the completion's EOS stripped). The validator "
+SUCCESS_NOTE = ("Success % = answers that satisfy the formula (the completion's EOS stripped). The validator "
                 "scores the text with its trailing <|im_end|>, so its `success` flag is lower: see JSON "
                 "validator_success_pct.")
 
@@ -104,13 +105,12 @@ def _gb(r: "BatchResult") -> str:
 
 
 def _results(console: Console, results: list["BatchResult"]) -> None:
-    table = Table(title="BENCHMARK RESULTS", title_justify="left")
-    for col in ("Batch", "Problems", "Rollouts", "Time(s)", "Roll/s", "Prob/s", "Tok/s", "GPU(GB)", "Success%",
-                "Verified%"):
-        table.add_column(col, justify="right")
+    # problems/s (rollouts/s ÷ 16) is in the JSON: without its column the table fits 80 columns
+    table = narrow_table("BENCHMARK RESULTS", ["Batch", "Problems", "Rollouts", "Time\n(s)", "Roll/s", "Tok/s",
+                                                "GPU\n(GB)", "Success\n%", "Verified\n%"])
     for r in results:
         if not r.ok:
-            table.add_row(str(r.batch_size), *[r.status] + ["-"] * 8)
+            table.add_row(str(r.batch_size), *[r.status] + ["-"] * 7)
             continue
         verified = "-"
         if r.verify and "error" in r.verify:
@@ -119,10 +119,10 @@ def _results(console: Console, results: list["BatchResult"]) -> None:
             v = r.verify
             verified = f"{100 * v['rollouts_passed'] / max(1, v['rollouts_checked']):.1f} (n={v['rollouts_checked']})"
         table.add_row(str(r.batch_size), str(r.problems), str(r.rollouts), f"{r.seconds:.1f}",
-                      f"{r.rollouts_per_s:.2f}", f"{r.problems_per_s:.3f}", f"{r.tokens_per_s:.0f}", _gb(r),
+                      f"{r.rollouts_per_s:.2f}", f"{r.tokens_per_s:.0f}", _gb(r),
                       f"{r.success_pct:.1f}", verified)
     console.print(table)
-    console.print("GPU(GB) = peak torch reserved (process total from NVML in brackets, where available). "
+    console.print("GPU (GB) = peak torch reserved (process total from NVML in brackets, where available). "
                   + SUCCESS_NOTE, style="dim")
     for r in results:
         if r.ok and r.memory:
@@ -132,7 +132,7 @@ def _results(console: Console, results: list["BatchResult"]) -> None:
             console.print(f"batch {r.batch_size}: proofs not re-verified: {r.verify['error']}", style="bold red")
     checked = sorted({r.verify["model_path"] for r in results if r.ok and r.verify and "error" not in r.verify})
     if checked:
-        console.print("Verified% = rollouts whose every sketch and logprob pass the validator's method, checked in a "
+        console.print("Verified % = rollouts whose every sketch and logprob pass the validator's method, checked in a "
                       f"separate process on the model loaded from {', '.join(checked)}.", style="dim")
     dropped = sum(r.dropped_groups for r in results)
     if dropped:
@@ -140,9 +140,8 @@ def _results(console: Console, results: list["BatchResult"]) -> None:
 
 
 def _engine_details(console: Console, runtime: Runtime, results: list["BatchResult"]) -> None:
-    table = Table(title="WHERE THE TIME WENT", title_justify="left")
-    for col in ("Batch", "Start-up(s)", "Step(ms)", "Occupancy", "Generate(s)", "Prove(s)", "Sign(s)", "Sink(s)"):
-        table.add_column(col, justify="right")
+    table = narrow_table("WHERE THE TIME WENT", ["Batch", "Start-up\n(s)", "Step\n(ms)", "Occupancy",
+                                                  "Generate\n(s)", "Prove\n(s)", "Sign\n(s)", "Sink\n(s)"])
     for r in results:
         if not r.ok:
             continue
@@ -176,12 +175,11 @@ def _projections(console: Console, workers: int, spec: WindowSpec, results: list
     if not ok:
         console.print("No batch size completed.")
         return
-    title = (f"PROJECTED {workers}-WORKER THROUGHPUT (window: {spec.describe()}, cap {spec.cap} "
-             f"rollouts/window = {spec.cap_rate():.1f} rollouts/s)")
-    # as wide as its title: rich wraps a title at the table's width, which split the window's description
-    table = Table(title=title, title_justify="left", min_width=len(title))
-    for col in ("Batch", "Rollouts/s", "Generated/window", "On time/window", "Score factor"):
-        table.add_column(col, justify="right")
+    console.print(f"PROJECTED {workers}-WORKER THROUGHPUT", style="italic")
+    console.print(f"window: {spec.describe()}, cap {spec.cap} rollouts/window = {spec.cap_rate():.1f} rollouts/s",
+                  style="dim")
+    table = narrow_table(None, ["Batch", "Rollouts/s", "Generated\nper window", "On time\nper window",
+                                "Score\nfactor"])
     for r in ok:
         rate = r.rollouts_per_s * workers
         in_file = on_time(spec, r, workers)

@@ -84,11 +84,25 @@ def save_entry(path: str | os.PathLike[str], entry: Mapping[str, Any]) -> None:
 
 @contextmanager
 def _locked(file: Path) -> Iterator[None]:
-    """Serialise read-merge-write across processes (the lock file is left in place, empty)."""
+    """Serialise read-merge-write across processes through `.{name}.lock`, removed by its holder before it lets
+    go (nothing is left behind). A process that waited on a lock file its holder removed finds that the name no
+    longer points at the file it locked, and locks again."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    with open(file.with_name(f".{file.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    path = file.with_name(f".{file.name}.lock")
+    while True:
+        with open(path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                continue
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)
+            return
 
 
 def engines_for(calibrations: Mapping[str, Any], gpu: str) -> list[str]:

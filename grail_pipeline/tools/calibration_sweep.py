@@ -207,6 +207,17 @@ class Budget:
         return self.total_gb - self.headroom_gb
 
 
+def check_budget_flags(device: str, memory_gb: float | None, headroom_gb: float) -> None:
+    """What the budget needs, checked from the flags alone, before torch loads (seconds on a small box): the CPU
+    needs --memory-gb, and the headroom must leave something of it; each refusal says what would do."""
+    if device == "cpu" and memory_gb is None:
+        raise UserError("on the CPU there is no GPU memory to budget: give --memory-gb, the memory to budget from, "
+                        "with a --headroom-gb below it (e.g. --memory-gb 16 --headroom-gb 2)")
+    if memory_gb is not None and memory_gb - headroom_gb <= 0:
+        raise UserError(f"--headroom-gb {headroom_gb:g} leaves nothing of --memory-gb {memory_gb:g}: give a smaller "
+                        f"--headroom-gb (e.g. --headroom-gb {memory_gb / 4:g}) or a larger --memory-gb")
+
+
 def memory_budget(gpu: tuple[str, float] | None, memory_gb: float | None, headroom_gb: float) -> Budget:
     """Total memory (the GPU's `(name, total GB)`, or `memory_gb`, which the CPU needs) less the headroom."""
     if gpu is not None:

@@ -90,10 +90,11 @@ class BenchmarkSink:
     """Counts finished groups, drives the progress bar and keeps the records picked for verification."""
 
     def __init__(self, result: BatchResult, progress: Progress | None, sample_groups: set[int],
-                 sample_size: int) -> None:
+                 sample_size: int, num_problems: int) -> None:
         self.result = result
         self.progress = progress
-        self.task = progress.add_task(f"batch {result.batch_size}", total=None, rate="") if progress else None
+        self.task = progress.add_task(f"batch {result.batch_size}: rollouts", rate="",
+                                      total=num_problems * PROFILE.rollouts_per_problem) if progress else None
         self.sample_groups = sample_groups
         self.sample_size = sample_size
         self.sample: list[dict] = []
@@ -148,12 +149,14 @@ def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_pr
                     anyio.run(warm_up, runtime.pipeline(engine, signer), runtime, window, warmup_problems)
                     engine.reset_stats()
             pipeline = runtime.pipeline(engine, signer)
-            sink = BenchmarkSink(result, progress, sample_groups(num_problems, verify), verify)
+            sink = BenchmarkSink(result, progress, sample_groups(num_problems, verify), verify, num_problems)
             with ledger.phase("run") as run:
                 t0 = time.perf_counter()
                 anyio.run(pipeline.run, benchmark_tasks(runtime, window, range(num_problems)), sink)
                 _synchronize(runtime)
                 result.seconds = time.perf_counter() - t0
+            if progress is not None and sink.task is not None:
+                progress.stop_task(sink.task)  # its clock stops with the run
         # each phase resets the allocator's peak: the run's peak is the largest of theirs
         result.gpu_reserved_gb = max(memory.reserved_gb, ledger.peak_reserved / 1e9)
         result.gpu_process_gb = memory.process_gb
@@ -176,7 +179,11 @@ def measure_batch_size(runtime: Runtime, signer: Signer, batch_size: int, num_pr
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if verify and result.ok:
+        task = progress.add_task(f"batch {batch_size}: re-verifying {len(sample)} rollouts with the validator's "
+                                 "method (a process of its own)", total=None, rate="") if progress else None
         result.verify = verify_independently(runtime.loaded, sample)
+        if progress is not None and task is not None:
+            progress.stop_task(task)
     return result
 
 

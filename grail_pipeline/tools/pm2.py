@@ -15,6 +15,11 @@ the node that hosts it (`--redis-node`, default 0) gets an app that runs `redis-
 append-only file on (a restart keeps the claims and signed groups). The Redis app comes last in the file:
 `pm2 stop` stops the apps in file order, so the workers drain, and the last one writes the open window,
 while Redis still answers; the workers wait for it at start (mine waits up to `REDIS_START_WAIT_S`).
+
+Dry-run workers serve Prometheus metrics (mine --metrics-port, mining/metrics.py), each on its own port
+(`--metrics-port` plus its position on the node), and a scrape configuration for the node's workers is written
+beside the ecosystem file (`prometheus.yml`, from templates/prometheus.yml.j2), ready for `prometheus
+--config.file`. The production `grail mine` serves no such metrics, so `--target grail` gets none.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.tools.calibration_file import CPU_KIND, Choice, engines_for, load_calibrations, read_choice
 
 TEMPLATE = "ecosystem.config.js.j2"
+SCRAPE_TEMPLATE = "prometheus.yml.j2"
+DEFAULT_METRICS_PORT = 9400  # the first worker's; the next ones count up (9100 is node_exporter's, 9400 is free)
+SCRAPE_FILE = "prometheus.yml"
 TARGETS = ("grail", "dry-run")
 NAME_PREFIX = {"grail": "grail-miner", "dry-run": "grail-dry-run"}
 DEFAULT_DRAIN_S = 60.0  # the daemon's own --drain-timeout default
@@ -47,6 +55,7 @@ KILL_MARGIN_S = 15.0  # PM2 waits this much longer than the drain before SIGKILL
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MEMORY_RE = re.compile(r"[1-9][0-9]*[KMG]")
+HOST_RE = re.compile(r"[A-Za-z0-9._:-]+")  # a name, an IPv4 or an IPv6 address: what a scrape target holds
 # emit-pm2 and every app agree on what GPU index N means: nvidia-smi's order, not CUDA's fastest-first.
 DEVICE_ORDER = "PCI_BUS_ID"
 
@@ -58,6 +67,7 @@ class Worker:
     gpu: int
     choice: Choice
     worker_id: int
+    metrics_port: int | None = None  # dry-run: where its Prometheus metrics are served
 
 
 GRAIL_SAFETY_BLOCKS = 6  # the fork's production configs (grail-protocol.md §7): the upstream miner's only stop rule
@@ -102,7 +112,8 @@ def gpu_kinds(gpus: list[int] | None, kinds: str | None) -> list[tuple[int, str]
 
     detected = {i: torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
     if not detected:
-        raise UserError("no GPU detected here: give --gpus and --gpu-kind (the GPU name in the calibration file)")
+        raise UserError("no GPU detected here: give --gpus and --gpu-kind (the GPU name in the calibration file; "
+                        "on a box without a GPU, workers of a CPU calibration: --gpus 0 --gpu-kind cpu)")
     for gpu in gpus or []:
         if gpu not in detected:
             raise UserError(f"GPU {gpu} is not on this node (detected: {', '.join(map(str, sorted(detected)))})")
@@ -144,8 +155,10 @@ def plan_workers(args: argparse.Namespace) -> list[Worker]:
     first = args.node_index * per_node
     workers = [Worker(gpu, read_choice(calibrations, args.calibration, kind,
                                        pick_engine(args.target, args.engine, engines_for(calibrations, kind))),
-                      first + position)
+                      first + position, None if not args.metrics_port else args.metrics_port + position)
                for position, (gpu, kind) in enumerate(kinds)]
+    if workers[-1].metrics_port is not None and workers[-1].metrics_port > 65535:
+        raise UserError(f"--metrics-port {args.metrics_port} + {len(workers) - 1} workers passes port 65535")
     for worker in workers:
         check_choice(args.target, worker.choice, args.calibration)
     return workers
@@ -183,6 +196,15 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--max-memory-restart takes a size like 80G or 512M, got '{args.max_memory_restart}'")
     if args.target == "grail" and (args.out_dir, args.block_time, args.genesis) != (None, None, None):
         raise UserError("--out-dir, --block-time and --genesis are for --target dry-run")
+    if args.target == "grail" and args.metrics_port:
+        raise UserError("--metrics-port is for --target dry-run: the production `grail mine` serves no "
+                        "grail-pipeline metrics")
+    if args.metrics_port is None:
+        args.metrics_port = DEFAULT_METRICS_PORT if args.target == "dry-run" else 0
+    if args.metrics_port > 65535:
+        raise UserError(f"--metrics-port {args.metrics_port} is not a port (1 to 65535; 0: no metrics)")
+    if not HOST_RE.fullmatch(args.metrics_host):
+        raise UserError(f"--metrics-host '{args.metrics_host}' is not a host name or address")
     if args.safety_blocks is None:
         args.safety_blocks = GRAIL_SAFETY_BLOCKS if args.target == "grail" else 0
     rules.check_safety_blocks(args.safety_blocks, PROFILE.window_length_blocks)
@@ -267,6 +289,9 @@ def _command(args: argparse.Namespace, cwd: str, worker: Worker, genesis: float)
                "--out-dir", out_dir, "--drain-timeout", f"{args.drain_timeout:g}", "--genesis", f"{genesis:.3f}"]
     if choice.gpu == CPU_KIND:
         command += ["--device", "cpu"]
+    if worker.metrics_port is not None:
+        address = "127.0.0.1" if args.metrics_host in LOCAL_HOSTS else "0.0.0.0"  # reachable where Prometheus is
+        command += ["--metrics-port", str(worker.metrics_port), "--metrics-address", address]
     return sys.executable, command
 
 
@@ -291,23 +316,40 @@ def build_context(args: argparse.Namespace) -> dict:
         name = f"{prefix}-{worker.worker_id}"
         apps.append(dict(name=name, script=script, args=script_args, cwd=cwd,
                          env=_env(args, worker, total, extra, redis_url), gpu_kind=worker.choice.gpu,
-                         engine=worker.choice.engine,
+                         engine=worker.choice.engine, metrics_port=worker.metrics_port,
+                         metrics_target=metrics_target(args.metrics_host, worker.metrics_port),
                          kill_timeout_ms=round((args.drain_timeout + KILL_MARGIN_S) * 1000),
                          max_memory_restart=args.max_memory_restart,
                          out_file=os.path.join(log_dir, f"{name}.out.log"),
                          error_file=os.path.join(log_dir, f"{name}.err.log")))
     if args.target == "grail" and not os.path.exists(apps[0]["script"]):
-        print(f"grail-pipeline emit-pm2: warning: {apps[0]['script']} does not exist here", file=sys.stderr)
+        print(f"grail-pipeline emit-pm2: warning: {apps[0]['script']} does not exist here: --target grail runs "
+              f"F's miner (`grail mine`, from github.com/Agile-Ascent-Limited/Grail); install it there or give "
+              f"--grail-bin PATH (deploy/README.md, step 3)", file=sys.stderr)
     return dict(version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), target=args.target,
                 command=shlex.join(["grail-pipeline", *sys.argv[1:]]), calibration=args.calibration,
                 node_index=args.node_index, nodes=args.nodes, total_workers=total, log_dir=log_dir, apps=apps,
                 redis_url=None if redis_url is None else redacted(redis_url),
-                redis=redis)
+                redis=redis, metrics_host=args.metrics_host, scrape_interval_s=args.scrape_interval)
 
 
-def render(context: dict) -> str:
-    """The template, installed as package data (grail_pipeline.templates), filled in."""
-    source = resources.files("grail_pipeline.templates").joinpath(TEMPLATE).read_text(encoding="utf-8")
+def metrics_target(host: str, port: int | None) -> str | None:
+    """HOST:PORT as Prometheus's targets take it (an IPv6 address in brackets)."""
+    if port is None:
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def scrape_config_path(out: str | None, cwd: str) -> str:
+    """Where the scrape configuration goes: beside --out, or in the apps' working directory with stdout."""
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(out))) if out is not None else cwd
+    return os.path.join(folder, SCRAPE_FILE)
+
+
+def render(context: dict, template: str = TEMPLATE) -> str:
+    """A template, installed as package data (grail_pipeline.templates), filled in: the ecosystem file (TEMPLATE)
+    or the scrape configuration (SCRAPE_TEMPLATE)."""
+    source = resources.files("grail_pipeline.templates").joinpath(template).read_text(encoding="utf-8")
     env = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True)
     return env.from_string(source).render(**context)

@@ -55,9 +55,14 @@ class WindowSpec:
 
 
 def on_time(spec: WindowSpec, result, workers: int = 1) -> float:
-    """On-time rollouts per window for `workers` workers at a measured row's rate (a `BatchResult`): each drains its
-    own slots and generation queue (16 rollouts per queued problem), the file is one upload of all of them."""
+    """On-time rollouts per window for `workers` workers at a measured row's rate (a `BatchResult`; `on_time_at`)."""
+    return on_time_at(spec, result.batch_size, result.rollouts_per_s, workers)
+
+
+def on_time_at(spec: WindowSpec, batch_size: int, rollouts_per_s: float, workers: int = 1) -> float:
+    """On-time rollouts per window for `workers` workers at `rollouts_per_s` each: each drains its own slots and
+    generation queue (16 rollouts per queued problem), the file is one upload of all of them."""
     from grail_pipeline.mining.pipeline import PipelineConfig  # the pipeline imports torch; this module must not
 
-    in_flight = result.batch_size + PipelineConfig().generation_queue * PROFILE.rollouts_per_problem
-    return spec.on_time_per_window(result.rollouts_per_s * workers, in_flight * workers)
+    in_flight = batch_size + PipelineConfig().generation_queue * PROFILE.rollouts_per_problem
+    return spec.on_time_per_window(rollouts_per_s * workers, in_flight * workers)

@@ -33,6 +33,7 @@ import json
 import math
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,10 +350,19 @@ def _order_problem(position: int, group: int, rows: list[int], present: set[int]
     return f"file position {position} holds group {group} (out of order; F seeds each group from its file position)"
 
 
-def _verdicts(checks: list[Check], sampled_rollouts: int, total: int, profile: ProtocolProfile) -> dict[str, Verdict]:
+def _verdicts(checks: list[Check], sampled_rollouts: int, total: int, profile: ProtocolProfile,
+              proved: int) -> dict[str, Verdict]:
+    """F's verdict and ours; ours says how many rollouts it proved (`proved`: every position and logprob)."""
     cutoff = max(1, math.ceil(profile.validator.soft_fail_fraction * max(1, sampled_rollouts)))
     validator = Verdict("validator", "F's rules on F's sample", sampled_rollouts)
-    strict = Verdict("strict", "every rollout, position and logprob, and our own rules", total)
+    if proved >= total:
+        rules = "every rollout, position and logprob, and our own rules"
+    elif proved == 0:
+        rules = "our own rules on every rollout; no rollout proved (no model)"
+    else:
+        rules = (f"every position and logprob of a sample of {proved} of {total} rollouts (F's sample and "
+                 f"--proof-sample), our own rules on every rollout")
+    strict = Verdict("strict", rules, total)
     for c in checks:
         for verdict, tally in ((validator, c.validator), (strict, c.strict)):
             if verdict is validator and not c.f_rule:
@@ -377,13 +387,15 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
                       proof_sample: int = 0, profile: ProtocolProfile = PROFILE,
                       contents: tuple[list[dict[str, Any]], dict[str, str]] | None = None, *,
                       expected_checkpoint_window: int | None = None,
-                      deadline: tuple[float, str] | None = None) -> FileReport:
+                      deadline: tuple[float, str] | None = None,
+                      on_row: Callable[[int, int], None] | None = None) -> FileReport:
     """Read a window file (or take its `contents` as read_window_file returned them) and run every check.
 
     The model checks (tokens, proofs, termination, distribution) need `loaded`, the prompt, reward and
     termination checks `tokenizer`. `expected_checkpoint_window` defaults to the loaded checkpoint's;
     `deadline` (unix seconds, where it came from) to the file's `deadline` metadata. `proof_sample` N > 0
-    limits the strict proof check to N rollouts spread over the file (F's sample is always proved).
+    limits the strict proof check to N rollouts spread over the file (F's sample is always proved). `on_row(i, n)`
+    (optional) is called as row i of n is checked: proofs take minutes on a CPU, and a progress line says where.
     A file that is not a readable window file raises WindowFileError (a UserError).
     """
     path = Path(path)
@@ -434,6 +446,8 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
     random_weights = loaded is not None and "preset" in checkpoint_metadata(loaded.source)
     seen_nonces: set[int] = set()
     for i, r in enumerate(records):
+        if on_row is not None:
+            on_row(i, len(records))
         sampled = i in sampled_rows
         where = f"{_where(r)} (file position {position[r['rollout_group']]})"
         if expected_checkpoint_window is not None:
@@ -518,7 +532,7 @@ def check_window_file(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
         hotkey=first["hotkey"] if first else metadata.get("wallet"),
         window_start=first["window_start"] if first else metadata_window(metadata),
         model=first["commit"]["model"]["name"] if first else None,
-        checks=ordered, verdicts=_verdicts(ordered, len(sampled_rows), len(file_rows), profile),
+        checks=ordered, verdicts=_verdicts(ordered, len(sampled_rows), len(file_rows), profile, len(model_rows)),
         sample={"groups": sorted(sampled_groups, key=position.get), "of_groups": len(rows_by_group),
                 "rollouts": len(sampled_rows), "window_randomness": window_rand, "randomness_from": WINDOW_RANDOMNESS},
         model_path=loaded.source if loaded is not None else None,

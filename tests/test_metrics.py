@@ -1,0 +1,283 @@
+"""Prometheus metrics (`mine --metrics-port`, mining/metrics.py): what a status update turns into, and a real
+Prometheus server (Debian's `prometheus`) scraping dry-run workers as emit-pm2 configured them, read back
+through its HTTP query API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli, write_wallet
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from test_pm2 import entry, load_apps, need
+
+from grail_pipeline.common.errors import UserError
+from grail_pipeline.mining.metrics import MinerMetrics
+from grail_pipeline.mining.status import StatusFile
+from grail_pipeline.protocol.records import read_window_file
+from grail_pipeline.tools.calibration_file import save_entry
+from grail_pipeline.tools.window_report import LATE, ON_TIME, load, timeline_figure
+
+HOTKEY = "5FakeHotkeyForMetricsTests"
+
+
+def samples(metrics: MinerMetrics) -> dict[tuple[str, frozenset], float]:
+    """Every sample the worker would serve, by name and labels."""
+    text = generate_latest(metrics.registry).decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(metrics: MinerMetrics, name: str, **extra: str) -> float:
+    labels = frozenset({"hotkey": HOTKEY, "worker": "3", "gpu": "cpu", **extra}.items())
+    return samples(metrics)[(name, labels)]
+
+
+def window_record(start: int, rollouts: int, cut: int, on_time: bool = True) -> dict:
+    return {"window_start": start, "rollouts": rollouts, "cut_rollouts": cut, "redraws": 1, "failed_indices": [7],
+            "on_time": on_time, "margin_s": 12.5 if on_time else -1.0, "write_seconds": 0.25, "file_bytes": 4096,
+            "idle_gpu_s": 3.0, "rollouts_per_s": 2.0}
+
+
+def test_status_updates_become_counters_and_last_window_gauges(tmp_path) -> None:
+    status = StatusFile(tmp_path / "status.json", 3, 4, hotkey=HOTKEY)
+    metrics = MinerMetrics(HOTKEY, 3, "cpu")
+    metrics.watch(status)
+    status.update(state="mining", current_window=60, checkpoint_window=30, model_name="dummy:tiny", engine="fast")
+    status.update(last_window=window_record(30, 64, 16), windows_written=1)
+    status.update(last_window=window_record(30, 64, 16))  # the same window again (a later update keeps it): once
+    status.update(last_window=window_record(60, 32, 0, on_time=False), windows_written=2)
+    status.update(self_check={"window_start": 60, "rollouts_checked": 4, "rollouts_passed": 3})
+    status.update(fleet={"leader": True, "claims_held": 5, "claims_lost": 2, "claims_reissued": 1,
+                         "groups": {"stored": 9, "spilled": 1}, "spilled": 1, "redis_outages": 1,
+                         "redis_outage_s": 2.5, "beat_at": time.time() - 4})
+    status.update(fleet={"leader": False, "claims_held": 0, "claims_lost": 3, "claims_reissued": 1,
+                         "groups": {"stored": 12, "spilled": 1}, "spilled": 0, "redis_outages": 1,
+                         "redis_outage_s": None, "beat_at": time.time()})
+    assert value(metrics, "grail_windows_written_total") == 2
+    assert value(metrics, "grail_rollouts_on_time_total") == 64  # the late file's 32 are late, not on time
+    assert value(metrics, "grail_rollouts_late_total") == 32
+    assert value(metrics, "grail_rollouts_cut_total") == 16
+    assert value(metrics, "grail_groups_redrawn_total") == 2 and value(metrics, "grail_groups_lost_total") == 2
+    assert value(metrics, "grail_write_seconds_total") == 0.5 and value(metrics, "grail_written_bytes_total") == 8192
+    assert value(metrics, "grail_window_start") == 60 and value(metrics, "grail_window_rollouts_on_time") == 0
+    assert value(metrics, "grail_window_margin_seconds") == -1.0
+    assert value(metrics, "grail_current_window") == 60
+    assert value(metrics, "grail_daemon_state", grail_daemon_state="mining") == 1
+    assert value(metrics, "grail_self_check_pass_ratio") == 0.75
+    assert value(metrics, "grail_fleet_claims_lapsed_total") == 3 and value(metrics, "grail_fleet_claims_held") == 0
+    assert value(metrics, "grail_fleet_groups_total", outcome="stored") == 12
+    assert value(metrics, "grail_fleet_redis_outages_total") == 1 and value(metrics, "grail_fleet_leader") == 0
+    assert 0 <= value(metrics, "grail_fleet_heartbeat_age_seconds") < 60
+    info = value(metrics, "grail_worker_info", model_name="dummy:tiny", engine="fast", version="0.1.0")
+    assert info == 1
+
+
+def test_a_port_in_use_is_one_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        metrics = MinerMetrics(HOTKEY, 0, "cpu")
+        with pytest.raises(UserError, match=f"--metrics-port {port}: cannot serve metrics"):
+            metrics.serve(port, "127.0.0.1")
+
+
+# --- emit-pm2's ports and scrape configuration -------------------------------------------------------------------
+
+
+def cpu_calibration(tmp_path: Path) -> Path:
+    path = tmp_path / "calibration.yaml"
+    save_entry(path, entry("cpu", "fast", 16, model="dummy:tiny", max_new_tokens=16, length_profile="fixed:16"))
+    return path
+
+
+def test_emit_pm2_gives_each_worker_a_port_and_writes_the_scrape_configuration(tmp_path, capsys) -> None:
+    out = tmp_path / "node" / "dry-run.config.js"
+    rc, stdout, err = run_cli(capsys, "emit-pm2", "--calibration", str(cpu_calibration(tmp_path)), "--target",
+                              "dry-run", "--gpus", "0,1,2", "--gpu-kind", "cpu", "--wallet-cold", "c", "--wallet-hot",
+                              "h", "--cwd", str(tmp_path), "--redis-url", "redis://hub:6379/0", "--no-redis-app",
+                              "--metrics-port", "9500", "--metrics-host", "node-7.example", "--scrape-interval", "2",
+                              "--out", str(out))
+    assert rc == 0 and stdout == "", err
+    apps = load_apps(out.read_text(), tmp_path)
+    assert [a["args"][a["args"].index("--metrics-port") + 1] for a in apps] == ["9500", "9501", "9502"]
+    # another host than this one scrapes them: every worker listens on every interface
+    assert all(a["args"][a["args"].index("--metrics-address") + 1] == "0.0.0.0" for a in apps)
+    scrape = out.parent / "prometheus.yml"  # beside the ecosystem file
+    config = yaml.safe_load(scrape.read_text())
+    assert config["global"]["scrape_interval"] == "2s"
+    (job,) = config["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == [f"node-7.example:{p}" for p in (9500, 9501, 9502)]
+    check = subprocess.run([need("promtool"), "check", "config", str(scrape)], capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr  # Prometheus's own checker accepts it
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--target", "grail", "--engine", "hf", "--metrics-port", "9400"], "--metrics-port is for --target dry-run"),
+    (["--target", "dry-run", "--metrics-port", "65535"], "passes port 65535"),
+    (["--target", "dry-run", "--metrics-port", "70000"], "is not a port"),
+])
+def test_bad_metrics_flags_are_one_line(tmp_path, capsys, flags, message) -> None:
+    rc, out, err = run_cli(capsys, "emit-pm2", "--calibration", str(cpu_calibration(tmp_path)), "--gpus", "0,1",
+                           "--gpu-kind", "cpu", "--wallet-cold", "c", "--wallet-hot", "h", "--redis-url",
+                           "redis://hub:6379/0", *flags)
+    assert rc == 2 and message in err and err.count("\n") == 1 and out == "", err
+    assert not (tmp_path / "prometheus.yml").exists()
+
+
+# --- a real Prometheus ------------------------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free local ports."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + count > 65535:
+            continue
+        try:
+            held = []
+            for port in range(first, first + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError("no consecutive free ports")
+
+
+class Prometheus:
+    """A real Prometheus server with a given configuration, its data in a temp dir."""
+
+    def __init__(self, config: Path, directory: Path) -> None:
+        self.port = free_ports(1)
+        self.log = directory / "prometheus.log"
+        with open(self.log, "w") as handle:
+            self.process = subprocess.Popen(
+                [need("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={directory / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}"], stdout=handle, stderr=subprocess.STDOUT)
+
+    def query(self, expr: str) -> list[dict]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                answer = json.load(response)
+        except OSError:
+            return []  # not listening yet
+        assert answer["status"] == "success", answer
+        return answer["data"]["result"]
+
+    def by_worker(self, expr: str) -> dict[str, float]:
+        return {r["metric"]["worker"]: float(r["value"][1]) for r in self.query(expr)}
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def file_rollouts(out: Path, hotkey: str) -> dict[int, int]:
+    """Rollouts in each window file: window start -> rows."""
+    return {int(p.name.rsplit("-", 1)[1].split(".")[0]): len(read_window_file(p)[0])
+            for p in out.glob(f"{hotkey}-window-*.parquet")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prometheus_scrapes_the_workers_emit_pm2_configured(tmp_path, capsys, redis_server, workers) -> None:
+    """emit-pm2's apps (run as it wrote them, without PM2) and its scrape configuration (1-s scrapes) with a real
+    Prometheus: every worker shows, the last window's on-time rollouts are what that window's file holds, and
+    the run's on-time rollouts summed over the workers are the files' rows."""
+    hotkey = write_wallet(tmp_path / "wallets")
+    calibration = tmp_path / "calibration.yaml"
+    save_entry(calibration, entry("cpu", "fast", 16, model="dummy:tiny", max_new_tokens=16, length_profile="fixed:16"))
+    fleet = ["--redis-url", redis_server.url, "--no-redis-app"] if workers > 1 else []
+    rc, _, err = run_cli(capsys, "emit-pm2", "--calibration", str(calibration), "--target", "dry-run",
+                         "--gpus", ",".join(map(str, range(workers))), "--gpu-kind", "cpu", "--wallet-cold", "cold",
+                         "--wallet-hot", "hot", "--wallet-path", str(tmp_path / "wallets"), "--cwd", str(tmp_path),
+                         "--block-time", "0.8", "--drain-timeout", "30", "--env", "OMP_NUM_THREADS=1",
+                         "--metrics-port", str(free_ports(workers)), "--scrape-interval", "1", *fleet,
+                         "--out", str(tmp_path / "ecosystem.config.js"))
+    assert rc == 0, err
+    scrape = tmp_path / "prometheus.yml"
+    assert f"Prometheus scrape configuration for the workers' metrics: {scrape}" in err
+    apps = load_apps((tmp_path / "ecosystem.config.js").read_text(), tmp_path)
+    out = tmp_path / "dry-run"
+    prometheus = Prometheus(scrape, tmp_path)
+    procs, logs = [], []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BT_WALLET", "GRAIL_", "CUDA_VISIBLE"))}
+    try:
+        for app in apps:
+            logs.append(tmp_path / f"{app['name']}.log")
+            with open(logs[-1], "w") as handle:
+                procs.append(subprocess.Popen([app["script"], *app["args"], "--warmup-problems", "0"],
+                                              env={**env, **app["env"]}, cwd=app["cwd"], stdout=handle,
+                                              stderr=subprocess.STDOUT))
+
+        def settled() -> bool:
+            """Every worker scraped, and the on-time rollouts Prometheus holds are the files' rows."""
+            assert all(p.poll() is None for p in procs), "\n".join(p.read_text()[-3000:] for p in logs)
+            if len(prometheus.by_worker("grail_worker_info")) < workers:
+                return False
+            if workers > 1 and len(prometheus.by_worker("grail_fleet_heartbeat_age_seconds")) < workers:
+                return False  # each worker's fleet part (written with every third heartbeat)
+            files = file_rollouts(out, hotkey) if out.exists() else {}
+            total = sum(prometheus.by_worker("grail_rollouts_on_time_total").values())
+            return bool(files) and total == sum(files.values()) > 0
+
+        deadline = time.monotonic() + 240
+        while not settled():
+            assert time.monotonic() < deadline, (prometheus.log.read_text()[-2000:] + "\n".join(
+                p.read_text()[-3000:] for p in logs))
+            time.sleep(1)
+        files = file_rollouts(out, hotkey)
+        assert set(prometheus.by_worker("grail_worker_info")) == {str(w) for w in range(workers)}
+        last = prometheus.by_worker("grail_window_start")
+        on_time = prometheus.by_worker("grail_window_rollouts_on_time")
+        assert last, "no worker reported a window"
+        for worker, start in last.items():  # the writer(s) of the files: its last window is that file
+            assert on_time[worker] == files[int(start)], (worker, start, files)
+        labels = prometheus.query("grail_rollouts_signed_total")[0]["metric"]
+        assert labels["hotkey"] == hotkey and labels["gpu"] in {str(w) for w in range(workers)}
+        assert labels["job"] == "grail-pipeline" and labels["node"] == "0"
+        assert prometheus.by_worker("grail_decode_steps_total") and prometheus.by_worker("grail_queue_depth")
+        assert set(prometheus.by_worker("grail_checkpoint_window").values()) == {0.0}  # dummy:tiny's window
+        if workers > 1:  # the fleet's view from each worker: at most one leader, claims and heartbeats
+            assert sum(prometheus.by_worker("grail_fleet_leader").values()) <= 1
+            assert set(prometheus.by_worker("grail_fleet_claims_held")) == {"0", "1"}
+            assert all(age < 60 for age in prometheus.by_worker("grail_fleet_heartbeat_age_seconds").values())
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        prometheus.stop()
+    # the same run's status files drawn by `report`: a bar per window each worker wrote, their rollouts the files'
+    statuses = sorted(str(p) for p in out.glob("status-worker-*.json"))
+    assert len(statuses) == workers
+    rc, text, err = run_cli(capsys, "report", *statuses, "--html", str(tmp_path / "report.html"))
+    assert rc == 0 and (out / "windows.png").is_file() and (tmp_path / "report.html").is_file(), err
+    rollouts = timeline_figure(load(statuses)).axes[0]
+    drawn = sum(p.get_height() for c in rollouts.containers if c.get_label().startswith((ON_TIME, LATE))
+                for p in c.patches)
+    assert drawn == sum(file_rollouts(out, hotkey).values())
