@@ -29,6 +29,12 @@ def default_status_path(out_dir: str | os.PathLike[str], worker_id: int) -> Path
     return Path(out_dir) / f"status-worker-{worker_id}.json"
 
 
+def hotkey_status_path(path: str | os.PathLike[str], hotkey: str) -> Path:
+    """One hotkey's status file when one process mines several (mining/hotkeys.py): `<stem>-<hotkey><suffix>`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-{hotkey}{path.suffix}")
+
+
 def remove_stale_status_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     """Temporaries of this status file that a killed daemon left behind (other workers' are kept)."""
     path = Path(path)
