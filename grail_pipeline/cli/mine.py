@@ -38,7 +38,7 @@ from grail_pipeline.mining.chain import (
     block_time_from_env,
     safety_blocks_from_env,
 )
-from grail_pipeline.mining.fill import FillOrder, check_target, window_target
+from grail_pipeline.mining.fill import FillOrder, resolve_target
 from grail_pipeline.mining.settings import ENV_HOTKEYS, MineSettings
 from grail_pipeline.mining.status import (
     StatusFile,
@@ -157,7 +157,7 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] = os.envir
     if len(wallets) > 1 and getattr(args, "checkpoint_dir", None) is not None:
         raise UserError("--checkpoint-dir restarts the engine between windows, which several hotkeys on one engine "
                         "do not follow yet: run one hotkey per process with --checkpoint-dir")
-    target = _target_rollouts(args, len(wallets))
+    target = resolve_target(getattr(args, "target_rollouts", None), getattr(args, "failed_windows", 0), len(wallets))
     if target is not None and redis_url is not None:
         raise UserError("--target-rollouts stops one worker's window; a fleet (GRAIL_REDIS_URL) fills one file "
                         "from every worker's claims: run the fleet without a target")
@@ -182,23 +182,7 @@ def _wallets(args: argparse.Namespace, env: Mapping[str, str]) -> list[tuple[str
     return [] if text is None else parse_wallet_names(text, name)
 
 
-def _target_rollouts(args: argparse.Namespace, hotkeys: int) -> int | None:
-    """Rollouts per hotkey and window (mining/fill.py): 'cap' by default with several hotkeys, none with one."""
-    text = getattr(args, "target_rollouts", None)
-    failed = getattr(args, "failed_windows", 0)
-    if text is None and hotkeys > 1:
-        text = "cap"
-    if text is None:
-        if failed:
-            raise UserError("--failed-windows sets the cap's target: add --target-rollouts cap")
-        return None
-    if text.strip().lower() == "cap":
-        return window_target(failed)
-    if failed:
-        raise UserError("--failed-windows applies to --target-rollouts cap, not to a number of rollouts")
-    if not text.strip().isdigit():
-        raise UserError(f"--target-rollouts {text!r} must be a number of rollouts or 'cap'")
-    return check_target(int(text))
+
 
 
 class _StopDuringStartup(BaseException):

@@ -58,6 +58,24 @@ def check_target(rollouts: int, profile: ProtocolProfile = PROFILE) -> int:
     return rollouts
 
 
+def resolve_target(text: str | None, failed_windows: int, hotkeys: int) -> int | None:
+    """`--target-rollouts` (N or 'cap', with `--failed-windows`): 'cap' by default for several hotkeys, none for one
+    (it mines as many as the deadline allows, as before targets existed)."""
+    if text is None and hotkeys > 1:
+        text = "cap"
+    if text is None:
+        if failed_windows:
+            raise UserError("--failed-windows sets the cap's target: add --target-rollouts cap")
+        return None
+    if text.strip().lower() == "cap":
+        return window_target(failed_windows)
+    if failed_windows:
+        raise UserError("--failed-windows applies to --target-rollouts cap, not to a number of rollouts")
+    if not text.strip().isdigit():
+        raise UserError(f"--target-rollouts {text!r} must be a number of rollouts or 'cap'")
+    return check_target(int(text))
+
+
 @dataclass(frozen=True)
 class SpareCapacity:
     """One window across every hotkey: their targets met or not, and what the engine could have added."""
