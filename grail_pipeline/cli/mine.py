@@ -68,7 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"else {DEFAULT_BATCH_SIZES['hf'][0]} for hf and {DEFAULT_BATCH_SIZES['fast'][0]} for fast")
     p.add_argument("--out-dir", default=None,
                    help=f"where window files go (default ${ENV_CACHE}/windows or ~/.cache/grail-pipeline/windows)")
-    p.add_argument("--status-file", default=None, help="JSON status (default <out-dir>/status-worker-<id>.json)")
+    p.add_argument("--status-file", default=None,
+                   help="JSON status (default <out-dir>/status-worker-<id>.json; with several hotkeys one file each, "
+                        "<stem>-<hotkey>.json)")
     p.add_argument("--block-time", type=positive_float, default=None,
                    help=f"seconds per simulated block (default ${ENV_BLOCK_TIME}, else {PROFILE.block_time_s:g})")
     p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks)

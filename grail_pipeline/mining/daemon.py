@@ -360,6 +360,8 @@ class Daemon:
                 fields["queue_depths"] = self.pipeline.queue_depths()
             if self.sink is not None:
                 fields["open_windows"] = {str(k): {"resolved": a, "issued": i} for k, (a, i) in self.sink.pending().items()}
+            if self.fill is not None and self.fill.last is not None:  # every hotkey's status shows the engine's
+                fields["spare_capacity"] = self.fill.last.as_dict()
             await self._status(**fields)
 
     # -- stopping -----------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ class FillOrder:
         self.target_groups = groups_for(target_rollouts)
         self._sources: dict[str, ProblemSource] = {}
         self._reports: dict[int, dict[str, WindowReport]] = {}
+        self.last: SpareCapacity | None = None  # the latest window whose every file is in
 
     def join(self, hotkey: str, source: ProblemSource) -> None:
         self._sources[hotkey] = source
@@ -144,5 +145,6 @@ class FillOrder:
         rate = rollouts / busy_s
         spare_s = 0.0 if short else max(0.0, cut - busy_until)
         spare = int(rate * spare_s)
-        return SpareCapacity(start, len(self.hotkeys), self.target_rollouts, rollouts, short, busy_s, rate, spare_s,
-                             spare, spare // self.target_rollouts)
+        self.last = SpareCapacity(start, len(self.hotkeys), self.target_rollouts, rollouts, short, busy_s, rate,
+                                  spare_s, spare, spare // self.target_rollouts)
+        return self.last
