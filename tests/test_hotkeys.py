@@ -115,7 +115,7 @@ def test_each_hotkey_fills_its_target_in_order_and_stops_there() -> None:
     assert [hk for hk, _ in merged] == ["hk1"] * 3 + ["hk2"] * 3
     for hk in fill.hotkeys:
         (close,) = closes[hk]
-        assert close.indices == (0, 1, 2) and not close.partial and close.filled is not None
+        assert close.indices == (0, 1, 2) and not close.partial
         assert clock.generation_open(close.window_start, clock.block(close.closed))  # closed at the target, not the end
 
 

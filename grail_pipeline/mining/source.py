@@ -42,7 +42,6 @@ class WindowClose:
     opened: float  # unix time the first problem was issued
     closed: float  # unix time issuing stopped
     abandoned: tuple[int, ...] = ()  # dropped groups whose redraw was queued but never issued
-    filled: float | None = None  # unix time the window's target was issued (None: no target, or not reached)
 
     @property
     def window_start(self) -> int:
@@ -160,7 +159,6 @@ class ProblemSource:
             issued: list[int] = []
             opened = clock.time_fn()
             partial = False
-            filled: float | None = None
             fresh = self.indices(start)
             while True:
                 if self.stopping:  # possibly noticed late: the source waits while the pipeline is full
@@ -183,8 +181,6 @@ class ProblemSource:
                 if task.attempt == 0:
                     issued.append(task.index)
                     self._issued = len(issued)
-                    if self._issued == self.target:
-                        filled = clock.time_fn()
                 self.issued_total += 1
                 self.plan.admitted(task.key)
                 yield task
@@ -193,8 +189,7 @@ class ProblemSource:
             abandoned = tuple(t.index for t in self._redraws)
             self._redraws.clear()
             if issued:
-                await self.on_close(WindowClose(window, tuple(issued), partial, opened, clock.time_fn(), abandoned,
-                                                filled))
+                await self.on_close(WindowClose(window, tuple(issued), partial, opened, clock.time_fn(), abandoned))
             if self.stopping:
                 return
             self.windows_closed += 1 if issued else 0
