@@ -14,7 +14,8 @@ weight is convex, so when the engine cannot fill every target the shortfall is b
 early in the window. A source at its target stays open only to redraw a dropped group for the same index.
 
 What the engine could still have made is **spare capacity**, reported per window, never written: the window's
-rollouts over the seconds the engine was busy with them, times the seconds from the last group to the cut.
+rollouts over the seconds the engine was busy with them, times the seconds from the last group to the cut (a lower
+bound where a window holds few groups: its rate includes the first group's whole latency).
 """
 
 from __future__ import annotations
