@@ -16,7 +16,7 @@ from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.loading import load_model, load_tokenizer
 from grail_pipeline.mining.chain import WindowClock
 from grail_pipeline.mining.deadline import WindowTimes
-from grail_pipeline.mining.fill import FillOrder, check_target, groups_for, window_target
+from grail_pipeline.mining.fill import FillOrder, check_target, groups_for, resolve_target, window_target
 from grail_pipeline.mining.messages import ProblemTask
 from grail_pipeline.mining.sink import WindowReport
 from grail_pipeline.mining.source import ProblemSource, WindowClose
@@ -44,6 +44,9 @@ def test_the_cap_target_keeps_the_rolling_total_at_the_cap() -> None:
         with pytest.raises(UserError, match="--failed-windows"):
             window_target(failed)
     assert check_target(32) == 32 and groups_for(5120) == 320 and groups_for(17) == 2
+    assert resolve_target(None, 0, hotkeys=2) == 5120  # several hotkeys: the cap by default
+    assert resolve_target(None, 0, hotkeys=1) is None  # one hotkey: as before targets existed
+    assert resolve_target("cap", 1, hotkeys=1) == 5600 and resolve_target("4096", 0, hotkeys=3) == 4096
     for bad in (0, 8, 100):
         with pytest.raises(UserError, match="groups of 16"):
             check_target(bad)
