@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import copy
 import json
+import random
+import signal
+import time
 
 import anyio
 import pytest
 from conftest import write_wallet
 from test_clock import fake_task
+from test_mine import check_files_complete, running_daemon, signal_and_wait, wait_for
 
 from grail_pipeline.cli import main as cli
 from grail_pipeline.common.errors import UserError
@@ -278,3 +282,31 @@ def test_two_hotkeys_from_one_engine_write_their_own_files(tmp_path, monkeypatch
     checked = [s["self_check"] for s in statuses.values() if "self_check" in s]
     assert checked and all(c["rollouts_checked"] == c["rollouts_passed"] > 0 for c in checked)
     assert json.loads((out / f"status-worker-0-{first}.json").read_text())["hotkey"] == first
+
+
+@pytest.mark.slow
+def test_a_stop_drains_every_hotkeys_window_and_exits_0(tmp_path) -> None:
+    """SIGTERM at a random moment of a two-hotkey run: one signal stops both sources, what is in flight drains into
+    each hotkey's file, every file under a final name is whole and its hotkey's alone, and both statuses say
+    stopped."""
+    seed = time.time_ns() % 2**32
+    root = tmp_path / "wallets"
+    hotkeys = [write_wallet(root, "cold", "hot1"), write_wallet(root, "cold", "hot2")]
+    out, log = tmp_path / "windows", tmp_path / "mine.log"
+    env = {"BT_WALLET_PATH": str(root), "GRAIL_HOTKEYS": "cold/hot1,cold/hot2"}
+    with running_daemon(out, env, log, "--target-rollouts", "32") as proc:
+        wait_for(log, r"INFO mining \(dry run", proc)
+        delay = random.Random(seed).uniform(0.0, 6.0)
+        time.sleep(delay)
+        rc, took = signal_and_wait(proc, signal.SIGTERM, timeout=60)
+    text = log.read_text()
+    assert rc == 0 and took < 50, f"seed {seed}, delay {delay:.2f} s: exit {rc} after {took:.1f} s\n{text}"
+    check_files_complete(out)
+    for path in out.glob("*.parquet"):
+        records, metadata = read_window_file(path)
+        assert path.name.startswith(f"{metadata['wallet']}-") and all(r["hotkey"] == metadata["wallet"] for r in records)
+        assert len(records) <= 32
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    for hk in hotkeys:
+        status = read_status(out / f"status-worker-0-{hk}.json")
+        assert status["state"] == "stopped" and status["exit_reason"] == "SIGTERM", (seed, status)
