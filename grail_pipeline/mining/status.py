@@ -6,7 +6,9 @@ reader never sees half a file. Kept free of heavy imports (no torch), so a healt
 
 Fields (names others rely on): worker_id, total_workers, pid, state (starting / mining / draining /
 stopped), current_window, windows_written, last_window {window_start, rollouts, rollouts_per_s,
-success_pct, file, partial}, updated (unix time). More fields are added alongside.
+success_pct, file, partial}, updated (unix time). More fields are added alongside; with a target or several
+hotkeys (mining/fill.py): target_rollouts, hotkeys (every hotkey this engine mines, in fill order) and
+spare_capacity (the latest window's, the engine's: the same in every hotkey's file).
 """
 
 from __future__ import annotations
