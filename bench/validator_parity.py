@@ -24,12 +24,12 @@ import torch
 from bittensor_wallet import Keypair, Wallet
 
 
-def write_wallet(root: Path) -> dict[str, str]:
+def write_wallet(root: Path, hot: str = "hot") -> dict[str, str]:
     """An unencrypted hotkey under `root`, and the BT_WALLET_* variables that name it."""
-    wallet = Wallet(name="bench", hotkey="hot", path=str(root))
+    wallet = Wallet(name="bench", hotkey=hot, path=str(root))
     wallet.set_coldkeypub(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), overwrite=True)
     wallet.set_hotkey(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), encrypt=False, overwrite=True)
-    return {"BT_WALLET_COLD": "bench", "BT_WALLET_HOT": "hot", "BT_WALLET_PATH": str(root)}
+    return {"BT_WALLET_COLD": "bench", "BT_WALLET_HOT": hot, "BT_WALLET_PATH": str(root)}
 
 
 def run(command: list[str], env: dict[str, str], log: Path) -> float:

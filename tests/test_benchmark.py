@@ -160,6 +160,7 @@ def test_fast_engine_json(fast_run, real_wallet) -> None:
     on_time = 4 * rate * (360 - 4 - drain) / (1 + 4 * rate * 40_000 * 8 / 100e6)
     assert projection["on_time_per_window"] == pytest.approx(on_time)
     assert projection["score_factor"] == pytest.approx(min(1.0, on_time / 5120) ** 4)
+    assert projection["hotkeys_at_cap"] == int(on_time // 5120)
     assert report["best"] == {"batch_size": 16, "rollouts_per_s": rate}
 
 

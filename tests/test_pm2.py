@@ -146,6 +146,33 @@ def test_dry_run_target(calibration, tmp_path, capsys) -> None:
     assert load_apps(out, tmp_path)[0]["env"]["GRAIL_GENERATION_BATCH_SIZE"] == "16"
 
 
+def test_several_hotkeys_per_gpu(calibration, tmp_path, capsys) -> None:
+    """--hotkeys: one app per GPU, each mining its share of the hotkeys from one engine, alone (no fleet, no
+    Redis); the file names the wallets, never key material."""
+    hotkeys = "cold/h1,cold/h2,cold/h3,cold/h4"
+    rc, out, err = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "3,1",
+                        "--gpu-kind", H100, "--hotkeys", hotkeys, "--target-rollouts", "cap", "--failed-windows", "1",
+                        "--cwd", str(tmp_path), "--wallet-path", str(tmp_path / "wallets"))
+    assert rc == 0, err
+    apps = load_apps(out, tmp_path)
+    assert [a["name"] for a in apps] == ["grail-dry-run-0", "grail-dry-run-1"]  # no Redis app
+    assert [a["env"]["GRAIL_HOTKEYS"] for a in apps] == ["cold/h1,cold/h2", "cold/h3,cold/h4"]
+    for app, gpu in zip(apps, ("3", "1"), strict=True):
+        env = app["env"]
+        assert env["CUDA_VISIBLE_DEVICES"] == gpu and env["GRAIL_WORKER_ID"] == "0" and env["GRAIL_TOTAL_WORKERS"] == "1"
+        assert "GRAIL_REDIS_URL" not in env and "BT_WALLET_HOT" not in env
+        assert env["BT_WALLET_PATH"] == str(tmp_path / "wallets")
+        assert app["args"][-4:] == ["--target-rollouts", "cap", "--failed-windows", "1"]
+    rc, out, _ = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "3,1",
+                      "--gpu-kind", H100, "--hotkeys", hotkeys, "--hotkeys-per-gpu", "3")
+    assert [a["env"]["GRAIL_HOTKEYS"] for a in load_apps(out, tmp_path)] == ["cold/h1,cold/h2,cold/h3", "cold/h4"]
+    for flags, words in ((["--hotkeys-per-gpu", "1"], "do not fill"), (["--target", "grail"], "one hotkey per process"),
+                         (["--redis-url", "redis://hub:6379/0"], "no fleet"), (["--target-rollouts", "7"], "groups of 16")):
+        rc, _, err = emit(capsys, "--calibration", str(calibration), "--gpus", "3,1", "--gpu-kind", H100,
+                          "--hotkeys", hotkeys, *(["--target", "dry-run"] if "--target" not in flags else []), *flags)
+        assert rc == 2 and words in err, err
+
+
 HOSTILE = ["it's \"quoted\"", "back\\slash `${process.exit(3)}`", "line\nbreak\u2028sep", "</script><!-- */ //",
            "ünïcödé ✓ 鍵", "'); require('child_process').execSync('touch PWNED'); ('"]
 

@@ -49,3 +49,10 @@ def test_on_time_rollouts_per_window() -> None:
     assert spec.on_time_per_window(45.0, 576) == pytest.approx(expected)
     assert spec.on_time_per_window(45.0, 576) < spec.rollouts_per_window(45.0)
     assert spec.on_time_per_window(45.0, 576, bytes_per_rollout=0) == pytest.approx(45 * (360 - 4 - 576 / 45))
+
+
+def test_hotkeys_at_cap_counts_whole_caps_on_time() -> None:
+    spec = WindowSpec()
+    on_time = spec.on_time_per_window(47.8, 576)  # the H200's W1 rate at 512 slots: over two caps
+    assert 2 * 5120 < on_time < 3 * 5120 and spec.hotkeys_at_cap(on_time) == 2
+    assert spec.hotkeys_at_cap(5119.9) == 0 and spec.hotkeys_at_cap(5120) == 1

@@ -189,23 +189,25 @@ def _print_rows(console: Console, rows: list[Row], explicit: list[int] | None, p
     from grail_pipeline.tools.projection import WindowSpec, on_time
 
     spec = WindowSpec()
-    table = narrow_table("CALIBRATION", ["Batch", "Problems", "Roll/s", "On time\nper window", "Tok/s", "Peak\n(GB)",
-                                         "Verdict"], left=("Verdict",))
+    table = narrow_table("CALIBRATION", ["Batch", "Problems", "Roll/s", "On time\nper window", "Hotkeys\nat cap",
+                                         "Tok/s", "Peak\n(GB)", "Verdict"], left=("Verdict",))
     for r in rows:
         res = r.result
         peak = "-" if r.peak_gb is None else f"{r.peak_gb:.2f}"
-        cells = ((str(res.problems), f"{r.rate:.2f}", f"~{on_time(spec, res):.0f}", f"{res.tokens_per_s:.0f}")
-                 if res.ok else (res.status, "-", "-", "-"))
+        cells = ((str(res.problems), f"{r.rate:.2f}", f"~{on_time(spec, res):.0f}",
+                  str(spec.hotkeys_at_cap(on_time(spec, res))), f"{res.tokens_per_s:.0f}")
+                 if res.ok else (res.status, "-", "-", "-", "-"))
         table.add_row(str(r.batch_size), *cells, peak, f"{r.verdict}: {r.reason}",
                       style="bold green" if r.verdict == "chosen" else None)
     measured = {r.batch_size for r in rows}
     for size in explicit or []:
         if size not in measured:
-            table.add_row(str(size), "-", "-", "-", "-", "-", "skipped: a smaller size already ran out of memory "
+            table.add_row(str(size), "-", "-", "-", "-", "-", "-", "skipped: a smaller size already ran out of memory "
                                                          "or exceeded the budget")
     console.print(table)
     console.print(f"Peak = {peak_source}. On time per window = what reaches a {spec.describe()} window's file before its "
-                  f"deadline at that rate (benchmark's projection explains it).", style="dim")
+                  f"deadline at that rate (benchmark's projection explains it); hotkeys at cap = how many hotkeys' "
+                  f"caps of {spec.cap} that fills per window (`mine --hotkeys`, one engine).", style="dim")
     for r in rows:
         if r.result.memory:
             console.print(f"memory at batch {r.batch_size}: {breakdown_line(r.result.memory)}", style="dim")

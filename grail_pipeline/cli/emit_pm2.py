@@ -55,6 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="GPUs (workers) on every node; default the number of GPUs here")
     p.add_argument("--wallet-cold", default=os.environ.get("BT_WALLET_COLD"), help="default $BT_WALLET_COLD")
     p.add_argument("--wallet-hot", default=os.environ.get("BT_WALLET_HOT"), help="default $BT_WALLET_HOT")
+    p.add_argument("--hotkeys", default=None, metavar="COLD/HOT[,COLD/HOT...]",
+                   help="dry-run target: several hotkeys from one engine per GPU (wallet names, never keys), dealt to "
+                        "the GPUs in order; every app mines its own (GRAIL_HOTKEYS), alone, no fleet")
+    p.add_argument("--hotkeys-per-gpu", type=positive_int, default=None, metavar="N",
+                   help="with --hotkeys: hotkeys per GPU (default as evenly as they go; `benchmark` and `calibrate` "
+                        "say how many caps a GPU fills)")
+    p.add_argument("--target-rollouts", default=None, metavar="N|cap",
+                   help="with --hotkeys: mine's --target-rollouts (default: its own, the cap with several hotkeys)")
+    p.add_argument("--failed-windows", type=nonnegative_int, default=None, metavar="K",
+                   help="with --hotkeys: mine's --failed-windows")
     p.add_argument("--wallet-path", default=os.environ.get("BT_WALLET_PATH"),
                    help="default $BT_WALLET_PATH (unset: the miner's ~/.bittensor/wallets)")
     p.add_argument("--safety-blocks", type=nonnegative_int, default=None,

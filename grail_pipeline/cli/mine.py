@@ -40,10 +40,12 @@ from grail_pipeline.mining.chain import (
     block_time_from_env,
     safety_blocks_from_env,
 )
-from grail_pipeline.mining.settings import MineSettings
+from grail_pipeline.mining.fill import FillOrder, resolve_target
+from grail_pipeline.mining.settings import ENV_HOTKEYS, MineSettings
 from grail_pipeline.mining.status import (
     StatusFile,
     default_status_path,
+    hotkey_status_path,
     previous_windows,
     reconciled_windows,
     remove_stale_status_temporaries,
@@ -76,7 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"else {DEFAULT_BATCH_SIZES['hf'][0]} for hf and {DEFAULT_BATCH_SIZES['fast'][0]} for fast")
     p.add_argument("--out-dir", default=None, type=path_or_default("--out-dir", "using the default"),
                    help=f"where window files go (default ${ENV_CACHE}/windows or ~/.cache/grail-pipeline/windows)")
-    p.add_argument("--status-file", default=None, type=path_or_default("--status-file", "using the default"), help="JSON status (default <out-dir>/status-worker-<id>.json)")
+    p.add_argument("--status-file", default=None, type=path_or_default("--status-file", "using the default"),
+                   help="JSON status (default <out-dir>/status-worker-<id>.json; with several hotkeys one file each, "
+                        "<stem>-<hotkey>.json)")
     p.add_argument("--block-time", type=positive_float, default=None,
                    help=f"seconds per simulated block (default ${ENV_BLOCK_TIME}, else {PROFILE.block_time_s:g})")
     p.add_argument("--window-blocks", type=positive_int, default=PROFILE.window_length_blocks, metavar="N",
@@ -101,6 +105,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "newest checkpoint ready before it opened and naming it or an earlier window, copied into "
                         "the engine's tensors (another architecture restarts the engine); no ready checkpoint at "
                         "start is an error. `grail-pipeline make-checkpoints` writes a series to rehearse")
+    p.add_argument("--hotkeys", default=None, metavar="COLD/HOT[,COLD/HOT...]",
+                   help=f"mine several hotkeys from one loaded model and engine (default ${ENV_HOTKEYS}; unset: the "
+                        f"one of BT_WALLET_COLD/BT_WALLET_HOT): wallet names under BT_WALLET_PATH; each hotkey gets its "
+                        f"own problems, signatures, window files and status file, filled in this order")
+    p.add_argument("--target-rollouts", default=None, metavar="N|cap",
+                   help="rollouts per hotkey and window, at most: a whole number of groups of 16, or 'cap' for what "
+                        "keeps the rolling 12-window total at the protocol's cap (5,120 a window; see "
+                        "--failed-windows); the engine's time beyond every target is reported as spare capacity, not "
+                        "mined. Default: 'cap' with several hotkeys, none with one (as many as the deadline allows)")
+    p.add_argument("--failed-windows", type=whole_int, default=0, metavar="K",
+                   help="with --target-rollouts cap: plan for K of every 12 windows bringing nothing (a failed "
+                        "upload, a late file), so each other window's target is the cap x 12 / (12 - K)")
     p.add_argument("--max-windows", type=positive_int, default=None, metavar="N",
                    help="stop after N complete windows (tests, rehearsals)")
     p.add_argument("--warmup-problems", type=whole_int, default=1, metavar="N",
@@ -157,13 +173,39 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] = os.envir
         raise UserError(f"{worker.describe()}: the validator takes one file per hotkey and window, with groups "
                         f"0..N-1, so the workers of one hotkey must share their problem indices through a fleet "
                         f"(GRAIL_REDIS_URL); one worker per hotkey needs no {ENV_TOTAL_WORKERS}")
+    wallets = _wallets(args, env)
+    if len(wallets) > 1 and redis_url is not None:
+        raise UserError("a fleet (GRAIL_REDIS_URL) shares one hotkey's windows between workers, one hotkey per "
+                        "process: run one fleet per hotkey, or several hotkeys on one GPU without GRAIL_REDIS_URL")
+    if len(wallets) > 1 and getattr(args, "checkpoint_dir", None) is not None:
+        raise UserError("--checkpoint-dir restarts the engine between windows, which several hotkeys on one engine "
+                        "do not follow yet: run one hotkey per process with --checkpoint-dir")
+    target = resolve_target(getattr(args, "target_rollouts", None), getattr(args, "failed_windows", 0), len(wallets))
+    if target is not None and redis_url is not None:
+        raise UserError("--target-rollouts stops one worker's window; a fleet (GRAIL_REDIS_URL) fills one file "
+                        "from every worker's claims: run the fleet without a target")
     overrides = {name: getattr(args, name) for name in QUEUE_FLAGS if getattr(args, name, None) is not None}
     return MineSettings(worker=worker, block_time_s=block_time, window_blocks=args.window_blocks,
                         safety_blocks=safety, run_seed=args.run_seed, genesis=args.genesis, out_dir=out_dir,
                         status_file=status_file, drain_timeout_s=args.drain_timeout,
                         verify_sample=args.verify_sample, max_windows=args.max_windows, batch_size=batch_size,
                         warmup_problems=args.warmup_problems, pipeline_overrides=overrides,
-                        upload_allowance_s=args.upload_allowance, redis_url=redis_url)
+                        upload_allowance_s=args.upload_allowance, redis_url=redis_url, target_rollouts=target,
+                        wallets=tuple(wallets))
+
+
+def _wallets(args: argparse.Namespace, env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """--hotkeys, else GRAIL_HOTKEYS, as (cold, hot) names; [] for the one wallet of BT_WALLET_COLD/HOT."""
+    text = getattr(args, "hotkeys", None)
+    name = "--hotkeys"
+    if text is None:
+        text, name = env.get(ENV_HOTKEYS, "").strip() or None, ENV_HOTKEYS
+    from grail_pipeline.protocol.wallet import parse_wallet_names  # bittensor_wallet: not for --help
+
+    return [] if text is None else parse_wallet_names(text, name)
+
+
+
 
 
 class _StopDuringStartup(BaseException):
@@ -203,7 +245,7 @@ def _run(args: argparse.Namespace) -> int:
     from grail_pipeline.mining.daemon import Daemon
     from grail_pipeline.mining.runtime import Runtime
     from grail_pipeline.mining.sink import remove_stale_temporaries
-    from grail_pipeline.protocol.wallet import load_signer
+    from grail_pipeline.protocol.wallet import load_signer, load_signers
 
     _configure_logging(args.log_level)
     settings = resolve_settings(args, os.environ)
@@ -224,27 +266,42 @@ def _run(args: argparse.Namespace) -> int:
                                "--batch-size" if args.batch_size is not None else ENV_BATCH_SIZE)
     if settings.genesis is not None and (warning := rules.genesis_warning(settings.genesis, time.time())):
         logger.warning(warning)
-    signer = load_signer(required=True)
+    signers = load_signers(list(settings.wallets)) if settings.wallets else [load_signer(required=True)]
+    signer = signers[0]
     try:
         settings.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --out-dir {settings.out_dir} ({exc.strerror or exc})") from None
+    out_dir_locks = []  # held until the process ends
     if settings.redis_url is None:  # a fleet shares its out dir through Redis; a second solo daemon is refused
         from grail_pipeline.mining.out_dir_lock import lock_out_dir
 
-        out_dir_lock = lock_out_dir(settings.out_dir, signer.ss58_address)  # noqa: F841 - held until the process ends
-    windows = reconciled_windows(settings.out_dir, signer.ss58_address, previous_windows(settings.status_file))
-    status = StatusFile(settings.status_file, settings.worker.worker_id, settings.worker.total_workers,
-                        hotkey=signer.ss58_address, model=args.model, dry_run=True, windows=windows)
-    try:
-        status.update(state="starting")
-    except OSError as exc:
-        raise UserError(f"cannot write the status file {settings.status_file} ({exc.strerror or exc})") from None
+        out_dir_locks = [lock_out_dir(settings.out_dir, s.ss58_address) for s in signers]  # noqa: F841
+    paths = [settings.status_file] if len(signers) == 1 else [hotkey_status_path(settings.status_file, s.ss58_address)
+                                                               for s in signers]
+    statuses = [StatusFile(path, settings.worker.worker_id, settings.worker.total_workers, hotkey=s.ss58_address,
+                           model=args.model, dry_run=True, target_rollouts=settings.target_rollouts,
+                           hotkeys=[h.ss58_address for h in signers],
+                           windows=reconciled_windows(settings.out_dir, s.ss58_address, previous_windows(path)))
+                for s, path in zip(signers, paths)]
+    status = statuses[0]
+    for path, each in zip(paths, statuses):
+        try:
+            each.update(state="starting")
+        except OSError as exc:
+            raise UserError(f"cannot write the status file {path} ({exc.strerror or exc})") from None
+    # one hotkey's labels: with several on one engine the first's (the engine's stage and GPU figures are shared)
     metrics = _serve_metrics(args, status, signer.ss58_address, settings.worker.worker_id)
-    logger.info("starting %s, hotkey %s, window files in %s, status in %s", settings.worker.describe(),
-                signer.ss58_address, settings.out_dir, settings.status_file)
-    removed = remove_stale_temporaries(settings.out_dir, signer.ss58_address)
-    removed += remove_stale_status_temporaries(settings.status_file)
+    removed = []
+    for path, each in zip(paths, signers):
+        logger.info("starting %s, hotkey %s, window files in %s, status in %s", settings.worker.describe(),
+                    each.ss58_address, settings.out_dir, path)
+        removed += remove_stale_temporaries(settings.out_dir, each.ss58_address)
+        removed += remove_stale_status_temporaries(path)
+    if settings.target_rollouts is not None:
+        logger.info("target: %d rollouts per hotkey and window (%s), filled in the order %s", settings.target_rollouts,
+                    "the cap" if args.target_rollouts in (None, "cap") else "--target-rollouts",
+                    ", ".join(h.ss58_address for h in signers))
     if removed:
         logger.info("removed %d temporary file(s) a previous run of this worker left behind", len(removed))
     if settings.redis_url is not None:  # an unreachable fleet is one line before the model loads
@@ -262,7 +319,8 @@ def _run(args: argparse.Namespace) -> int:
         logger.info("model %s on %s, %s engine, batch size %d, lengths %s", runtime.loaded.name,
                     runtime.loaded.device, runtime.engine_kind, batch_size, runtime.lengths.spec)
         engine = runtime.engine(batch_size)
-        status.update(engine=runtime.engine_kind, batch_size=batch_size)
+        for each in statuses:
+            each.update(engine=runtime.engine_kind, batch_size=batch_size)
         rotation = None
         if checkpoints is not None and first is not None:
             from grail_pipeline.mining.rotation import CheckpointRotation
@@ -274,22 +332,34 @@ def _run(args: argparse.Namespace) -> int:
 
             fleet = join_fleet(settings, signer.ss58_address, choices.checkpoint)
             status.update(fleet={"worker": fleet.worker, "checkpoint": fleet.context.checkpoint})
-        daemon = Daemon(settings, runtime, signer, engine, batch_size, status, rotation, fleet=fleet)
+        fill = None if settings.target_rollouts is None else FillOrder([s.ss58_address for s in signers],
+                                                                          settings.target_rollouts)
+        if len(signers) > 1:
+            from grail_pipeline.mining.hotkeys import HotkeysDaemon
+
+            assert fill is not None  # several hotkeys always have a target (_target_rollouts)
+            daemon = HotkeysDaemon(settings, runtime, signers, engine, batch_size, statuses, fill)
+        else:
+            daemon = Daemon(settings, runtime, signer, engine, batch_size, status, rotation, fleet=fleet)
+            daemon.fill = fill
         if metrics is not None:
             metrics.daemon = daemon  # read when Prometheus scrapes (mining/metrics.py)
         code = anyio.run(daemon.main)
         # the event loop's signal handlers are gone: keep the last status write from being cut short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        status.update(state="stopped", exit_reason=daemon.stop_reason, windows_written=daemon.windows_written,
-                      open_windows={}, queue_depths={})
+        for unit in daemon.units:
+            unit.status.update(state="stopped", exit_reason=daemon.stop_reason, windows_written=unit.windows_written,
+                               open_windows={}, queue_depths={})
         return code
     except BaseException as exc:
         if any(find_in_group(exc, kind) is not None for kind in (_StopDuringStartup, KeyboardInterrupt)):
-            status.update(state="stopped", exit_reason="signal during start-up")
+            for each in statuses:
+                each.update(state="stopped", exit_reason="signal during start-up")
             raise
         user = find_in_group(exc, UserError)
-        status.update(state="stopped", exit_reason=f"error: {user or type(exc).__name__}")
+        for each in statuses:
+            each.update(state="stopped", exit_reason=f"error: {user or type(exc).__name__}")
         if user is not None:
             raise user from None
         raise

@@ -15,6 +15,9 @@ A JSON status file tells a health check what the daemon is doing.
 With GRAIL_REDIS_URL the worker is one of a fleet of its hotkey (mining/fleet_worker.py): its indices come from
 the fleet's claims, its signed groups go to Redis, and whichever worker holds the leader lease writes the
 window's one file (mining/fleet_leader.py), with the same writer and metadata as the solo sink.
+
+A Daemon is one hotkey's unit (clock, plan, source, sink, status); `mining/hotkeys.py` runs several of them from
+one engine. With a target (`MineSettings.target_rollouts`, `fill`: mining/fill.py) a window takes no more than it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from grail_pipeline.fleet.member import FleetMember
 from grail_pipeline.inference.engine import Engine
 from grail_pipeline.mining.chain import WindowClock, WindowContext
 from grail_pipeline.mining.deadline import UPLOAD_MBIT_S, DeadlinePlan
+from grail_pipeline.mining.fill import FillOrder
 from grail_pipeline.mining.fleet_leader import FleetLeader
 from grail_pipeline.mining.fleet_worker import FleetWorker
 from grail_pipeline.mining.messages import ProblemTask, make_task
@@ -88,9 +92,15 @@ class Daemon:
         self._idle_mark = 0.0
         self.warming_up = False
         self._stage_mark: dict[str, float] = {}
-        self._self_check: ObjectSendStream[tuple[int, list[dict]]] | None = None
+        self._self_check: ObjectSendStream[tuple[Daemon, int, list[dict]]] | None = None
+        self.fill: FillOrder | None = None  # a target, or several hotkeys on this engine (mining/fill.py)
 
     # -- assembling ---------------------------------------------------------------------------------
+    @property
+    def units(self) -> list[Daemon]:
+        """The hotkeys' units this daemon runs: itself (mining/hotkeys.py runs several)."""
+        return [self]
+
     def pipeline_config(self) -> PipelineConfig:
         return dataclasses.replace(self.runtime.pipeline_config(), **self.settings.pipeline_overrides)
 
@@ -116,9 +126,8 @@ class Daemon:
                 if not self.stopping:
                     await self._mine(tg)
             except BaseException:
-                if self.sink is not None:
-                    with anyio.CancelScope(shield=True):
-                        await self.sink.finish("the daemon failed")
+                with anyio.CancelScope(shield=True):
+                    await self._finish_sinks("the daemon failed")
                 raise
             tg.cancel_scope.cancel()
         return 0
@@ -134,13 +143,41 @@ class Daemon:
         logger.info("warm-up: %d problem(s) in %.1f s (not written)", n, time.perf_counter() - t0)
 
     async def _mine(self, tg: TaskGroup) -> None:
+        pipeline = self.new_pipeline()
+        source, sink = await self._open(tg, pipeline)
+        async with anyio.create_task_group() as checks:
+            if self.settings.verify_sample:
+                send, receive = anyio.create_memory_object_stream[tuple[Daemon, int, list[dict]]](2)
+                self._self_check = send
+                checks.start_soon(self._self_check_worker, receive)
+            try:
+                await pipeline.run(source.tasks(), sink)
+                del pipeline  # a restart frees the old engine's memory before the new model loads
+                while self.rotation is not None and self.rotation.pending is not None and not self.stopping:
+                    # the source stopped before the window's first problem and the pipeline drained: nothing is lost
+                    await (await self._restart_engine()).run(source.tasks(), sink)
+                await sink.finish("end of run")  # nothing is left after a clean drain
+            finally:
+                if self._self_check is not None:
+                    self._self_check.close()
+        self._log_stopped()
+
+    def _log_stopped(self) -> None:
+        logger.info("stopped (%s): %d window file(s), %d on-time rollouts in %d groups, %d cut (%d group(s) of them "
+                    "after their window's file)", self.stop_reason, self.windows_written, self.totals["rollouts"],
+                    self.totals["groups"], self.totals["cut_rollouts"], self.totals["late_groups"])
+
+    async def _open(self, tg: TaskGroup, pipeline: Pipeline) -> tuple[ProblemSource, WindowSink | FleetWorker]:
+        """This hotkey's clock, plan, sink and source on `pipeline` (its own, or the one several hotkeys share),
+        its status and heartbeat: everything but running the pipeline."""
         s = self.settings
         loaded = self.runtime.loaded
         genesis = s.genesis if self.fleet is None else self.fleet.context.genesis  # a fleet shares one clock
         self.clock = clock = WindowClock(s.block_time_s, s.window_blocks, s.safety_blocks, s.run_seed, genesis)
         cold_start = max(1, self.batch_size // PROFILE.rollouts_per_problem) if self.fleet is not None else None
         self.plan = plan = DeadlinePlan(clock.time_of_block, s.window_blocks, upload_allowance_s=s.upload_allowance_s,
-                                        cold_start_groups=cold_start)  # a fleet worker's plan is queue-aware
+                                        cold_start_groups=cold_start,  # a fleet worker's plan is queue-aware
+                                        target_rollouts=s.target_rollouts)
         extra_metadata = {"dry_run": "true", "run_seed": s.run_seed, "genesis": clock.genesis,
                           "block_time": s.block_time_s, "model_name": loaded.name,
                           "checkpoint_window": loaded.checkpoint_window, "engine": self.runtime.engine_kind,
@@ -161,8 +198,12 @@ class Daemon:
                                              last_window=None if fleet is None else fleet.last_window,
                                              checkpoint_window=lambda start: self.runtime.loaded.checkpoint_window,
                                              before_window=self._before_window if self.rotation else None,
-                                             indices=sink.indices if isinstance(sink, FleetWorker) else local_indices)
-        self.pipeline = pipeline = self.new_pipeline()
+                                             indices=sink.indices if isinstance(sink, FleetWorker) else local_indices,
+                                             target=None if self.fill is None else self.fill.target_groups,
+                                             hold=None if self.fill is None else self._hold)
+        if self.fill is not None:
+            self.fill.join(self.signer.ss58_address, source)
+        self.pipeline = pipeline
         self._stage_mark = pipeline.stage_seconds()
         self._idle_mark = pipeline.idle.seconds()
         await self._status(state="mining", genesis=clock.genesis, block_time_s=s.block_time_s,
@@ -177,24 +218,11 @@ class Daemon:
         tg.start_soon(self._heartbeat)
         if isinstance(sink, FleetWorker):
             tg.start_soon(sink.run)
-        async with anyio.create_task_group() as checks:
-            if s.verify_sample:
-                send, receive = anyio.create_memory_object_stream[tuple[int, list[dict]]](2)
-                self._self_check = send
-                checks.start_soon(self._self_check_worker, receive)
-            try:
-                await pipeline.run(source.tasks(), sink)
-                del pipeline  # a restart frees the old engine's memory before the new model loads
-                while self.rotation is not None and self.rotation.pending is not None and not self.stopping:
-                    # the source stopped before the window's first problem and the pipeline drained: nothing is lost
-                    await (await self._restart_engine()).run(source.tasks(), sink)
-                await sink.finish("end of run")  # nothing is left after a clean drain
-            finally:
-                if self._self_check is not None:
-                    self._self_check.close()
-        logger.info("stopped (%s): %d window file(s), %d on-time rollouts in %d groups, %d cut (%d group(s) of them "
-                    "after their window's file)", self.stop_reason, self.windows_written, self.totals["rollouts"],
-                    self.totals["groups"], self.totals["cut_rollouts"], self.totals["late_groups"])
+        return source, sink
+
+    def _hold(self) -> bool:
+        """The source's hold: another hotkey on this engine fills its target first (mining/fill.py)."""
+        return self.fill is not None and self.fill.hold(self.signer.ss58_address)
 
     async def _before_window(self, window: WindowContext) -> WindowContext | None:
         """The rotation's switch to the window's checkpoint, as the window opens (ProblemSource's hook)."""
@@ -279,9 +307,15 @@ class Daemon:
         await self._status(windows_written=self.windows_written, totals=dict(self.totals), windows=self.window_records,
                            current_window=self.source.current_window if self.source else None,
                            **({"last_window": record} if report.file is not None else {}))
+        if self.fill is not None and self.plan is not None:
+            spare = self.fill.written(self.signer.ss58_address, report, self.plan.times(report.window_start),
+                                      self.plan.cut(report.window_start))
+            if spare is not None:
+                (logger.warning if spare.short else logger.info)("%s", spare.describe())
+                await self._status(spare_capacity=spare.as_dict())
         if sample and self._self_check is not None:
             try:
-                self._self_check.send_nowait((report.window_start, list(sample)))
+                self._self_check.send_nowait((self, report.window_start, list(sample)))
             except anyio.WouldBlock:
                 logger.warning("window %d: self-check skipped (the previous ones are still running)",
                                report.window_start)
@@ -301,13 +335,14 @@ class Daemon:
         record["late_groups"] = record.get("late_groups", 0) + 1
         await self._status(windows=self.window_records, totals=dict(self.totals))
 
-    async def _self_check_worker(self, receive: ObjectReceiveStream[tuple[int, list[dict]]]) -> None:
+    async def _self_check_worker(self, receive: ObjectReceiveStream[tuple[Daemon, int, list[dict]]]) -> None:
         """Each window's sample through the validator's method, in a process of its own that loads the checkpoint
-        as a validator does (started at the first sample, kept until mining ends)."""
+        as a validator does (started at the first sample, kept until mining ends); several hotkeys on one engine
+        share it (each sample's unit gets its result)."""
         check: ValidatorProcess | None = None
         try:
             async with receive:
-                async for window_start, records in receive:
+                async for unit, window_start, records in receive:
                     source = ((self.rotation.source_of(window_start) if self.rotation else None)
                               or self.runtime.loaded.source)
                     if check is not None and check.source != source:  # the window was mined on another checkpoint
@@ -319,14 +354,14 @@ class Daemon:
                         totals = await anyio.to_thread.run_sync(check.verify, records)
                     except CheckUnavailable as exc:  # mining goes on; the self-check stops, said once
                         logger.error("window %d self-check not run, none from now on: %s", window_start, exc)
-                        await self._status(self_check={"window_start": window_start, "error": str(exc)})
+                        await unit._status(self_check={"window_start": window_start, "error": str(exc)})
                         return
                     checked, passed = totals["rollouts_checked"], totals["rollouts_passed"]
                     rate = 100.0 * passed / checked if checked else 0.0
                     log = logger.info if passed == checked else logger.error
                     log("window %d self-check (validator's method, every position, model loaded from %s): "
                         "%d/%d rollouts pass (%.1f %%)", window_start, check.source, passed, checked, rate)
-                    await self._status(self_check={"window_start": window_start, **totals,
+                    await unit._status(self_check={"window_start": window_start, **totals,
                                                    "pass_pct": round(rate, 2)})
         finally:
             if check is not None:
@@ -346,6 +381,8 @@ class Daemon:
                 fields["queue_depths"] = self.pipeline.queue_depths()
             if self.sink is not None:
                 fields["open_windows"] = {str(k): {"resolved": a, "issued": i} for k, (a, i) in self.sink.pending().items()}
+            if self.fill is not None and self.fill.last is not None:  # every hotkey's status shows the engine's
+                fields["spare_capacity"] = self.fill.last.as_dict()
             await self._status(**fields)
 
     # -- stopping -----------------------------------------------------------------------------------
@@ -356,27 +393,39 @@ class Daemon:
                 name = signal.Signals(signum).name
                 if self.stopping:
                     logger.warning("second %s: exiting now, in-flight work is abandoned", name)
-                    self.status.update(state="stopped", exit_reason=f"second {name}")
+                    self._update_statuses(state="stopped", exit_reason=f"second {name}")
                     hard_exit(128 + signum)
                 if self.warming_up:  # nothing of the warm-up is written: no reason to wait for it
                     logger.info("%s during the warm-up: nothing to write, exiting", name)
-                    self.status.update(state="stopped", exit_reason=f"{name} during warm-up")
+                    self._update_statuses(state="stopped", exit_reason=f"{name} during warm-up")
                     hard_exit(0)
-                self.stopping = True
-                self.stop_reason = name
                 logger.info("%s: stopping intake, finishing in-flight work (at most %g s; a second signal exits "
                             "at once)", name, self.settings.drain_timeout_s)
-                if self.source is not None:
-                    self.source.stop()
-                await self._status(state="draining")
+                self._stop_intake(name)
+                await anyio.to_thread.run_sync(lambda: self._update_statuses(state="draining"))
                 tg.start_soon(self._drain_deadline)
+
+    def _stop_intake(self, reason: str) -> None:
+        """No new problem from now on; what is in flight drains into the open window's file."""
+        self.stopping = True
+        self.stop_reason = reason
+        if self.source is not None:
+            self.source.stop()
+
+    def _update_statuses(self, **fields: Any) -> None:
+        """Every status file this daemon writes (one per hotkey: mining/hotkeys.py has several)."""
+        self.status.update(windows_written=self.windows_written, **fields)
+
+    async def _finish_sinks(self, reason: str) -> None:
+        """Write every open window as partial (a failure, a drain timeout)."""
+        if self.sink is not None:
+            await self.sink.finish(reason)
 
     async def _drain_deadline(self) -> None:
         await anyio.sleep(self.settings.drain_timeout_s)
         logger.error("in-flight work did not finish within --drain-timeout %g s: writing what arrived and exiting",
                      self.settings.drain_timeout_s)
         with anyio.CancelScope(shield=True):
-            if self.sink is not None:
-                await self.sink.finish("drain timeout")
-        self.status.update(state="stopped", exit_reason="drain timeout", windows_written=self.windows_written)
+            await self._finish_sinks("drain timeout")
+        self._update_statuses(state="stopped", exit_reason="drain timeout")
         hard_exit(0)

@@ -83,7 +83,8 @@ class DeadlinePlan:
 
     def __init__(self, time_of_block: Callable[[int], float], window_blocks: int, *,
                  upload_allowance_s: float | None = None, margin_s: float = MARGIN_S,
-                 time_fn: Callable[[], float] = time.time, cold_start_groups: int | None = None) -> None:
+                 time_fn: Callable[[], float] = time.time, cold_start_groups: int | None = None,
+                 target_rollouts: int | None = None) -> None:
         self.time_of_block = time_of_block
         self.window_blocks = window_blocks
         self.upload_allowance_s = upload_allowance_s
@@ -97,6 +98,7 @@ class DeadlinePlan:
         self._rollouts_per_s: float | None = None
         self._fixed_cuts: dict[int, float] = {}  # window start -> the fleet's published cut
         self.cold_start_groups = cold_start_groups  # set: a fleet worker's queue-aware plan (see the module)
+        self.target_rollouts = target_rollouts  # a file never holds more (mining/fill.py): its upload is no longer
 
     # -- the window's fixed points ----------------------------------------------------------------------
     def times(self, window_start: int) -> WindowTimes:
@@ -113,6 +115,10 @@ class DeadlinePlan:
         if start is not None:
             end = self.time_fn() if when is None else when
             self._latencies.append((end, end - start))
+
+    def in_flight(self) -> int:
+        """Groups admitted that have not reached the sink."""
+        return len(self._in_flight)
 
     def forget(self, key: object) -> None:
         """A group that will never reach the sink (the daemon stopped)."""
@@ -163,7 +169,8 @@ class DeadlinePlan:
         times = self.times(window_start)
         if self._rollouts_per_s is None:
             return 0.0
-        return self._rollouts_per_s * max(0.0, times.deadline - times.opens)
+        expected = self._rollouts_per_s * max(0.0, times.deadline - times.opens)
+        return expected if self.target_rollouts is None else min(expected, float(self.target_rollouts))
 
     def upload_allowance(self, window_start: int) -> float:
         """Seconds reserved before the deadline for the upload a real miner would make."""

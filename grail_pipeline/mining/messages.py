@@ -27,6 +27,7 @@ class ProblemTask:
     targets: list[int | None]
     block: int = 0  # the block at which the problem was issued
     attempt: int = 0  # 1, 2, …: new samples of a dropped group's prompt, for the same index
+    hotkey: str = ""  # the ss58 address it is mined for: its seed's, its signer's and its file's (mining/hotkeys.py)
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -48,6 +49,7 @@ def make_task(window: WindowContext, index: int, hotkey: str, tokenizer: PreTrai
         targets=lengths.targets(seed, PROFILE.rollouts_per_problem),
         block=block,
         attempt=attempt,
+        hotkey=hotkey,
     )
 
 

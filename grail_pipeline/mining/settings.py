@@ -10,6 +10,8 @@ from pathlib import Path
 
 from grail_pipeline.mining.chain import WorkerSlot
 
+ENV_HOTKEYS = "GRAIL_HOTKEYS"  # several hotkeys from one engine: cold/hot,cold/hot (mining/hotkeys.py)
+
 
 @dataclass(frozen=True)
 class MineSettings:
@@ -31,6 +33,8 @@ class MineSettings:
     pipeline_overrides: dict[str, int]
     upload_allowance_s: float | None = None  # None: the expected file's upload time (mining/deadline.py)
     redis_url: str | None = None  # GRAIL_REDIS_URL: a fleet of workers of one hotkey (mining/fleet_worker.py)
+    target_rollouts: int | None = None  # per hotkey and window, at most (mining/fill.py); None: while the plan admits
+    wallets: tuple[tuple[str, str], ...] = ()  # (cold, hot) names of several hotkeys on one engine; (): BT_WALLET_*
 
     @property
     def window_seconds(self) -> float:

@@ -6,6 +6,10 @@ it asks the `DeadlinePlan` whether a group admitted now reaches the sink before 
 first "no" closes the window (`WindowClose` tells the sink which indices were issued), and the source
 waits for the next window to open. A group the signer dropped (a completion under 16 tokens) is redrawn
 for the same index (`redraw`: new samples of the same prompt) ahead of new indices, so no gap opens.
+
+With a `target` (problems per window: a hotkey's share of the cap, mining/fill.py) the window stops taking new
+indices at the target but stays open for redraws until every issued group reached the sink, and `hold` (the
+fill order of several hotkeys sharing one engine) keeps a source from issuing while it says so.
 """
 
 from __future__ import annotations
@@ -69,8 +73,11 @@ class ProblemSource:
                  indices: Indices = local_indices,
                  before_window: Callable[[WindowContext], Awaitable[WindowContext | None]] | None = None,
                  on_open: Callable[[WindowContext], Awaitable[None]] | None = None,
-                 last_window: Callable[[int], Awaitable[int | None]] | None = None) -> None:
+                 last_window: Callable[[int], Awaitable[int | None]] | None = None, target: int | None = None,
+                 hold: Callable[[], bool] | None = None) -> None:
         self.clock = clock
+        self.target = target  # new indices per window, at most (None: while the plan admits them)
+        self.hold = hold  # True: issue nothing now (another hotkey's source fills first)
         self.last_window = last_window
         self.on_open = on_open  # told when a window opens, before its first problem (the daemon times its cut)
         # called as each window opens, before its first problem (mining/rotation.py: the window's checkpoint);
@@ -89,12 +96,18 @@ class ProblemSource:
         self._stop_block: int | None = None
         self._redraws: deque[ProblemTask] = deque()
         self._open: int | None = None  # the window being issued, while it is
+        self._issued = 0  # new indices issued in the open window
 
     def stop(self) -> None:
         """End intake; the window open at this moment is closed as partial."""
         if self._stop_block is None:
             self._stop_block = self.clock.block()
         self._stop.set()
+
+    @property
+    def filling(self) -> bool:
+        """A window is open and still takes new indices (below its target, if any)."""
+        return self._open is not None and (self.target is None or self._issued < self.target)
 
     @property
     def stopping(self) -> bool:
@@ -139,6 +152,7 @@ class ProblemSource:
                 if window is None:
                     return  # nothing of this window issued yet: the daemon restarts the engine, then iterates again
             self.current_window = self._open = start
+            self._issued = 0
             if self.on_open is not None:
                 await self.on_open(window)
             logger.debug("window %d open (block hash %s): %s", start, window.block_hash, self.plan.describe(start))
@@ -153,7 +167,12 @@ class ProblemSource:
                 block = clock.block()
                 if not clock.generation_open(start, block) or not self.plan.admit(start):
                     break
-                if self.plan.saturated():  # a fleet worker's cold start: the first group measures the latency
+                at_target = self.target is not None and len(issued) >= self.target and not self._redraws
+                if at_target and not self.plan.in_flight():
+                    break  # every group of the target reached the sink, none to redraw: the file can be written
+                # a fleet worker's cold start (the first group measures the latency), another hotkey filling first,
+                # or a target reached whose groups may still come back dropped (redrawn for the same index)
+                if self.plan.saturated() or at_target or (self.hold is not None and not self._redraws and self.hold()):
                     await self._sleep_until(clock.time_fn() + HOLD_S)
                     continue
                 task = await self._next(window, fresh, block)
@@ -161,6 +180,7 @@ class ProblemSource:
                     break
                 if task.attempt == 0:
                     issued.append(task.index)
+                    self._issued = len(issued)
                 self.issued_total += 1
                 self.plan.admitted(task.key)
                 yield task

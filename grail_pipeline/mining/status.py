@@ -6,7 +6,9 @@ reader never sees half a file. Kept free of heavy imports (no torch), so a healt
 
 Fields (names others rely on): worker_id, total_workers, pid, state (starting / mining / draining /
 stopped), current_window, windows_written, last_window {window_start, rollouts, rollouts_per_s,
-success_pct, file, written_at_stop}, updated (unix time). More fields are added alongside.
+success_pct, file, written_at_stop}, updated (unix time). More fields are added alongside; with a target or several
+hotkeys (mining/fill.py): target_rollouts, hotkeys (every hotkey this engine mines, in fill order) and
+spare_capacity (the latest window's, the engine's: the same in every hotkey's file).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ LAST_WINDOW_FIELDS = ("window_start", "rollouts", "rollouts_per_s", "success_pct
 
 def default_status_path(out_dir: str | os.PathLike[str], worker_id: int) -> Path:
     return Path(out_dir) / f"status-worker-{worker_id}.json"
+
+
+def hotkey_status_path(path: str | os.PathLike[str], hotkey: str) -> Path:
+    """One hotkey's status file when one process mines several (mining/hotkeys.py): `<stem>-<hotkey><suffix>`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-{hotkey}{path.suffix}")
 
 
 def remove_stale_status_temporaries(path: str | os.PathLike[str]) -> list[Path]:

@@ -102,6 +102,7 @@ class ProtocolProfile:
     min_file_bytes: int  # the validator skips smaller window files
     unique_rollouts_cap_per_window: int
     superlinear_exponent: float
+    weight_rolling_windows: int  # the cap counts a hotkey's unique rollouts over this many windows (360 blocks)
     sat: SatRules = field(default_factory=SatRules)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     validator: ValidatorRules = field(default_factory=ValidatorRules)
@@ -151,6 +152,7 @@ V1 = ProtocolProfile(
     min_file_bytes=200,
     unique_rollouts_cap_per_window=5120,
     superlinear_exponent=4.0,
+    weight_rolling_windows=12,
 )
 
 PROFILE = V1

@@ -109,6 +109,32 @@ def load_signer(required: bool, env: Mapping[str, str] = os.environ) -> Signer:
     return _hotkey_signer(Wallet(name=cold, hotkey=hot, path=root).hotkey_file.path)
 
 
+def parse_wallet_names(text: str, name: str) -> list[tuple[str, str]]:
+    """`cold/hot,cold/hot,…`: the wallets (by name, never key material) of several hotkeys, in the order given."""
+    pairs: list[tuple[str, str]] = []
+    for item in text.split(","):
+        cold, slash, hot = item.strip().partition("/")
+        cold, hot = cold.strip(), hot.strip()
+        if not slash or not cold or not hot or "/" in hot:
+            raise UserError(f"{name}: {item.strip()!r} is not COLDKEY/HOTKEY (wallet names, e.g. cold/hot1,cold/hot2)")
+        if (cold, hot) in pairs:
+            raise UserError(f"{name}: {cold}/{hot} is named twice")
+        pairs.append((cold, hot))
+    return pairs
+
+
+def load_signers(wallets: list[tuple[str, str]], env: Mapping[str, str] = os.environ) -> list[Signer]:
+    """The hotkeys of `wallets` (cold, hot) under BT_WALLET_PATH, in order; two names for one key are an error."""
+    signers: list[Signer] = []
+    for cold, hot in wallets:
+        signer = load_signer(required=True, env={**env, ENV_COLD: cold, ENV_HOT: hot})
+        if any(s.ss58_address == signer.ss58_address for s in signers):
+            raise UserError(f"wallet {cold}/{hot} holds hotkey {signer.ss58_address}, already named: each hotkey "
+                            f"is mined once")
+        signers.append(signer)
+    return signers
+
+
 def _read_hotkey(path: str) -> Keypair:
     """The hotkey in the file, or a UserError naming the file (never the library's text: it may quote the key)."""
     keyfile = Keyfile(path)

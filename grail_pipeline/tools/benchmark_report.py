@@ -179,18 +179,19 @@ def _projections(console: Console, workers: int, spec: WindowSpec, results: list
     console.print(f"window: {spec.describe()}, cap {spec.cap} rollouts/window = {spec.cap_rate():.1f} rollouts/s",
                   style="dim")
     table = narrow_table(None, ["Batch", "Rollouts/s", "Generated\nper window", "On time\nper window",
-                                "Score\nfactor"])
+                                "Score\nfactor", "Hotkeys\nat cap"])
     for r in ok:
         rate = r.rollouts_per_s * workers
         in_file = on_time(spec, r, workers)
         table.add_row(str(r.batch_size), f"{rate:.1f}", f"~{spec.rollouts_per_window(rate):.0f}", f"~{in_file:.0f}",
-                      f"{spec.score_factor(in_file):.3f}")
+                      f"{spec.score_factor(in_file):.3f}", str(spec.hotkeys_at_cap(in_file)))
     console.print(table)
     console.print("On time = what reaches the window's file before its deadline: generation stops early enough for "
                   "the groups in flight (slots + queue) to drain and the file to upload at 100 Mbit/s, and the file is "
                   "due 4 s before the window ends (mine's deadline plan does the same, measured). Score factor = "
-                  "min(1, on-time rollouts per window / cap) ^ 4. The projection multiplies one worker's rate by the "
-                  "number of workers.", style="dim")
+                  "min(1, on-time rollouts per window / cap) ^ 4 for one hotkey. Hotkeys at cap = how many hotkeys' "
+                  "whole caps the on-time rollouts fill (`mine --hotkeys` mines them from one engine, each its own "
+                  "file). The projection multiplies one worker's rate by the number of workers.", style="dim")
     best = max(ok, key=lambda r: r.rollouts_per_s)
     console.print(f"BEST: batch_size={best.batch_size} -> {best.rollouts_per_s:.2f} rollouts/s"
                   + (f"; with {workers} workers: ~{best.rollouts_per_s * workers:.1f} rollouts/s" if workers > 1 else ""),
@@ -214,7 +215,8 @@ def report_dict(args: argparse.Namespace, runtime: Runtime, signer: Signer, spec
                          rollouts_per_s=r.rollouts_per_s * args.workers,
                          generated_per_window=spec.rollouts_per_window(r.rollouts_per_s * args.workers),
                          on_time_per_window=on_time(spec, r, args.workers),
-                         score_factor=spec.score_factor(on_time(spec, r, args.workers)))
+                         score_factor=spec.score_factor(on_time(spec, r, args.workers)),
+                         hotkeys_at_cap=spec.hotkeys_at_cap(on_time(spec, r, args.workers)))
                     for r in ok],
         best=None if best is None else dict(batch_size=best.batch_size, rollouts_per_s=best.rollouts_per_s),
     )

@@ -20,6 +20,10 @@ Dry-run workers serve Prometheus metrics (mine --metrics-port, mining/metrics.py
 (`--metrics-port` plus its position on the node), and a scrape configuration for the node's workers is written
 beside the ecosystem file (`prometheus.yml`, from templates/prometheus.yml.j2), ready for `prometheus
 --config.file`. The production `grail mine` serves no such metrics, so `--target grail` gets none.
+
+Several hotkeys on one GPU are the other way round (`--hotkeys`, dry-run target): each GPU's app mines its share
+of the node's hotkeys from one engine (`mine --hotkeys`: GRAIL_HOTKEYS names the wallets, never key material),
+each app a worker alone (no fleet, no Redis), the hotkeys dealt to the GPUs in order, `--hotkeys-per-gpu` each.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from grail_pipeline import __version__
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.fleet.connection import ENV_REDIS_URL, redacted, redis_url_from_env
 from grail_pipeline.mining import rules
+from grail_pipeline.mining.fill import resolve_target
+from grail_pipeline.mining.settings import ENV_HOTKEYS
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.tools.calibration_file import CPU_KIND, Choice, engines_for, load_calibrations, read_choice
 
@@ -68,6 +74,7 @@ class Worker:
     choice: Choice
     worker_id: int
     metrics_port: int | None = None  # dry-run: where its Prometheus metrics are served
+    wallets: tuple[tuple[str, str], ...] = ()  # several hotkeys on this GPU's engine (--hotkeys); (): the one wallet
 
 
 GRAIL_SAFETY_BLOCKS = 6  # the fork's production configs (grail-protocol.md §7): the upstream miner's only stop rule
@@ -167,7 +174,7 @@ def plan_workers(args: argparse.Namespace) -> list[Worker]:
 # what emit-pm2 sets itself, each from a checked flag or the calibration: --env may not override it unchecked
 OWN_ENV = ("CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES", "GRAIL_WORKER_ID", "GRAIL_TOTAL_WORKERS",
            "GRAIL_GENERATION_BATCH_SIZE", "GRAIL_USE_FLASH_ATTENTION", "GRAIL_MINER_SAFETY_BLOCKS", "GRAIL_BLOCK_TIME",
-           "BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH", "GRAIL_REDIS_URL")
+           "BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH", "GRAIL_REDIS_URL", ENV_HOTKEYS)
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -185,8 +192,31 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def deal_hotkeys(args: argparse.Namespace, workers: list[Worker]) -> list[Worker]:
+    """--hotkeys dealt to the node's GPUs in order, --hotkeys-per-gpu each (default: as evenly as they go)."""
+    from grail_pipeline.protocol.wallet import parse_wallet_names
+
+    wallets = parse_wallet_names(args.hotkeys, "--hotkeys")
+    per_gpu = args.hotkeys_per_gpu or -(-len(wallets) // len(workers))
+    shares = [tuple(wallets[i * per_gpu:(i + 1) * per_gpu]) for i in range(len(workers))]
+    if len(wallets) > per_gpu * len(workers) or not all(shares):
+        raise UserError(f"{len(wallets)} hotkey(s) at {per_gpu} per GPU do not fill this node's {len(workers)} GPU(s) "
+                        f"one share each: give --gpus, --hotkeys-per-gpu or more --hotkeys")
+    return [Worker(w.gpu, w.choice, w.worker_id, share) for w, share in zip(workers, shares)]
+
+
 def _check_flags(args: argparse.Namespace) -> None:
-    if not args.wallet_cold or not args.wallet_hot:
+    if args.hotkeys is not None:
+        if args.target != "dry-run":
+            raise UserError("--hotkeys (several hotkeys from one engine) is for --target dry-run: the production "
+                            "`grail mine` mines one hotkey per process")
+        if args.redis_url is not None or args.nodes > 1:
+            raise UserError("--hotkeys gives each GPU its own hotkeys, no fleet: --redis-url and --nodes are for "
+                            "several workers of one hotkey (list each node's hotkeys in its own file)")
+        resolve_target(args.target_rollouts, args.failed_windows or 0, 2)  # what every app's mine would refuse
+    elif args.hotkeys_per_gpu is not None or args.target_rollouts is not None or args.failed_windows is not None:
+        raise UserError("--hotkeys-per-gpu, --target-rollouts and --failed-windows go with --hotkeys")
+    elif not args.wallet_cold or not args.wallet_hot:
         raise UserError("the miner needs a wallet: give --wallet-cold and --wallet-hot "
                         "(or set BT_WALLET_COLD and BT_WALLET_HOT)")
     if args.name_prefix is not None and not NAME_RE.fullmatch(args.name_prefix):
@@ -263,11 +293,14 @@ def redis_app(args: argparse.Namespace, url: str, cwd: str, log_dir: str, prefix
 def _env(args: argparse.Namespace, worker: Worker, total: int, extra: dict[str, str],
          redis_url: str | None) -> dict[str, str]:
     flash = args.flash_attention or ("1" if worker.choice.attention == "flash_attention_2" else "0")
+    alone = bool(worker.wallets)  # this GPU's own hotkeys: a worker alone, whatever the node's size
     env = dict(CUDA_DEVICE_ORDER=DEVICE_ORDER, CUDA_VISIBLE_DEVICES=str(worker.gpu),
-               GRAIL_WORKER_ID=str(worker.worker_id), GRAIL_TOTAL_WORKERS=str(total),
+               GRAIL_WORKER_ID="0" if alone else str(worker.worker_id), GRAIL_TOTAL_WORKERS="1" if alone else str(total),
                GRAIL_GENERATION_BATCH_SIZE=str(worker.choice.batch_size), GRAIL_USE_FLASH_ATTENTION=flash,
-               GRAIL_MINER_SAFETY_BLOCKS=str(args.safety_blocks), BT_WALLET_COLD=args.wallet_cold,
-               BT_WALLET_HOT=args.wallet_hot, TOKENIZERS_PARALLELISM="false")
+               GRAIL_MINER_SAFETY_BLOCKS=str(args.safety_blocks),
+               **({ENV_HOTKEYS: ",".join(f"{cold}/{hot}" for cold, hot in worker.wallets)} if alone else
+                  dict(BT_WALLET_COLD=args.wallet_cold, BT_WALLET_HOT=args.wallet_hot)),
+               TOKENIZERS_PARALLELISM="false")
     if args.wallet_path:
         env["BT_WALLET_PATH"] = os.path.abspath(os.path.expanduser(args.wallet_path))
     if args.block_time is not None:
@@ -292,6 +325,10 @@ def _command(args: argparse.Namespace, cwd: str, worker: Worker, genesis: float)
     if worker.metrics_port is not None:
         address = "127.0.0.1" if args.metrics_host in LOCAL_HOSTS else "0.0.0.0"  # reachable where Prometheus is
         command += ["--metrics-port", str(worker.metrics_port), "--metrics-address", address]
+    if args.target_rollouts is not None:
+        command += ["--target-rollouts", args.target_rollouts]
+    if args.failed_windows is not None:
+        command += ["--failed-windows", str(args.failed_windows)]
     return sys.executable, command
 
 
@@ -300,7 +337,9 @@ def build_context(args: argparse.Namespace) -> dict:
     _check_flags(args)
     extra = parse_env(args.env)
     workers = plan_workers(args)
-    total = args.nodes * len(workers)
+    if args.hotkeys is not None:
+        workers = deal_hotkeys(args, workers)
+    total = args.nodes * len(workers) if args.hotkeys is None else 1  # several hotkeys per GPU: no fleet
     cwd = os.path.abspath(os.path.expanduser(args.cwd or os.getcwd()))
     log_dir = os.path.join(cwd, os.path.expanduser(args.log_dir or "logs"))
     prefix = args.name_prefix or NAME_PREFIX[args.target]

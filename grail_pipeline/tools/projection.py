@@ -5,7 +5,8 @@ The guide's own script multiplies by 180 s and its text says 50 blocks; the prot
 is not a window's worth: the file is due 4 s before the window ends, it must be uploaded before that
 (the deadline plan's allowance: its bytes at 100 Mbit/s), and the groups in flight when the miner stops
 admitting problems take the pipeline's drain time to finish. `on_time_per_window` takes all three off,
-as `mine`'s deadline plan does (mining/deadline.py).
+as `mine`'s deadline plan does (mining/deadline.py). `hotkeys_at_cap` is how many hotkeys' caps that fills
+(`mine --hotkeys` serves them from one engine, mining/fill.py).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class WindowSpec:
     def score_factor(self, rollouts_per_window: float) -> float:
         """Weight relative to a miner at the cap: min(1, rollouts / cap) ** 4."""
         return min(1.0, rollouts_per_window / self.cap) ** self.exponent
+
+    def hotkeys_at_cap(self, on_time_rollouts: float) -> int:
+        """Hotkeys whose whole cap per window these on-time rollouts fill (mine --hotkeys: one file each, filled
+        one after another; rollouts past the last whole cap are spare)."""
+        return int(on_time_rollouts // self.cap)
 
     def cap_rate(self) -> float:
         """Rollouts per second that reach the cap."""
