@@ -133,6 +133,7 @@ def render(report: FileReport, out: Any = None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.progress import Progress
 
     from grail_pipeline.cli.progress import rate_progress
     from grail_pipeline.inference.loading import load_model, load_tokenizer
@@ -152,11 +153,14 @@ def run(args: argparse.Namespace) -> int:
     deadline = status_deadline(args.status, window_start) if args.status else None  # also before the model
     model_ref = args.model or (first["commit"]["model"]["name"] if first else None)
     tokenizer = load_tokenizer(model_ref) if model_ref else None  # an empty file has nothing to score
-    # progress on stdout (stderr under --json, which owns stdout): a bar on a terminal, lines in a log
+    # progress on stdout (stderr under --json, which owns stdout): a bar on a terminal, lines in a log; only where
+    # a model loads and proves (minutes on a CPU): without proofs the checks take seconds and say nothing
     progress_console = Console(file=sys.stderr if args.json else sys.stdout)
-    with rate_progress(progress_console) as progress:
+    proving = not args.skip_proofs and first is not None
+    shown = rate_progress(progress_console) if proving else Progress(console=progress_console, disable=True)
+    with shown as progress:
         loaded = None
-        if not args.skip_proofs and first is not None:
+        if proving:
             task = progress.add_task(f"loading {model_ref} for the validator's forward", total=None, rate="")
             loaded = load_model(model_ref, args.device)
             progress.stop_task(task)
