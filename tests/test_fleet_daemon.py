@@ -278,7 +278,8 @@ def test_a_worker_on_another_checkpoint_is_refused_in_one_line(tmp_path, redis_s
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("grail-pipeline mine: error: refused by the fleet of hotkey") and "@7#" in last, last
     assert "Traceback" not in run.stderr
-    assert "INFO starting" in run.stderr and "INFO model " not in run.stderr  # refused before the model loaded
+    # refused before the model loaded (INFO lines go to stdout, problems to stderr: cli/main.configure_logging)
+    assert "INFO starting" in run.stdout and "INFO model " not in run.stdout
     status = json.loads((tmp_path / "out" / "status-worker-1.json").read_text())
     assert status["state"] == "stopped" and "refused by the fleet" in status["exit_reason"]
 

@@ -156,7 +156,7 @@ def test_a_source_at_its_target_still_redraws_a_dropped_group() -> None:
 
 
 def report(window_start: int, rollouts: int, ready_at: float) -> WindowReport:
-    return WindowReport(window_start=window_start, file="f", partial=False, issued_groups=rollouts // 16,
+    return WindowReport(window_start=window_start, file="f", partial=False, issued_groups=rollouts // 16, gaps=[],
                         groups=rollouts // 16, rollouts=rollouts, cut_groups=0, cut_rollouts=0, failed_indices=[],
                         redraws=0, missing_groups=[], completion_tokens=0, solved=0, validator_success=0,
                         reward_sum=0.0, seconds=1.0, deadline=356.0, ready_at=ready_at, write_seconds=1.0,

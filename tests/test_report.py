@@ -16,7 +16,7 @@ from grail_pipeline.tools.window_report import CHECKPOINT, CUT, IDLE, LATE, MARG
 def record(start: int, rollouts: int, cut: int, margin: float, idle: float, checkpoint: int) -> dict:
     """A window record as the daemon writes it (WindowReport.as_dict plus the daemon's idle time)."""
     deadline = 1000.0 + start
-    report = WindowReport(window_start=start, file=f"/x/hk-window-{start}.parquet", partial=False,
+    report = WindowReport(window_start=start, file=f"/x/hk-window-{start}.parquet", partial=False, gaps=[],
                           issued_groups=(rollouts + cut) // 16, groups=rollouts // 16, rollouts=rollouts,
                           cut_groups=cut // 16, cut_rollouts=cut, failed_indices=[], redraws=0, missing_groups=[],
                           completion_tokens=rollouts * 20, solved=0, validator_success=0, reward_sum=0.0,

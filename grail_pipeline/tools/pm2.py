@@ -29,6 +29,7 @@ each app a worker alone (no fleet, no Redis), the hotkeys dealt to the GPUs in o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shlex
@@ -202,7 +203,7 @@ def deal_hotkeys(args: argparse.Namespace, workers: list[Worker]) -> list[Worker
     if len(wallets) > per_gpu * len(workers) or not all(shares):
         raise UserError(f"{len(wallets)} hotkey(s) at {per_gpu} per GPU do not fill this node's {len(workers)} GPU(s) "
                         f"one share each: give --gpus, --hotkeys-per-gpu or more --hotkeys")
-    return [Worker(w.gpu, w.choice, w.worker_id, share) for w, share in zip(workers, shares)]
+    return [dataclasses.replace(w, wallets=share) for w, share in zip(workers, shares)]
 
 
 def _check_flags(args: argparse.Namespace) -> None:
