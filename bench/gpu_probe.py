@@ -28,6 +28,7 @@ from grail_pipeline.protocol.sketches import r_vec, sketch_at_indices, sketch_di
 from grail_pipeline.proving.batched import BatchedProver
 from grail_pipeline.proving.reference import ReferenceProver
 from grail_pipeline.proving.validator import validator_forward
+from grail_pipeline.tools.roofline import timed_ms
 
 EOS, PAD = 151645, 151643
 
@@ -53,24 +54,12 @@ def check_attention(report: dict) -> None:
         ref = decode_attention_reference(q.float(), k.float(), v.float(), lens)
         out = decode_attention_triton(q, k, v, lens)
         err = ((out.float() - ref).norm() / ref.norm()).item()
-        ms = timed(lambda: decode_attention_triton(q, k, v, lens))
-        ms_sdpa = timed(lambda: decode_attention_reference(q, k, v, lens))
+        ms = timed_ms(lambda: decode_attention_triton(q, k, v, lens))
+        ms_sdpa = timed_ms(lambda: decode_attention_reference(q, k, v, lens))
         live = (lens.sum().item() * 2 * 2 * 128 * 2) / 1e9
         rows.append(dict(slots=slots, rel_err=err, triton_ms=ms, sdpa_ms=ms_sdpa, live_gb=live,
                          triton_tb_s=live / ms))
     report["attention"] = rows
-
-
-def timed(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def check_prover(loaded, report: dict, groups: int) -> None:
@@ -124,10 +113,10 @@ def prover_parts(loaded, prover, comps, prompt, r) -> dict:
                 width = len(seqs[b[0]])
                 ids = torch.zeros((len(b), width), dtype=torch.long, device="cuda")
                 prover.decoder(input_ids=ids)
-        out[f"forward_ms_budget{budget}"] = timed(fwd, reps=3)
+        out[f"forward_ms_budget{budget}"] = timed_ms(fwd, reps=3)
         out[f"padding_waste_budget{budget}"] = 1 - sum(map(len, seqs)) / padded
     h = torch.randn(sum(map(len, seqs)), 2048, device="cuda", dtype=torch.bfloat16)
-    out["sketch_ms"] = timed(lambda: sketch_hidden(h, r), reps=3)
+    out["sketch_ms"] = timed_ms(lambda: sketch_hidden(h, r), reps=3)
     n_comp = sum(map(len, comps))
     states = torch.randn(n_comp, 2048, device="cuda", dtype=torch.bfloat16)
     tgt = torch.randint(0, 151000, (n_comp,), device="cuda")
@@ -135,7 +124,7 @@ def prover_parts(loaded, prover, comps, prompt, r) -> dict:
         for s0 in range(0, n_comp, prover.logit_chunk):
             logits = prover.lm_head(states[s0:s0 + prover.logit_chunk]).float()
             logits.gather(1, tgt[s0:s0 + prover.logit_chunk, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    out["logprob_ms"] = timed(lp, reps=3)
+    out["logprob_ms"] = timed_ms(lp, reps=3)
     out["tokens"] = sum(map(len, seqs))
     return out
 
@@ -147,7 +136,7 @@ def probe_fast(loaded, report: dict, slot_list: list[int], groups: int) -> None:
         t0 = time.perf_counter()
         engine = FastEngine(loaded, sampling, slots=slots, max_prompt_tokens=512)
         startup = time.perf_counter() - t0
-        step_ms = timed(engine.runner.step, reps=50)
+        step_ms = timed_ms(engine.runner.step, reps=50)
         engine.generate(requests(slots // 16, 280, seed0=7))  # warm run: fill and drain once
         engine.reset_stats()
         reqs = requests(groups, 280, seed0=1000)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
+from pipeline_profile import time_graph  # bench scripts run with bench/ on the path
 
 
 def vocab_topk(x: torch.Tensor, k: int, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,21 +36,6 @@ def vocab_topk(x: torch.Tensor, k: int, chunks: int) -> tuple[torch.Tensor, torc
     return values, indices
 
 
-def timed(fn, reps: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=512)
@@ -59,12 +44,12 @@ def main() -> None:
     args = p.parse_args()
     x = torch.randn(args.rows, args.vocab, device="cuda") * 3
     ref_v, _ = torch.topk(x, args.k)
-    rows = [dict(variant="torch.topk", ms=timed(lambda: torch.topk(x, args.k)), equal=True)]
+    rows = [dict(variant="torch.topk", ms=time_graph(lambda: torch.topk(x, args.k)), equal=True)]
     for chunks in [c for c in range(2, 1025) if args.vocab % c == 0 and args.vocab // c >= 4 * args.k]:
         v, i = vocab_topk(x, args.k, chunks)
         equal = torch.equal(v, ref_v) and torch.equal(x.gather(1, i), v)
         rows.append(dict(variant=f"two-stage {chunks} chunks of {args.vocab // chunks}",
-                         ms=timed(lambda c=chunks: vocab_topk(x, args.k, c)), equal=equal))
+                         ms=time_graph(lambda c=chunks: vocab_topk(x, args.k, c)), equal=equal))
     for r in rows:
         print(f"{r['variant']:40s} {r['ms']:.3f} ms  equal={r['equal']}")
     with open(os.path.join(os.environ.get("OUT", "."), "sampler_probe.json"), "w") as fh:

@@ -34,7 +34,8 @@ class Ceilings:
     matmul_tflop_s: float
 
 
-def _timed_ms(fn, reps: int) -> float:
+def timed_ms(fn, reps: int = 20) -> float:
+    """Mean milliseconds of `fn` over `reps` back-to-back runs on the GPU (CUDA events), after one untimed run."""
     import torch
 
     fn()
@@ -67,8 +68,8 @@ def measured_ceilings(device: str) -> Ceilings | None:
 
     try:
         with torch.cuda.device(torch.device(device)):
-            copy_ms = _timed_ms(_copy(torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)), reps=10)
-            mm_ms = _timed_ms(_product(torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)), reps=10)
+            copy_ms = timed_ms(_copy(torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)), reps=10)
+            mm_ms = timed_ms(_product(torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)), reps=10)
     except torch.OutOfMemoryError:  # a run under --memory-gb may have no room left at its end: no bound, no crash
         return None
     finally:
