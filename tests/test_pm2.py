@@ -164,7 +164,7 @@ def test_several_hotkeys_per_gpu(calibration, tmp_path, capsys) -> None:
         assert env["BT_WALLET_PATH"] == str(tmp_path / "wallets")
         assert app["args"][-4:] == ["--target-rollouts", "cap", "--failed-windows", "1"]
     rc, out, _ = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "3,1",
-                      "--gpu-kind", H100, "--hotkeys", hotkeys, "--hotkeys-per-gpu", "3")
+                      "--gpu-kind", H100, "--hotkeys", hotkeys, "--hotkeys-per-gpu", "3", "--cwd", str(tmp_path))
     assert [a["env"]["GRAIL_HOTKEYS"] for a in load_apps(out, tmp_path)] == ["cold/h1,cold/h2,cold/h3", "cold/h4"]
     for flags, words in ((["--hotkeys-per-gpu", "1"], "do not fill"), (["--target", "grail"], "one hotkey per process"),
                          (["--redis-url", "redis://hub:6379/0"], "no fleet"), (["--target-rollouts", "7"], "groups of 16")):
