@@ -131,10 +131,10 @@ CASES = [
     C("emit-pm2", "--metrics-port", "70000", expect="--metrics-port 70000 is not a port"),
     C("emit-pm2", "--metrics-host", "a b", expect="--metrics-host 'a b' is not a host name or address"),
     C("emit-pm2", "--scrape-interval", "0", expect="argument --scrape-interval: '0' must be positive"),
-    C("emit-pm2", "--hotkeys", "x", "--target", "dry-run", expect="--hotkeys"),
+    C("emit-pm2", "--hotkeys", "x", "--target", "dry-run", expect="--hotkeys: 'x' is not COLDKEY/HOTKEY"),
     C("emit-pm2", "--hotkeys-per-gpu", "0", expect="argument --hotkeys-per-gpu: '0' must be at least 1"),
-    C("emit-pm2", "--target-rollouts", "abc", expect="go with --hotkeys"),
-    C("emit-pm2", "--failed-windows", "13", expect="go with --hotkeys"),
+    C("emit-pm2", "--target-rollouts", "abc", expect="--target-rollouts and --failed-windows go with --hotkeys"),
+    C("emit-pm2", "--failed-windows", "13", expect="--target-rollouts and --failed-windows go with --hotkeys"),
     # --- make-checkpoints: a rehearsal series for mine --checkpoint-dir
     C("make-checkpoints", "--model", "dummy:nope", expect="unknown model preset 'dummy:nope'"),
     C("make-checkpoints", "--out", "/proc/nope/series", expect="cannot create --out /proc/nope/series"),
