@@ -16,6 +16,7 @@ from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.records import (
     INFERENCE_SCHEMA,
     MalformedRow,
+    ROW_GROUP_ROWS,
     WindowFileError,
     build_rollout_record,
     grpo_advantages,
@@ -143,6 +144,20 @@ def test_file_schema_types_and_encoding(tmp_path: Path) -> None:
     assert pq.read_table(path).num_rows == 2  # what the validator calls reads it
     raw_commitments = pq.read_table(path).column("commit").combine_chunks().field("commitments")[0].as_py()
     assert raw_commitments.startswith('[{"sketch":')  # JSON text inside the struct, as the validator expects
+
+
+def test_a_full_window_is_written_in_row_groups_that_read_back(tmp_path: Path) -> None:
+    """A 360-s H200 window (18,416 rollouts) in one row group could not be read (ROW_GROUP_ROWS says why)."""
+    records = [make_record(g, i) for g in range(ROW_GROUP_ROWS // 16 * 2 + 1) for i in range(16)]
+    path = tmp_path / "w.parquet"
+    write_window_file(path, records, METADATA)
+    row_groups = pq.ParquetFile(path).metadata
+    sizes = [row_groups.row_group(i).num_rows for i in range(row_groups.num_row_groups)]
+    assert sizes == [ROW_GROUP_ROWS, ROW_GROUP_ROWS, 16]
+    got, metadata = read_window_file(path)
+    assert [(r["rollout_group"], r["rollout_index"]) for r in got] == [(r["rollout_group"], r["rollout_index"])
+                                                                       for r in records]
+    assert metadata["inference_count"] == str(len(records))
 
 
 def test_empty_window_file(tmp_path: Path) -> None:

@@ -251,6 +251,16 @@ def _with_metadata(table: pa.Table, metadata: Mapping[str, object]) -> pa.Table:
     return table.replace_schema_metadata({str(k): str(v) for k, v in meta.items()})
 
 
+# Rows per Parquet row group of a window file. A column chunk whose strings pass 2 GiB cannot be read back
+# whole: pyarrow's reader (pq.read_table, what the validator and `verify` call) then fails with "Nested data
+# conversions not implemented for chunked array outputs", because `commit` is a struct and its JSON
+# `commitments` (~120 KB per W1 rollout before compression) overflow one chunk. Measured on an H200
+# (bench/results/h200-2026-12-02/window-credit/): a 360-s W1 window at 512 slots wrote 18,416 rollouts in one
+# row group and `verify` could not read the file. 1,024 rows keep a row group under ~400 MB of JSON even at
+# the protocol's longest rollouts (2,048 new tokens), and any number of row groups reads back as one table.
+ROW_GROUP_ROWS = 1024
+
+
 def write_window_file(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]],
                       metadata: Mapping[str, object]) -> None:
     """Write the window's rollouts atomically: temp file, fsync, rename, fsync of the directory.
@@ -268,7 +278,7 @@ def write_window_table(path: str | os.PathLike[str], table: pa.Table, metadata: 
         raise ValueError("window table does not have the GRAIL window schema")
     table = _with_metadata(table, metadata)
     write_atomically(path, lambda fh: pq.write_table(table, fh, compression="zstd", use_dictionary=True,
-                                                      write_statistics=True))
+                                                      write_statistics=True, row_group_size=ROW_GROUP_ROWS))
 
 
 def read_window_file(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any] | MalformedRow], dict[str, str]]:
