@@ -79,6 +79,14 @@ class RowInvariance:
         if on_gpu:
             used = Component("row_count_measurement", torch.cuda.max_memory_allocated(weight.device) - before,
                              "measured", f"peak allocation over measuring {len(counts)} row counts up to {top}")
+            # The measurement asks for outputs of ~1,500 sizes. On an H200 (W1, bench/results/h200-2026-12-02/
+            # final-w1/) a first run on a fresh machine, which measures here, peaked at 137.7 GB reserved
+            # against 39.8 GB when the counts came from the on-disk cache, while this measurement's own peak
+            # allocation was 1.9 GB: the caching allocator kept what it had reserved for these sizes. Handing
+            # it back keeps what the process holds (and what other processes on the card can have) to what
+            # the run needs. Not yet re-measured on a GPU.
+            del x, reference
+            torch.cuda.empty_cache()
         else:
             used = Component("row_count_measurement", measurement_bytes(decoder, top), "computed",
                              f"random rows, reference and one output at {top} rows")
