@@ -28,6 +28,30 @@ def test_w1_limit_on_an_h200() -> None:
     assert 120 < line["limit_rollouts_per_s"] < 160  # the issue's ~140 rollouts/s
     assert line["fraction_of_limit"] == pytest.approx(47.8 / line["limit_rollouts_per_s"], rel=1e-3)
     assert line["decode_per_rollout"]["measured_ms"] == pytest.approx(7.7 * 436 / 512, rel=1e-3)
+    assert line["proof_per_rollout"]["busy_ms"] is None  # no prove stage given
+
+
+def test_w1_proof_bounds_per_pass_and_per_rollout() -> None:
+    """The proof's bandwidth bound: weights once per pass, the residual stream, the completion logits twice."""
+    shapes = Shapes.of(W1, 2)
+    line = roofline(shapes, Ceilings(bandwidth_tb_s=4.3, matmul_tflop_s=790), batch_size=512, occupancy=1.0,
+                    computed_share=1.0, mean_context=530, completion_tokens=436, prompt_tokens=270, step_ms=7.7,
+                    rollouts_per_s=47.8, proof_pass_rows=32768, proof_busy_ms=15.3)
+    proof, one_pass = line["proof_per_rollout"], line["proof_pass"]
+    rows = 436 + 270 / 16
+    expected = (436 / 32768 * shapes.weight_bytes + rows * 36 * 2 * 2048 * 2 + 2 * 436 * 151936 * 2)
+    assert proof["gb"] == pytest.approx(expected / 1e9, rel=1e-3)
+    assert proof["bandwidth_ms"] == pytest.approx(1e3 * expected / 4.3e12, rel=1e-2)
+    assert proof["compute_ms"] > 10 * proof["bandwidth_ms"]  # the proof is compute-bound: its bound is its FLOPs
+    assert one_pass["rows"] == 32768
+    for bound in ("compute_ms", "bandwidth_ms"):  # a pass proves 32768 / 436 rollouts' completions
+        assert one_pass[bound] == pytest.approx(proof[bound] * 32768 / 436, rel=1e-2)
+    assert proof["busy_ms"] == 15.3
+    without_passes = roofline(shapes, Ceilings(bandwidth_tb_s=4.3, matmul_tflop_s=790), batch_size=512,
+                              occupancy=1.0, computed_share=1.0, mean_context=530, completion_tokens=436,
+                              prompt_tokens=270, step_ms=7.7, rollouts_per_s=47.8)
+    assert without_passes["proof_pass"]["rows"] == 436  # by default a pass is one rollout's rows
+    assert without_passes["proof_per_rollout"]["bandwidth_ms"] > proof["bandwidth_ms"]  # weights read per rollout
 
 
 def test_no_ceilings_off_the_gpu() -> None:

@@ -153,19 +153,21 @@ def _engine_details(console: Console, runtime: Runtime, results: list["BatchResu
 
 
 def _limits(console: Console, runtime: Runtime, results: list["BatchResult"]) -> None:
-    """Per batch size: the floor of each pass per rollout (the larger of its compute and bandwidth bounds), the
-    rate they allow together, and the share of it reached. Nothing off the GPU (no ceilings to measure)."""
+    """Per batch size: the floor of each pass per rollout (the larger of its compute and bandwidth bounds) beside
+    what the decode step and the prove stage took per rollout, the rate the floors allow together, and the share
+    of it reached. Nothing off the GPU (no ceilings to measure)."""
     rows = [(r, result_roofline(runtime, r)) for r in results if r.ok]
     rows = [(r, line) for r, line in rows if line is not None]
     if not rows:
         return
     table = Table(title="AGAINST THE CARD'S LIMIT (ms per rollout)", title_justify="left")
-    for col in ("Batch", "Decode bound", "Decode", "Proof bound", "Limit roll/s", "Reached"):
+    for col in ("Batch", "Decode bound", "Decode", "Proof bound", "Proof busy", "Limit roll/s", "Reached"):
         table.add_column(col, justify="right")
     for r, line in rows:
-        decode = line["decode_per_rollout"]
+        decode, proof = line["decode_per_rollout"], line["proof_per_rollout"]
+        busy = "-" if proof["busy_ms"] is None else f"{proof['busy_ms']:.2f}"
         table.add_row(str(r.batch_size), f"{max(decode['compute_ms'], decode['bandwidth_ms']):.2f}",
-                      f"{decode['measured_ms']:.2f}", f"{line['proof_per_rollout']['compute_ms']:.2f}",
+                      f"{decode['measured_ms']:.2f}", f"{max(proof['compute_ms'], proof['bandwidth_ms']):.2f}", busy,
                       f"{line['limit_rollouts_per_s']:.1f}", f"{line['fraction_of_limit']:.0%}")
     console.print(table)
 

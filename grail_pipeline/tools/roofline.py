@@ -4,8 +4,10 @@ A rollout costs two passes over its tokens: the decode steps that generate them,
 that recomputes them as the validator will (plus its prompt, once per group of 16). For each, the compute
 bound is its floating-point operations over the card's measured matrix rate, and the bandwidth bound the
 bytes it must move over the measured copy rate: for a decode step, the weights once plus every occupied
-slot's live keys and values; the proof's products are large enough to be compute-bound. The larger bound
-of each pass is its floor, and one over the sum of both passes' floors per rollout is the rate no version of
+slot's live keys and values; for the proof, its weights once per pass (a pass proves up to 32,768 completion
+rows, proving/prefix.py), each layer's input and output rows and the completion rows' logits (the proof's
+products are large enough that compute bounds it, by about 30x on W1). The larger bound of each pass is its
+floor, and one over the sum of both passes' floors per rollout is the rate no version of
 this pipeline can pass (issue #21: about 140 rollouts/s on W1 on an H200). The measured rate over it is the
 fraction of the limit reached.
 
@@ -87,6 +89,8 @@ class Shapes:
     attention_width: int  # layers x query heads x head dim: one query-key product per token of context
     kv_bytes_per_token: int  # layers x (K, V) x KV heads x head dim x dtype bytes
     weight_bytes: int  # what a decode step reads of the weights: the projections and the head
+    stream_bytes_per_token: int  # layers x (in, out) x hidden x dtype bytes: the residual stream through a forward
+    logit_bytes_per_token: int  # vocabulary x dtype bytes: one row of logits
 
     @classmethod
     def of(cls, config, dtype_bytes: int) -> "Shapes":
@@ -97,16 +101,18 @@ class Shapes:
         per_layer = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * inter
         linear, head = layers * per_layer, text.vocab_size * hidden
         return cls(linear, head, layers * heads * head_dim, layers * 2 * kv_heads * head_dim * dtype_bytes,
-                   (linear + head) * dtype_bytes)
+                   (linear + head) * dtype_bytes, layers * 2 * hidden * dtype_bytes, text.vocab_size * dtype_bytes)
 
 
 def roofline(shapes: Shapes, ceilings: Ceilings, *, batch_size: int, occupancy: float, computed_share: float,
              mean_context: float, completion_tokens: float, prompt_tokens: float, step_ms: float,
-             rollouts_per_s: float) -> dict:
+             rollouts_per_s: float, proof_pass_rows: float | None = None, proof_busy_ms: float | None = None) -> dict:
     """Both bounds of the decode step and of the proof, per step and per rollout, and the fraction reached.
 
     `completion_tokens` and `prompt_tokens` are per rollout and per group; `computed_share` is the rows a step
-    computes over the slots (the fast engine's decode width)."""
+    computes over the slots (the fast engine's decode width). The proof's step is a pass of `proof_pass_rows`
+    completion rows (default: one rollout's); `proof_busy_ms` is what the run's prove stage was busy per
+    rollout (wall time, host included, while decoding shared the card), shown beside the bounds."""
     flops, bandwidth = ceilings.matmul_tflop_s * 1e12, ceilings.bandwidth_tb_s * 1e12
     occupied = occupancy * batch_size
     rows = computed_share * batch_size
@@ -120,8 +126,14 @@ def roofline(shapes: Shapes, ceilings: Ceilings, *, batch_size: int, occupancy: 
     proof_flop = (2 * proof_rows * shapes.linear_params + 2 * completion_tokens * shapes.head_params
                   + 4 * completion_tokens * context * shapes.attention_width)
     decode_ms = steps_per_rollout * max(step_compute_ms, step_bandwidth_ms)
-    proof_ms = 1e3 * proof_flop / flops
+    pass_rows = proof_pass_rows or completion_tokens
+    passes = completion_tokens / pass_rows if pass_rows else 0.0  # passes per rollout
+    proof_bytes = (passes * shapes.weight_bytes + proof_rows * shapes.stream_bytes_per_token
+                   + 2 * completion_tokens * shapes.logit_bytes_per_token)  # logits written, then read for logprobs
+    proof_compute_ms, proof_bandwidth_ms = 1e3 * proof_flop / flops, 1e3 * proof_bytes / bandwidth
+    proof_ms = max(proof_compute_ms, proof_bandwidth_ms)
     limit = 1e3 / (decode_ms + proof_ms) if decode_ms + proof_ms else 0.0
+    per_pass = 1 / passes if passes else 0.0
     return dict(
         ceilings=asdict(ceilings),
         decode_step=dict(compute_ms=round(step_compute_ms, 3), bandwidth_ms=round(step_bandwidth_ms, 3),
@@ -129,7 +141,11 @@ def roofline(shapes: Shapes, ceilings: Ceilings, *, batch_size: int, occupancy: 
         decode_per_rollout=dict(compute_ms=round(steps_per_rollout * step_compute_ms, 3),
                                 bandwidth_ms=round(steps_per_rollout * step_bandwidth_ms, 3),
                                 measured_ms=round(steps_per_rollout * step_ms, 3)),
-        proof_per_rollout=dict(compute_ms=round(proof_ms, 3), tflop=round(proof_flop / 1e12, 3)),
+        proof_pass=dict(rows=round(pass_rows, 1), compute_ms=round(per_pass * proof_compute_ms, 3),
+                        bandwidth_ms=round(per_pass * proof_bandwidth_ms, 3)),
+        proof_per_rollout=dict(compute_ms=round(proof_compute_ms, 3), bandwidth_ms=round(proof_bandwidth_ms, 3),
+                               tflop=round(proof_flop / 1e12, 3), gb=round(proof_bytes / 1e9, 3),
+                               busy_ms=None if proof_busy_ms is None else round(proof_busy_ms, 3)),
         limit_rollouts_per_s=round(limit, 2),
         fraction_of_limit=round(rollouts_per_s / limit, 4) if limit else None,
     )
@@ -144,9 +160,16 @@ def result_roofline(runtime, result) -> dict | None:
     engine = result.engine or {}
     if ceilings is None or not result.rollouts or not engine.get("decode_steps"):
         return None
+    from grail_pipeline.proving.prefix import MAX_GROUPS, MAX_ROWS  # here: it imports torch
+
+    completion_tokens = result.completion_tokens / result.rollouts
+    # a pass takes waiting groups until MAX_ROWS completion rows or MAX_GROUPS groups; a full pipeline keeps it fed
+    pass_rows = min(MAX_ROWS, MAX_GROUPS * PROFILE.rollouts_per_problem * completion_tokens)
+    prove_s = (result.stage_seconds or {}).get("prove")
     return roofline(Shapes.of(config, dtype_bytes), ceilings, batch_size=result.batch_size,
                     occupancy=engine.get("batch_occupancy", 0.0), computed_share=engine.get("computed_rows_share", 1.0),
                     mean_context=engine.get("mean_context", 0.0),
-                    completion_tokens=result.completion_tokens / result.rollouts,
+                    completion_tokens=completion_tokens,
                     prompt_tokens=result.prompt_tokens / max(1, result.problems), step_ms=engine.get("step_ms", 0.0),
-                    rollouts_per_s=result.rollouts_per_s)
+                    rollouts_per_s=result.rollouts_per_s, proof_pass_rows=pass_rows,
+                    proof_busy_ms=None if prove_s is None else 1e3 * prove_s / result.rollouts)
