@@ -12,13 +12,15 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli, write_wallet
+from conftest import block_time_for, run_cli, write_wallet
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_mine import running_daemon, signal_and_wait
 from test_pm2 import entry, load_apps, need
 
 from grail_pipeline.common.errors import UserError
@@ -144,6 +146,46 @@ def test_several_hotkeys_each_have_their_own_series_and_the_engine_one(tmp_path)
     info = [dict(labels) for (n, labels), _ in scraped.items() if n == "grail_worker_info"]
     assert info == [{"hotkey": first, "worker": "3", "gpu": "cpu", "version": "0.1.0", "model_name": "dummy:tiny",
                      "engine": "fast", "batch_size": "16", "hotkeys": f"{first},{second}"}]
+
+
+@pytest.mark.slow
+def test_a_two_hotkey_daemon_serves_each_hotkeys_windows(tmp_path, group_seconds) -> None:
+    """`mine --dry-run --hotkeys cold/hot1,cold/hot2 --metrics-port` on the CPU, its /metrics read over HTTP while it
+    mines: each hotkey's rollouts counted are its own files' rows and its last window's gauge names one of its
+    files; the engine's series (decode, queues, signed rollouts) are one, under the first hotkey."""
+    root = tmp_path / "wallets"
+    first, second = write_wallet(root, "cold", "hot1"), write_wallet(root, "cold", "hot2")
+    out, log, port = tmp_path / "windows", tmp_path / "mine.log", free_ports(1)
+    env = {"BT_WALLET_PATH": str(root), "GRAIL_HOTKEYS": "cold/hot1,cold/hot2"}
+    block = block_time_for(group_seconds("fast"), groups=3)  # both hotkeys' groups in one batch, and room
+    with running_daemon(out, env, log, "--engine", "fast", "--batch-size", "32", "--block-time", block,
+                        "--target-rollouts", "16", "--metrics-port", str(port)) as proc:
+
+        def settled() -> dict[tuple[str, frozenset], float] | None:
+            """A scrape where both hotkeys wrote a file and every file's rows are counted (none written since)."""
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                scraped = scrape(port)
+            except OSError:
+                return None  # not serving yet
+            counted = Counter(by_hotkey(scraped, "grail_rollouts_on_time_total"))
+            counted.update(by_hotkey(scraped, "grail_rollouts_late_total"))
+            rows = {hk: sum(file_rollouts(out, hk).values()) for hk in (first, second)}
+            return scraped if all(rows.values()) and counted == rows else None
+
+        deadline = time.monotonic() + 180
+        while (scraped := settled()) is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        signal_and_wait(proc, signal.SIGTERM, timeout=60)
+    for hk, start in by_hotkey(scraped, "grail_window_start").items():
+        assert int(start) in file_rollouts(out, hk), (hk, start)  # that hotkey's file, not the other's
+    assert set(by_hotkey(scraped, "grail_window_start")) == {first, second}
+    assert by_hotkey(scraped, "grail_target_rollouts") == {first: 16, second: 16}
+    for name in ("grail_decode_steps_total", "grail_rollouts_signed_total", "grail_gpu_idle_seconds_total"):
+        assert set(by_hotkey(scraped, name)) == {first}, name
+    (info,) = [dict(labels) for (n, labels), _ in scraped.items() if n == "grail_worker_info"]
+    assert info["hotkey"] == first and info["hotkeys"] == f"{first},{second}"
 
 
 # --- emit-pm2's ports and scrape configuration -------------------------------------------------------------------

@@ -155,7 +155,7 @@ class _StatusFeed:
     def __init__(self, metrics: MinerMetrics, hotkey: str) -> None:
         self.metrics = metrics
         self.labels = {**metrics.labels, "hotkey": hotkey}
-        self.engine = hotkey == metrics.labels["hotkey"]
+        self.feeds_engine = hotkey == metrics.labels["hotkey"]
         self.fleet: dict[str, Any] = {}
         self._seen_window: int | None = None
         self._seen_check: int | None = None
@@ -164,7 +164,7 @@ class _StatusFeed:
     def observe(self, fields: dict[str, Any]) -> None:
         """One status update: the fields it changed."""
         m, labels = self.metrics, self.labels
-        if self.engine:
+        if self.feeds_engine:
             m._engine_fields(fields)
         if fields.get("state") in STATES:
             m.state.labels(**labels).state(fields["state"])
