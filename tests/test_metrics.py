@@ -12,13 +12,15 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli, write_wallet
+from conftest import block_time_for, run_cli, write_wallet
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_mine import running_daemon, signal_and_wait
 from test_pm2 import entry, load_apps, need
 
 from grail_pipeline.common.errors import UserError
@@ -91,6 +93,99 @@ def test_a_port_in_use_is_one_line() -> None:
         metrics = MinerMetrics(HOTKEY, 0, "cpu")
         with pytest.raises(UserError, match=f"--metrics-port {port}: cannot serve metrics"):
             metrics.serve(port, "127.0.0.1")
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """/metrics over HTTP, as Prometheus reads it: every sample by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def by_hotkey(scraped: dict[tuple[str, frozenset], float], name: str) -> dict[str, float]:
+    return {dict(labels)["hotkey"]: v for (n, labels), v in scraped.items() if n == name}
+
+
+def test_several_hotkeys_each_have_their_own_series_and_the_engine_one(tmp_path) -> None:
+    """Two hotkeys' statuses on one worker (mine --hotkeys), served over HTTP: each hotkey's windows, files, cut,
+    state, target and self-check under its own label, with its own values, even where both wrote the same window;
+    the engine's (worker info, spare capacity, which every status repeats) once, under the first hotkey."""
+    first, second = HOTKEY, "5SecondFakeHotkeyForMetrics"
+    common = {"target_rollouts": 32, "hotkeys": [first, second]}
+    statuses = [StatusFile(tmp_path / f"status-{hk}.json", 3, 1, hotkey=hk, **common) for hk in (first, second)]
+    metrics = MinerMetrics(first, 3, "cpu")
+    for hk, status in zip((first, second), statuses):
+        metrics.watch(status, hk)
+    port = free_ports(1)
+    metrics.serve(port, "127.0.0.1")
+    spare = {"window_start": 30, "hotkeys": 2, "target_rollouts": 32, "rollouts": 64, "short": {}, "busy_s": 10.0,
+             "rollouts_per_s": 6.4, "spare_s": 5.0, "spare_rollouts": 32, "more_hotkeys": 1}
+    for status in statuses:
+        status.update(state="mining", current_window=60, engine="fast", batch_size=16, model_name="dummy:tiny")
+    statuses[0].update(last_window=window_record(30, 32, 0), spare_capacity=spare)
+    statuses[1].update(last_window=window_record(30, 16, 16), spare_capacity=spare)  # the same window: counted
+    statuses[1].update(last_window=window_record(60, 48, 0, on_time=False), state="draining")
+    statuses[1].update(self_check={"window_start": 60, "rollouts_checked": 4, "rollouts_passed": 4})
+    scraped = scrape(port)
+    assert by_hotkey(scraped, "grail_windows_written_total") == {first: 1, second: 2}
+    assert by_hotkey(scraped, "grail_rollouts_on_time_total") == {first: 32, second: 16}
+    assert by_hotkey(scraped, "grail_rollouts_late_total") == {second: 48}  # a series once it counts
+    assert by_hotkey(scraped, "grail_rollouts_cut_total") == {first: 0, second: 16}
+    assert by_hotkey(scraped, "grail_window_start") == {first: 30, second: 60}
+    assert by_hotkey(scraped, "grail_window_rollouts_on_time") == {first: 32, second: 0}
+    assert by_hotkey(scraped, "grail_target_rollouts") == {first: 32, second: 32}
+    assert by_hotkey(scraped, "grail_current_window") == {first: 60, second: 60}
+    assert by_hotkey(scraped, "grail_self_check_pass_ratio") == {second: 1.0}
+    states = {(dict(labels)["hotkey"], dict(labels)["grail_daemon_state"]) for (n, labels), v in scraped.items()
+              if n == "grail_daemon_state" and v == 1}
+    assert states == {(first, "mining"), (second, "draining")}
+    # the engine's: one series each, the first hotkey's labels; the info names every hotkey it serves
+    assert by_hotkey(scraped, "grail_spare_capacity_rollouts") == {first: 32}
+    assert by_hotkey(scraped, "grail_spare_capacity_hotkeys") == {first: 1}
+    info = [dict(labels) for (n, labels), _ in scraped.items() if n == "grail_worker_info"]
+    assert info == [{"hotkey": first, "worker": "3", "gpu": "cpu", "version": "0.1.0", "model_name": "dummy:tiny",
+                     "engine": "fast", "batch_size": "16", "hotkeys": f"{first},{second}"}]
+
+
+@pytest.mark.slow
+def test_a_two_hotkey_daemon_serves_each_hotkeys_windows(tmp_path, group_seconds) -> None:
+    """`mine --dry-run --hotkeys cold/hot1,cold/hot2 --metrics-port` on the CPU, its /metrics read over HTTP while it
+    mines: each hotkey's rollouts counted are its own files' rows and its last window's gauge names one of its
+    files; the engine's series (decode, queues, signed rollouts) are one, under the first hotkey."""
+    root = tmp_path / "wallets"
+    first, second = write_wallet(root, "cold", "hot1"), write_wallet(root, "cold", "hot2")
+    out, log, port = tmp_path / "windows", tmp_path / "mine.log", free_ports(1)
+    env = {"BT_WALLET_PATH": str(root), "GRAIL_HOTKEYS": "cold/hot1,cold/hot2"}
+    block = block_time_for(group_seconds("fast"), groups=3)  # both hotkeys' groups in one batch, and room
+    with running_daemon(out, env, log, "--engine", "fast", "--batch-size", "32", "--block-time", block,
+                        "--target-rollouts", "16", "--metrics-port", str(port)) as proc:
+
+        def settled() -> dict[tuple[str, frozenset], float] | None:
+            """A scrape where both hotkeys wrote a file and every file's rows are counted (none written since)."""
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                scraped = scrape(port)
+            except OSError:
+                return None  # not serving yet
+            counted = Counter(by_hotkey(scraped, "grail_rollouts_on_time_total"))
+            counted.update(by_hotkey(scraped, "grail_rollouts_late_total"))
+            rows = {hk: sum(file_rollouts(out, hk).values()) for hk in (first, second)}
+            return scraped if all(rows.values()) and counted == rows else None
+
+        deadline = time.monotonic() + 180
+        while (scraped := settled()) is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        signal_and_wait(proc, signal.SIGTERM, timeout=60)
+    for hk, start in by_hotkey(scraped, "grail_window_start").items():
+        assert int(start) in file_rollouts(out, hk), (hk, start)  # that hotkey's file, not the other's
+    assert set(by_hotkey(scraped, "grail_window_start")) == {first, second}
+    assert by_hotkey(scraped, "grail_target_rollouts") == {first: 16, second: 16}
+    for name in ("grail_decode_steps_total", "grail_rollouts_signed_total", "grail_gpu_idle_seconds_total"):
+        assert set(by_hotkey(scraped, name)) == {first}, name
+    (info,) = [dict(labels) for (n, labels), _ in scraped.items() if n == "grail_worker_info"]
+    assert info["hotkey"] == first and info["hotkeys"] == f"{first},{second}"
 
 
 # --- emit-pm2's ports and scrape configuration -------------------------------------------------------------------

@@ -163,6 +163,10 @@ def test_several_hotkeys_per_gpu(calibration, tmp_path, capsys) -> None:
         assert "GRAIL_REDIS_URL" not in env and "BT_WALLET_HOT" not in env
         assert env["BT_WALLET_PATH"] == str(tmp_path / "wallets")
         assert app["args"][-4:] == ["--target-rollouts", "cap", "--failed-windows", "1"]
+    # one metrics port per app (its hotkeys' series and its engine's: mining/metrics.py), each scraped once
+    ports = [a["args"][a["args"].index("--metrics-port") + 1] for a in apps]
+    (job,) = yaml.safe_load((tmp_path / "prometheus.yml").read_text())["scrape_configs"]
+    assert ports == ["9400", "9401"] and job["static_configs"][0]["targets"] == [f"127.0.0.1:{p}" for p in ports]
     rc, out, _ = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "3,1",
                       "--gpu-kind", H100, "--hotkeys", hotkeys, "--hotkeys-per-gpu", "3", "--cwd", str(tmp_path))
     assert [a["env"]["GRAIL_HOTKEYS"] for a in load_apps(out, tmp_path)] == ["cold/h1,cold/h2,cold/h3", "cold/h4"]

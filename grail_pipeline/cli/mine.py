@@ -290,8 +290,7 @@ def _run(args: argparse.Namespace) -> int:
             each.update(state="starting")
         except OSError as exc:
             raise UserError(f"cannot write the status file {path} ({exc.strerror or exc})") from None
-    # one hotkey's labels: with several on one engine the first's (the engine's stage and GPU figures are shared)
-    metrics = _serve_metrics(args, status, signer.ss58_address, settings.worker.worker_id)
+    metrics = _serve_metrics(args, statuses, [s.ss58_address for s in signers], settings.worker.worker_id)
     removed = []
     for path, each in zip(paths, signers):
         logger.info("starting %s, hotkey %s, window files in %s, status in %s", settings.worker.describe(),
@@ -370,8 +369,9 @@ def _run(args: argparse.Namespace) -> int:
             daemon.runtime.close()
 
 
-def _serve_metrics(args: argparse.Namespace, status: StatusFile, hotkey: str, worker_id: int) -> Any:
-    """--metrics-port: the worker's metrics served from now on, fed by its status (None without the flag)."""
+def _serve_metrics(args: argparse.Namespace, statuses: list[StatusFile], hotkeys: list[str], worker_id: int) -> Any:
+    """--metrics-port: the worker's metrics served from now on, each hotkey's fed by its own status, the engine's
+    labelled with the first hotkey (mining/metrics.py says why); None without the flag."""
     if args.metrics_port is None:
         return None
     from grail_pipeline.inference.loading import resolve_device
@@ -379,8 +379,9 @@ def _serve_metrics(args: argparse.Namespace, status: StatusFile, hotkey: str, wo
 
     device = resolve_device(args.device)
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or ("cpu" if device.type == "cpu" else str(device))
-    metrics = MinerMetrics(hotkey, worker_id, gpu)
-    metrics.watch(status)
+    metrics = MinerMetrics(hotkeys[0], worker_id, gpu)
+    for hotkey, status in zip(hotkeys, statuses, strict=True):
+        metrics.watch(status, hotkey)
     metrics.serve(args.metrics_port, args.metrics_address)
     return metrics
 

@@ -2,16 +2,27 @@
 
 Nothing here runs on the generation path or in the event loop's hot spots. Two sources, both values the daemon
 keeps anyway:
-- **The status file's updates** (`StatusFile.listen`): each window's record (`last_window`), the self-check, the
-  fleet part and the state go into counters and gauges in the thread that wrote the status (a few additions).
+- **The status files' updates** (`StatusFile.listen`, one feed per hotkey's status): each window's record
+  (`last_window`), the self-check, the target, the fleet part and the state go into counters and gauges in the
+  thread that wrote the status (a few additions).
 - **A collector read at scrape time**, in the HTTP server's thread: the pipeline's stage counters, queue depths
   and GPU idle time, the engine's decode counters, torch's and the driver's GPU memory, the checkpoint and its
   rotations. Reads of numbers another thread writes; nothing is locked that generation waits on.
 
 Names follow Prometheus's conventions (`_total` counters, `_seconds`, `_bytes`, ratios 0..1), every series
-labelled with the worker's `hotkey`, `worker` (GRAIL_WORKER_ID) and `gpu` (CUDA_VISIBLE_DEVICES, or `cpu`).
+labelled with a `hotkey`, the `worker` (GRAIL_WORKER_ID) and the `gpu` (CUDA_VISIBLE_DEVICES, or `cpu`).
 A window's own numbers are gauges of the last window written (`grail_window_*`, with `grail_window_start`
 naming it) and counters over the run (`grail_rollouts_on_time_total`, ...), so no series is made per window.
+
+Several hotkeys on one engine (`mine --hotkeys`, mining/hotkeys.py): what is a hotkey's own (its state and
+current window, its windows' files, cut and redrawn groups, self-check, target) is labelled with that hotkey,
+from its own status file. What the engine does for all of them (stages, queues, decode steps and occupancy, GPU
+memory, rollouts signed, the checkpoint, spare capacity, `grail_worker_info`) is one series per worker, labelled
+with the worker's hotkey: the first listed, whose unit runs the others. Not a made-up value such as `all`: a
+worker of one hotkey (every fleet worker) keeps the labels it always had, an engine series keeps one identity
+whether the engine serves one hotkey or several, and `hotkey` always names a real hotkey; `grail_worker_info`'s
+`hotkeys` label lists every hotkey the engine serves, in fill order. So `sum by (hotkey)` is meaningful for a
+hotkey's own series only; an engine series is joined to its hotkeys by `worker` and `gpu`.
 """
 
 from __future__ import annotations
@@ -36,19 +47,18 @@ logger = logging.getLogger("grail_pipeline")
 
 LABELS = ("hotkey", "worker", "gpu")
 FLEET_OUTCOMES = ("stored", "duplicate", "late", "spilled", "released")
+INFO_FIELDS = ("model_name", "engine", "batch_size", "hotkeys")  # grail_worker_info's labels, from the status
 
 
 class MinerMetrics:
-    """One worker's metrics: a registry of its own, fed by its status updates and read live from its daemon."""
+    """One worker's metrics: a registry of its own, fed by its hotkeys' status updates and read live from its
+    daemon. `labels` are the worker's, with its (first) hotkey: the engine's series carry them."""
 
     def __init__(self, hotkey: str, worker: int, gpu: str) -> None:
         self.labels = {"hotkey": hotkey, "worker": str(worker), "gpu": gpu}
         self.registry = CollectorRegistry(auto_describe=True)
         self.daemon: Daemon | None = None
-        self._seen_window: int | None = None
-        self._seen_check: int | None = None
-        self._fleet: dict[str, Any] = {}
-        self._fleet_counted: dict[str, int] = {}
+        self.feeds: list[_StatusFeed] = []
         self._info: dict[str, str] = {}
         r, names = self.registry, list(LABELS)
 
@@ -58,10 +68,13 @@ class MinerMetrics:
         def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
             return Gauge(name, doc, [*names, *extra], registry=r)
 
-        self.info = Info("grail_worker", "the worker's model, engine and version", names, registry=r)
+        self.info = Info("grail_worker", "the worker's model, engine, version and the hotkeys its engine serves",
+                         names, registry=r)
         self.state = Enum("grail_daemon_state", "the daemon's state (status file `state`)", names, states=list(STATES),
                           registry=r)
         self.current_window = gauge("grail_current_window", "start block of the window being mined")
+        self.target = gauge("grail_target_rollouts", "rollouts per window at which the hotkey's file stops "
+                            "(--target-rollouts; absent: as many as the deadline allows)")
         self.windows = counter("grail_windows_written", "window files written")
         self.on_time = counter("grail_rollouts_on_time", "rollouts in window files ready before their deadline")
         self.late = counter("grail_rollouts_late", "rollouts in window files ready after their deadline")
@@ -82,6 +95,13 @@ class MinerMetrics:
             ("gpu_idle_seconds", "seconds the GPU side had no group between the last two files"),
             ("rollouts_per_second", "on-time rollouts per second of the last window"),
         )}
+        self.spare = {key: gauge(f"grail_spare_capacity_{name}", doc) for key, name, doc in (
+            ("window_start", "window", "the latest window whose every hotkey's file is in (mining/fill.py)"),
+            ("spare_rollouts", "rollouts", "rollouts the engine could still have made in that window, past every "
+             "hotkey's target (0 when one fell short)"),
+            ("spare_s", "seconds", "seconds from that window's last file to its cut"),
+            ("more_hotkeys", "hotkeys", "whole targets in the spare rollouts: more hotkeys the engine could serve"),
+        )}
         self.checked = counter("grail_self_check_rollouts_checked", "rollouts re-verified by --verify-sample")
         self.passed = counter("grail_self_check_rollouts_passed", "re-verified rollouts that passed")
         self.pass_ratio = gauge("grail_self_check_pass_ratio", "the last window's self-check pass rate (0..1)")
@@ -95,20 +115,63 @@ class MinerMetrics:
         self.fleet_outages = counter("grail_fleet_redis_outages", "times Redis stopped answering")
         self.registry.register(_LiveCollector(self))
 
-    # -- fed by the status file -------------------------------------------------------------------------
-    def watch(self, status: StatusFile) -> None:
-        self.observe(status.data)
-        status.listen(self.observe)
+    def watch(self, status: StatusFile, hotkey: str | None = None) -> None:
+        """Feed the metrics from one hotkey's status file (`hotkey`: the worker's own when None), from now on."""
+        feed = _StatusFeed(self, self.labels["hotkey"] if hotkey is None else hotkey)
+        self.feeds.append(feed)
+        feed.observe(status.data)
+        status.listen(feed.observe)
+
+    def _engine_fields(self, fields: dict[str, Any]) -> None:
+        """What every hotkey's status repeats about the engine, taken from the worker's own hotkey's only."""
+        if any(k in fields for k in INFO_FIELDS):
+            for key in INFO_FIELDS:
+                if key in fields and fields[key] is not None:
+                    value = fields[key]
+                    self._info[key] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            self.info.labels(**self.labels).info({"version": __version__, **self._info})
+        spare = fields.get("spare_capacity")
+        if isinstance(spare, dict):
+            for key, gauge in self.spare.items():
+                if isinstance(spare.get(key), int | float):
+                    gauge.labels(**self.labels).set(float(spare[key]))
+
+    # -- serving ------------------------------------------------------------------------------------------
+    def serve(self, port: int, address: str) -> None:
+        """Serve /metrics on `address:port` from a daemon thread; a port in use is one UserError line."""
+        try:
+            start_http_server(port, address, registry=self.registry)
+        except OSError as exc:
+            raise UserError(f"--metrics-port {port}: cannot serve metrics on {address}:{port} "
+                            f"({exc.strerror or exc})") from None
+        logger.info("Prometheus metrics on http://%s:%d/metrics", address, port)
+
+
+class _StatusFeed:
+    """One hotkey's status updates (StatusFile.listen) into the metrics, under that hotkey's label; what it
+    has counted already (a window, a self-check, the fleet's running totals) is its own, so a hotkey's update
+    never hides another's. The engine's fields only through the worker's own hotkey's feed."""
+
+    def __init__(self, metrics: MinerMetrics, hotkey: str) -> None:
+        self.metrics = metrics
+        self.labels = {**metrics.labels, "hotkey": hotkey}
+        self.feeds_engine = hotkey == metrics.labels["hotkey"]
+        self.fleet: dict[str, Any] = {}
+        self._seen_window: int | None = None
+        self._seen_check: int | None = None
+        self._fleet_counted: dict[str, int] = {}
 
     def observe(self, fields: dict[str, Any]) -> None:
-        """One status update (StatusFile.listen): the fields it changed."""
+        """One status update: the fields it changed."""
+        m, labels = self.metrics, self.labels
+        if self.feeds_engine:
+            m._engine_fields(fields)
         if fields.get("state") in STATES:
-            self.state.labels(**self.labels).state(fields["state"])
+            m.state.labels(**labels).state(fields["state"])
         if isinstance(fields.get("current_window"), int):
-            self.current_window.labels(**self.labels).set(fields["current_window"])
-        if "model_name" in fields or "engine" in fields:
-            self._info.update({k: str(fields[k]) for k in ("model_name", "engine", "batch_size") if k in fields})
-            self.info.labels(**self.labels).info({"version": __version__, **self._info})
+            m.current_window.labels(**labels).set(fields["current_window"])
+        if isinstance(fields.get("target_rollouts"), int):
+            m.target.labels(**labels).set(fields["target_rollouts"])
         if isinstance(fields.get("last_window"), dict):
             self._window(fields["last_window"])
         if isinstance(fields.get("self_check"), dict):
@@ -120,16 +183,16 @@ class MinerMetrics:
         if w.get("window_start") == self._seen_window:
             return
         self._seen_window = w["window_start"]
+        m, labels = self.metrics, self.labels
         on_time = bool(w.get("on_time", True))
         rollouts, lost = int(w.get("rollouts", 0)), len(w.get("failed_indices") or [])
-        labels = self.labels
-        self.windows.labels(**labels).inc()
-        (self.on_time if on_time else self.late).labels(**labels).inc(rollouts)
-        self.cut.labels(**labels).inc(int(w.get("cut_rollouts", 0)))
-        self.redrawn.labels(**labels).inc(int(w.get("redraws", 0)))
-        self.lost.labels(**labels).inc(lost)
-        self.write_s.labels(**labels).inc(float(w.get("write_seconds", 0.0)))
-        self.write_b.labels(**labels).inc(int(w.get("file_bytes", 0)))
+        m.windows.labels(**labels).inc()
+        (m.on_time if on_time else m.late).labels(**labels).inc(rollouts)
+        m.cut.labels(**labels).inc(int(w.get("cut_rollouts", 0)))
+        m.redrawn.labels(**labels).inc(int(w.get("redraws", 0)))
+        m.lost.labels(**labels).inc(lost)
+        m.write_s.labels(**labels).inc(float(w.get("write_seconds", 0.0)))
+        m.write_b.labels(**labels).inc(int(w.get("file_bytes", 0)))
         values = {"start": w["window_start"], "rollouts_on_time": rollouts if on_time else 0,
                   "rollouts_cut": w.get("cut_rollouts", 0), "groups_redrawn": w.get("redraws", 0),
                   "groups_lost": lost, "margin_seconds": w.get("margin_s"), "write_seconds": w.get("write_seconds"),
@@ -137,26 +200,27 @@ class MinerMetrics:
                   "rollouts_per_second": w.get("rollouts_per_s")}
         for key, value in values.items():
             if value is not None:
-                self.last[key].labels(**labels).set(float(value))
+                m.last[key].labels(**labels).set(float(value))
 
     def _self_check(self, check: dict[str, Any]) -> None:
         if "rollouts_checked" not in check or check.get("window_start") == self._seen_check:
             return
         self._seen_check = check.get("window_start")
+        m, labels = self.metrics, self.labels
         checked, passed = int(check["rollouts_checked"]), int(check["rollouts_passed"])
-        self.checked.labels(**self.labels).inc(checked)
-        self.passed.labels(**self.labels).inc(passed)
+        m.checked.labels(**labels).inc(checked)
+        m.passed.labels(**labels).inc(passed)
         if checked:
-            self.pass_ratio.labels(**self.labels).set(passed / checked)
+            m.pass_ratio.labels(**labels).set(passed / checked)
 
     def _fleet_part(self, fleet: dict[str, Any]) -> None:
         """The fleet part of the status (FleetWorker.describe): its running totals become counters by difference."""
-        self._fleet = fleet
-        labels = self.labels
-        self.fleet_leader.labels(**labels).set(1 if fleet.get("leader") else 0)
-        self.fleet_claims.labels(**labels).set(int(fleet.get("claims_held", 0)))
-        self.fleet_spill.labels(**labels).set(int(fleet.get("spilled", 0)))
-        self.fleet_outage.labels(**labels).set(float(fleet.get("redis_outage_s") or 0.0))
+        self.fleet = fleet
+        m, labels = self.metrics, self.labels
+        m.fleet_leader.labels(**labels).set(1 if fleet.get("leader") else 0)
+        m.fleet_claims.labels(**labels).set(int(fleet.get("claims_held", 0)))
+        m.fleet_spill.labels(**labels).set(int(fleet.get("spilled", 0)))
+        m.fleet_outage.labels(**labels).set(float(fleet.get("redis_outage_s") or 0.0))
         totals = {"lapsed": fleet.get("claims_lost", 0), "reissued": fleet.get("claims_reissued", 0),
                   "outages": fleet.get("redis_outages", 0),
                   **{f"groups:{k}": (fleet.get("groups") or {}).get(k, 0) for k in FLEET_OUTCOMES}}
@@ -166,20 +230,10 @@ class MinerMetrics:
                 continue
             self._fleet_counted[key] = int(total)
             if key.startswith("groups:"):
-                self.fleet_groups.labels(**labels, outcome=key.split(":", 1)[1]).inc(grown)
+                m.fleet_groups.labels(**labels, outcome=key.split(":", 1)[1]).inc(grown)
             else:
-                {"lapsed": self.fleet_lapsed, "reissued": self.fleet_reissued,
-                 "outages": self.fleet_outages}[key].labels(**labels).inc(grown)
-
-    # -- serving ------------------------------------------------------------------------------------------
-    def serve(self, port: int, address: str) -> None:
-        """Serve /metrics on `address:port` from a daemon thread; a port in use is one UserError line."""
-        try:
-            start_http_server(port, address, registry=self.registry)
-        except OSError as exc:
-            raise UserError(f"--metrics-port {port}: cannot serve metrics on {address}:{port} "
-                            f"({exc.strerror or exc})") from None
-        logger.info("Prometheus metrics on http://%s:%d/metrics", address, port)
+                {"lapsed": m.fleet_lapsed, "reissued": m.fleet_reissued,
+                 "outages": m.fleet_outages}[key].labels(**labels).inc(grown)
 
 
 class _LiveCollector(Collector):
@@ -198,11 +252,12 @@ class _LiveCollector(Collector):
         metrics = self.metrics
         daemon = metrics.daemon
         names, values = list(LABELS), [metrics.labels[k] for k in LABELS]
-        fleet = metrics._fleet
-        if fleet.get("beat_at"):
+        beats = [feed for feed in metrics.feeds if feed.fleet.get("beat_at")]
+        if beats:
             age = GaugeMetricFamily("grail_fleet_heartbeat_age_seconds", "seconds since this worker's last heartbeat "
                                     "reached Redis", labels=names)
-            age.add_metric(values, max(0.0, time.time() - float(fleet["beat_at"])))
+            for feed in beats:
+                age.add_metric([feed.labels[k] for k in LABELS], max(0.0, time.time() - float(feed.fleet["beat_at"])))
             yield age
         if daemon is None:
             return
