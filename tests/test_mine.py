@@ -405,6 +405,43 @@ def test_drain_timeout_and_second_signal_exit_in_bounded_time(tmp_path, wallet_e
 
 
 @pytest.mark.slow
+def test_a_stop_records_the_self_check_it_does_not_run(tmp_path, wallet_env, group_seconds) -> None:
+    """After SIGTERM no self-check starts: the window written at the stop (partial) is recorded as not run, in
+    the log and the status file, and every earlier window's check was logged. The signal is sent once every file
+    so far has its check logged and a later window, still issuing, has its group 0: no timing is assumed."""
+    group_s = group_seconds("hf")
+    block = block_time_for(group_s, groups=3)
+    patience = 60 + 4 * 30 * float(block)  # the first check loads a model: a window or two go by
+    out = tmp_path / "stop"
+    log = tmp_path / "stop.log"
+    with running_daemon(out, wallet_env, log, "--verify-sample", "2", "--block-time", block) as proc:
+        deadline = time.monotonic() + patience
+        while True:
+            text = log.read_text()
+            written = set(re.findall(r"window (\d+): \d+ on-time rollouts[^\n]*\.parquet", text))
+            checked = set(re.findall(r"window (\d+) self-check \(validator's method", text))
+            closed = set(re.findall(r"window (\d+) closed for generation", text))
+            issuing = {w for w, g, _, dropped in SUNK.findall(text) if g == "0" and not dropped} - closed - written
+            if written and written <= checked and issuing:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, text
+            time.sleep(0.05)
+        rc, _ = signal_and_wait(proc, signal.SIGTERM, timeout=60 + group_s)
+    text = log.read_text()
+    assert rc == 0, text
+    files = check_files_complete(out)
+    stopped = [w for w, (meta, _) in files.items() if meta["partial"] == "true"]
+    assert stopped == [max(files)], text  # the window open at the stop, with the group it had
+    for window in files:
+        ran = f"window {window} self-check (validator's method" in text
+        not_run = f"window {window} self-check not run: stopping (SIGTERM)" in text
+        assert (ran, not_run) == ((False, True) if window in stopped else (True, False)), (window, text)
+    status = read_status(out / "status-worker-0.json")
+    assert status["self_check"] == {"window_start": stopped[0], "not_run": "stopping (SIGTERM)"}, status
+    assert status["state"] == "stopped" and status["exit_reason"] == "SIGTERM"
+
+
+@pytest.mark.slow
 def test_a_stop_during_the_warm_up_exits_at_once(tmp_path, wallet_env) -> None:
     """Nothing of the warm-up is written, so a SIGTERM then neither waits for it nor for --drain-timeout."""
     out = tmp_path / "warm"

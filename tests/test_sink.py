@@ -235,6 +235,40 @@ def test_partial_window_on_stop_and_finish(tmp_path: Path) -> None:
     assert sink.groups_sunk == 2
 
 
+def test_finish_returns_after_a_cut_under_way_has_reported_its_window(tmp_path: Path) -> None:
+    """The daemon closes its self-check queue when `finish` returns, and its cut timer runs beside the pipeline: a
+    cut that wrote the last window as the pipeline drained must have reported it (`on_written`, with the sample)
+    by then, or that window's self-check is lost."""
+    reported: list[tuple[int, int]] = []
+    in_report, release = anyio.Event(), anyio.Event()
+
+    async def on_written(report: WindowReport, sample: list[dict]) -> None:
+        in_report.set()
+        await release.wait()  # the report under way (a status write on a loaded machine)
+        reported.append((report.window_start, len(sample)))
+
+    sink = WindowSink(tmp_path, HOTKEY, WorkerSlot(0, 1), 30, on_written=on_written, sample_size=2)
+    w = window(0)
+    finished: list[list[tuple[int, int]]] = []
+
+    async def finish() -> None:
+        await sink.finish("end of run")
+        finished.append(list(reported))
+
+    async def main() -> None:
+        await sink.put(group(w, 0))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sink.cut, 0)
+            await in_report.wait()  # the file is written, its report not yet done
+            tg.start_soon(finish)
+            await anyio.wait_all_tasks_blocked()
+            assert not finished  # finish waits for the report
+            release.set()
+
+    anyio.run(main)
+    assert finished == [[(0, 2)]] and sink.path_for(0).exists()
+
+
 def test_a_stopped_window_with_everything_arrived_is_partial_but_complete(tmp_path: Path) -> None:
     sink, _ = make_sink(tmp_path)
     w = window(0)

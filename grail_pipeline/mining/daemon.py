@@ -93,6 +93,7 @@ class Daemon:
         self.warming_up = False
         self._stage_mark: dict[str, float] = {}
         self._self_check: ObjectSendStream[tuple[Daemon, int, list[dict]]] | None = None
+        self._checks_pending: list[int] = []  # windows whose sample is queued or being checked
         self.fill: FillOrder | None = None  # a target, or several hotkeys on this engine (mining/fill.py)
 
     # -- assembling ---------------------------------------------------------------------------------
@@ -314,13 +315,20 @@ class Daemon:
                 (logger.warning if spare.short else logger.info)("%s", spare.describe())
                 await self._status(spare_capacity=spare.as_dict())
         if sample and self._self_check is not None:
+            if self.stopping:  # see _self_check_worker: after a stop signal no check starts
+                await anyio.to_thread.run_sync(self._self_check_not_run, report.window_start,
+                                               f"stopping ({self.stop_reason})")
+                return
+            self._checks_pending.append(report.window_start)
             try:
                 self._self_check.send_nowait((self, report.window_start, list(sample)))
             except anyio.WouldBlock:
-                logger.warning("window %d: self-check skipped (the previous ones are still running)",
-                               report.window_start)
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                pass
+                await anyio.to_thread.run_sync(self._self_check_not_run, report.window_start,
+                                               "the previous ones are still running")
+            except anyio.ClosedResourceError:  # a file written after mining ended: the daemon failed
+                await anyio.to_thread.run_sync(self._self_check_not_run, report.window_start, "mining ended")
+            except anyio.BrokenResourceError:  # the check stopped for good, and said so once
+                self._checks_pending.remove(report.window_start)
 
     async def _late_group(self, window_start: int, index: int, rollouts: int) -> None:
         """A group that arrived after its window's file and was not counted there: cut, in the window's record
@@ -335,14 +343,35 @@ class Daemon:
         record["late_groups"] = record.get("late_groups", 0) + 1
         await self._status(windows=self.window_records, totals=dict(self.totals))
 
+    def _self_check_not_run(self, window_start: int, reason: str) -> None:
+        """A written window whose sample will not be checked: said in the log and in the status file's self_check
+        (`not_run`), never dropped without a word; `verify` checks the file itself."""
+        if window_start in self._checks_pending:
+            self._checks_pending.remove(window_start)
+        logger.warning("window %d self-check not run: %s (`verify` checks the file)", window_start, reason)
+        self.status.update(self_check={"window_start": window_start, "not_run": reason})
+
     async def _self_check_worker(self, receive: ObjectReceiveStream[tuple[Daemon, int, list[dict]]]) -> None:
         """Each window's sample through the validator's method, in a process of its own that loads the checkpoint
         as a validator does (started at the first sample, kept until mining ends); several hotkeys on one engine
-        share it (each sample's unit gets its result)."""
+        share it (each sample's unit gets its result).
+
+        At the end of the run (--max-windows) every queued sample is checked before the daemon exits, the last
+        window's too (its file may be written by the cut as mining ends: WindowSink.finish waits for that report,
+        and `_mine` closes this queue only after it): the run was asked for those checks and nothing hurries it.
+        After a stop signal a check already running finishes (it cannot be interrupted; with its model loaded it
+        takes seconds), but none starts: PM2 stops or restarts a process expecting it gone within --drain-timeout,
+        and a check may first load a model (a new process per checkpoint), so the drain would wait on a
+        diagnostic of files already safe on disk. Those samples are recorded as not run (`_self_check_not_run`),
+        as is every pending one when the daemon exits at once (a second signal, the drain timeout)."""
         check: ValidatorProcess | None = None
         try:
             async with receive:
                 async for unit, window_start, records in receive:
+                    if self.stopping:
+                        await anyio.to_thread.run_sync(unit._self_check_not_run, window_start,
+                                                       f"stopping ({self.stop_reason})")
+                        continue
                     source = ((self.rotation.source_of(window_start) if self.rotation else None)
                               or self.runtime.loaded.source)
                     if check is not None and check.source != source:  # the window was mined on another checkpoint
@@ -354,6 +383,8 @@ class Daemon:
                         totals = await anyio.to_thread.run_sync(check.verify, records)
                     except CheckUnavailable as exc:  # mining goes on; the self-check stops, said once
                         logger.error("window %d self-check not run, none from now on: %s", window_start, exc)
+                        for each in self.units:  # the queued ones too: this line said it
+                            each._checks_pending.clear()
                         await unit._status(self_check={"window_start": window_start, "error": str(exc)})
                         return
                     checked, passed = totals["rollouts_checked"], totals["rollouts_passed"]
@@ -361,6 +392,7 @@ class Daemon:
                     log = logger.info if passed == checked else logger.error
                     log("window %d self-check (validator's method, every position, model loaded from %s): "
                         "%d/%d rollouts pass (%.1f %%)", window_start, check.source, passed, checked, rate)
+                    unit._checks_pending.remove(window_start)
                     await unit._status(self_check={"window_start": window_start, **totals,
                                                    "pass_pct": round(rate, 2)})
         finally:
@@ -393,6 +425,7 @@ class Daemon:
                 name = signal.Signals(signum).name
                 if self.stopping:
                     logger.warning("second %s: exiting now, in-flight work is abandoned", name)
+                    self._abandon_self_checks(f"second {name}")
                     self._update_statuses(state="stopped", exit_reason=f"second {name}")
                     hard_exit(128 + signum)
                 if self.warming_up:  # nothing of the warm-up is written: no reason to wait for it
@@ -412,6 +445,12 @@ class Daemon:
         if self.source is not None:
             self.source.stop()
 
+    def _abandon_self_checks(self, reason: str) -> None:
+        """Before an immediate exit: every hotkey's queued or running self-check recorded as not run."""
+        for unit in self.units:
+            for window_start in list(unit._checks_pending):
+                unit._self_check_not_run(window_start, f"exiting at once ({reason})")
+
     def _update_statuses(self, **fields: Any) -> None:
         """Every status file this daemon writes (one per hotkey: mining/hotkeys.py has several)."""
         self.status.update(windows_written=self.windows_written, **fields)
@@ -427,5 +466,6 @@ class Daemon:
                      self.settings.drain_timeout_s)
         with anyio.CancelScope(shield=True):
             await self._finish_sinks("drain timeout")
+        self._abandon_self_checks("drain timeout")
         self._update_statuses(state="stopped", exit_reason="drain timeout")
         hard_exit(0)

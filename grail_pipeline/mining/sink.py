@@ -346,7 +346,9 @@ class WindowSink:
         """Write every window still open, marked partial, and refuse later groups.
 
         After a clean drain there is none; after a drain timeout or an error, what arrived is kept
-        and what did not is listed in the file's metadata.
+        and what did not is listed in the file's metadata. Returns once every write begun, here or by a `cut`
+        running alongside (the daemon's cut timer can fire as the run ends), has been handed to `on_written`:
+        after `finish` no window is reported, so the daemon can close its self-check queue without losing one.
         """
         self._finished = True
         written = []
@@ -359,6 +361,8 @@ class WindowSink:
             report = await self._write(state, reason)
             if report is not None:
                 written.append(report)
+        async with self._lock:  # a write begun elsewhere (the daemon's cut) is written and reported first
+            pass
         return written
 
     async def _write(self, state: _OpenWindow, trigger: str) -> WindowReport | None:
@@ -391,10 +395,10 @@ class WindowSink:
                                         self.plan, {"worker_id": self.worker.worker_id,
                                                     "total_workers": self.worker.total_workers,
                                                     **self.extra_metadata})
-        self.reports.append(report)
-        if self.on_written is not None:
-            sample = [r for r in state.sample if r["rollout_group"] < report.groups]
-            await self.on_written(report, sample)
+            self.reports.append(report)
+            if self.on_written is not None:  # under the lock, so that `finish` returns after every report
+                sample = [r for r in state.sample if r["rollout_group"] < report.groups]
+                await self.on_written(report, sample)
         return report
 
 
