@@ -62,6 +62,14 @@ def delivered(text: str) -> list[tuple[int, int, str]]:
     return [(int(w), int(g), outcome) for w, g, _, outcome in DELIVERED.findall(text)]
 
 
+def group_counts(records: list[dict]) -> dict[int, int]:
+    """Rollouts per group of a file's rows."""
+    counts: dict[int, int] = {}
+    for r in records:
+        counts[r["rollout_group"]] = counts.get(r["rollout_group"], 0) + 1
+    return counts
+
+
 def fleet_parts(url: str, hotkey: str) -> tuple[Results, WindowPlans, FleetKeys]:
     client = connect(url)
     keys = FleetKeys(hotkey)
@@ -154,32 +162,85 @@ def test_two_workers_of_two_hotkeys_write_each_hotkeys_one_file_per_window(tmp_p
             assert proc.wait(timeout=900) == 0, "\n".join(p.read_text()[-4000:] for p in logs)
     texts = [p.read_text() for p in logs]
     assert all(f"joined the fleet of {hk}" in text for hk in hotkeys for text in texts)
-    found = check_files_complete(out)  # every file: F's rules without the model, groups 0..N-1, 16 rollouts each
+    check_files_complete(out)  # every file: F's rules without the model, groups 0..N-1, 16 rollouts each
     stored = {i: 0 for i in range(2)}
+    statuses = {hk: [read_status(out / f"status-worker-{i}-{hk}.json") for i in range(2)] for hk in hotkeys}
     for hk in hotkeys:
-        results, plans, keys = fleet_parts(redis_server.url, hk)
-        first = int(results.client.get(keys.run_first_window))
-        windows = [first, first + 30]
-        statuses = [read_status(out / f"status-worker-{i}-{hk}.json") for i in range(2)]
-        for i, status in enumerate(statuses):
+        for i, status in enumerate(statuses[hk]):
             assert status["state"] == "stopped" and status["hotkey"] == hk and status["hotkeys"] == hotkeys
             stored[i] += status["fleet"]["groups"].get("stored", 0)
-        assert sorted(p.name for p in out.glob(f"{hk}-window-*.parquet")) == sorted(
-            f"{hk}-window-{w}.parquet" for w in windows), texts[0][-4000:]
-        for window in windows:
-            report = plans.report(window)
-            assert report["file_written"] and report["on_time"], report
-            writers = [i for i, s in enumerate(statuses) if (s["windows"].get(str(window)) or {}).get("file")]
-            assert len(writers) == 1, (hk, window, writers)  # written once, by one worker
+        written = [(int(w), i, record) for i, status in enumerate(statuses[hk])  # the writer's records
+                   for w, record in status["windows"].items() if record.get("file")]
+        windows = sorted(w for w, _, _ in written)
+        assert len(windows) == 2 and windows[1] == windows[0] + 30, (hk, windows)  # each window written once
+        assert sorted(p.name for p in out.glob(f"{hk}-window-*.parquet")) == [
+            f"{hk}-window-{w}.parquet" for w in windows], texts[0][-4000:]
+        for window, _, report in written:
+            assert report["on_time"], report
             path = out / f"{hk}-window-{window}.parquet"
             records, meta = read_window_file(path)
             assert meta["wallet"] == hk and {r["hotkey"] for r in records} == {hk}  # its own hotkey's rows only
-            assert len(found[window][1]) == report["groups"] > 0
+            assert sorted(group_counts(records)) == list(range(report["groups"])) and report["groups"] > 0
             rc, text, err = run_cli(capsys, "verify", str(path), "--device", "cpu", "--json")
             assert rc == 0, (hk, window, text[-3000:], err)
             assert json.loads(text)["verdicts"]["validator"]["passed"]
     assert all(n > 0 for n in stored.values()), stored  # both workers' claims made the files
     assert not list(out.glob("spill/*/*.group"))  # nothing left on disk
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # windows sized from a group's time: minutes on a loaded box
+def test_a_worker_of_two_hotkeys_killed_loses_neither_hotkeys_claims(tmp_path, redis_server, group_seconds) -> None:
+    """Two workers of two hotkeys; one is killed (SIGKILL) while it holds claims: in each hotkey's fleet its claims
+    lapse and are re-issued to the survivor, which writes that hotkey's file of the window (it may lead one
+    hotkey's fleet and not the other's); each dead claim is in the file, or the file ends before it and the
+    report names it, as in a one-hotkey fleet."""
+    root, out = tmp_path / "wallets", tmp_path / "windows"
+    hotkeys = [write_wallet(root, "cold", "hot1"), write_wallet(root, "cold", "hot2")]
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    block = block_time_for(group_seconds("fast"), groups=8, processes=2, blocks=60)
+    window_s = 60 * float(block)
+    with ExitStack() as stack:
+        procs = [stack.enter_context(running_daemon(
+            out, {"BT_WALLET_PATH": str(root), "GRAIL_HOTKEYS": "cold/hot1,cold/hot2", "GRAIL_REDIS_URL":
+                  redis_server.url, "GRAIL_WORKER_ID": str(i), "GRAIL_TOTAL_WORKERS": "2", "OMP_NUM_THREADS": "1"},
+            logs[i], *FLEET, "--window-blocks", "60", "--block-time", block)) for i in range(2)]
+        for i in range(2):
+            wait_for(logs[i], r"INFO mining", procs[i], timeout=90 + window_s)
+        victim = procs[1]
+        held: dict[str, tuple[int, list[int], str]] = {}
+
+        def holds_claims() -> bool:
+            """The victim holds claims of a window after the first in every hotkey's fleet."""
+            for hk in hotkeys:
+                window, owners = owners_of_current_window(redis_server.url, hk, 60)
+                mine = sorted(i for i, o in owners.items() if pid_of(o) == victim.pid)
+                if window == 0 or not mine:
+                    return False
+                held[hk] = (window, mine, next(o for o in owners.values() if pid_of(o) == victim.pid))
+            return True
+
+        wait_until(holds_claims, 120 + 3 * window_s, "the victim holding claims of both hotkeys", logs)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        for hk, (window, indices, name) in held.items():
+            _, plans, _ = fleet_parts(redis_server.url, hk)
+            wait_until(lambda: (plans.report(window) or {}).get("file_written"), 60 + 2 * window_s,
+                       f"{hk}'s file of window {window}", logs)
+            report = plans.report(window)
+            assert report["written_by"] != name and report["on_time"], report
+            named = {gap["index"]: gap for gap in report["gaps"]}
+            counts = {}
+            if report["file"] is not None:
+                records, meta = read_window_file(out / f"{hk}-window-{window}.parquet")
+                assert meta["wallet"] == hk and {r["hotkey"] for r in records} == {hk}
+                counts = group_counts(records)
+            for i in indices:  # in the file, or the file ends before it and the report says so
+                assert i in counts or (i in named and i >= len(counts)), (hk, i, indices, sorted(counts), report)
+            assert len(counts) == report["groups"]
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=120) == 0, logs[0].read_text()[-4000:]
+    check_files_complete(out)
 
 
 def test_each_hotkeys_spill_is_merged_into_its_own_fleet_only(tmp_path, redis_server) -> None:
