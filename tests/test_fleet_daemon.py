@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from conftest import block_time_for, write_wallet
+from conftest import block_time_for, run_cli, write_wallet
 from test_mine import FAST, check_files_complete, running_daemon, wait_for
 
 from grail_pipeline.cli.main import main
@@ -35,10 +35,11 @@ from grail_pipeline.fleet.plan import WindowPlans
 from grail_pipeline.fleet.results import Results
 from grail_pipeline.inference.checkpoints import dummy_checkpoint
 from grail_pipeline.inference.loading import load_model, load_tokenizer
-from grail_pipeline.mining.fleet_worker import checkpoint_identity, timings_for
+from grail_pipeline.mining.fleet_worker import checkpoint_identity, spill_dir, timings_for
 from grail_pipeline.mining.group_payload import decode_group, encode_group
 from grail_pipeline.mining.sink import GroupRows
-from grail_pipeline.protocol.records import records_table
+from grail_pipeline.mining.status import read_status
+from grail_pipeline.protocol.records import read_window_file, records_table
 from grail_pipeline.tools.window_check import check_window_file
 
 FLEET = ["--engine", "fast", "--warmup-problems", "1", "--generation-queue", "1"]  # claims held, not queued
@@ -59,6 +60,14 @@ def fleet_env(tmp_path: Path, url: str, worker: int, total: int) -> tuple[dict[s
 
 def delivered(text: str) -> list[tuple[int, int, str]]:
     return [(int(w), int(g), outcome) for w, g, _, outcome in DELIVERED.findall(text)]
+
+
+def group_counts(records: list[dict]) -> dict[int, int]:
+    """Rollouts per group of a file's rows."""
+    counts: dict[int, int] = {}
+    for r in records:
+        counts[r["rollout_group"]] = counts.get(r["rollout_group"], 0) + 1
+    return counts
 
 
 def fleet_parts(url: str, hotkey: str) -> tuple[Results, WindowPlans, FleetKeys]:
@@ -129,7 +138,125 @@ def test_three_workers_write_one_file_per_window_that_f_accepts(tmp_path, redis_
     for start, (meta, counts) in found.items():
         if start in windows:
             assert windows[start]["report"]["groups"] == len(counts) and windows[start]["report"]["file_written"]
-    assert not (out / "spill").exists() or not list((out / "spill").iterdir())
+    assert not list(out.glob("spill/*/*.group"))  # nothing left on disk
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # windows sized from a group's time: minutes on a loaded box
+def test_two_workers_of_two_hotkeys_write_each_hotkeys_one_file_per_window(tmp_path, redis_server, group_seconds,
+                                                                           capsys) -> None:
+    """Two workers, each mining the same two hotkeys from its own engine (`GRAIL_HOTKEYS` with `GRAIL_REDIS_URL`):
+    each hotkey's fleet is coordinated on its own, so every window of the run has one file per hotkey, written
+    by one worker, with groups 0..N−1 from both workers' claims, that `verify` passes under its own hotkey and
+    that holds its own hotkey's rollouts only."""
+    root, out = tmp_path / "wallets", tmp_path / "windows"
+    hotkeys = [write_wallet(root, "cold", "hot1"), write_wallet(root, "cold", "hot2")]
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    block = block_time_for(group_seconds("fast"), groups=4, processes=2)
+    with ExitStack() as stack:
+        procs = [stack.enter_context(running_daemon(
+            out, {"BT_WALLET_PATH": str(root), "GRAIL_HOTKEYS": "cold/hot1,cold/hot2", "GRAIL_REDIS_URL":
+                  redis_server.url, "GRAIL_WORKER_ID": str(i), "GRAIL_TOTAL_WORKERS": "2", "OMP_NUM_THREADS": "1"},
+            logs[i], *FLEET, "--block-time", block, "--max-windows", "2")) for i in range(2)]
+        for proc in procs:
+            assert proc.wait(timeout=900) == 0, "\n".join(p.read_text()[-4000:] for p in logs)
+    texts = [p.read_text() for p in logs]
+    assert all(f"joined the fleet of {hk}" in text for hk in hotkeys for text in texts)
+    check_files_complete(out)  # every file: F's rules without the model, groups 0..N-1, 16 rollouts each
+    stored = {i: 0 for i in range(2)}
+    statuses = {hk: [read_status(out / f"status-worker-{i}-{hk}.json") for i in range(2)] for hk in hotkeys}
+    for hk in hotkeys:
+        for i, status in enumerate(statuses[hk]):
+            assert status["state"] == "stopped" and status["hotkey"] == hk and status["hotkeys"] == hotkeys
+            stored[i] += status["fleet"]["groups"].get("stored", 0)
+        written = [(int(w), i, record) for i, status in enumerate(statuses[hk])  # the writer's records
+                   for w, record in status["windows"].items() if record.get("file")]
+        windows = sorted(w for w, _, _ in written)
+        assert len(windows) == 2 and windows[1] == windows[0] + 30, (hk, windows)  # each window written once
+        assert sorted(p.name for p in out.glob(f"{hk}-window-*.parquet")) == [
+            f"{hk}-window-{w}.parquet" for w in windows], texts[0][-4000:]
+        for window, _, report in written:
+            assert report["on_time"], report
+            path = out / f"{hk}-window-{window}.parquet"
+            records, meta = read_window_file(path)
+            assert meta["wallet"] == hk and {r["hotkey"] for r in records} == {hk}  # its own hotkey's rows only
+            assert sorted(group_counts(records)) == list(range(report["groups"])) and report["groups"] > 0
+            rc, text, err = run_cli(capsys, "verify", str(path), "--device", "cpu", "--json")
+            assert rc == 0, (hk, window, text[-3000:], err)
+            assert json.loads(text)["verdicts"]["validator"]["passed"]
+    assert all(n > 0 for n in stored.values()), stored  # both workers' claims made the files
+    assert not list(out.glob("spill/*/*.group"))  # nothing left on disk
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # windows sized from a group's time: minutes on a loaded box
+def test_a_worker_of_two_hotkeys_killed_loses_neither_hotkeys_claims(tmp_path, redis_server, group_seconds) -> None:
+    """Two workers of two hotkeys; one is killed (SIGKILL) while it holds claims: in each hotkey's fleet its claims
+    lapse and are re-issued to the survivor, which writes that hotkey's file of the window (it may lead one
+    hotkey's fleet and not the other's); each dead claim is in the file, or the file ends before it and the
+    report names it, as in a one-hotkey fleet."""
+    root, out = tmp_path / "wallets", tmp_path / "windows"
+    hotkeys = [write_wallet(root, "cold", "hot1"), write_wallet(root, "cold", "hot2")]
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    block = block_time_for(group_seconds("fast"), groups=8, processes=2, blocks=60)
+    window_s = 60 * float(block)
+    with ExitStack() as stack:
+        procs = [stack.enter_context(running_daemon(
+            out, {"BT_WALLET_PATH": str(root), "GRAIL_HOTKEYS": "cold/hot1,cold/hot2", "GRAIL_REDIS_URL":
+                  redis_server.url, "GRAIL_WORKER_ID": str(i), "GRAIL_TOTAL_WORKERS": "2", "OMP_NUM_THREADS": "1"},
+            logs[i], *FLEET, "--window-blocks", "60", "--block-time", block)) for i in range(2)]
+        for i in range(2):
+            wait_for(logs[i], r"INFO mining", procs[i], timeout=90 + window_s)
+        victim = procs[1]
+        held: dict[str, tuple[int, list[int], str]] = {}
+
+        def holds_claims() -> bool:
+            """The victim holds claims of a window after the first in every hotkey's fleet."""
+            for hk in hotkeys:
+                window, owners = owners_of_current_window(redis_server.url, hk, 60)
+                mine = sorted(i for i, o in owners.items() if pid_of(o) == victim.pid)
+                if window == 0 or not mine:
+                    return False
+                held[hk] = (window, mine, next(o for o in owners.values() if pid_of(o) == victim.pid))
+            return True
+
+        wait_until(holds_claims, 120 + 3 * window_s, "the victim holding claims of both hotkeys", logs)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        for hk, (window, indices, name) in held.items():
+            _, plans, _ = fleet_parts(redis_server.url, hk)
+            wait_until(lambda: (plans.report(window) or {}).get("file_written"), 60 + 2 * window_s,
+                       f"{hk}'s file of window {window}", logs)
+            report = plans.report(window)
+            assert report["written_by"] != name and report["on_time"], report
+            named = {gap["index"]: gap for gap in report["gaps"]}
+            counts = {}
+            if report["file"] is not None:
+                records, meta = read_window_file(out / f"{hk}-window-{window}.parquet")
+                assert meta["wallet"] == hk and {r["hotkey"] for r in records} == {hk}
+                counts = group_counts(records)
+            for i in indices:  # in the file, or the file ends before it and the report says so
+                assert i in counts or (i in named and i >= len(counts)), (hk, i, indices, sorted(counts), report)
+            assert len(counts) == report["groups"]
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=120) == 0, logs[0].read_text()[-4000:]
+    check_files_complete(out)
+
+
+def test_each_hotkeys_spill_is_merged_into_its_own_fleet_only(tmp_path, redis_server) -> None:
+    """A spilled group names its window and index, not its hotkey: a worker of two hotkeys keeps one spill folder
+    per hotkey under the shared out dir, so the other hotkey's merge never stores it in the wrong window."""
+    from grail_pipeline.fleet.results import SignedGroup as StoredGroup
+    from grail_pipeline.fleet.spill import Spill
+
+    context = FleetContext(genesis=time.time() - 5, run_seed=0, block_time_s=0.4, window_blocks=30, checkpoint="c")
+    first, second = (f"5Spill{i}{time.time_ns()}" for i in range(2))
+    members = {hk: FleetMember.join(redis_server.url, hk, context, spill_dir(tmp_path, hk), timings_for(12.0),
+                                    worker="w-a") for hk in (first, second)}
+    assert members[first].claims.claim(0, 1)[0].index == 0
+    Spill(spill_dir(tmp_path, first)).add(StoredGroup(0, 0, 16, b"rows of the first hotkey"))
+    assert members[second].handover.merge_spill() == 0 and members[first].handover.merge_spill() == 1
+    assert members[first].results.counts(0) == {0: 16} and members[second].results.counts(0) == {}
 
 
 def owners_of_current_window(url: str, hotkey: str, window_blocks: int) -> tuple[int, dict[int, str]]:
@@ -248,7 +375,8 @@ def test_redis_away_for_seconds_mid_window_loses_no_signed_group(tmp_path, redis
     assert spilled, "no group was signed while Redis was away:\n" + texts[0][-3000:]
     assert any("has not answered for" in t for t in texts)  # said once, a few seconds in
     assert sum(int(n) for t in texts for n in re.findall(r"handed (\d+) spilled group", t)) == len(spilled)
-    assert not list((out / "spill").glob("*.group"))  # nothing left on disk
+    assert list((out / "spill").iterdir()) == [out / "spill" / hotkey]  # the hotkey's own folder
+    assert not list(out.glob("spill/*/*.group"))  # nothing left on disk
     results, plans, _ = fleet_parts(redis_server.url, hotkey)
     found = check_files_complete(out)
     for window, group in spilled:  # each is in Redis, and in its window's file unless after the file's cut

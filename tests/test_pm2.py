@@ -177,6 +177,27 @@ def test_several_hotkeys_per_gpu(calibration, tmp_path, capsys) -> None:
         assert rc == 2 and words in err, err
 
 
+def test_a_fleet_of_several_hotkeys(calibration, tmp_path, capsys) -> None:
+    """--fleet-hotkeys: every worker of the fleet mines all the hotkeys (GRAIL_HOTKEYS with GRAIL_REDIS_URL), worker
+    ids across the fleet, the node's Redis app last; no target, no --wallet-cold/--wallet-hot needed."""
+    rc, out, err = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "3,1",
+                        "--gpu-kind", H100, "--fleet-hotkeys", "cold/h1, cold/h2", "--cwd", str(tmp_path))
+    assert rc == 0, err
+    apps = load_apps(out, tmp_path)
+    assert [a["name"] for a in apps] == ["grail-dry-run-0", "grail-dry-run-1", "grail-dry-run-redis"]
+    for i, app in enumerate(apps[:2]):
+        env = app["env"]
+        assert env["GRAIL_HOTKEYS"] == "cold/h1,cold/h2" and "BT_WALLET_HOT" not in env
+        assert (env["GRAIL_WORKER_ID"], env["GRAIL_TOTAL_WORKERS"]) == (str(i), "2")
+        assert env["GRAIL_REDIS_URL"] == "redis://127.0.0.1:6379/0" and "--target-rollouts" not in app["args"]
+    for flags, words in ((["--target", "grail"], "one hotkey per process"), (["--hotkeys", "cold/h3"], "one of the two"),
+                         (["--target-rollouts", "cap"], "go with --hotkeys"), (["--fleet-hotkeys", "cold"], "COLDKEY")):
+        rc, _, err = emit(capsys, "--calibration", str(calibration), "--gpus", "3,1", "--gpu-kind", H100,
+                          *(["--target", "dry-run"] if "--target" not in flags else []),
+                          *(["--fleet-hotkeys", "cold/h1"] if "--fleet-hotkeys" not in flags else []), *flags)
+        assert rc == 2 and words in err, err
+
+
 HOSTILE = ["it's \"quoted\"", "back\\slash `${process.exit(3)}`", "line\nbreak\u2028sep", "</script><!-- */ //",
            "ünïcödé ✓ 鍵", "'); require('child_process').execSync('touch PWNED'); ('"]
 

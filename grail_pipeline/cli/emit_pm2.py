@@ -58,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hotkeys", default=None, metavar="COLD/HOT[,COLD/HOT...]",
                    help="dry-run target: several hotkeys from one engine per GPU (wallet names, never keys), dealt to "
                         "the GPUs in order; every app mines its own (GRAIL_HOTKEYS), alone, no fleet")
+    p.add_argument("--fleet-hotkeys", default=None, metavar="COLD/HOT[,COLD/HOT...]",
+                   help="dry-run target: every worker of the fleet (every GPU of every node) mines all these hotkeys "
+                        "from its own engine (GRAIL_HOTKEYS with GRAIL_REDIS_URL), each hotkey's windows shared "
+                        "through Redis; instead of --wallet-cold/--wallet-hot, no target")
     p.add_argument("--hotkeys-per-gpu", type=positive_int, default=None, metavar="N",
                    help="with --hotkeys: hotkeys per GPU (default as evenly as they go; `benchmark` and `calibrate` "
                         "say how many caps a GPU fills)")
@@ -94,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for every app, e.g. OMP_NUM_THREADS=8 (repeatable)")
     p.add_argument("--redis-url", default=None, metavar="URL",
-                   help="GRAIL_REDIS_URL of every worker, for a fleet of several workers of one hotkey (default on one "
+                   help="GRAIL_REDIS_URL of every worker, for a fleet of several workers of one hotkey (or of each of --fleet-hotkeys) (default on one "
                         "node: redis://127.0.0.1:6379/0; several nodes must give the hub's, the same on every node)")
     p.add_argument("--redis-node", type=whole_int, default=0, help="the node whose file runs the fleet's Redis (default 0)")
     p.add_argument("--redis-app", action=argparse.BooleanOptionalAction, default=True,

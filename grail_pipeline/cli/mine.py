@@ -108,12 +108,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hotkeys", default=None, metavar="COLD/HOT[,COLD/HOT...]",
                    help=f"mine several hotkeys from one loaded model and engine (default ${ENV_HOTKEYS}; unset: the "
                         f"one of BT_WALLET_COLD/BT_WALLET_HOT): wallet names under BT_WALLET_PATH; each hotkey gets its "
-                        f"own problems, signatures, window files and status file, filled in this order")
+                        f"own problems, signatures, window files and status file, filled in this order; with GRAIL_REDIS_URL "
+                        f"every worker of the fleet names the same hotkeys and each hotkey's windows are shared")
     p.add_argument("--target-rollouts", default=None, metavar="N|cap",
                    help="rollouts per hotkey and window, at most: a whole number of groups of 16, or 'cap' for what "
                         "keeps the rolling 12-window total at the protocol's cap (5,120 a window; see "
                         "--failed-windows); the engine's time beyond every target is reported as spare capacity, not "
-                        "mined. Default: 'cap' with several hotkeys, none with one (as many as the deadline allows)")
+                        "mined. Default: 'cap' with several hotkeys, none with one or in a fleet (as many as the deadline "
+                        "allows)")
     p.add_argument("--failed-windows", type=whole_int, default=0, metavar="K",
                    help="with --target-rollouts cap: plan for K of every 12 windows bringing nothing (a failed "
                         "upload, a late file), so each other window's target is the cap x 12 / (12 - K)")
@@ -174,13 +176,13 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] = os.envir
                         f"0..N-1, so the workers of one hotkey must share their problem indices through a fleet "
                         f"(GRAIL_REDIS_URL); one worker per hotkey needs no {ENV_TOTAL_WORKERS}")
     wallets = _wallets(args, env)
-    if len(wallets) > 1 and redis_url is not None:
-        raise UserError("a fleet (GRAIL_REDIS_URL) shares one hotkey's windows between workers, one hotkey per "
-                        "process: run one fleet per hotkey, or several hotkeys on one GPU without GRAIL_REDIS_URL")
     if len(wallets) > 1 and getattr(args, "checkpoint_dir", None) is not None:
         raise UserError("--checkpoint-dir restarts the engine between windows, which several hotkeys on one engine "
                         "do not follow yet: run one hotkey per process with --checkpoint-dir")
-    target = resolve_target(getattr(args, "target_rollouts", None), getattr(args, "failed_windows", 0), len(wallets))
+    # a fleet fills each hotkey's file from every worker's claims, so several hotkeys in a fleet get no default
+    # target (the cap's default would stop one worker's window, as an explicit target would, refused below)
+    target = resolve_target(getattr(args, "target_rollouts", None), getattr(args, "failed_windows", 0),
+                            len(wallets) if redis_url is None else 1)
     if target is not None and redis_url is not None:
         raise UserError("--target-rollouts stops one worker's window; a fleet (GRAIL_REDIS_URL) fills one file "
                         "from every worker's claims: run the fleet without a target")
@@ -311,7 +313,8 @@ def _run(args: argparse.Namespace) -> int:
         if settings.redis_url is not None:  # another checkpoint or clock is refused before the model loads
             from grail_pipeline.mining.fleet_worker import check_fleet
 
-            check_fleet(settings, signer.ss58_address, choices.checkpoint)
+            for each in signers:
+                check_fleet(settings, each.ss58_address, choices.checkpoint)
         runtime = Runtime.from_choices(choices)
         batch_size = settings.batch_size or DEFAULT_BATCH_SIZES[runtime.engine_kind][0]
         runtime.check_batch_size(batch_size)
@@ -325,21 +328,24 @@ def _run(args: argparse.Namespace) -> int:
             from grail_pipeline.mining.rotation import CheckpointRotation
 
             rotation = CheckpointRotation(checkpoints, first, lambda model: _engine_on(args, model, batch_size))
-        fleet = None
+        fleets = []  # one per hotkey: each hotkey's windows are shared with that hotkey's other workers
         if settings.redis_url is not None:  # joined after the load: the context it publishes lives while it beats
+            from grail_pipeline.fleet.member import worker_name
             from grail_pipeline.mining.fleet_worker import join_fleet
 
-            fleet = join_fleet(settings, signer.ss58_address, choices.checkpoint)
-            status.update(fleet={"worker": fleet.worker, "checkpoint": fleet.context.checkpoint})
+            name = worker_name()  # this process is one worker, under one name in every hotkey's fleet
+            fleets = [join_fleet(settings, s.ss58_address, choices.checkpoint, name) for s in signers]
+            for each, fleet in zip(statuses, fleets):
+                each.update(fleet={"worker": fleet.worker, "checkpoint": fleet.context.checkpoint})
         fill = None if settings.target_rollouts is None else FillOrder([s.ss58_address for s in signers],
                                                                           settings.target_rollouts)
         if len(signers) > 1:
             from grail_pipeline.mining.hotkeys import HotkeysDaemon
 
-            assert fill is not None  # several hotkeys always have a target (_target_rollouts)
-            daemon = HotkeysDaemon(settings, runtime, signers, engine, batch_size, statuses, fill)
+            daemon = HotkeysDaemon(settings, runtime, signers, engine, batch_size, statuses, fill, fleets or None)
         else:
-            daemon = Daemon(settings, runtime, signer, engine, batch_size, status, rotation, fleet=fleet)
+            daemon = Daemon(settings, runtime, signer, engine, batch_size, status, rotation,
+                            fleet=fleets[0] if fleets else None)
             daemon.fill = fill
         if metrics is not None:
             metrics.daemon = daemon  # read when Prometheus scrapes (mining/metrics.py)

@@ -13,7 +13,7 @@ The daemon is the solo one with three parts swapped (mining/daemon.py):
 - **The sink.** `FleetWorker.put` (the pipeline's GroupSink) converts the signed group's records to the
   window file's Arrow rows once and hands them to Redis as one IPC payload the moment it is signed
   (mining/group_payload.py, fleet/handover.py): while Redis is away the group goes to the local spill
-  (`<out-dir>/spill`) and is merged back by the next heartbeat that reaches Redis. A claim lost while the
+  (`<out-dir>/spill/<hotkey>`) and is merged back by the next heartbeat that reaches Redis. A claim lost while the
   group was in the pipeline (its lease lapsed and another worker took it) costs nothing: the first group
   stored wins, the other is a duplicate.
 - **The loop.** `FleetWorker.run`, every third of the leader lease's time to live: renew this worker's
@@ -68,7 +68,15 @@ logger = logging.getLogger("grail_pipeline")
 CLAIM_RETRY_S = 0.5  # while Redis is away: how often a waiting claim looks at the window and the stop
 REISSUE_POLL_S = 0.25  # after the stop: how often a worker looks for a dead worker's lapsed claims
 LEAVE_PATIENCE_S = 5.0  # a stopping worker's tries to hand its spill and claims over before it leaves
-SPILL_DIR = "spill"  # under --out-dir: shared by the workers of one machine, merged by any of them
+SPILL_DIR = "spill"  # under --out-dir, a folder per hotkey: shared by the workers of one machine, merged by any
+
+
+def spill_dir(out_dir: Path, hotkey: str) -> Path:
+    """`<out-dir>/spill/<hotkey>`: one directory per hotkey, because a spilled group names its window and index but
+    not its hotkey, and whichever worker merges the directory stores every group in its own hotkey's fleet (one
+    flat directory would have put a group of one hotkey into another's window when several hotkeys, or several
+    hotkeys' fleets, share an out dir)."""
+    return out_dir / SPILL_DIR / hotkey
 
 
 def checkpoint_identity(name: str, checkpoint_window: int, source: str) -> str:
@@ -97,12 +105,14 @@ def check_fleet(settings: MineSettings, hotkey: str, checkpoint: CheckpointSourc
         client.close()
 
 
-def join_fleet(settings: MineSettings, hotkey: str, checkpoint: CheckpointSource) -> FleetMember:
-    """Join the hotkey's fleet at `settings.redis_url` with this worker's clock and checkpoint: one UserError
-    line when Redis is unreachable or the fleet mines another checkpoint (or clock)."""
+def join_fleet(settings: MineSettings, hotkey: str, checkpoint: CheckpointSource,
+               worker: str | None = None) -> FleetMember:
+    """Join the hotkey's fleet at `settings.redis_url` with this worker's clock and checkpoint (as `worker`: a
+    process serving several hotkeys is one worker of each hotkey's fleet): one UserError line when Redis is
+    unreachable or the fleet mines another checkpoint (or clock)."""
     assert settings.redis_url is not None
-    member = FleetMember.join(settings.redis_url, hotkey, proposal(settings, checkpoint), settings.out_dir / SPILL_DIR,
-                              timings_for(settings.window_seconds))
+    member = FleetMember.join(settings.redis_url, hotkey, proposal(settings, checkpoint), spill_dir(settings.out_dir, hotkey),
+                              timings_for(settings.window_seconds), worker)
     t = member.timings
     logger.info("joined the fleet of %s at %s as %s (checkpoint %s, genesis %.3f; claims lapse %g s after their "
                 "last renewal, a dead leader is replaced within %g s)", hotkey, redacted(settings.redis_url),

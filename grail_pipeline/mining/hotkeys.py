@@ -8,7 +8,13 @@ each group is signed by its own hotkey's signer and handed to its own hotkey's s
 never holds another hotkey's rollouts (a group of a hotkey not served here is an error, not a guess). One stop
 signal stops every source; one self-check process checks every hotkey's sample.
 
-A fleet (GRAIL_REDIS_URL) and --checkpoint-dir serve one hotkey per process (cli/mine.py refuses them here).
+In a fleet (GRAIL_REDIS_URL) every worker serves the same hotkeys, and each unit is this worker's member of its
+hotkey's fleet, exactly as a one-hotkey worker is (mining/fleet_worker.py): the hotkey's own claims, stored
+groups, leader lease, plan and file, under its own Redis keys (fleet/keys.py) and its own spill folder, so a
+hotkey's window gets the one file with groups 0..N−1 from every worker's claims, and a dead worker's claims of
+any hotkey are re-issued. A fleet's units have no target (a target stops one worker's window, cli/mine.py
+refuses it), so the sources share the engine in turn instead of in fill order. --checkpoint-dir serves one
+hotkey per process (cli/mine.py refuses it here).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectSendStream, TaskGroup
 
+from grail_pipeline.fleet.member import FleetMember
 from grail_pipeline.inference.engine import Engine
 from grail_pipeline.mining.daemon import Daemon
 from grail_pipeline.mining.fill import FillOrder
@@ -62,14 +69,18 @@ async def _pump(source: ProblemSource, send: ObjectSendStream[ProblemTask]) -> N
 class HotkeysDaemon(Daemon):
     """The first hotkey's unit, which runs the other hotkeys' units (`peers`) on its engine and pipeline.
 
-    Warm-up, signals and the drain are the first unit's, applied to every unit.
+    Warm-up, signals and the drain are the first unit's, applied to every unit. `fleets`: each hotkey's fleet
+    membership, in the order of `signers` (None: every hotkey mined alone).
     """
 
     def __init__(self, settings: MineSettings, runtime: Runtime, signers: list[Signer], engine: Engine,
-                 batch_size: int, statuses: list[StatusFile], fill: FillOrder) -> None:
-        super().__init__(settings, runtime, signers[0], engine, batch_size, statuses[0])
-        self.peers = [Daemon(settings, runtime, signer, engine, batch_size, status)
-                      for signer, status in zip(signers[1:], statuses[1:])]
+                 batch_size: int, statuses: list[StatusFile], fill: FillOrder | None,
+                 fleets: list[FleetMember] | None = None) -> None:
+        members: list[FleetMember | None] = list(fleets) if fleets is not None else [None] * len(signers)
+        assert len(members) == len(signers) == len(statuses)
+        super().__init__(settings, runtime, signers[0], engine, batch_size, statuses[0], fleet=members[0])
+        self.peers = [Daemon(settings, runtime, signer, engine, batch_size, status, fleet=member)
+                      for signer, status, member in zip(signers[1:], statuses[1:], members[1:])]
         for unit in self.units:
             unit.fill = fill
 

@@ -24,6 +24,9 @@ beside the ecosystem file (`prometheus.yml`, from templates/prometheus.yml.j2), 
 Several hotkeys on one GPU are the other way round (`--hotkeys`, dry-run target): each GPU's app mines its share
 of the node's hotkeys from one engine (`mine --hotkeys`: GRAIL_HOTKEYS names the wallets, never key material),
 each app a worker alone (no fleet, no Redis), the hotkeys dealt to the GPUs in order, `--hotkeys-per-gpu` each.
+`--fleet-hotkeys` is a fleet of several hotkeys: every worker mines all of them (GRAIL_HOTKEYS with GRAIL_REDIS_URL,
+mining/hotkeys.py), each hotkey's windows coordinated through Redis on their own, with no target (a fleet
+refuses one).
 """
 
 from __future__ import annotations
@@ -207,17 +210,29 @@ def deal_hotkeys(args: argparse.Namespace, workers: list[Worker]) -> list[Worker
 
 
 def _check_flags(args: argparse.Namespace) -> None:
+    fleet_hotkeys = getattr(args, "fleet_hotkeys", None)
+    if fleet_hotkeys is not None:
+        from grail_pipeline.protocol.wallet import parse_wallet_names
+
+        if args.hotkeys is not None:
+            raise UserError("--hotkeys deals hotkeys to GPUs, each app alone; --fleet-hotkeys gives every worker "
+                            "of a fleet all of them: give one of the two")
+        if args.target != "dry-run":
+            raise UserError("--fleet-hotkeys (several hotkeys from one engine) is for --target dry-run: the "
+                            "production `grail mine` mines one hotkey per process")
+        args.fleet_hotkeys = ",".join(f"{cold}/{hot}" for cold, hot in  # what every app's mine would refuse
+                                      parse_wallet_names(fleet_hotkeys, "--fleet-hotkeys"))
     if args.hotkeys is not None:
         if args.target != "dry-run":
             raise UserError("--hotkeys (several hotkeys from one engine) is for --target dry-run: the production "
                             "`grail mine` mines one hotkey per process")
         if args.redis_url is not None or args.nodes > 1:
             raise UserError("--hotkeys gives each GPU its own hotkeys, no fleet: --redis-url and --nodes are for "
-                            "several workers of one hotkey (list each node's hotkeys in its own file)")
+                            "a fleet, of one hotkey or of --fleet-hotkeys (every worker mining all of them)")
         resolve_target(args.target_rollouts, args.failed_windows or 0, 2)  # what every app's mine would refuse
     elif args.hotkeys_per_gpu is not None or args.target_rollouts is not None or args.failed_windows is not None:
         raise UserError("--hotkeys-per-gpu, --target-rollouts and --failed-windows go with --hotkeys")
-    elif not args.wallet_cold or not args.wallet_hot:
+    elif fleet_hotkeys is None and (not args.wallet_cold or not args.wallet_hot):
         raise UserError("the miner needs a wallet: give --wallet-cold and --wallet-hot "
                         "(or set BT_WALLET_COLD and BT_WALLET_HOT)")
     if args.name_prefix is not None and not NAME_RE.fullmatch(args.name_prefix):
@@ -300,6 +315,7 @@ def _env(args: argparse.Namespace, worker: Worker, total: int, extra: dict[str, 
                GRAIL_GENERATION_BATCH_SIZE=str(worker.choice.batch_size), GRAIL_USE_FLASH_ATTENTION=flash,
                GRAIL_MINER_SAFETY_BLOCKS=str(args.safety_blocks),
                **({ENV_HOTKEYS: ",".join(f"{cold}/{hot}" for cold, hot in worker.wallets)} if alone else
+                  {ENV_HOTKEYS: args.fleet_hotkeys} if getattr(args, "fleet_hotkeys", None) is not None else
                   dict(BT_WALLET_COLD=args.wallet_cold, BT_WALLET_HOT=args.wallet_hot)),
                TOKENIZERS_PARALLELISM="false")
     if args.wallet_path:
