@@ -418,7 +418,7 @@ def test_dry_run_fleet_under_pm2(tmp_path, capsys, pm2_bin) -> None:
         assert "INFO mining (dry run" in out_log and " INFO " not in err_log, _logs(logs)
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
     assert not list(out_dir.glob("*worker*.parquet"))  # one file per window, not one per worker
-    assert not list((out_dir / "spill").glob("*.group")), "signed groups left in the spill"
+    assert not list((out_dir / "spill").glob("*/*.group")), "signed groups left in the spill"
     written = 0
     for path in windows():
         records, meta = read_window_file(path)
