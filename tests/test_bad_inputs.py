@@ -133,6 +133,11 @@ CASES = [
     C("emit-pm2", "--scrape-interval", "0", expect="argument --scrape-interval: '0' must be positive"),
     C("emit-pm2", "--hotkeys", "x", "--target", "dry-run", expect="--hotkeys: 'x' is not COLDKEY/HOTKEY"),
     C("emit-pm2", "--hotkeys-per-gpu", "0", expect="argument --hotkeys-per-gpu: '0' must be at least 1"),
+    C("emit-pm2", "--fleet-hotkeys", "x", "--target", "dry-run", expect="--fleet-hotkeys: 'x' is not COLDKEY/HOTKEY"),
+    C("emit-pm2", "--fleet-hotkeys", "a/b", "--target", "grail",
+      expect="--fleet-hotkeys (several hotkeys from one engine) is for --target dry-run"),
+    C("emit-pm2", "--fleet-hotkeys", "a/b,c/d", "--hotkeys", "a/b", "--target", "dry-run",
+      expect="--hotkeys deals hotkeys to GPUs, each app alone; --fleet-hotkeys gives every worker"),
     C("emit-pm2", "--target-rollouts", "abc", expect="--target-rollouts and --failed-windows go with --hotkeys"),
     C("emit-pm2", "--failed-windows", "13", expect="--target-rollouts and --failed-windows go with --hotkeys"),
     # --- make-checkpoints: a rehearsal series for mine --checkpoint-dir
