@@ -406,9 +406,11 @@ def test_drain_timeout_and_second_signal_exit_in_bounded_time(tmp_path, wallet_e
 
 @pytest.mark.slow
 def test_a_stop_records_the_self_check_it_does_not_run(tmp_path, wallet_env, group_seconds) -> None:
-    """After SIGTERM no self-check starts: the window written at the stop (partial) is recorded as not run, in
-    the log and the status file, and every earlier window's check was logged. The signal is sent once every file
-    so far has its check logged and a later window, still issuing, has its group 0: no timing is assumed."""
+    """After SIGTERM no self-check starts: the window written at the stop is recorded as not run, in the log and
+    the status file, and every earlier window's check was logged. The signal is sent once every file so far has its
+    check logged and a later window has its group 0 but no file yet: no timing is assumed. That window may still
+    be issuing (its file is then partial) or have issued all it will (on a busy machine a window holds two groups
+    and closes as its first arrives: its file is then whole), so only the last file may be partial."""
     group_s = group_seconds("hf")
     block = block_time_for(group_s, groups=3)
     patience = 60 + 4 * 30 * float(block)  # the first check loads a model: a window or two go by
@@ -420,9 +422,8 @@ def test_a_stop_records_the_self_check_it_does_not_run(tmp_path, wallet_env, gro
             text = log.read_text()
             written = set(re.findall(r"window (\d+): \d+ on-time rollouts[^\n]*\.parquet", text))
             checked = set(re.findall(r"window (\d+) self-check \(validator's method", text))
-            closed = set(re.findall(r"window (\d+) closed for generation", text))
-            issuing = {w for w, g, _, dropped in SUNK.findall(text) if g == "0" and not dropped} - closed - written
-            if written and written <= checked and issuing:
+            open_ = {w for w, g, _, dropped in SUNK.findall(text) if g == "0" and not dropped} - written
+            if written and written <= checked and open_:
                 break
             assert proc.poll() is None and time.monotonic() < deadline, text
             time.sleep(0.05)
@@ -430,14 +431,14 @@ def test_a_stop_records_the_self_check_it_does_not_run(tmp_path, wallet_env, gro
     text = log.read_text()
     assert rc == 0, text
     files = check_files_complete(out)
-    stopped = [w for w, (meta, _) in files.items() if meta["partial"] == "true"]
-    assert stopped == [max(files)], text  # the window open at the stop, with the group it had
+    last = max(files)  # the window open at the stop, with the groups it had
+    assert [w for w, (meta, _) in files.items() if meta["partial"] == "true"] in ([], [last]), text
     for window in files:
         ran = f"window {window} self-check (validator's method" in text
         not_run = f"window {window} self-check not run: stopping (SIGTERM)" in text
-        assert (ran, not_run) == ((False, True) if window in stopped else (True, False)), (window, text)
+        assert (ran, not_run) == ((False, True) if window == last else (True, False)), (window, text)
     status = read_status(out / "status-worker-0.json")
-    assert status["self_check"] == {"window_start": stopped[0], "not_run": "stopping (SIGTERM)"}, status
+    assert status["self_check"] == {"window_start": last, "not_run": "stopping (SIGTERM)"}, status
     assert status["state"] == "stopped" and status["exit_reason"] == "SIGTERM"
 
 
