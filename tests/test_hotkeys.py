@@ -283,6 +283,10 @@ def test_two_hotkeys_from_one_engine_write_their_own_files(tmp_path, monkeypatch
     checked = [s["self_check"] for s in statuses.values() if "self_check" in s]
     assert checked and all(c["rollouts_checked"] == c["rollouts_passed"] > 0 for c in checked)
     assert json.loads((out / f"status-worker-0-{first}.json").read_text())["hotkey"] == first
+    stopped = [r.getMessage() for r in caplog.records if "stopped (" in r.getMessage()]  # each unit's last line
+    assert sorted(m[:10] for m in stopped) == sorted(f"[{hk[:8]}]" for hk in (first, second)), stopped
+    checks = [r.getMessage() for r in caplog.records if "self-check (validator" in r.getMessage()]
+    assert checks and all(m.startswith((f"[{first[:8]}] window", f"[{second[:8]}] window")) for m in checks), checks
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ the cut, partial windows, late groups, temporaries."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.mining.chain import WindowContext, WorkerSlot
+from grail_pipeline.mining.hotkey_log import hotkey_logger
 from grail_pipeline.mining.messages import ProblemTask, SignedGroup
 from grail_pipeline.mining.sink import MAX_DRAWS, WindowReport, WindowSink, remove_stale_temporaries
 from grail_pipeline.mining.source import WindowClose
@@ -123,6 +125,24 @@ def test_a_dropped_group_is_redrawn_and_the_file_has_no_gap(tmp_path: Path) -> N
     assert redrawn == [(1, 0)]
     assert groups_in(sink.path_for(0)) == [g for g in range(3) for _ in range(16)]
     assert written[0][0].redraws == 1 and written[0][0].failed_indices == []
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_a_sinks_lines_name_its_hotkey_when_several_share_the_process(tmp_path: Path, caplog, several: bool) -> None:
+    """With several hotkeys on one engine a drop or a partial window says whose it was (mining/hotkey_log.py);
+    with one, the lines are as they were."""
+    sink, _ = make_sink(tmp_path, redraw=lambda task: True, log=hotkey_logger(HOTKEY, several))
+    w = window(0)
+
+    async def main() -> None:
+        await sink.put(group(w, 0, dropped=True))
+        await sink.finish("SIGTERM")
+
+    with caplog.at_level(logging.INFO, logger="grail_pipeline"):
+        anyio.run(main)
+    lines = [r.getMessage() for r in caplog.records if "window 0" in r.getMessage()]
+    assert any(m.endswith("window 0 group 0 dropped (completion of 3 tokens): drawing again (2 of 3)") for m in lines), lines
+    assert all(m.startswith(f"[{HOTKEY[:8]}] window 0") == several for m in lines), lines
 
 
 def test_an_index_that_keeps_failing_ends_the_file_before_it(tmp_path: Path) -> None:

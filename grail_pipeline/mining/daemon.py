@@ -41,6 +41,7 @@ from grail_pipeline.mining.deadline import UPLOAD_MBIT_S, DeadlinePlan
 from grail_pipeline.mining.fill import FillOrder
 from grail_pipeline.mining.fleet_leader import FleetLeader
 from grail_pipeline.mining.fleet_worker import FleetWorker
+from grail_pipeline.mining.hotkey_log import hotkey_logger
 from grail_pipeline.mining.messages import ProblemTask, make_task
 from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
 from grail_pipeline.mining.rotation import CheckpointRotation
@@ -72,6 +73,7 @@ class Daemon:
                  batch_size: int, status: StatusFile, rotation: CheckpointRotation | None = None,
                  fleet: FleetMember | None = None) -> None:
         self.settings = settings
+        self.log = hotkey_logger(signer.ss58_address, len(settings.wallets) > 1)  # this hotkey's lines
         self.rotation = rotation  # --checkpoint-dir: each window on its own checkpoint (mining/rotation.py)
         self.fleet = fleet  # GRAIL_REDIS_URL: claims, results and the file through Redis (mining/fleet_worker.py)
         self.runtime = runtime
@@ -164,9 +166,10 @@ class Daemon:
         self._log_stopped()
 
     def _log_stopped(self) -> None:
-        logger.info("stopped (%s): %d window file(s), %d on-time rollouts in %d groups, %d cut (%d group(s) of them "
-                    "after their window's file)", self.stop_reason, self.windows_written, self.totals["rollouts"],
-                    self.totals["groups"], self.totals["cut_rollouts"], self.totals["late_groups"])
+        self.log.info("stopped (%s): %d window file(s), %d on-time rollouts in %d groups, %d cut (%d group(s) of "
+                      "them after their window's file)", self.stop_reason, self.windows_written,
+                      self.totals["rollouts"], self.totals["groups"], self.totals["cut_rollouts"],
+                      self.totals["late_groups"])
 
     async def _open(self, tg: TaskGroup, pipeline: Pipeline) -> tuple[ProblemSource, WindowSink | FleetWorker]:
         """This hotkey's clock, plan, sink and source on `pipeline` (its own, or the one several hotkeys share),
@@ -187,7 +190,7 @@ class Daemon:
             s.out_dir, self.signer.ss58_address, s.worker, s.window_blocks, plan=plan,
             redraw=lambda task: self.source is not None and self.source.redraw(task),
             on_written=self._window_written, sample_size=s.verify_sample, run_seed=s.run_seed,
-            extra_metadata=extra_metadata, on_late=self._late_group,
+            extra_metadata=extra_metadata, on_late=self._late_group, log=self.log,
         )
 
         async def opened(window: WindowContext) -> None:  # the cut is timed from the open, whatever the source does
@@ -253,11 +256,12 @@ class Daemon:
         assert self.fleet is not None
         s = self.settings
         leader = FleetLeader(self.fleet, clock, plan, self.signer.ss58_address, s.out_dir,
-                             lambda start: self.runtime.loaded.checkpoint_window, extra_metadata, self._window_written)
+                             lambda start: self.runtime.loaded.checkpoint_window, extra_metadata, self._window_written,
+                             log=self.log)
         return FleetWorker(self.fleet, clock, plan, leader,
                            redraw=lambda task: self.source is not None and self.source.redraw(task),
                            stopping=lambda: self.stopping, status=self.status, worker_id=s.worker.worker_id,
-                           max_windows=s.max_windows)
+                           max_windows=s.max_windows, log=self.log)
 
     async def _cut_at(self, window_start: int) -> None:
         """At the plan's cut, write what has arrived (the file is usually written before, when complete)."""
@@ -283,12 +287,12 @@ class Daemon:
         depths = self.pipeline.queue_depths()
         margin = report.margin_s
         for gap in report.gaps:
-            logger.warning("window %d: index %d %s%s: the file ends before it, %d stored rollouts after it cut",
-                           report.window_start, gap["index"], gap["state"],
-                           f" (held by {gap['owner']})" if gap.get("owner") else "", gap["rollouts_cut_after"])
-        log = logger.info if report.on_time else logger.error
+            self.log.warning("window %d: index %d %s%s: the file ends before it, %d stored rollouts after it cut",
+                             report.window_start, gap["index"], gap["state"],
+                             f" (held by {gap['owner']})" if gap.get("owner") else "", gap["rollouts_cut_after"])
+        log = self.log.info if report.on_time else self.log.error
         if report.file is None:
-            log = logger.warning
+            log = self.log.warning
         on_gpu = self.runtime.loaded.device.type == "cuda"  # no GPU to be idle on the CPU
         log("window %d: %d on-time rollouts (%d groups%s), %d cut, file ready %s the deadline%s | "
             "%ssuccess %.1f %% (answer satisfies the formula; validator's flag "
@@ -348,7 +352,7 @@ class Daemon:
         (`not_run`), never dropped without a word; `verify` checks the file itself."""
         if window_start in self._checks_pending:
             self._checks_pending.remove(window_start)
-        logger.warning("window %d self-check not run: %s (`verify` checks the file)", window_start, reason)
+        self.log.warning("window %d self-check not run: %s (`verify` checks the file)", window_start, reason)
         self.status.update(self_check={"window_start": window_start, "not_run": reason})
 
     async def _self_check_worker(self, receive: ObjectReceiveStream[tuple[Daemon, int, list[dict]]]) -> None:
@@ -382,14 +386,14 @@ class Daemon:
                     try:
                         totals = await anyio.to_thread.run_sync(check.verify, records)
                     except CheckUnavailable as exc:  # mining goes on; the self-check stops, said once
-                        logger.error("window %d self-check not run, none from now on: %s", window_start, exc)
+                        unit.log.error("window %d self-check not run, none from now on: %s", window_start, exc)
                         for each in self.units:  # the queued ones too: this line said it
                             each._checks_pending.clear()
                         await unit._status(self_check={"window_start": window_start, "error": str(exc)})
                         return
                     checked, passed = totals["rollouts_checked"], totals["rollouts_passed"]
                     rate = 100.0 * passed / checked if checked else 0.0
-                    log = logger.info if passed == checked else logger.error
+                    log = unit.log.info if passed == checked else unit.log.error
                     log("window %d self-check (validator's method, every position, model loaded from %s): "
                         "%d/%d rollouts pass (%.1f %%)", window_start, check.source, passed, checked, rate)
                     unit._checks_pending.remove(window_start)

@@ -52,6 +52,7 @@ from grail_pipeline.fleet.retry import RedisUnavailable
 from grail_pipeline.mining.chain import WindowClock
 from grail_pipeline.mining.deadline import DeadlinePlan
 from grail_pipeline.mining.group_payload import decode_group
+from grail_pipeline.mining.hotkey_log import Log
 from grail_pipeline.mining.sink import WindowContents, WindowReport, gap_costs, write_window
 from grail_pipeline.protocol.profile import PROFILE
 
@@ -75,7 +76,9 @@ class FleetLeader:
     """The leader's side of one worker: publish each window's stop, seal it and write its file."""
 
     def __init__(self, member: FleetMember, clock: WindowClock, plan: DeadlinePlan, hotkey: str, out_dir: Path,
-                 checkpoint_window: Callable[[int], int], extra_metadata: dict, on_written: OnWritten) -> None:
+                 checkpoint_window: Callable[[int], int], extra_metadata: dict, on_written: OnWritten,
+                 log: Log = logger) -> None:
+        self.log = log  # this hotkey's lines (mining/hotkey_log.py)
         self.member = member
         self.clock = clock
         self.plan = plan
@@ -176,7 +179,7 @@ class FleetLeader:
                 return None  # the sealer is alive: it is writing the file
             why = ("its heartbeat is %.1f s old" % live_workers_age(m, sealer) if sealer not in live
                    else "%.1f s before the deadline" % (self.plan.times(window_start).deadline - now))
-            logger.warning("window %d was sealed by %s and has no file (%s): writing it", window_start, sealer, why)
+            self.log.warning("window %d was sealed by %s and has no file (%s): writing it", window_start, sealer, why)
             return "cut"
         issued = m.claims.issued(window_start)
         if issued == 0:

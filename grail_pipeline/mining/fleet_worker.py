@@ -56,6 +56,7 @@ from grail_pipeline.mining.chain import WindowClock
 from grail_pipeline.mining.deadline import DeadlinePlan
 from grail_pipeline.mining.fleet_leader import FleetLeader
 from grail_pipeline.mining.group_payload import encode_group
+from grail_pipeline.mining.hotkey_log import Log
 from grail_pipeline.mining.messages import SignedGroup
 from grail_pipeline.mining.settings import MineSettings
 from grail_pipeline.mining.sink import MAX_DRAWS, GroupRows, Redraw, WindowReport
@@ -136,7 +137,8 @@ class FleetWorker:
 
     def __init__(self, member: FleetMember, clock: WindowClock, plan: DeadlinePlan, leader: FleetLeader,
                  redraw: Redraw, stopping: Callable[[], bool], status: StatusFile, worker_id: int,
-                 max_windows: int | None = None) -> None:
+                 max_windows: int | None = None, log: Log = logger) -> None:
+        self.log = log  # this hotkey's lines (mining/hotkey_log.py)
         self.member = member
         self.clock = clock
         self.plan = plan
@@ -179,8 +181,8 @@ class FleetWorker:
             self.held[window_start].add(claim.index)
             if claim.reissued_from:
                 self.claims_reissued += 1
-                logger.info("window %d: claimed index %d, re-issued from %s (its lease lapsed)", window_start,
-                            claim.index, claim.reissued_from or "?")
+                self.log.info("window %d: claimed index %d, re-issued from %s (its lease lapsed)", window_start,
+                              claim.index, claim.reissued_from or "?")
             yield claim.index
 
     def _claim(self, window_start: int, latency_s: float) -> tuple[list, float | None, bool]:
@@ -211,8 +213,8 @@ class FleetWorker:
             first = window_start if self._first_window is None else self._first_window
         if self._first_window is None:
             self._first_window = first
-            logger.info("--max-windows %d counts the fleet's windows: %d to %d", self.max_windows, first,
-                        first + (self.max_windows - 1) * self.clock.window_blocks)
+            self.log.info("--max-windows %d counts the fleet's windows: %d to %d", self.max_windows, first,
+                          first + (self.max_windows - 1) * self.clock.window_blocks)
         return self._first_window + (self.max_windows - 1) * self.clock.window_blocks
 
     async def _await_fleet_files(self) -> None:
@@ -238,7 +240,7 @@ class FleetWorker:
                 return
             await anyio.sleep(m.timings.leader_ttl_s / 3)
         if not self.stopping():
-            logger.warning("the fleet's windows %s have no file at their deadline: leaving", waiting)
+            self.log.warning("the fleet's windows %s have no file at their deadline: leaving", waiting)
 
     # -- the sink interface -------------------------------------------------------------------------------
     async def put(self, group: SignedGroup) -> None:
@@ -247,8 +249,8 @@ class FleetWorker:
         self.plan.finished(task.key)
         if group.dropped:
             again = task.attempt + 1 < MAX_DRAWS and self.redraw(task)
-            logger.info("window %d group %d dropped (%s)%s", start, task.index, group.dropped,
-                        ": drawing again" if again else ": released for another worker")
+            self.log.info("window %d group %d dropped (%s)%s", start, task.index, group.dropped,
+                          ": drawing again" if again else ": released for another worker")
             if not again:
                 await self._release(start, [task.index])
             return
@@ -258,8 +260,8 @@ class FleetWorker:
         self.held[start].discard(task.index)
         self.outcomes[outcome] += 1
         self._delivered.append((time.time(), group.rollouts))
-        logger.debug("delivered window=%d group=%d rollouts=%d %s (%d KB)", start, task.index, group.rollouts,
-                     outcome, len(payload) // 1024)
+        self.log.debug("delivered window=%d group=%d rollouts=%d %s (%d KB)", start, task.index, group.rollouts,
+                       outcome, len(payload) // 1024)
 
     @staticmethod
     def _payload(group: SignedGroup) -> bytes:
@@ -269,8 +271,8 @@ class FleetWorker:
 
     async def close_window(self, close: WindowClose) -> None:
         """The source stopped issuing: nothing to write here (the leader writes the file)."""
-        logger.debug("window %d closed for generation here: %d indices claimed", close.window_start,
-                     len(close.indices))
+        self.log.debug("window %d closed for generation here: %d indices claimed", close.window_start,
+                       len(close.indices))
 
     def written(self, window_start: int) -> bool:
         """True: nothing waits here for the daemon's local cut (the leader writes the fleet's file)."""
@@ -302,19 +304,19 @@ class FleetWorker:
             if m.handover.spilled:
                 await anyio.sleep(CLAIM_RETRY_S)
         if m.handover.spilled:
-            logger.error("%d signed group(s) stay in the spill %s (Redis is away): another worker merges them, or "
-                         "the next start of this one", m.handover.spilled, m.handover.spill.directory)
+            self.log.error("%d signed group(s) stay in the spill %s (Redis is away): another worker merges them, or "
+                           "the next start of this one", m.handover.spilled, m.handover.spill.directory)
         try:
             await anyio.to_thread.run_sync(lambda: m.guard.call(m.heartbeats.forget, patience_s=LEAVE_PATIENCE_S))
             others = await anyio.to_thread.run_sync(lambda: m.guard.attempt(self.leader.others))
             if others:
                 await anyio.to_thread.run_sync(lambda: m.guard.attempt(m.leader.release))
-                logger.info("left the fleet (%s); %d other worker(s) write the open windows", reason, len(others))
+                self.log.info("left the fleet (%s); %d other worker(s) write the open windows", reason, len(others))
                 return []
-            logger.info("the last worker of the fleet is leaving (%s): writing the open windows", reason)
+            self.log.info("the last worker of the fleet is leaving (%s): writing the open windows", reason)
             return await self.leader.write_now(reason)
         except RedisUnavailable as exc:
-            logger.error("left the fleet without writing (%s): %s", reason, exc)
+            self.log.error("left the fleet without writing (%s): %s", reason, exc)
             return []
 
     async def _release(self, start: int, indices: list[int]) -> None:
@@ -345,7 +347,7 @@ class FleetWorker:
                 for start, indices in lost.items():
                     self.claims_lost += len(indices)
                     self.held[start].difference_update(indices)
-                    logger.debug("window %d: lost the leases on %s (another worker has them)", start, indices)
+                    self.log.debug("window %d: lost the leases on %s (another worker has them)", start, indices)
                 if self.leading and not self._finished:
                     try:
                         await self.leader.tick(writes.start_soon)

@@ -36,6 +36,7 @@ import pyarrow as pa
 from grail_pipeline.common.atomic import stale_temporaries
 from grail_pipeline.mining.chain import WindowContext, WorkerSlot
 from grail_pipeline.mining.deadline import DeadlinePlan
+from grail_pipeline.mining.hotkey_log import Log
 from grail_pipeline.mining.messages import ProblemTask, SignedGroup
 from grail_pipeline.mining.source import WindowClose
 from grail_pipeline.protocol.profile import PROFILE
@@ -207,8 +208,9 @@ class WindowSink:
     def __init__(self, out_dir: str | Path, hotkey: str, worker: WorkerSlot, window_blocks: int, *,
                  plan: DeadlinePlan | None = None, redraw: Redraw | None = None, extra_metadata: dict | None = None,
                  on_written: OnWritten | None = None, sample_size: int = 0, run_seed: int = 0,
-                 on_late: OnLate | None = None) -> None:
+                 on_late: OnLate | None = None, log: Log = logger) -> None:
         self.out_dir = Path(out_dir)
+        self.log = log  # this hotkey's lines (mining/hotkey_log.py)
         self.hotkey = hotkey
         self.worker = worker
         self.window_blocks = window_blocks
@@ -261,14 +263,14 @@ class WindowSink:
         if state.opened is None:
             state.opened = now
         self.groups_sunk += 1
-        logger.debug("sunk window=%d group=%d rollouts=%d%s", start, task.index, group.rollouts,
-                     " dropped" if group.dropped else "")
+        self.log.debug("sunk window=%d group=%d rollouts=%d%s", start, task.index, group.rollouts,
+                       " dropped" if group.dropped else "")
         if group.dropped:
             draws = state.draws[task.index] = state.draws.get(task.index, 0) + 1
             again = draws < MAX_DRAWS and self.redraw is not None and self.redraw(task)
-            logger.info("window %d group %d dropped (%s)%s", start, task.index, group.dropped,
-                        f": drawing again ({draws + 1} of {MAX_DRAWS})" if again else
-                        ": the file ends before it")
+            self.log.info("window %d group %d dropped (%s)%s", start, task.index, group.dropped,
+                          f": drawing again ({draws + 1} of {MAX_DRAWS})" if again else
+                          ": the file ends before it")
             if again:
                 state.redraws += 1
             else:
@@ -292,14 +294,14 @@ class WindowSink:
         counted = self._counted_missing.get(start, set())
         if index in counted:
             counted.discard(index)
-            logger.warning("group %d of window %d arrived after the window's file was written: cut (counted at the "
-                           "write)", index, start)
+            self.log.warning("group %d of window %d arrived after the window's file was written: cut (counted at the "
+                             "write)", index, start)
             return
         if group.dropped:
-            logger.info("dropped group %d of window %d arrived after the window's file was written", index, start)
+            self.log.info("dropped group %d of window %d arrived after the window's file was written", index, start)
             return
-        logger.warning("group %d of window %d arrived after the window's file was written: %d rollouts cut",
-                       index, start, group.rollouts)
+        self.log.warning("group %d of window %d arrived after the window's file was written: %d rollouts cut",
+                         index, start, group.rollouts)
         if self.on_late is not None:
             await self.on_late(start, index, group.rollouts)
 
@@ -324,8 +326,8 @@ class WindowSink:
         state.partial = close.partial
         state.failed.update(close.abandoned)
         state.opened = close.opened if state.opened is None else min(state.opened, close.opened)
-        logger.debug("window %d closed for generation: %d groups issued%s", close.window_start,
-                     len(close.indices), " (stopping: partial)" if close.partial else "")
+        self.log.debug("window %d closed for generation: %d groups issued%s", close.window_start,
+                       len(close.indices), " (stopping: partial)" if close.partial else "")
         if state.complete:
             await self._write(state, "complete")
 
@@ -338,7 +340,7 @@ class WindowSink:
         if state is None:
             if window_start not in self._written:
                 self._written.add(window_start)
-                logger.warning("window %d: no group arrived by the cut: no file", window_start)
+                self.log.warning("window %d: no group arrived by the cut: no file", window_start)
             return None
         return await self._write(state, "cut")
 
@@ -356,7 +358,7 @@ class WindowSink:
             state = self._open.get(start)
             if state is None:
                 continue
-            logger.warning("window %d: writing what arrived as partial (%s)", start, reason)
+            self.log.warning("window %d: writing what arrived as partial (%s)", start, reason)
             state.partial = True
             report = await self._write(state, reason)
             if report is not None:
