@@ -259,6 +259,29 @@ def test_each_hotkeys_spill_is_merged_into_its_own_fleet_only(tmp_path, redis_se
     assert members[first].results.counts(0) == {0: 16} and members[second].results.counts(0) == {}
 
 
+def test_groups_in_the_old_flat_spill_folder_are_named_at_the_join(tmp_path, redis_server, caplog) -> None:
+    """Groups spilled before the folders per hotkey cannot be told apart by hotkey, so none is merged; the join says
+    how many there are and where they would go, rather than leaving them unseen."""
+    from grail_pipeline.fleet.results import SignedGroup as StoredGroup
+    from grail_pipeline.fleet.spill import Spill
+    from grail_pipeline.inference.loading import CheckpointSource
+    from grail_pipeline.mining.chain import WorkerSlot
+    from grail_pipeline.mining.fleet_worker import SPILL_DIR, join_fleet
+    from grail_pipeline.mining.settings import MineSettings
+
+    Spill(tmp_path / SPILL_DIR).add(StoredGroup(0, 0, 16, b"rows spilled by an older version"))
+    settings = MineSettings(worker=WorkerSlot(0, 1), block_time_s=0.4, window_blocks=30, safety_blocks=1, run_seed=0,
+                            genesis=time.time(), out_dir=tmp_path, status_file=tmp_path / "status.json",
+                            drain_timeout_s=10, verify_sample=0, max_windows=1, batch_size=None, warmup_problems=0,
+                            pipeline_overrides={}, redis_url=redis_server.url)
+    hotkey = f"5Legacy{time.time_ns()}"
+    with caplog.at_level("INFO", logger="grail_pipeline"):
+        member = join_fleet(settings, hotkey, CheckpointSource("dummy:tiny", "dummy:tiny", 0))
+    assert member.handover.merge_spill() == 0  # not merged into this hotkey's fleet
+    warned = [r.getMessage() for r in caplog.records if "spilled before spills had a folder per hotkey" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("1 signed group(s) in ") and hotkey in warned[0], warned
+
+
 def owners_of_current_window(url: str, hotkey: str, window_blocks: int) -> tuple[int, dict[int, str]]:
     """The window open now (from the fleet's context) and who holds each of its leases."""
     client = connect(url)

@@ -51,6 +51,7 @@ from grail_pipeline.fleet.keys import FleetKeys
 from grail_pipeline.fleet.member import FleetMember, FleetTimings
 from grail_pipeline.fleet.results import SignedGroup as StoredGroup
 from grail_pipeline.fleet.retry import RedisUnavailable
+from grail_pipeline.fleet.spill import SUFFIX as SPILL_SUFFIX
 from grail_pipeline.inference.loading import CheckpointSource
 from grail_pipeline.mining.chain import WindowClock
 from grail_pipeline.mining.deadline import DeadlinePlan
@@ -114,6 +115,11 @@ def join_fleet(settings: MineSettings, hotkey: str, checkpoint: CheckpointSource
     assert settings.redis_url is not None
     member = FleetMember.join(settings.redis_url, hotkey, proposal(settings, checkpoint), spill_dir(settings.out_dir, hotkey),
                               timings_for(settings.window_seconds), worker)
+    legacy = sorted((settings.out_dir / SPILL_DIR).glob(f"*{SPILL_SUFFIX}"))
+    if legacy:  # spilled before the folders per hotkey: which hotkey's they are is not recorded, so none merges them
+        logger.warning("%d signed group(s) in %s were spilled before spills had a folder per hotkey and are not "
+                       "merged: move them into %s if they are this hotkey's (only if no other hotkey shares this "
+                       "out dir)", len(legacy), settings.out_dir / SPILL_DIR, spill_dir(settings.out_dir, hotkey))
     t = member.timings
     logger.info("joined the fleet of %s at %s as %s (checkpoint %s, genesis %.3f; claims lapse %g s after their "
                 "last renewal, a dead leader is replaced within %g s)", hotkey, redacted(settings.redis_url),
