@@ -21,6 +21,7 @@ from grail_pipeline.inference.decode_attention import decode_attention_reference
 from grail_pipeline.inference.engine import GroupRequest, SamplingParams
 from grail_pipeline.inference.fast_engine import FastEngine
 from grail_pipeline.inference.hf_engine import HFEngine
+from grail_pipeline.inference.kv_cache import PAGE
 from grail_pipeline.inference.loading import load_model
 from grail_pipeline.mining.lengths import W1_SPEC, parse_length_profile
 from grail_pipeline.protocol.profile import PROFILE
@@ -47,15 +48,17 @@ def check_attention(report: dict) -> None:
     torch.manual_seed(0)
     rows = []
     for slots, t in ((64, 1536), (512, 1536)):
+        pages = slots * t // PAGE + 1
         q = torch.randn(slots, 16, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(slots, 2, t, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(slots, 2, t, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(pages, PAGE, 2, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(pages, PAGE, 2, 128, device="cuda", dtype=torch.bfloat16)
+        table = (1 + torch.randperm(pages - 1, device="cuda")).view(slots, t // PAGE).to(torch.int32)  # shuffled
         lens = torch.randint(1, t + 1, (slots,), device="cuda", dtype=torch.int32)
-        ref = decode_attention_reference(q.float(), k.float(), v.float(), lens)
-        out = decode_attention_triton(q, k, v, lens)
+        ref = decode_attention_reference(q.float(), k.float(), v.float(), table, lens)
+        out = decode_attention_triton(q, k, v, table, lens)
         err = ((out.float() - ref).norm() / ref.norm()).item()
-        ms = timed_ms(lambda: decode_attention_triton(q, k, v, lens))
-        ms_sdpa = timed_ms(lambda: decode_attention_reference(q, k, v, lens))
+        ms = timed_ms(lambda: decode_attention_triton(q, k, v, table, lens))
+        ms_sdpa = timed_ms(lambda: decode_attention_reference(q, k, v, table, lens))
         live = (lens.sum().item() * 2 * 2 * 128 * 2) / 1e9
         rows.append(dict(slots=slots, rel_err=err, triton_ms=ms, sdpa_ms=ms_sdpa, live_gb=live,
                          triton_tb_s=live / ms))

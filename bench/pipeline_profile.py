@@ -165,6 +165,8 @@ def decode_alone(runtime, slots: int) -> dict:
     # attention reads what it reads in a run rather than the one key of a parked slot
     runner.kv.k.normal_()
     runner.kv.v.normal_()
+    table = runner.kv.table  # every slot its own pages for its whole row (the default cache holds them all)
+    table.copy_(1 + torch.arange(table.numel(), device=table.device, dtype=table.dtype).view_as(table))
     runner.positions.copy_(torch.randint(270, 1000, (slots,), device=runner.positions.device))
     out: dict = dict(slots=slots, startup_s=engine.startup_seconds, step_ms={})
     for width in runner.widths:

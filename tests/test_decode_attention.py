@@ -1,20 +1,44 @@
-"""Decode-step attention over a slot KV cache against a naive loop over slots and heads.
+"""Decode-step attention over the paged KV cache against a naive loop over slots and heads.
 
-The Triton kernel needs a GPU and is not run here; `decode_attention` on the CPU is the SDPA reference.
+`decode_attention` on the CPU is the SDPA reference over the gathered pages. The Triton kernel is run here too,
+in Triton's interpreter (TRITON_INTERPRET=1, numpy on the CPU, in a process of its own since the variable is
+read when the kernel is defined), against the same reference: its page addressing is checked before a GPU runs
+it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from grail_pipeline.inference.decode_attention import decode_attention, decode_attention_reference
 
+PAGE = 4  # small pages in these tests: a slot's keys span several, in the order its table names them
+
+
+def paged(dense: torch.Tensor, pages: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense cache [S, Hkv, T, D] (T a multiple of PAGE) laid out in shuffled pages: (cache, table)."""
+    slots, hkv, t, dim = dense.shape
+    per_slot = t // PAGE
+    order = torch.randperm(pages - 1, generator=generator)[:slots * per_slot] + 1  # page 0: scratch
+    cache = 1e4 * torch.randn(pages, PAGE, hkv, dim, generator=generator)  # what no slot holds is loud
+    table = order.view(slots, per_slot).to(torch.int32)
+    for s in range(slots):
+        for j in range(per_slot):
+            cache[table[s, j]] = dense[s, :, j * PAGE:(j + 1) * PAGE].transpose(0, 1)
+    return cache, table
+
 
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """softmax(q·k/sqrt(d)) over each slot's first `length` keys; query head h reads KV head h // group."""
+    """softmax(q·k/sqrt(d)) over each slot's first `length` keys (dense [S, Hkv, T, D]); query head h reads KV head
+    h // group."""
     slots, hq, dim = q.shape
     group = hq // k.shape[1]
     out = torch.empty_like(q)
@@ -30,42 +54,80 @@ def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tens
 @pytest.mark.parametrize("hq, hkv", [(8, 2), (4, 4), (14, 2), (6, 1)])
 def test_reference_equals_naive_loop(hq, hkv) -> None:
     g = torch.Generator().manual_seed(hq * 10 + hkv)
-    slots, t, dim = 7, 19, 16
+    slots, t, dim = 7, 20, 16
     q = torch.randn(slots, hq, dim, generator=g)
     k = torch.randn(slots, hkv, t, dim, generator=g)
     v = torch.randn(slots, hkv, t, dim, generator=g)
-    lengths = torch.tensor([1, t, 2, 5, t - 1, 11, 1], dtype=torch.int32)  # one key, the full cache, in between
+    k_pages, table = paged(k, 40, torch.Generator().manual_seed(1))
+    v_pages, _ = paged(v, 40, torch.Generator().manual_seed(1))
+    lengths = torch.tensor([1, t, 2, 5, t - 1, 11, 1], dtype=torch.int32)  # one key, the full row, in between
     expected = naive(q, k, v, lengths)
-    got = decode_attention_reference(q, k, v, lengths)
+    got = decode_attention_reference(q, k_pages, v_pages, table, lengths)
     assert got.shape == q.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(got[0], v[0, torch.arange(hq) // (hq // hkv), 0])  # one key: its value, exactly
-    torch.testing.assert_close(decode_attention(q, k, v, lengths), got, atol=0, rtol=0)  # the CPU dispatch
+    torch.testing.assert_close(decode_attention(q, k_pages, v_pages, table, lengths), got, atol=0, rtol=0)  # CPU
 
 
 def test_keys_past_the_length_are_never_read() -> None:
-    """Stale cache entries (a slot's previous occupant, prefill padding) beyond the length change nothing."""
+    """Stale entries (a page's previous holder, prefill padding) beyond the length, in the slot's last page or in
+    the pages its table names past it, change nothing."""
     g = torch.Generator().manual_seed(1)
     slots, hq, hkv, t, dim = 4, 8, 2, 12, 16
     q = torch.randn(slots, hq, dim, generator=g)
     k = torch.randn(slots, hkv, t, dim, generator=g)
     v = torch.randn(slots, hkv, t, dim, generator=g)
     lengths = torch.tensor([1, 4, 7, 12], dtype=torch.int32)
-    before = decode_attention_reference(q, k, v, lengths)
+    k_pages, table = paged(k, 16, torch.Generator().manual_seed(3))
+    v_pages, _ = paged(v, 16, torch.Generator().manual_seed(3))
+    before = decode_attention_reference(q, k_pages, v_pages, table, lengths)
     stale = torch.arange(t)[None, None, :, None] >= lengths[:, None, None, None]
     k2 = torch.where(stale, 1e4 * torch.randn(k.shape, generator=g), k)
     v2 = torch.where(stale, 1e4 * torch.randn(v.shape, generator=g), v)
-    torch.testing.assert_close(decode_attention_reference(q, k2, v2, lengths), before, atol=0, rtol=0)
+    k2_pages, _ = paged(k2, 16, torch.Generator().manual_seed(3))
+    v2_pages, _ = paged(v2, 16, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(decode_attention_reference(q, k2_pages, v2_pages, table, lengths), before, atol=0,
+                               rtol=0)
 
 
 def test_rows_read_the_slots_their_index_names() -> None:
-    """A step on some slots only: query row r reads slot slot_index[r]'s keys, up to row r's length."""
+    """A step on some slots only: query row r reads slot slot_index[r]'s pages, up to row r's length."""
     g = torch.Generator().manual_seed(2)
-    slots, hq, hkv, t, dim = 6, 8, 2, 10, 16
+    slots, hq, hkv, t, dim = 6, 8, 2, 12, 16
     k = torch.randn(slots, hkv, t, dim, generator=g)
     v = torch.randn(slots, hkv, t, dim, generator=g)
+    k_pages, table = paged(k, 30, torch.Generator().manual_seed(5))
+    v_pages, _ = paged(v, 30, torch.Generator().manual_seed(5))
     index = torch.tensor([4, 1, 5])
     q = torch.randn(len(index), hq, dim, generator=g)
-    lengths = torch.tensor([3, 10, 1], dtype=torch.int32)
+    lengths = torch.tensor([3, 12, 1], dtype=torch.int32)
     expected = naive(q, k[index], v[index], lengths)
-    torch.testing.assert_close(decode_attention(q, k, v, lengths, index), expected, atol=1e-5, rtol=1e-5)
+    got = decode_attention(q, k_pages, v_pages, table, lengths, index)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+KERNEL_CHECK = textwrap.dedent("""
+    import torch
+    from grail_pipeline.inference.decode_attention import decode_attention_reference, decode_attention_triton
+    from grail_pipeline.inference.kv_cache import PAGE
+    g = torch.Generator().manual_seed(0)
+    for hq, hkv, dim in [(16, 2, 128), (8, 8, 64), (14, 2, 64)]:  # Qwen2.5-3B's grouping, none, a group of 7
+        pages, slots, per_slot = 40, 5, 6
+        k = torch.randn(pages, PAGE, hkv, dim, generator=g)
+        v = torch.randn(pages, PAGE, hkv, dim, generator=g)
+        table = (torch.randperm(pages - 1, generator=g)[:slots * per_slot] + 1).view(slots, per_slot).to(torch.int32)
+        lengths = torch.tensor([1, PAGE, PAGE + 1, 300, per_slot * PAGE], dtype=torch.int32)
+        index = torch.tensor([3, 0, 4, 1, 2])
+        q = torch.randn(5, hq, dim, generator=g)
+        ref = decode_attention_reference(q, k, v, table, lengths, index)
+        out = decode_attention_triton(q, k, v, table, lengths, index)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    print("kernel = reference")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_triton_kernel_reads_the_pages_the_table_names() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "kernel = reference" in done.stdout, done.stderr[-3000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,8 @@ from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.engine import EngineStats, GroupRequest, GroupResult, SamplingParams
 from grail_pipeline.inference.fast_engine import FastEngine, switch_interval
 from grail_pipeline.inference.hf_engine import HFEngine, cut_at_eos
-from grail_pipeline.inference.kv_cache import KVCache
+from grail_pipeline.inference.kv_cache import PAGE, KVCache, full_pages, kv_cache_bytes, page_bytes, pages_for
+from grail_pipeline.inference.kv_pages import PagePool
 from grail_pipeline.inference.model_runner import decode_widths, prefill_width
 from grail_pipeline.protocol.sat import problem_for_seed
 from grail_pipeline.protocol.tokenizer import prompt_ids
@@ -61,7 +63,7 @@ def by_key(results: list[GroupResult]) -> dict[str, list[list[int]]]:
 
 def check_stats(stats: EngineStats, results: list[GroupResult]) -> None:
     assert stats.generated_tokens == sum(len(c) for r in results for c in r.completions)
-    assert stats.occupied_slot_steps == stats.generated_tokens
+    assert stats.occupied_slot_steps == stats.generated_tokens + stats.preempted_tokens  # the hf engine: none
     assert stats.decode_steps > 0 and 0 < stats.occupancy <= 1
     assert stats.slot_steps >= stats.occupied_slot_steps
     report = stats.as_dict()
@@ -185,23 +187,96 @@ def test_prefill_widths_are_multiples_of_64_capped_by_the_cache() -> None:
     assert sorted({prefill_width(n, 1536) for n in range(1, 512)}) == list(range(64, 513, 64))
 
 
-def test_kv_cache_prefill_fill_and_decode_writes() -> None:
-    layers, slots, kv_heads, max_len, head_dim = 2, 4, 2, 10, 3
-    cache = KVCache(layers, slots, kv_heads, max_len, head_dim, torch.float32, torch.device("cpu"))
-    assert cache.k.shape == cache.v.shape == (layers, slots, kv_heads, max_len, head_dim)
-    assert cache.nbytes == 2 * layers * slots * kv_heads * max_len * head_dim * 4
-    prompt_k, prompt_v = torch.randn(kv_heads, 5, head_dim), torch.randn(kv_heads, 5, head_dim)
-    cache.fill(1, torch.tensor([2, 0]), prompt_k, prompt_v)  # one prompt into the slots of its rollouts
-    k1, v1 = cache.layer(1)
+def test_kv_cache_pages_hold_a_prompt_and_decode_writes() -> None:
+    """Writes land in the pages the table names (a prompt into every slot of its group, a step at each slot's own
+    position); a slot's entries it does not hold name the scratch page, which takes what free rows write."""
+    layers, slots, pages, kv_heads, max_len, head_dim = 2, 3, 8, 2, 3 * PAGE, 3
+    cache = KVCache(layers, slots, pages, kv_heads, max_len, head_dim, torch.float32, torch.device("cpu"))
+    assert cache.k.shape == cache.v.shape == (layers, pages, PAGE, kv_heads, head_dim)
+    assert cache.table.shape == (slots, 3) and not cache.table.any()  # every entry the scratch page
+    assert cache.nbytes == kv_cache_bytes(layers, pages, kv_heads, head_dim, 4) == 2 * layers * pages * PAGE * 6 * 4
+    pool = PagePool(pages, slots, 3)
+    changes = pool.grow(np.array([2, 0]), np.array([PAGE, PAGE]))  # two pages each: positions 0..PAGE
+    cache.set_pages(*(torch.from_numpy(a) for a in (changes.slots, changes.columns, changes.pages)))
+    assert cache.table.tolist() == pool.table.tolist() and sorted(pool.table[[0, 2], :2].ravel()) == [1, 2, 3, 4]
+    width = PAGE + 5
+    prompt_k, prompt_v = torch.randn(width, kv_heads, head_dim), torch.randn(width, kv_heads, head_dim)
+    group = torch.tensor([2, 0])
+    cache.write(1, cache.rows(group[:, None], torch.arange(width)[None, :]), prompt_k, prompt_v)
+
+    def at(layer: int, slot: int, position: int) -> torch.Tensor:
+        return cache.k[layer, pool.table[slot, position // PAGE], position % PAGE]
+
     for slot in (0, 2):
-        assert torch.equal(k1[slot, :, :5], prompt_k) and torch.equal(v1[slot, :, :5], prompt_v)
-    assert not k1[[1, 3]].any() and not cache.layer(0)[0].any()
+        assert all(torch.equal(at(1, slot, p), prompt_k[p]) for p in range(width))
+    assert not cache.k[0].any() and not cache.k[1, 5:].any()  # no other layer, no page nobody holds
     step_k, step_v = torch.randn(slots, kv_heads, head_dim), torch.randn(slots, kv_heads, head_dim)
-    positions = torch.tensor([5, 0, 5, 9])
-    cache.write_step(1, torch.arange(slots), positions, step_k, step_v)  # each slot at its own position
-    for slot, pos in enumerate(positions.tolist()):
-        assert torch.equal(k1[slot, :, pos], step_k[slot]) and torch.equal(v1[slot, :, pos], step_v[slot])
-    assert torch.equal(k1[2, :, :5], prompt_k)  # the prompt before the written position is kept
+    positions = torch.tensor([width, 7, PAGE + 1])
+    cache.write(1, cache.rows(torch.arange(slots), positions), step_k, step_v)
+    assert torch.equal(at(1, 0, width), step_k[0]) and torch.equal(at(1, 2, PAGE + 1), step_k[2])
+    assert torch.equal(cache.k[1, 0, 7], step_k[1])  # slot 1 holds no page: its row went to the scratch page
+    assert torch.equal(at(1, 2, PAGE), prompt_k[PAGE])  # the prompt before the written position is kept
+
+
+def test_page_pool_hands_out_pages_by_use_and_takes_them_back() -> None:
+    pool = PagePool(pages=7, slots=3, pages_per_slot=4)
+    assert pool.available == 6  # page 0 is the scratch page
+    first = pool.grow(np.array([0, 1]), np.array([0, PAGE]))  # one page, then two
+    assert (first.slots.tolist(), first.columns.tolist(), first.pages.tolist()) == ([0, 1, 1], [0, 0, 1], [1, 2, 3])
+    assert len(pool.grow(np.array([0, 1]), np.array([PAGE - 1, PAGE + 9]))) == 0  # held already: no change
+    assert pool.grow(np.array([2]), np.array([4 * PAGE - 1])) is None and pool.available == 3  # 4 > 3: nothing
+    back = pool.release([1])
+    assert (back.slots.tolist(), back.columns.tolist(), back.pages.tolist()) == ([1, 1], [0, 1], [0, 0])
+    assert pool.available == 5 and not pool.table[1].any() and pool.held.tolist() == [1, 0, 0]
+    again = pool.grow(np.array([2]), np.array([10 * PAGE]))  # past the row's end: a slot holds its row at most
+    assert again.columns.tolist() == [0, 1, 2, 3] and again.pages.tolist()[:2] == [2, 3]  # the lowest first
+    assert pool.available == 1
+
+
+def long_prompts(tok, n: int) -> list[GroupRequest]:
+    """n groups of 4 rollouts whose prompts (123 tokens) fill two pages; a rollout crosses into a third at its sixth
+    token, once the engine has read back a few of its tokens (the lag is 3 steps)."""
+    out = []
+    for i in range(n):
+        ids = prompt_ids(tok, problem_for_seed(100 + i))
+        ids = (ids * 2)[:2 * PAGE - 5]
+        out.append(GroupRequest(f"g{i}", ids, [MAX_NEW - (i % 3), MAX_NEW, 3 + i % 4, MAX_NEW]))
+    return out
+
+
+def test_a_kv_cache_smaller_than_the_slots_need_preempts_and_changes_no_token(tiny, tok) -> None:
+    """32 slots over the least cache a 16-rollout group needs at its longest (81 pages, against 161 for every slot):
+    eight groups fill the slots with their prompts' pages, their growth runs the pages out, the youngest groups
+    are preempted and run again from their prompts, and every token is the reference engine's."""
+    groups = long_prompts(tok, 12)
+    params = sampling(tok, repetition_penalty=2.0)
+    ref = by_key(HFEngine(tiny, params, batch_size=4).generate(groups))
+    config = tiny.model.config
+    page = page_bytes(config.num_hidden_layers, config.num_key_value_heads,
+                      config.hidden_size // config.num_attention_heads, 4)
+    engine = FastEngine(tiny, params, slots=32, max_prompt_tokens=256, lag=3, kv_cache_gb=81.5 * page / 1e9)
+    assert engine.kv_pages == 16 * pages_for(256 + MAX_NEW - 1) + 1 == 81 and not engine.full_kv
+    results = engine.generate(groups)
+    assert by_key(results) == ref
+    stats = engine.stats
+    check_stats(stats, results)
+    assert stats.preemptions > 0 and stats.preempted_tokens > 0
+    assert 0 < stats.peak_kv_pages <= 80
+    kv = next(c for c in engine.memory if c.name == "kv_cache")
+    assert kv.bytes == 81 * page and "81 pages" in kv.what
+
+
+def test_the_default_cache_holds_every_slot_at_its_longest_and_never_preempts(tiny, tok) -> None:
+    groups = long_prompts(tok, 12)
+    engine = FastEngine(tiny, sampling(tok), slots=32, max_prompt_tokens=256)
+    assert engine.full_kv and engine.kv_pages == full_pages(32, 256 + MAX_NEW - 1) == 32 * 5 + 1
+    results = engine.generate(groups)
+    assert len(results) == 12 and engine.stats.preemptions == 0 and engine.stats.peak_kv_pages > 0
+
+
+def test_a_kv_cache_too_small_for_one_group_is_one_line(tiny, tok) -> None:
+    with pytest.raises(UserError, match=r"--kv-cache-gb 0.0001 holds \d+ KV pages; 16 rollouts at their longest need"):
+        FastEngine(tiny, sampling(tok), slots=32, max_prompt_tokens=256, kv_cache_gb=0.0001)
 
 
 def test_decode_widths_step_by_an_eighth_in_multiples_of_16() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from grail_pipeline.inference.engine import SamplingParams
-from grail_pipeline.inference.kv_cache import kv_cache_bytes, positions_per_slot
+from grail_pipeline.inference.kv_cache import PAGE, kv_cache_bytes, positions_per_slot
 from grail_pipeline.inference.memory import module_bytes
 from grail_pipeline.mining.lengths import parse_length_profile
 from grail_pipeline.mining.runtime import Runtime
@@ -34,13 +34,13 @@ def test_benchmark_memory_breakdown_on_the_cpu(tiny, tok) -> None:
     assert memory["peak_reserved_gb"] is None and "no GPU" in memory["note"]  # nothing measured off the GPU
     config = tiny.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    # keys and values of every layer, slot and position: a prompt of up to the limit and the new tokens, less one
+    # keys and values of every layer and page: by default a page for every 64 positions of every slot's longest
+    # sequence (a prompt of up to the limit and the new tokens, less one), and the scratch page
     assert positions_per_slot(prompt_limit, new_tokens) == prompt_limit + new_tokens - 1
-    expected = 2 * config.num_hidden_layers * slots * config.num_key_value_heads * (prompt_limit + new_tokens - 1) \
-        * head_dim * tiny.dtype.itemsize
+    pages = slots * -(-(prompt_limit + new_tokens - 1) // PAGE) + 1
+    expected = 2 * config.num_hidden_layers * pages * PAGE * config.num_key_value_heads * head_dim * tiny.dtype.itemsize
     assert parts["kv_cache"]["bytes"] == expected == kv_cache_bytes(
-        config.num_hidden_layers, slots, config.num_key_value_heads, prompt_limit + new_tokens - 1, head_dim,
-        tiny.dtype.itemsize)
+        config.num_hidden_layers, pages, config.num_key_value_heads, head_dim, tiny.dtype.itemsize)
     assert parts["weights"]["bytes"] == module_bytes(tiny.model) > 0
     assert parts["step_logits"]["bytes"] == slots * config.vocab_size * 4
     assert parts["kv_cache"]["gb"] == pytest.approx(expected / 1e9, abs=1e-3)

@@ -15,8 +15,8 @@ from grail_pipeline.common.errors import UserError
 from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.records import (
     INFERENCE_SCHEMA,
-    MalformedRow,
     ROW_GROUP_ROWS,
+    MalformedRow,
     WindowFileError,
     build_rollout_record,
     grpo_advantages,

@@ -67,6 +67,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, default_model: str) -
                              "(the W1 workload) for dummy models, natural for real weights")
     parser.add_argument("--max-prompt-tokens", type=positive_int, default=512, metavar="N",
                         help="longest prompt the fast engine reserves KV cache for (default 512)")
+    parser.add_argument("--kv-cache-gb", type=positive_float, default=None, metavar="N",
+                        help="the fast engine's KV cache in GB, held by slots as their sequences grow (pages of 64 "
+                             "positions); default: every slot's longest sequence, which never runs out. Less holds "
+                             "more slots in the same memory; a group that finds no page is preempted and run again")
     parser.add_argument("--memory-gb", type=positive_float, default=None, metavar="N",
                         help="cap this process's GPU memory at N GB (torch's per-process memory fraction, set before "
                              "anything allocates), so a big card rehearses a smaller one (e.g. 24 on an H100); on the "

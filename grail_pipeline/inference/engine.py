@@ -83,6 +83,9 @@ class EngineStats:
     slot_steps: int = 0  # sum over decode steps of the batch size (slots)
     computed_slot_steps: int = 0  # sum over decode steps of the rows computed (the fast engine's decode width)
     context_tokens: int = 0  # sum over occupied slot-steps of the context attended (KV read)
+    preemptions: int = 0  # groups the fast engine took back for want of KV pages, to run again from their prompt
+    preempted_tokens: int = 0  # tokens those groups had generated, dropped (occupied slot-steps count them)
+    peak_kv_pages: int = 0  # most KV pages held at once (the fast engine's paged cache)
 
     @property
     def occupancy(self) -> float:
@@ -99,6 +102,9 @@ class EngineStats:
             "mean_context": round(self.context_tokens / self.occupied_slot_steps, 1) if self.occupied_slot_steps else 0.0,
             "computed_rows_share": (round(self.computed_slot_steps / self.slot_steps, 4)
                                     if self.slot_steps and self.computed_slot_steps else 1.0),
+            "preemptions": self.preemptions,
+            "preempted_tokens": self.preempted_tokens,
+            "peak_kv_pages": self.peak_kv_pages,
         }
 
 

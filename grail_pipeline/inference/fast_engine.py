@@ -6,6 +6,14 @@ slot's completion, retires finished rollouts and refills their slots with the ne
 (prefilled once, shared by its 16 rollouts). Slots are handed out lowest index first; a freed slot is
 parked at position 0 so that until it is refilled its attention reads one key.
 
+The KV cache is paged (kv_cache.py): a slot takes pages as its sequence grows (kv_pages.py), before the step
+that writes into them. By default there are pages for every slot's longest sequence, and nothing can run out.
+With fewer (`kv_cache_gb`: more slots in the same memory, which W2 and a 24-GB card need), a group is admitted
+only while its prompt's pages and a watermark (1 % of the pages) are free, and when a step's pages run out the
+youngest group is preempted: its slots and pages go back and its request is admitted again, before any new one,
+from its prompt (`stats.preemptions` counts them; its sampled tokens are dropped, so a rerun samples anew,
+which any sample may: the validator checks a proof against the completion it is given).
+
 This file is the loop alone: which slot holds what is the scheduler's (scheduler.py, host state only),
 the decoding is the runner's (model_runner.py, device state, its CUDA graphs in cuda_graphs.py).
 """
@@ -30,7 +38,8 @@ from grail_pipeline.inference.engine import (
     RequestFeed,
     SamplingParams,
 )
-from grail_pipeline.inference.kv_cache import positions_per_slot
+from grail_pipeline.inference.kv_cache import PAGE, cache_pages, full_pages, pages_for, positions_per_slot
+from grail_pipeline.inference.kv_pages import PagePool
 from grail_pipeline.inference.loading import LoadedModel
 from grail_pipeline.inference.memory import Component, DeviceMemory
 from grail_pipeline.inference.model_runner import SlotRunner
@@ -62,17 +71,19 @@ class FastEngine(Engine):
 
     def __init__(self, loaded: LoadedModel, sampling: SamplingParams, slots: int, max_prompt_tokens: int = 512,
                  compile_step: bool | None = None, cuda_graphs: bool | None = None, lag: int = 3,
-                 switch_seconds: float = 2e-4) -> None:
+                 switch_seconds: float = 2e-4, kv_cache_gb: float | None = None) -> None:
         super().__init__()
         on_gpu = loaded.device.type == "cuda"
         self.sampling = sampling
         self.slots = slots
         self.max_prompt_tokens = max_prompt_tokens
         self.max_len = positions_per_slot(max_prompt_tokens, sampling.max_new_tokens)
+        self.kv_pages = cache_pages(loaded.model.config, loaded.dtype.itemsize, slots, self.max_len, kv_cache_gb)
+        self.full_kv = self.kv_pages == full_pages(slots, self.max_len)
         t0 = time.perf_counter()
         meter = DeviceMemory(loaded.device)
         with meter.phase("state") as state:
-            self.runner = SlotRunner(loaded.model, sampling, slots, self.max_len,
+            self.runner = SlotRunner(loaded.model, sampling, slots, self.max_len, self.kv_pages,
                                      compile_step=on_gpu if compile_step is None else compile_step)
         if cuda_graphs is None:
             cuda_graphs = on_gpu
@@ -94,8 +105,10 @@ class FastEngine(Engine):
         the GPU the allocator's delta over the runner's creation is beside them), and the graphs' pool."""
         kv = self.runner.kv.nbytes
         buffers = self.runner.buffer_bytes()
-        out = [Component("kv_cache", kv, "exact",
-                         f"{self.slots} slots x {self.max_len} positions (prompt limit + max new tokens - 1)"),
+        held = (f"every slot's longest sequence: {self.slots} slots x {self.max_len} positions (prompt limit + max "
+                f"new tokens - 1), in pages of {PAGE}" if self.full_kv else
+                f"{self.kv_pages} pages of {PAGE} positions for {self.slots} slots, held by use (--kv-cache-gb)")
+        out = [Component("kv_cache", kv, "exact", held),
                Component("sampler_buffers", buffers, "exact",
                          "the runner's per-slot state: token ids, positions, targets, seen-token mask [slots, vocab]")]
         if state.measured:
@@ -116,6 +129,8 @@ class FastEngine(Engine):
 
     def _run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
         scheduler = SlotScheduler(self.slots, self.sampling.max_new_tokens, self.sampling.eos_token_id)
+        self._pages = PagePool(self.kv_pages, self.slots, pages_for(self.max_len))
+        again: deque[GroupRequest] = deque()  # preempted groups' requests, oldest first: admitted before new ones
         waiting: GroupRequest | None = None
         feed_open = True
         step = 0
@@ -124,6 +139,8 @@ class FastEngine(Engine):
         while True:
             while True:  # admit as many waiting groups as there are free slots for
                 idle = not scheduler.busy and not pending
+                if waiting is None and again:
+                    waiting = again.popleft()
                 if waiting is None and feed_open:
                     try:
                         waiting = feed.next(wait=idle)
@@ -131,9 +148,9 @@ class FastEngine(Engine):
                         feed_open = False
                     if waiting is not None:
                         self._check(waiting)
-                if waiting is None or scheduler.free_slots < waiting.num_samples:
+                if waiting is None or scheduler.free_slots < waiting.num_samples or not self._admit(scheduler,
+                                                                                                     waiting, step):
                     break
-                self._admit(scheduler, waiting, step)
                 waiting = None
             if not scheduler.busy and not pending:
                 if not feed_open and waiting is None:
@@ -141,6 +158,7 @@ class FastEngine(Engine):
                 continue
             t0 = time.perf_counter()
             if scheduler.busy:
+                self._grow(scheduler, step, again)
                 width = self._activate(scheduler, self._active[step % ring])
                 tokens = self.runner.step(width)
                 self._pinned[step % ring].copy_(tokens, non_blocking=True)
@@ -171,13 +189,45 @@ class FastEngine(Engine):
         self.runner.set_active(buffer[:width])
         return width
 
-    def _admit(self, scheduler: SlotScheduler, request: GroupRequest, step: int) -> None:
-        """The group into the lowest free slots, its prompt prefilled; its tokens count from `step` on."""
+    def _admit(self, scheduler: SlotScheduler, request: GroupRequest, step: int) -> bool:
+        """The group into the lowest free slots, its prompt's pages taken and its prompt prefilled; its tokens
+        count from `step` on. False, with nothing done, while the pages it needs and the watermark are not free."""
+        prompt_pages = request.num_samples * pages_for(len(request.prompt_ids))
+        watermark = 0 if self.full_kv else -(-self.kv_pages // 100)  # a full cache never runs out: no margin
+        if prompt_pages + watermark > self._pages.available:
+            return False
         group = scheduler.admit(request, step)
         t0 = time.perf_counter()
+        slots = np.asarray(group.slots)
+        self.runner.set_pages(self._pages.grow(slots, np.full(len(slots), len(request.prompt_ids) - 1)))
         self.runner.admit(request.prompt_ids, group.slots, [t or 0 for t in request.targets])
         group.started = time.perf_counter()
         self.stats.prefill_seconds += group.started - t0
+        return True
+
+    def _grow(self, scheduler: SlotScheduler, step: int, again: deque[GroupRequest]) -> None:
+        """Pages for the position step `step` writes in every occupied slot; where they run out, the youngest
+        group is preempted (its request to `again`, in front of those preempted before it) until they do not."""
+        while True:
+            slots, positions = scheduler.positions_at(step)
+            changes = self._pages.grow(slots, np.minimum(positions, self.max_len - 1))
+            if changes is not None:
+                self.runner.set_pages(changes)
+                held = self.kv_pages - 1 - self._pages.available
+                self.stats.peak_kv_pages = max(self.stats.peak_kv_pages, held)
+                return
+            victim = scheduler.groups[-1]
+            freed, dropped = scheduler.preempt(victim)
+            self._free(freed)
+            again.appendleft(victim.request)
+            self.stats.preemptions += 1
+            self.stats.preempted_tokens += dropped
+            self.stats.generated_tokens -= dropped
+
+    def _free(self, slots: list[int]) -> None:
+        """Slots given back: their pages to the pool, the slots parked."""
+        self.runner.set_pages(self._pages.release(slots))
+        self.runner.release(slots)
 
     def _retire(self, scheduler: SlotScheduler, tokens: np.ndarray, step_index: int,
                 emit: Callable[[GroupResult], None]) -> None:
@@ -189,7 +239,7 @@ class FastEngine(Engine):
         for group in retired.finished:
             emit(GroupResult(group.request, group.ordered_completions(), seconds=time.perf_counter() - group.started))
         if retired.freed:
-            self.runner.release(retired.freed)
+            self._free(retired.freed)
 
     def _check(self, request: GroupRequest) -> None:
         if request.num_samples > self.slots:
@@ -198,3 +248,4 @@ class FastEngine(Engine):
         if len(request.prompt_ids) > self.max_prompt_tokens:
             raise UserError(f"a prompt of {len(request.prompt_ids)} tokens exceeds the fast engine's limit "
                             f"of {self.max_prompt_tokens}")
+

@@ -154,13 +154,18 @@ def vocab_size_of(config: PreTrainedConfig) -> int | None:
     return None
 
 
+def model_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a model loads in on `device`: bf16 on a GPU, float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_model(model: str, device: str | torch.device = "auto",
                checkpoint: CheckpointSource | None = None) -> LoadedModel:
     """Load `--model` for inference: bf16 on GPU, float32 on CPU, eval mode, no gradients. `device` and
     `checkpoint` may come resolved already (mining/choices.py)."""
     ref = parse_model_ref(model)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = model_dtype(dev)
     attn = attention_implementation(dev)
     multi = dev.type == "cuda" and wants_multi_gpu()
     checkpoint = checkpoint or checkpoint_source(model)

@@ -1,7 +1,7 @@
 """A slot-based decoder over the transformers model's own weights.
 
-The runner keeps one KV cache row per slot (kv_cache.py), prefills a prompt once and copies it into
-the slots of its rollouts, and advances the active slots by one token per `step(width)`: embeddings, the layers
+The runner keeps the paged KV cache (kv_cache.py; which pages a slot holds is the engine's host state,
+kv_pages.py, applied here by `set_pages`), prefills a prompt once and copies it into the slots of its rollouts, and advances the active slots by one token per `step(width)`: embeddings, the layers
 (the families' shared decoder, models/decoder.py), the head and sampling, all on the device, so the step can be
 captured as one CUDA graph (cuda_graphs.py). Weights are shared with the transformers model (the
 decoder's `fuse_weights`: the fused QKV and gate/up projections are the storage the transformers modules
@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +29,7 @@ from grail_pipeline.inference.cuda_graphs import CudaGraphs
 from grail_pipeline.inference.decode_attention import decode_attention
 from grail_pipeline.inference.engine import SamplingParams
 from grail_pipeline.inference.kv_cache import KVCache
+from grail_pipeline.inference.kv_pages import PageChanges
 from grail_pipeline.inference.models import decoder, family_for
 
 PREFILL_ALIGN = 64
@@ -48,9 +50,10 @@ def prefill_width(n: int, max_len: int) -> int:
 
 
 class SlotRunner:
-    """Decode state for `slots` sequences of up to `max_len` tokens each, on the model's device."""
+    """Decode state for `slots` sequences of up to `max_len` tokens each in `pages` KV pages, on the model's
+    device."""
 
-    def __init__(self, model: torch.nn.Module, sampling: SamplingParams, slots: int, max_len: int,
+    def __init__(self, model: torch.nn.Module, sampling: SamplingParams, slots: int, max_len: int, pages: int,
                  compile_step: bool) -> None:
         family_for(model.config)  # a model no family runs is refused here, before anything is allocated
         self.sampling = sampling
@@ -61,8 +64,8 @@ class SlotRunner:
         device, dtype = self.weights.embed.device, self.weights.embed.dtype
         self.device = device
         self.cos, self.sin = decoder.rotary_tables(model.get_decoder(), max_len, dtype, device)
-        self.kv = KVCache(len(self.weights.layers), slots, self.dims.kv_heads, max_len, self.dims.head_dim, dtype,
-                          device)
+        self.kv = KVCache(len(self.weights.layers), slots, pages, self.dims.kv_heads, max_len, self.dims.head_dim,
+                          dtype, device)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # input token per slot
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # its position
         self.generated = torch.zeros(slots, dtype=torch.long, device=device)
@@ -80,7 +83,7 @@ class SlotRunner:
     def buffer_bytes(self) -> int:
         """Bytes of the per-slot decode state besides the KV cache (the sampler's inputs and outputs)."""
         return sum(t.nbytes for t in (self.tokens, self.positions, self.generated, self.targets,
-                                      self.seen, self.next_tokens, *self.active.values()))
+                                      self.seen, self.next_tokens, self.kv.table, *self.active.values()))
 
     def step_logits_bytes(self) -> int:
         """The decode step's float32 logits [slots, vocab], the largest temporary of the head and sampler."""
@@ -137,11 +140,21 @@ class SlotRunner:
 
     def release(self, slots: list[int]) -> None:
         """Park finished slots at position 0, so that until they are refilled they read one key, not hundreds."""
-        index = torch.tensor(slots, dtype=torch.long)
-        if self.device.type == "cuda":
-            index = index.pin_memory()
-        index = index.to(self.device, non_blocking=True)
+        index = self._upload(torch.tensor(slots, dtype=torch.long))
         self.positions.index_put_((index,), torch.zeros_like(index))
+
+    def set_pages(self, changes: PageChanges) -> None:
+        """The page table's entries `changes` names, set behind the work already queued: steps in flight still
+        read the entries they were launched with (a page taken back may be written by them, never read after)."""
+        if len(changes):
+            packed = self._upload(torch.from_numpy(np.stack([changes.slots, changes.columns, changes.pages])))
+            self.kv.set_pages(packed[0], packed[1], packed[2])
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device, copied behind the queued work (pinned: the host does not wait for it)."""
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     def _prefill_input(self, key: tuple[int, int]) -> torch.Tensor:
         """The static input of the prefill graph for (width, group), its graph captured first if need be."""
@@ -161,11 +174,12 @@ class SlotRunner:
         ids, n, slots, targets = packed.split([width + 1, 1, group, group])
         x = w.embed[ids[:width]]
         cos, sin = self.cos[:width], self.sin[:width]
+        rows = self.kv.rows(slots[:, None], torch.arange(width, device=self.device)[None, :])  # [group, width]
         for i, layer in enumerate(w.layers):
             q, k, v = decoder.pre_attention(x, layer.ln1, layer.qkv_w, layer.qkv_b, layer.q_norm, layer.k_norm, cos,
                                             sin, d.eps, d.heads, d.kv_heads, d.head_dim)
+            self.kv.write(i, rows, k, v)  # every rollout's slot gets the prompt's keys and values
             k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, width, D]
-            self.kv.fill(i, slots, k_t, v_t)
             attn = F.scaled_dot_product_attention(q.transpose(0, 1), k_t, v_t, is_causal=True, enable_gqa=True)
             x = decoder.post_attention(attn.transpose(0, 1), x, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w,
                                       d.eps)
@@ -201,12 +215,13 @@ class SlotRunner:
         x = w.embed[self.tokens[slots]]
         cos, sin = self.cos[positions], self.sin[positions]
         lengths = (positions + 1).to(torch.int32)
+        rows = self.kv.rows(slots, positions)
         for i, layer in enumerate(w.layers):
             q, k, v = pre(x, layer.ln1, layer.qkv_w, layer.qkv_b, layer.q_norm, layer.k_norm, cos, sin, d.eps,
                           d.heads, d.kv_heads, d.head_dim)
-            self.kv.write_step(i, slots, positions, k, v)
+            self.kv.write(i, rows, k, v)
             k_cache, v_cache = self.kv.layer(i)
-            attn = decode_attention(q, k_cache, v_cache, lengths, slots)
+            attn = decode_attention(q, k_cache, v_cache, self.kv.table, lengths, slots)
             x = post(attn, x, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w, d.eps)
         noise = torch.empty((width, s.top_k), dtype=torch.float32, device=self.device).exponential_()
         nxt = head(x, w.final_norm, w.head, self.seen[slots], self.generated[slots], self.targets[slots], noise,

@@ -8,6 +8,11 @@ limit (its target length, at most max_new_tokens); a group is finished once all 
 
 `retire` runs once per decode step for every slot (512 on the benchmark), so it works on numpy arrays
 over all slots and touches Python objects only for the rollouts that end.
+
+A group can be preempted (`preempt`): when the paged KV cache runs out of pages, the engine gives the
+youngest group's slots and pages back and admits its request again later, from its prompt. Its tokens so far
+are dropped; steps already launched for its slots are read back as nobody's (the slots are free, or belong to
+an occupant admitted at a later step).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class SlotScheduler:
         self.limit = np.zeros(slots, dtype=np.int64)
         self.prompt_len = np.zeros(slots, dtype=np.int64)
         self.out = np.zeros((slots, max_new_tokens), dtype=np.int64)
+        self.groups: list[SlotGroup] = []  # admitted and not finished, oldest first
 
     @property
     def busy(self) -> bool:
@@ -88,7 +94,27 @@ class SlotScheduler:
             self.count[slot] = 0
             self.limit[slot] = min(target, self.max_new_tokens) if target else self.max_new_tokens
         self.occupied[taken] = True
+        self.groups.append(group)
         return group
+
+    def positions_at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The occupied slots and the position decode step `step` writes for each: its prompt's last token's
+        position plus the steps since its admission (the prefill wrote the positions before)."""
+        idx = np.flatnonzero(self.occupied)
+        return idx, self.prompt_len[idx] - 1 + (step - self.first_step[idx])
+
+    def preempt(self, group: SlotGroup) -> tuple[list[int], int]:
+        """Take a group's slots back before it finished (its request is admitted again later); returns the slots
+        it still held and the tokens its rollouts had generated, now dropped."""
+        held = [slot for slot in group.slots if self.owner[slot] is group]
+        dropped = int(self.count[held].sum()) + sum(len(c) for c in group.completions.values())
+        for slot in held:
+            self.owner[slot] = None
+        self.occupied[held] = False
+        self.free.extend(held)
+        self.free.sort()
+        self.groups.remove(group)
+        return held, dropped
 
     def retire(self, tokens: np.ndarray, step_index: int) -> Retired:
         """Append decode step `step_index`'s tokens [slots] to their occupants; end rollouts at EOS or the limit."""
@@ -109,6 +135,7 @@ class SlotScheduler:
             group.completions[slot] = self.out[slot, : count[slot]].tolist()
             if group.finished:
                 finished.append(group)
+                self.groups.remove(group)
         self.free.extend(freed)
         self.free.sort()
         return Retired(len(idx), context, finished, freed)

@@ -45,6 +45,7 @@ class RunChoices:
     lengths: LengthProfile
     max_new_tokens: int
     max_prompt_tokens: int
+    kv_cache_gb: float | None = None  # the fast engine's KV cache (None: every slot's longest sequence)
 
 
 def resolve_engine(kind: str, device: torch.device, model: str) -> str:
@@ -83,6 +84,24 @@ def resolve_choices(args: argparse.Namespace, batch_sizes: list[int] | None = No
     lengths = check_workload(args.model, args.length_profile, args.max_new_tokens, args.max_prompt_tokens)
     for size in batch_sizes or []:
         check_batch_size(engine_kind, size)
+    kv_cache_gb = getattr(args, "kv_cache_gb", None)
+    if kv_cache_gb is not None:
+        check_kv_cache(args.model, device, engine_kind, kv_cache_gb, args.max_prompt_tokens, args.max_new_tokens)
     return RunChoices(model=args.model, checkpoint=checkpoint_source(args.model), device=device,
                       engine_kind=engine_kind, lengths=lengths, max_new_tokens=args.max_new_tokens,
-                      max_prompt_tokens=args.max_prompt_tokens)
+                      max_prompt_tokens=args.max_prompt_tokens, kv_cache_gb=kv_cache_gb)
+
+
+def check_kv_cache(model: str, device: torch.device, engine_kind: str, kv_cache_gb: float, max_prompt_tokens: int,
+                   max_new_tokens: int) -> None:
+    """`--kv-cache-gb` is the fast engine's, and must hold one group at its longest (from the config and the
+    dtype the model will load in, before any weights)."""
+    from grail_pipeline.inference.kv_cache import cache_pages, positions_per_slot
+    from grail_pipeline.inference.loading import model_dtype
+    from grail_pipeline.protocol.profile import PROFILE
+
+    if engine_kind != "fast":
+        raise UserError("--kv-cache-gb sizes the fast engine's KV cache; the hf engine has none to size")
+    slots = PROFILE.rollouts_per_problem  # the check of any batch size: one group in its slots
+    cache_pages(load_config(model), model_dtype(device).itemsize, slots,
+                positions_per_slot(max_prompt_tokens, max_new_tokens), kv_cache_gb)

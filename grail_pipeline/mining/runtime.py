@@ -41,6 +41,7 @@ class Runtime:
     sampling: SamplingParams
     lengths: LengthProfile
     max_prompt_tokens: int
+    kv_cache_gb: float | None = None  # the fast engine's KV cache (None: every slot's longest sequence)
     _signing_pools: dict[str, SigningPool] = field(default_factory=dict, init=False, repr=False)
     _provers: dict[str, Prover] = field(default_factory=dict, init=False, repr=False)
 
@@ -51,7 +52,8 @@ class Runtime:
         loaded = load_model(choices.model, choices.device, choices.checkpoint)
         sampling = SamplingParams(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                   max_new_tokens=choices.max_new_tokens)
-        return cls(loaded, tokenizer, choices.engine_kind, sampling, choices.lengths, choices.max_prompt_tokens)
+        return cls(loaded, tokenizer, choices.engine_kind, sampling, choices.lengths, choices.max_prompt_tokens,
+                   choices.kv_cache_gb)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Runtime":
@@ -68,7 +70,8 @@ class Runtime:
             return HFEngine(self.loaded, self.sampling, batch_size)  # rules.check_batch_size: at most 16
         from grail_pipeline.inference.fast_engine import FastEngine
 
-        return FastEngine(self.loaded, self.sampling, slots=batch_size, max_prompt_tokens=self.max_prompt_tokens)
+        return FastEngine(self.loaded, self.sampling, slots=batch_size, max_prompt_tokens=self.max_prompt_tokens,
+                          kv_cache_gb=self.kv_cache_gb)
 
     def prover(self) -> Prover:
         """The engine kind's prover, made once per runtime (the prefix prover measures the device at start-up)."""

@@ -110,7 +110,7 @@ def too_big(runtime: Runtime, batch_size: int, budget_gb: float) -> Row | None:
 
     Both are exact from shapes (inference/kv_cache.py), so the sweep need not build the engine to learn it.
     """
-    from grail_pipeline.inference.kv_cache import kv_cache_bytes, positions_per_slot
+    from grail_pipeline.inference.kv_cache import cache_pages, kv_cache_bytes, positions_per_slot
     from grail_pipeline.inference.memory import GB, module_bytes
     from grail_pipeline.inference.models.decoder import Dims
     from grail_pipeline.tools.measurement import BatchResult
@@ -120,9 +120,11 @@ def too_big(runtime: Runtime, batch_size: int, budget_gb: float) -> Row | None:
     kv = 0
     if runtime.engine_kind == "fast":
         dims = Dims.of(model.config)
-        kv = kv_cache_bytes(model.config.num_hidden_layers, batch_size, dims.kv_heads,
+        dtype_bytes = runtime.loaded.dtype.itemsize
+        pages = cache_pages(model.config, dtype_bytes, batch_size,
                             positions_per_slot(runtime.max_prompt_tokens, runtime.sampling.max_new_tokens),
-                            dims.head_dim, runtime.loaded.dtype.itemsize)
+                            runtime.kv_cache_gb)
+        kv = kv_cache_bytes(model.config.num_hidden_layers, pages, dims.kv_heads, dims.head_dim, dtype_bytes)
     if (weights + kv) / GB <= budget_gb:
         return None
     reason = (f"does not fit: weights {weights / GB:.2f} GB + KV cache {kv / GB:.2f} GB > budget {budget_gb:.2f} GB; "
