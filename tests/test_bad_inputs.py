@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,8 @@ CPU = "cpu"
 MS_GENESIS = f"{time.time() * 1000:.0f}"  # a unix time in milliseconds, the mistake the issue saw
 SCRUBBED = ("GRAIL_WORKER_ID", "GRAIL_TOTAL_WORKERS", "GRAIL_MINER_SAFETY_BLOCKS", "GRAIL_BLOCK_TIME",
             "GRAIL_GENERATION_BATCH_SIZE", "GRAIL_MULTI_GPU", "BT_WALLET_COLD", "BT_WALLET_HOT", "BT_WALLET_PATH",
-            "CUDA_VISIBLE_DEVICES")
+            "CUDA_VISIBLE_DEVICES", "GRAIL_HOTKEYS")
+FLEET_HOTKEY = "5H728gLgx4yuCSVEwGCAfLo3RtzTau9F6cTNqNJtrqqjACWq"  # fleet-status's rows: seed 0's key, no fleet
 MINE_ENV = ("GRAIL_WORKER_ID", "GRAIL_TOTAL_WORKERS", "GRAIL_MINER_SAFETY_BLOCKS", "GRAIL_BLOCK_TIME",
             "GRAIL_GENERATION_BATCH_SIZE", "BT_WALLET_COLD", "BT_WALLET_HOT")
 
@@ -154,6 +154,17 @@ CASES = [
     # --- fleet-status: a fleet's view, from its Redis
     C("fleet-status", "--redis-url", "http://hub:6379", expect="is not a Redis URL: it must start with redis://"),
     C("fleet-status", "--hotkey", expect="argument --hotkey: expected one argument"),
+    C("fleet-status", "--hotkey", "5x", expect="--hotkey: '5x' is not a hotkey's ss58 address"),
+    C("fleet-status", "--hotkey", FLEET_HOTKEY[:-1] + "z",  # the last character changed: the checksum fails
+      expect="is not a hotkey's ss58 address"),
+    C("fleet-status", "--hotkey", ",", expect="--hotkey: '' is not a hotkey's ss58 address"),
+    C("fleet-status", "--hotkey", FLEET_HOTKEY, expect=f"--hotkey: {FLEET_HOTKEY} is named twice"),
+    C("fleet-status", "--hotkeys", "x", expect="--hotkeys: 'x' is not COLDKEY/HOTKEY"),
+    C("fleet-status", "--hotkeys", "a/b,a/b", expect="--hotkeys: a/b is named twice"),
+    C("fleet-status", "--hotkeys", "cold/none", expect="hotkey file /no/such/wallets/cold/hotkeys/none does not exist",
+      env={"BT_WALLET_PATH": "/no/such/wallets"}),
+    C("fleet-status", expect="GRAIL_HOTKEYS: cold/hot is named twice", env={"GRAIL_HOTKEYS": "cold/hot, cold/hot"}),
+    C("fleet-status", expect="GRAIL_HOTKEYS: 'cold' is not COLDKEY/HOTKEY", env={"GRAIL_HOTKEYS": "cold"}),
     C("fleet-status", "--windows", "0", expect="--windows must be at least 1"),
     C("fleet-status", "--json=yes", expect="argument --json: ignored explicit argument 'yes'"),
     C("fleet-status", expect="is unreachable", env={"GRAIL_REDIS_URL": None}),
@@ -335,8 +346,9 @@ def base_argv(case: Case, tmp_path: Path, calibration: Path) -> list[str]:
         return ["--dry-run", "--model", "dummy:tiny", "--device", "cpu", "--out-dir", str(tmp_path / "out")]
     if case.command == "make-checkpoints":
         return ["--model", "dummy:tiny", "--out", str(tmp_path / "series"), "--windows", "0"]
-    if case.command == "fleet-status":  # nothing listens on port 1
-        return ["--redis-url", "redis://127.0.0.1:1/0", "--hotkey", "5x"]
+    if case.command == "fleet-status":  # nothing listens on port 1; GRAIL_HOTKEYS is read when no --hotkey is given
+        hotkey = [] if "GRAIL_HOTKEYS" in case.env else ["--hotkey", FLEET_HOTKEY]
+        return ["--redis-url", "redis://127.0.0.1:1/0", *hotkey]
     if case.command == "benchmark":
         return ["--model", "dummy:tiny", "--device", "cpu"]
     if case.command == "calibrate":
@@ -828,7 +840,7 @@ def babbling_server():
 @pytest.mark.parametrize("server", ["http_server", "babbling_server"])
 def test_a_server_that_is_not_redis_is_one_line(server, request, capsys) -> None:
     url = request.getfixturevalue(server)
-    rc, out, err = run_cli(capsys, "fleet-status", "--redis-url", url, "--hotkey", "5x")
+    rc, out, err = run_cli(capsys, "fleet-status", "--redis-url", url, "--hotkey", FLEET_HOTKEY)
     assert (rc, out) == (2, "") and err.count("\n") == 1, err
     assert f"the server at {url}" in err and "as Redis does" in err and "is that the Redis port?" in err
 
@@ -871,7 +883,7 @@ def test_corrupt_fleet_keys_in_a_real_redis(case, redis_server, capsys) -> None:
     from grail_pipeline.fleet.keys import FleetKeys
 
     writes, expect = KEY_CASES[case]
-    keys = FleetKeys(f"5bad{uuid.uuid4().hex[:8]}")
+    keys = FleetKeys(ephemeral_signer().ss58_address)
     client = redis.Redis.from_url(redis_server.url)
     for op, key, *values in writes:
         getattr(client, op)(f"{keys.prefix}:{key}", *values)

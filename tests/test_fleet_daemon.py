@@ -40,6 +40,7 @@ from grail_pipeline.mining.group_payload import decode_group, encode_group
 from grail_pipeline.mining.sink import GroupRows
 from grail_pipeline.mining.status import read_status
 from grail_pipeline.protocol.records import read_window_file, records_table
+from grail_pipeline.protocol.wallet import ephemeral_signer
 from grail_pipeline.tools.window_check import check_window_file
 
 FLEET = ["--engine", "fast", "--warmup-problems", "1", "--generation-queue", "1"]  # claims held, not queued
@@ -443,7 +444,7 @@ def test_fleet_status_shows_workers_and_windows(tmp_path, redis_server, capsys) 
     rollouts and the written file's margin; a table by default, JSON on request."""
     from grail_pipeline.fleet.results import SignedGroup as StoredGroup
 
-    hotkey = f"5Status{time.time_ns()}"
+    hotkey = ephemeral_signer().ss58_address  # a fleet of its own in the shared Redis
     member = FleetMember.join(redis_server.url, hotkey, FleetContext(
         genesis=time.time() - 5, run_seed=0, block_time_s=0.4, window_blocks=30, checkpoint="ckpt"),
         tmp_path / "spill", timings_for(12.0), worker="w-a")
@@ -469,7 +470,7 @@ def test_fleet_status_shows_workers_and_windows(tmp_path, redis_server, capsys) 
 
 def test_fleet_status_names_the_lease_holder_leader_not_a_dead_workers_beat(tmp_path, redis_server, capsys) -> None:
     """A killed leader's last beat says `"leader": true` until it ages out; the leader is whoever holds the lease."""
-    hotkey = f"5Lead{time.time_ns()}"
+    hotkey = ephemeral_signer().ss58_address  # a fleet of its own in the shared Redis
     context = FleetContext(genesis=time.time() - 5, run_seed=0, block_time_s=0.4, window_blocks=30, checkpoint="c")
     dead = FleetMember.join(redis_server.url, hotkey, context, tmp_path / "spill", timings_for(12.0), worker="w-dead")
     alive = FleetMember.join(redis_server.url, hotkey, context, tmp_path / "spill", timings_for(12.0), worker="w-new")
@@ -480,3 +481,57 @@ def test_fleet_status_names_the_lease_holder_leader_not_a_dead_workers_beat(tmp_
     snapshot = json.loads(capsys.readouterr().out)
     assert snapshot["leader"] == "w-new"
     assert {w: b["leader"] for w, b in snapshot["workers"].items()} == {"w-dead": False, "w-new": True}
+
+
+def test_fleet_status_shows_several_hotkeys_fleets_in_one_view(tmp_path, redis_server, capsys, monkeypatch) -> None:
+    """Workers mining two hotkeys are one worker of each hotkey's fleet, each under its own keys: one fleet-status
+    shows both, named by address (--hotkey, repeated or a comma list), by wallet (--hotkeys) or by GRAIL_HOTKEYS;
+    --json keys each hotkey's snapshot by its address, and one hotkey keeps the shape it always had."""
+    from grail_pipeline.fleet.results import SignedGroup as StoredGroup
+
+    wallets = tmp_path / "wallets"
+    first, second = write_wallet(wallets, hot="hot1"), write_wallet(wallets, hot="hot2")
+    monkeypatch.setenv("BT_WALLET_PATH", str(wallets))
+    for name in ("BT_WALLET_COLD", "BT_WALLET_HOT", "GRAIL_HOTKEYS"):
+        monkeypatch.delenv(name, raising=False)
+    # 12-s blocks: window 0 stays the one open, so every call below shows the same single window
+    context = FleetContext(genesis=time.time() - 5, run_seed=0, block_time_s=12.0, window_blocks=30, checkpoint="c")
+    for hotkey, worker, stored in ((first, "w-one", (0, 1)), (second, "w-two", (0,))):
+        member = FleetMember.join(redis_server.url, hotkey, context, tmp_path / "spill", timings_for(12.0),
+                                  worker=worker)
+        member.claims.claim(0, len(stored))
+        for index in stored:
+            assert member.results.put(StoredGroup(0, index, 16, b"rows")) == "stored"
+        member.heartbeats.beat(worker_id=0, rollouts_per_s=float(len(stored)), groups_stored=len(stored), spilled=0,
+                               redis_outage_s=None)
+        assert member.leader.hold()
+    url = ["--redis-url", redis_server.url]
+
+    assert main(["fleet-status", "--json", *url, "--hotkey", first, "--hotkey", second]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert both.keys() == {first, second}  # keyed by address
+    for hotkey, leader, rollouts in ((first, "w-one", 32), (second, "w-two", 16)):
+        snapshot = both[hotkey]
+        assert snapshot["hotkey"] == hotkey and snapshot["leader"] == leader and list(snapshot["workers"]) == [leader]
+        (window,) = snapshot["windows"]
+        assert window["on_time_rollouts"] == rollouts
+        assert main(["fleet-status", "--json", *url, "--hotkey", hotkey]) == 0  # one hotkey: today's shape
+        alone = json.loads(capsys.readouterr().out)
+        assert alone.keys() == snapshot.keys() and alone["windows"] == snapshot["windows"]
+    assert main(["fleet-status", "--json", *url, "--hotkey", f"{second},{first}"]) == 0
+    assert json.loads(capsys.readouterr().out).keys() == {first, second}
+
+    def sections(argv: list[str]) -> list[str]:
+        """The hotkeys the table shows, in its order (each section opens with `fleet of HOTKEY: leader ...`)."""
+        assert main(["fleet-status", *url, *argv]) == 0
+        table = capsys.readouterr().out
+        return re.findall(r"^fleet of (\w+): leader (\S+)", table, re.MULTILINE)
+
+    assert sections(["--hotkeys", "cold/hot1,cold/hot2"]) == [(first, "w-one"), (second, "w-two")]
+    assert sections(["--hotkey", second, "--hotkeys", "cold/hot1"]) == [(second, "w-two"), (first, "w-one")]
+    monkeypatch.setenv("GRAIL_HOTKEYS", "cold/hot2,cold/hot1")  # what a worker mining both is given
+    assert sections([]) == [(second, "w-two"), (first, "w-one")]
+    assert sections(["--hotkey", first]) == [(first, "w-one")]  # a hotkey named on the line wins over the variable
+    rc, out, err = run_cli(capsys, "fleet-status", *url, "--hotkey", first, "--hotkeys", "cold/hot1")
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    assert f"wallet cold/hot1 holds hotkey {first}, already named by --hotkey" in err

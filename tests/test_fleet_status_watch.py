@@ -12,10 +12,11 @@ import time
 from grail_pipeline.fleet.context import FleetContext
 from grail_pipeline.fleet.member import FleetMember
 from grail_pipeline.mining.fleet_worker import timings_for
+from grail_pipeline.protocol.wallet import ephemeral_signer
 
 
 def test_watch_refreshes_the_table_in_place_until_ctrl_c(tmp_path, redis_server) -> None:
-    hotkey = f"5Watch{time.time_ns()}"
+    hotkey = ephemeral_signer().ss58_address  # a fleet of its own in the shared Redis
     member = FleetMember.join(redis_server.url, hotkey, FleetContext(
         genesis=time.time() - 5, run_seed=0, block_time_s=0.4, window_blocks=30, checkpoint="ckpt"),
         tmp_path / "spill", timings_for(12.0), worker="w-a")

@@ -152,6 +152,72 @@ def test_an_index_nobody_could_regenerate_is_named_with_its_cost(tmp_path, redis
     assert m.plans.report(0)["gaps"] == lost and m.plans.report(0)["file_written"]
 
 
+def test_finish_returns_after_a_tick_under_way_has_written_and_reported_its_window(tmp_path, redis_server) -> None:
+    """The fleet's form of the solo sink's lost report (WindowSink.finish, 1b5e0e2): the daemon cancels the worker's
+    loop, and the file writes beside it, once `finish` returns. A leader's tick under way as the run ends may have
+    sealed a window and not yet begun its write; `finish` waits for that tick, then for its write, so the window's
+    report reaches the daemon (`on_written`) before it returns. Before, `finish` found no write under way, returned,
+    and the loop's cancellation took the sealed window's write with it: no report here, no file until another
+    worker noticed the seal."""
+    import threading
+
+    from grail_pipeline.mining.fleet_worker import FleetWorker
+    from grail_pipeline.mining.status import StatusFile
+
+    hotkey = f"5Finish{uuid.uuid4().hex[:8]}"
+    genesis = time.time()
+    reports = []
+
+    async def written(report, sample) -> None:
+        reports.append(report.window_start)
+
+    leader = leader_of(redis_server.url, hotkey, "w-lead", tmp_path, genesis)
+    leader.on_written = written
+    other = leader_of(redis_server.url, hotkey, "w-other", tmp_path, genesis)
+    other.member.heartbeats.beat(worker_id=1)  # alive: the leaving leader leaves the open windows to it
+    m = leader.member
+    m.claims.claim(0, 1)  # mined in, nothing stored: the report says "no file"
+    m.plans.publish(0, stop_at=time.time() - 1.0, cut_at=time.time() - 0.5)  # the cut has passed
+    sealed, go = threading.Event(), threading.Event()
+    due = leader._due
+
+    def slow_due(window_start: int, now: float, live: dict) -> str | None:
+        """The tick's Redis side as a loaded machine runs it: the window sealed, the write not yet begun."""
+        trigger = due(window_start, now, live)
+        if trigger is not None:
+            sealed.set()
+            go.wait(timeout=30)
+        return trigger
+
+    leader._due = slow_due
+    worker = FleetWorker(m, leader.clock, leader.plan, leader, redraw=lambda task: False, stopping=lambda: False,
+                         status=StatusFile(tmp_path / "status.json", 0, 2), worker_id=0)
+    at_finish: list[list[int]] = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.cancel_scope.deadline = anyio.current_time() + 60  # a bound for a loaded box, not a speed
+
+            async def finish() -> None:
+                await worker.finish("stopped")
+                at_finish.append(list(reports))
+                tg.cancel_scope.cancel()  # the daemon ends: the worker's loop and its writes are cancelled
+
+            tg.start_soon(worker.run)
+            try:
+                await anyio.to_thread.run_sync(lambda: sealed.wait(timeout=30))
+                tg.start_soon(finish)
+                with anyio.move_on_after(1.0):  # before the fix finish returned in this time, the tick still under way
+                    while not at_finish:
+                        await anyio.sleep(0.01)
+            finally:
+                go.set()
+
+    anyio.run(main)
+    assert sealed.is_set() and at_finish == [[0]]  # the sealed window was written and reported before finish returned
+    assert m.plans.report(0)["file_written"] and m.plans.report(0)["sealed_by"] == "w-lead"
+
+
 def test_a_fleet_workers_latency_counts_the_groups_queued_ahead() -> None:
     """Measured on two shared cores: a worker's first group took 3 s, and it then claimed 7 more at once on
     "latency 3 s"; they ran one after the other and most were cut. A fleet worker's plan holds the second

@@ -1,10 +1,18 @@
-"""`grail-pipeline fleet-status`: one view of a hotkey's fleet, read from its Redis.
+"""`grail-pipeline fleet-status`: one view of a hotkey's fleet, or of several hotkeys' fleets, read from their Redis.
 
 Each worker's rate, claims and the time left on its soonest lease (from its heartbeat and the claim
 leases), the leader, and per window the on-time rollouts (the contiguous prefix 0..N−1), the cut rollouts
 and the margin before the deadline of the written file. A table by default, refreshed in place with `--watch`
 (rich's Live display) until Ctrl-C, `--json` for programs; an unreachable Redis is one line (exit 2) at the
 start, and a line in the table while watching.
+
+Workers that mine several hotkeys (`mine --hotkeys`, GRAIL_HOTKEYS) are one worker of each hotkey's fleet, each
+fleet under its own keys (fleet/keys.py), so one view shows them all: `--hotkey` repeated or a comma list of
+addresses and/or `--hotkeys cold/hot,...` wallet names (default GRAIL_HOTKEYS, as `mine` reads it, else the
+wallet's one hotkey). The table has one section per hotkey, in the order given. `--json` prints one hotkey's
+snapshot as it always has; several hotkeys' snapshots come as one object keyed by hotkey address (each value that
+hotkey's snapshot), so a program reading one hotkey's shape is never handed the other without asking for it.
+Every hotkey is checked (address form, wallet, named once) before Redis is asked.
 """
 
 from __future__ import annotations
@@ -30,10 +38,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("fleet-status", help="a fleet's workers and windows, read from its Redis",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--redis-url", default=None, help="default $GRAIL_REDIS_URL")
-    p.add_argument("--hotkey", default=None,
-                   help="the fleet's hotkey (ss58); default the wallet's (BT_WALLET_COLD, BT_WALLET_HOT)")
+    p.add_argument("--hotkey", action="append", default=None, metavar="SS58[,SS58...]",
+                   help="the fleet's hotkey address; repeated or a comma list for several fleets (with --hotkeys too). "
+                        "Default: the hotkeys of --hotkeys, else $GRAIL_HOTKEYS, else the wallet's "
+                        "(BT_WALLET_COLD, BT_WALLET_HOT)")
+    p.add_argument("--hotkeys", default=None, metavar="COLD/HOT[,COLD/HOT...]",
+                   help="the fleets of these wallets' hotkeys (names under BT_WALLET_PATH, as `mine --hotkeys` takes "
+                        "them; default $GRAIL_HOTKEYS when no --hotkey is given)")
     p.add_argument("--windows", type=whole_int, default=3, help="how many recent windows to show (default 3)")
-    p.add_argument("--json", action="store_true", help="the snapshot as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="the snapshot as JSON; with several hotkeys one object keyed by hotkey address, each value "
+                        "that hotkey's snapshot")
     p.add_argument("--watch", type=positive_float, nargs="?", const=5.0, default=None, metavar="SECONDS",
                    help="refresh the table in place every SECONDS (default 5) until Ctrl-C")
     p.set_defaults(func=run)
@@ -54,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no fleet to show: give --redis-url or set {ENV_REDIS_URL}")
     if args.redis_url is not None:
         redis_url_from_env({ENV_REDIS_URL: url})  # the same form check as the daemon's
-    hotkey = args.hotkey or _wallet_hotkey()
+    hotkeys = _hotkeys(args)
     client = connect(url)
-    keys = FleetKeys(hotkey)
 
-    def snapshot() -> dict:
+    def snapshot(hotkey: str) -> dict:
+        keys = FleetKeys(hotkey)
         try:
             return _snapshot(args, client, keys)
         except redis.ResponseError as exc:  # WRONGTYPE: another program wrote one of the fleet's keys as another type
@@ -69,13 +84,34 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"a key of the fleet under {keys.prefix}: in Redis holds what the fleet does not write "
                             f"({type(exc).__name__}: {str(exc)[:80]})") from None
 
+    def tables() -> str:
+        return "\n\n".join(table(snapshot(hotkey)) for hotkey in hotkeys)
+
     if args.watch is not None:
-        return _watch(lambda: table(snapshot()), args.watch)
+        return _watch(tables, args.watch)
     if args.json:
-        print(json.dumps(snapshot(), indent=2, sort_keys=True))
+        shown = snapshot(hotkeys[0]) if len(hotkeys) == 1 else {hotkey: snapshot(hotkey) for hotkey in hotkeys}
+        print(json.dumps(shown, indent=2, sort_keys=True))
     else:
-        print(table(snapshot()))
+        print(tables())
     return 0
+
+
+def _hotkeys(args: argparse.Namespace) -> list[str]:
+    """The addresses of --hotkey, then the hotkeys of --hotkeys' wallets (else GRAIL_HOTKEYS' when no --hotkey is
+    given; else the wallet's one hotkey), each once: every mistake is one line, before Redis is asked."""
+    from grail_pipeline.mining.settings import wallet_names
+    from grail_pipeline.protocol.wallet import load_signers, parse_hotkey_addresses
+
+    addresses = parse_hotkey_addresses(args.hotkey or [], "--hotkey")
+    wallets = wallet_names(args.hotkeys, os.environ) if args.hotkeys is not None or not addresses else []
+    if not addresses and not wallets:
+        return [_wallet_hotkey()]
+    for (cold, hot), signer in zip(wallets, load_signers(wallets), strict=True):
+        if signer.ss58_address in addresses:
+            raise UserError(f"wallet {cold}/{hot} holds hotkey {signer.ss58_address}, already named by --hotkey")
+        addresses.append(signer.ss58_address)
+    return addresses
 
 
 def _snapshot(args: argparse.Namespace, client: redis.Redis, keys: FleetKeys) -> dict:
@@ -131,7 +167,7 @@ def _wallet_hotkey() -> str:
     try:
         return load_signer(required=True).ss58_address
     except UserError as exc:
-        raise UserError(f"{exc} (or give --hotkey)") from None
+        raise UserError(f"{exc} (or give --hotkey or --hotkeys)") from None
 
 
 def table(snapshot: dict) -> str:

@@ -41,7 +41,7 @@ from grail_pipeline.mining.chain import (
     safety_blocks_from_env,
 )
 from grail_pipeline.mining.fill import FillOrder, resolve_target
-from grail_pipeline.mining.settings import ENV_HOTKEYS, MineSettings
+from grail_pipeline.mining.settings import ENV_HOTKEYS, MineSettings, wallet_names
 from grail_pipeline.mining.status import (
     StatusFile,
     default_status_path,
@@ -175,7 +175,7 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] = os.envir
         raise UserError(f"{worker.describe()}: the validator takes one file per hotkey and window, with groups "
                         f"0..N-1, so the workers of one hotkey must share their problem indices through a fleet "
                         f"(GRAIL_REDIS_URL); one worker per hotkey needs no {ENV_TOTAL_WORKERS}")
-    wallets = _wallets(args, env)
+    wallets = wallet_names(getattr(args, "hotkeys", None), env)
     if len(wallets) > 1 and getattr(args, "checkpoint_dir", None) is not None:
         raise UserError("--checkpoint-dir restarts the engine between windows, which several hotkeys on one engine "
                         "do not follow yet: run one hotkey per process with --checkpoint-dir")
@@ -194,17 +194,6 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] = os.envir
                         warmup_problems=args.warmup_problems, pipeline_overrides=overrides,
                         upload_allowance_s=args.upload_allowance, redis_url=redis_url, target_rollouts=target,
                         wallets=tuple(wallets))
-
-
-def _wallets(args: argparse.Namespace, env: Mapping[str, str]) -> list[tuple[str, str]]:
-    """--hotkeys, else GRAIL_HOTKEYS, as (cold, hot) names; [] for the one wallet of BT_WALLET_COLD/HOT."""
-    text = getattr(args, "hotkeys", None)
-    name = "--hotkeys"
-    if text is None:
-        text, name = env.get(ENV_HOTKEYS, "").strip() or None, ENV_HOTKEYS
-    from grail_pipeline.protocol.wallet import parse_wallet_names  # bittensor_wallet: not for --help
-
-    return [] if text is None else parse_wallet_names(text, name)
 
 
 

@@ -21,8 +21,10 @@ The daemon is the solo one with three parts swapped (mining/daemon.py):
   with), keep the shared context alive, merge the spill, try the leader lease and, when held, run
   `FleetLeader.tick`.
 
-Stopping (`finish`): the worker hands back claims it will not finish, leaves the roster, and if it is the
-last live worker it writes the unwritten windows itself; otherwise the leader (or the next one) does.
+Stopping (`finish`): the worker waits for its leader's tick under way and the file writes it began (each reports
+its window to the daemon before `finish` returns, as the solo sink's finish does), hands back claims it will not
+finish, leaves the roster, and if it is the last live worker it writes the unwritten windows itself; otherwise the
+leader (or the next one) does.
 
 `--max-windows N` counts the fleet's windows, not each worker's: the first window any worker of the run
 opens is kept in Redis (`WindowPlans.first_window`), every worker mines that window and the N−1 after it
@@ -166,6 +168,7 @@ class FleetWorker:
         self._started = time.time()
         self._finished = False  # the loop ends
         self._finishing = False  # finish() was called (it may wait for the fleet's last file first)
+        self._ticking = anyio.Lock()  # held by the loop while the leader's tick runs (see `finish`)
 
     # -- indices ------------------------------------------------------------------------------------------
     async def indices(self, window_start: int) -> AsyncGenerator[int, None]:
@@ -300,6 +303,11 @@ class FleetWorker:
         if reason == "end of run":
             await self._await_fleet_files()
         self._finished = True
+        # a leader's tick under way may have sealed a window and not yet begun its write: the daemon cancels the loop
+        # and the writes beside it once this returns, so wait for the tick (no other starts: _finished), then for
+        # every write it began, each handing its report to the daemon (the solo sink's rule, WindowSink.finish)
+        async with self._ticking:
+            pass
         await self.leader.writes_done()
         m = self.member
         for start, indices in list(self.held.items()):
@@ -354,11 +362,12 @@ class FleetWorker:
                     self.claims_lost += len(indices)
                     self.held[start].difference_update(indices)
                     self.log.debug("window %d: lost the leases on %s (another worker has them)", start, indices)
-                if self.leading and not self._finished:
-                    try:
-                        await self.leader.tick(writes.start_soon)
-                    except RedisUnavailable:
-                        pass  # said once by the guard; the next tick tries again
+                async with self._ticking:  # `finish` waits for a tick under way
+                    if self.leading and not self._finished:
+                        try:
+                            await self.leader.tick(writes.start_soon)
+                        except RedisUnavailable:
+                            pass  # said once by the guard; the next tick tries again
                 beats += 1
                 if beats % 3 == 1:
                     await anyio.to_thread.run_sync(lambda: self.status.update(fleet=self.describe()))

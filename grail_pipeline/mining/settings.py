@@ -5,12 +5,24 @@ Plain data, resolved and checked from flags and environment by the command line 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from grail_pipeline.mining.chain import WorkerSlot
 
 ENV_HOTKEYS = "GRAIL_HOTKEYS"  # several hotkeys from one engine: cold/hot,cold/hot (mining/hotkeys.py)
+
+
+def wallet_names(hotkeys: str | None, env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """`--hotkeys`, else GRAIL_HOTKEYS, as (cold, hot) names; [] for the one wallet of BT_WALLET_COLD/HOT. `mine`
+    reads the hotkeys it mines here, and `fleet-status` the hotkeys whose fleets it shows, so the two agree."""
+    text, name = hotkeys, "--hotkeys"
+    if text is None:
+        text, name = env.get(ENV_HOTKEYS, "").strip() or None, ENV_HOTKEYS
+    from grail_pipeline.protocol.wallet import parse_wallet_names  # bittensor_wallet: not for --help
+
+    return [] if text is None else parse_wallet_names(text, name)
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,23 @@ def parse_wallet_names(text: str, name: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def parse_hotkey_addresses(texts: list[str], name: str) -> list[str]:
+    """Hotkey ss58 addresses, each text one or a comma list, in the order given: a malformed address (a typo that
+    would name nobody's keys) or one named twice is a UserError line, never silently nothing."""
+    from bittensor_wallet.utils import is_valid_ss58_address
+
+    addresses: list[str] = []
+    for text in texts:
+        for item in text.split(","):
+            address = item.strip()
+            if not is_valid_ss58_address(address):
+                raise UserError(f"{name}: {address!r} is not a hotkey's ss58 address (48 characters, e.g. 5F...)")
+            if address in addresses:
+                raise UserError(f"{name}: {address} is named twice")
+            addresses.append(address)
+    return addresses
+
+
 def load_signers(wallets: list[tuple[str, str]], env: Mapping[str, str] = os.environ) -> list[Signer]:
     """The hotkeys of `wallets` (cold, hot) under BT_WALLET_PATH, in order; two names for one key are an error."""
     signers: list[Signer] = []
