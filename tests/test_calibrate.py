@@ -76,7 +76,7 @@ def test_cpu_calibration_adds_to_the_file(tmp_path, capsys) -> None:
     assert entry["gpu"]["name"] == "cpu" and entry["gpu"]["total_memory_gb"] == 64.0
     assert entry["tool_version"] and entry["created"] and entry["model"] == "dummy:tiny" and entry["engine"] == "hf"
     assert entry["workload"]["length_profile"] == "fixed:16" and entry["workload"]["max_new_tokens"] == 16
-    assert entry["workload"]["max_prompt_tokens"] == 512
+    assert entry["workload"]["max_prompt_tokens"] == 512 and entry["workload"]["kv_cache_gb"] is None  # the default cache
     choice = read_choice(calibrations, path, "cpu", "hf")
     assert (choice.batch_size, choice.model, choice.attention) == (chosen["batch_size"], "dummy:tiny", "sdpa")
     assert "CHOSEN: batch size" in out and "rejected" in out and "high-water" in out

@@ -134,6 +134,7 @@ def test_dry_run_target(calibration, tmp_path, capsys) -> None:
         assert flags["--engine"] == "fast" and flags["--model"] == "dummy:qwen2.5-3b"  # fast preferred when calibrated
         assert flags["--length-profile"] == "lognormal:400:0.5:32:1024" and flags["--max-new-tokens"] == "1024"
         assert flags["--max-prompt-tokens"] == "512"  # the fast engine's KV cache, as calibrated
+        assert "--kv-cache-gb" not in flags  # calibrated with the default cache
         assert flags["--out-dir"] == str(tmp_path / "dry-run") and flags["--drain-timeout"] == "20"
         geneses.add(flags["--genesis"])
         assert app["kill_timeout"] > 20_000
@@ -144,6 +145,18 @@ def test_dry_run_target(calibration, tmp_path, capsys) -> None:
     rc, out, _ = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "0",
                       "--gpu-kind", H100, "--engine", "hf", *WALLET, "--cwd", str(tmp_path))  # its prometheus.yml
     assert load_apps(out, tmp_path)[0]["env"]["GRAIL_GENERATION_BATCH_SIZE"] == "16"
+
+
+def test_a_dry_run_worker_gets_the_kv_cache_its_calibration_ran_with(tmp_path, capsys) -> None:
+    path = tmp_path / "calibration.yaml"
+    fast = entry(H100, "fast", 1024)
+    fast["workload"]["kv_cache_gb"] = 24.5  # calibrate --kv-cache-gb 24.5: more slots than the default cache holds
+    save_entry(path, fast)
+    rc, out, err = emit(capsys, "--calibration", str(path), "--target", "dry-run", "--gpus", "0", "--gpu-kind", H100,
+                        *WALLET, "--cwd", str(tmp_path))
+    assert rc == 0, err
+    args = load_apps(out, tmp_path)[0]["args"]
+    assert args[args.index("--kv-cache-gb") + 1] == "24.5"
 
 
 def test_several_hotkeys_per_gpu(calibration, tmp_path, capsys) -> None:

@@ -9,6 +9,7 @@ UserError line naming the file and the field.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ class Choice:
     max_new_tokens: int
     max_prompt_tokens: int
     length_profile: str
+    kv_cache_gb: float | None = None  # the fast engine's KV cache the sweep ran with (None: every slot's longest)
 
 
 def load_calibrations(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -129,7 +131,19 @@ def read_choice(calibrations: Mapping[str, Any], path: str | os.PathLike[str], g
                   model=_field(entry, "model", str, where),
                   max_new_tokens=_field(entry, "workload.max_new_tokens", int, where),
                   max_prompt_tokens=_field(entry, "workload.max_prompt_tokens", int, where),
-                  length_profile=_field(entry, "workload.length_profile", str, where))
+                  length_profile=_field(entry, "workload.length_profile", str, where),
+                  kv_cache_gb=_kv_cache_gb(entry, where))
+
+
+def _kv_cache_gb(entry: Mapping[str, Any], where: str) -> float | None:
+    """workload.kv_cache_gb: absent or null (the default cache, and files written before it existed), or a positive
+    finite number of GB."""
+    value = (entry.get("workload") or {}).get("kv_cache_gb") if isinstance(entry.get("workload"), dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{where}: workload.kv_cache_gb must be a positive number of GB or null, got {value!r}")
+    return float(value)
 
 
 def _field(entry: Mapping[str, Any], dotted: str, kind: type, where: str) -> Any:

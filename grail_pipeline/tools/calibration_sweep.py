@@ -261,7 +261,7 @@ def calibration_entry(args: argparse.Namespace, runtime: Runtime, budget: Budget
                                                               if budget.gpu_name != CPU_KIND else CPU_PROBLEMS),
                       warmup_problems=args.warmup_problems, rollouts_per_problem=PROFILE.rollouts_per_problem,
                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=runtime.max_prompt_tokens,
-                      length_profile=runtime.lengths.spec, seed=args.seed),
+                      kv_cache_gb=runtime.kv_cache_gb, length_profile=runtime.lengths.spec, seed=args.seed),
         sweep="listed: " + ",".join(map(str, explicit)) if explicit is not None
         else f"doubling; stops at OOM, over budget, or < {MIN_GAIN:.0%} gain",
         rows=[dict(r.as_dict(), roofline=result_roofline(runtime, r.result)) for r in rows],

@@ -149,6 +149,13 @@ def check_choice(target: str, choice: Choice, path: str) -> None:
         rules.check_batch_size(choice.engine, choice.batch_size, name="chosen.batch_size")
         if target == "dry-run":
             rules.check_workload(choice.model, choice.length_profile, choice.max_new_tokens, choice.max_prompt_tokens)
+            if choice.kv_cache_gb is not None:  # torch and the model's config only then (emit-pm2 stays light)
+                import torch
+
+                from grail_pipeline.mining.choices import check_kv_cache
+
+                check_kv_cache(choice.model, torch.device("cpu" if choice.gpu == CPU_KIND else "cuda"), choice.engine,
+                               choice.kv_cache_gb, choice.max_prompt_tokens, choice.max_new_tokens)
     except UserError as exc:
         raise UserError(f"{path}: {choice.gpu} / {choice.engine}: {exc}") from None
 
@@ -327,6 +334,11 @@ def _env(args: argparse.Namespace, worker: Worker, total: int, extra: dict[str, 
     return {**env, **extra}
 
 
+def kv_cache_flag(choice: Choice) -> list[str]:
+    """The KV cache the calibration ran with, for a dry-run worker (nothing: the default cache)."""
+    return [] if choice.kv_cache_gb is None else ["--kv-cache-gb", f"{choice.kv_cache_gb:g}"]
+
+
 def _command(args: argparse.Namespace, cwd: str, worker: Worker, genesis: float) -> tuple[str, list[str]]:
     """The executable and its arguments (PM2 runs it as is: interpreter 'none')."""
     if args.target == "grail":
@@ -335,7 +347,7 @@ def _command(args: argparse.Namespace, cwd: str, worker: Worker, genesis: float)
     out_dir = os.path.join(cwd, os.path.expanduser(args.out_dir or "dry-run"))
     command = ["-m", "grail_pipeline", "mine", "--dry-run", "--model", choice.model, "--engine", choice.engine,
                "--max-new-tokens", str(choice.max_new_tokens), "--max-prompt-tokens", str(choice.max_prompt_tokens),
-               "--length-profile", choice.length_profile,
+               "--length-profile", choice.length_profile, *kv_cache_flag(choice),
                "--out-dir", out_dir, "--drain-timeout", f"{args.drain_timeout:g}", "--genesis", f"{genesis:.3f}"]
     if choice.gpu == CPU_KIND:
         command += ["--device", "cpu"]
