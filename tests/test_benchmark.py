@@ -166,25 +166,26 @@ def test_fast_engine_json(fast_run, real_wallet) -> None:
 
 @pytest.mark.slow
 def test_a_small_kv_cache_preempts_and_every_proof_still_verifies(tmp_path, wallet_env) -> None:
-    """--kv-cache-gb under what 32 slots hold at their longest (170 pages against 225): two groups' prompts fit,
-    their 100-token completions do not, so groups are preempted and run again; every rollout is delivered and the
-    re-verified proofs (a process of its own, from the checkpoint) all pass."""
+    """--kv-cache-gb at the least one group needs at its longest (113 pages, against 337 for 48 slots): three groups'
+    prompts fit (each ~4 pages shared by its 16 rollouts and 1 of each one's own), their 100-token completions do
+    not, so groups are preempted and run again; every rollout is delivered and the re-verified proofs (a process
+    of its own, from the checkpoint) all pass."""
     path = tmp_path / "kv.json"
     page = 32768  # dummy:tiny in float32: 2 (K, V) x 2 layers x 64 positions x 2 KV heads x head dim 16 x 4 bytes
-    run = run_benchmark([*TINY, "--engine", "fast", "--batch-sizes", "32", "--length-profile", "fixed:100",
-                         "--max-new-tokens", "128", "--max-prompt-tokens", "320", "--kv-cache-gb", f"{170 * page / 1e9}",
-                         "--num-problems", "4", "--warmup-problems", "0", "--verify", "8", "--json", str(path)],
+    run = run_benchmark([*TINY, "--engine", "fast", "--batch-sizes", "48", "--length-profile", "fixed:100",
+                         "--max-new-tokens", "128", "--max-prompt-tokens", "320", "--kv-cache-gb", f"{113 * page / 1e9}",
+                         "--num-problems", "6", "--warmup-problems", "0", "--verify", "8", "--json", str(path)],
                         clean_env(wallet_env))
     assert run.returncode == 0, run.stderr
     report = json.loads(path.read_text())
-    assert report["config"]["kv_cache_gb"] == pytest.approx(170 * page / 1e9)
+    assert report["config"]["kv_cache_gb"] == pytest.approx(113 * page / 1e9)
     (result,) = report["results"]
-    assert result["status"] == "ok" and result["rollouts"] == 64 and result["dropped_groups"] == 0
+    assert result["status"] == "ok" and result["rollouts"] == 96 and result["dropped_groups"] == 0
     engine = result["engine"]
-    assert engine["preemptions"] > 0 and engine["preempted_tokens"] > 0 and engine["generated_tokens"] == 64 * 100
-    assert 0 < engine["peak_kv_pages"] <= 169
+    assert engine["preemptions"] > 0 and engine["preempted_tokens"] > 0 and engine["generated_tokens"] == 96 * 100
+    assert 0 < engine["peak_kv_pages"] <= 112
     kv = next(c for c in result["memory"]["components"] if c["name"] == "kv_cache")
-    assert kv["bytes"] == 170 * page and "170 pages of 64 positions for 32 slots" in kv["what"]
+    assert kv["bytes"] == 113 * page and "113 pages of 64 positions for 48 slots" in kv["what"]
     verify = result["verify"]
     assert verify["rollouts_checked"] == 8 and verify["rollouts_passed"] == 8
 

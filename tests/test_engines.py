@@ -233,6 +233,22 @@ def test_page_pool_hands_out_pages_by_use_and_takes_them_back() -> None:
     assert pool.available == 1
 
 
+def test_a_group_shares_the_pages_its_prompt_fills_and_each_slot_owns_the_one_it_ends_in() -> None:
+    pool = PagePool(pages=12, slots=4, pages_per_slot=5)
+    tokens = 2 * PAGE + 10  # positions 0..2*PAGE+8 before the last token: two whole pages, and a third begun
+    assert pool.prompt_pages(tokens) == (2, 1) and pool.admission_pages(3, tokens) == 2 + 3
+    assert pool.prompt_pages(PAGE) == (0, 1) and pool.prompt_pages(PAGE + 1) == (1, 1)  # the last token: decode's
+    changes = pool.admit([3, 0, 2], tokens)
+    assert pool.table[[3, 0, 2], :2].tolist() == [[1, 2]] * 3 and sorted(pool.table[[3, 0, 2], 2]) == [3, 4, 5]
+    assert pool.refs[[1, 2]].tolist() == [3, 3] and pool.refs[[3, 4, 5]].tolist() == [1, 1, 1]
+    assert len(changes) == 9 and pool.held.tolist() == [3, 0, 3, 3] and pool.available == 6
+    assert pool.admit([1], 9 * PAGE) is None and pool.available == 6  # 9 pages > 6: nothing taken
+    pool.release([3, 0])
+    assert pool.available == 8 and pool.refs[[1, 2]].tolist() == [1, 1]  # the shared pages stay: slot 2 reads them
+    pool.release([2])
+    assert pool.available == 11 and not pool.refs.any() and not pool.table.any()
+
+
 def long_prompts(tok, n: int) -> list[GroupRequest]:
     """n groups of 4 rollouts whose prompts (123 tokens) fill two pages; a rollout crosses into a third at its sixth
     token, once the engine has read back a few of its tokens (the lag is 3 steps)."""
@@ -245,16 +261,17 @@ def long_prompts(tok, n: int) -> list[GroupRequest]:
 
 
 def test_a_kv_cache_smaller_than_the_slots_need_preempts_and_changes_no_token(tiny, tok) -> None:
-    """32 slots over the least cache a 16-rollout group needs at its longest (81 pages, against 161 for every slot):
-    eight groups fill the slots with their prompts' pages, their growth runs the pages out, the youngest groups
-    are preempted and run again from their prompts, and every token is the reference engine's."""
-    groups = long_prompts(tok, 12)
+    """64 slots over the least cache a 16-rollout group needs at its longest (81 pages, against 321 for every slot):
+    sixteen groups fill the slots with their prompts' pages (5 each, the first shared by the group's 4 rollouts),
+    their growth runs the pages out, the youngest groups are preempted and run again from their prompts, and every
+    token is the reference engine's."""
+    groups = long_prompts(tok, 16)
     params = sampling(tok, repetition_penalty=2.0)
     ref = by_key(HFEngine(tiny, params, batch_size=4).generate(groups))
     config = tiny.model.config
     page = page_bytes(config.num_hidden_layers, config.num_key_value_heads,
                       config.hidden_size // config.num_attention_heads, 4)
-    engine = FastEngine(tiny, params, slots=32, max_prompt_tokens=256, lag=3, kv_cache_gb=81.5 * page / 1e9)
+    engine = FastEngine(tiny, params, slots=64, max_prompt_tokens=256, lag=3, kv_cache_gb=81.5 * page / 1e9)
     assert engine.kv_pages == 16 * pages_for(256 + MAX_NEW - 1) + 1 == 81 and not engine.full_kv
     results = engine.generate(groups)
     assert by_key(results) == ref

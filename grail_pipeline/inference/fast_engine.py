@@ -192,14 +192,13 @@ class FastEngine(Engine):
     def _admit(self, scheduler: SlotScheduler, request: GroupRequest, step: int) -> bool:
         """The group into the lowest free slots, its prompt's pages taken and its prompt prefilled; its tokens
         count from `step` on. False, with nothing done, while the pages it needs and the watermark are not free."""
-        prompt_pages = request.num_samples * pages_for(len(request.prompt_ids))
+        prompt_pages = self._pages.admission_pages(request.num_samples, len(request.prompt_ids))
         watermark = 0 if self.full_kv else -(-self.kv_pages // 100)  # a full cache never runs out: no margin
         if prompt_pages + watermark > self._pages.available:
             return False
         group = scheduler.admit(request, step)
         t0 = time.perf_counter()
-        slots = np.asarray(group.slots)
-        self.runner.set_pages(self._pages.grow(slots, np.full(len(slots), len(request.prompt_ids) - 1)))
+        self.runner.set_pages(self._pages.admit(group.slots, len(request.prompt_ids)))
         self.runner.admit(request.prompt_ids, group.slots, [t or 0 for t in request.targets])
         group.started = time.perf_counter()
         self.stats.prefill_seconds += group.started - t0

@@ -178,7 +178,7 @@ class SlotRunner:
         for i, layer in enumerate(w.layers):
             q, k, v = decoder.pre_attention(x, layer.ln1, layer.qkv_w, layer.qkv_b, layer.q_norm, layer.k_norm, cos,
                                             sin, d.eps, d.heads, d.kv_heads, d.head_dim)
-            self.kv.write(i, rows, k, v)  # every rollout's slot gets the prompt's keys and values
+            self.kv.write(i, rows, k, v)  # into every rollout's slot (a page they share takes the same values 16 times)
             k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, width, D]
             attn = F.scaled_dot_product_attention(q.transpose(0, 1), k_t, v_t, is_causal=True, enable_gqa=True)
             x = decoder.post_attention(attn.transpose(0, 1), x, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w,
