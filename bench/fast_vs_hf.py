@@ -39,12 +39,14 @@ def main() -> None:
     p.add_argument("--verify", type=int, default=64, help="rollouts re-verified per fast batch size")
     p.add_argument("--hf-verify", type=int, default=16)
     p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="the fast engine's KV cache in GB (default: every slot's longest sequence)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
 
     ns = argparse.Namespace(model=args.model, engine="fast", device="cuda", max_new_tokens=1024,
-                            length_profile=None, max_prompt_tokens=args.max_prompt_tokens)
+                            length_profile=None, max_prompt_tokens=args.max_prompt_tokens, kv_cache_gb=args.kv_cache_gb)
     t0 = time.perf_counter()
     runtime = Runtime.from_args(ns)
     load_s = time.perf_counter() - t0

@@ -38,12 +38,15 @@ def main() -> None:
     p.add_argument("--calibrate-problems", type=int, default=8)
     p.add_argument("--benchmark-problems", type=int, default=32)
     p.add_argument("--verify", type=int, default=16)
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="the fast engine's KV cache for every size (default: each slot's longest sequence)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "grail_pipeline"]
-    common = ["--model", args.model, "--engine", "fast", "--device", "cuda", "--memory-gb", f"{args.memory_gb:g}"]
+    kv = [] if args.kv_cache_gb is None else ["--kv-cache-gb", f"{args.kv_cache_gb:g}"]
+    common = [*kv, "--model", args.model, "--engine", "fast", "--device", "cuda", "--memory-gb", f"{args.memory_gb:g}"]
     calibration = out / "calibration_24gb.yaml"
     calibrate = [*cli, "calibrate", *common, "--headroom-gb", f"{args.headroom_gb:g}", "--batch-sizes",
                  args.batch_sizes, "--num-problems", str(args.calibrate_problems), "--calibration", str(calibration)]
@@ -68,6 +71,7 @@ def main() -> None:
         seconds=dict(calibrate=round(calibrate_s, 1), benchmark=round(benchmark_s, 1)),
         calibration_rows=entry["rows"],
         chosen=dict(batch_size=chosen["batch_size"], max_prompt_tokens=entry["workload"]["max_prompt_tokens"],
+                    kv_cache_gb=entry["workload"]["kv_cache_gb"],
                     max_new_tokens=entry["workload"]["max_new_tokens"], length_profile=entry["workload"]["length_profile"],
                     calibrate_peak_gb=chosen["peak_gb"]),
         benchmark=dict(status=row["status"], rollouts_per_s=row["rollouts_per_s"], problems=row["problems"],
