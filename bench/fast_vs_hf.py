@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from grail_pipeline.cli.arguments import kv_cache_size
 from grail_pipeline.mining.runtime import Runtime
 from grail_pipeline.mining.workload import benchmark_window
 from grail_pipeline.protocol.wallet import load_signer
@@ -39,8 +40,8 @@ def main() -> None:
     p.add_argument("--verify", type=int, default=64, help="rollouts re-verified per fast batch size")
     p.add_argument("--hf-verify", type=int, default=16)
     p.add_argument("--max-prompt-tokens", type=int, default=384)
-    p.add_argument("--kv-cache-gb", type=float, default=None,
-                   help="the fast engine's KV cache in GB (default: every slot's longest sequence)")
+    p.add_argument("--kv-cache-gb", type=kv_cache_size, default=None,
+                   help="the fast engine's KV cache in GB or auto (default: every slot's longest sequence)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()

@@ -38,14 +38,14 @@ def main() -> None:
     p.add_argument("--calibrate-problems", type=int, default=8)
     p.add_argument("--benchmark-problems", type=int, default=32)
     p.add_argument("--verify", type=int, default=16)
-    p.add_argument("--kv-cache-gb", type=float, default=None,
-                   help="the fast engine's KV cache for every size (default: each slot's longest sequence)")
+    p.add_argument("--kv-cache-gb", default=None,
+                   help="the fast engine's KV cache for every size, GB or auto (default: each slot's longest sequence)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "grail_pipeline"]
-    kv = [] if args.kv_cache_gb is None else ["--kv-cache-gb", f"{args.kv_cache_gb:g}"]
+    kv = [] if args.kv_cache_gb is None else ["--kv-cache-gb", args.kv_cache_gb]
     common = [*kv, "--model", args.model, "--engine", "fast", "--device", "cuda", "--memory-gb", f"{args.memory_gb:g}"]
     calibration = out / "calibration_24gb.yaml"
     calibrate = [*cli, "calibrate", *common, "--headroom-gb", f"{args.headroom_gb:g}", "--batch-sizes",

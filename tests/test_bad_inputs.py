@@ -184,10 +184,12 @@ CASES = [
     C("mine", "--drain-timeout", "1e300", expect="--drain-timeout 1e+300 must be more than 0 and at most 3600"),
     C("mine", "--max-new-tokens", "100000000", expect="--max-new-tokens 100000000 do not fit the 4096 positions"),
     C("mine", "--max-prompt-tokens", "0", expect="argument --max-prompt-tokens: '0' must be at least 1"),
-    C("mine", "--kv-cache-gb", "0", expect="argument --kv-cache-gb: '0' must be positive"),
+    C("mine", "--kv-cache-gb", "0", expect="argument --kv-cache-gb: '0' must be positive (a number of GB, or auto)"),
     C("mine", "--engine", "fast", "--kv-cache-gb", "0.001",
       expect="--kv-cache-gb 0.001 holds 30 KV pages; 16 rollouts at their longest need 385"),
     C("mine", "--engine", "hf", "--kv-cache-gb", "1", expect="--kv-cache-gb sizes the fast engine's KV cache"),
+    C("mine", "--engine", "hf", "--kv-cache-gb", "auto", expect="the hf engine has none to size"),
+    C("mine", "--kv-cache-gb", "AUTO", expect="argument --kv-cache-gb: 'AUTO' is not a number (a number of GB, or auto)"),
     C("mine", "--length-profile", "fixed:2000", expect="draws up to 2000 tokens, more than --max-new-tokens 1024"),
     C("mine", "--model", "dummy:nope", expect="unknown model preset 'dummy:nope'"),
     C("mine", "--engine", "vllm", expect="argument --engine: invalid choice: 'vllm'"),
@@ -1079,7 +1081,8 @@ def test_a_status_file_that_says_no_deadline_is_one_line(document, tmp_path, cap
     assert f"status file {status}" in err and says in err, err
 
 
-NUMBER_TYPES = {"whole_int", "positive_int", "nonnegative_int", "finite_float", "positive_float", "nonnegative_float"}
+NUMBER_TYPES = {"whole_int", "positive_int", "nonnegative_int", "finite_float", "positive_float", "nonnegative_float",
+                "kv_cache_size"}  # a positive float or `auto`
 NUMBER_FLAGS = [(name, action.option_strings[-1], action.type.__name__) for name, parser in commands().items()
                 for action in parser._actions
                 if action.option_strings and getattr(action.type, "__name__", None) in NUMBER_TYPES]
@@ -1091,7 +1094,7 @@ def test_every_number_flag_refuses_what_is_no_number_in_range(command, flag, kin
     """Every flag typed as a number, whatever its command: one line and exit 2 at parse time (before any work).
     A float flag reads '١٢', '1_000' and 2^64 as numbers, as Python does: its range is its rule's (the table above)."""
     base = ["--out", "x"] if command == "make-checkpoints" else []
-    if kind.endswith("float") and value in ("١٢", "1_000", str(2**64)):
+    if (kind.endswith("float") or kind == "kv_cache_size") and value in ("١٢", "1_000", str(2**64)):
         assert cli.build_parser().parse_args([command, *base, flag, value]) is not None
         return
     with pytest.raises(SystemExit) as info:

@@ -29,7 +29,7 @@ from grail_pipeline.inference.loading import (
 )
 from grail_pipeline.inference.models import family_for, why_not_fast
 from grail_pipeline.mining.lengths import LengthProfile
-from grail_pipeline.mining.rules import check_batch_size, check_workload
+from grail_pipeline.mining.rules import KV_CACHE_AUTO, check_batch_size, check_workload
 
 log = logging.getLogger("grail_pipeline")
 
@@ -45,7 +45,7 @@ class RunChoices:
     lengths: LengthProfile
     max_new_tokens: int
     max_prompt_tokens: int
-    kv_cache_gb: float | None = None  # the fast engine's KV cache (None: every slot's longest sequence)
+    kv_cache_gb: float | str | None = None  # the fast engine's KV cache in GB, "auto", or None (every slot's longest)
 
 
 def resolve_engine(kind: str, device: torch.device, model: str) -> str:
@@ -92,7 +92,7 @@ def resolve_choices(args: argparse.Namespace, batch_sizes: list[int] | None = No
                       max_prompt_tokens=args.max_prompt_tokens, kv_cache_gb=kv_cache_gb)
 
 
-def check_kv_cache(model: str, device: torch.device, engine_kind: str, kv_cache_gb: float, max_prompt_tokens: int,
+def check_kv_cache(model: str, device: torch.device, engine_kind: str, kv_cache_gb: float | str, max_prompt_tokens: int,
                    max_new_tokens: int) -> None:
     """`--kv-cache-gb` is the fast engine's, and must hold one group at its longest (from the config and the
     dtype the model will load in, before any weights)."""
@@ -102,6 +102,8 @@ def check_kv_cache(model: str, device: torch.device, engine_kind: str, kv_cache_
 
     if engine_kind != "fast":
         raise UserError("--kv-cache-gb sizes the fast engine's KV cache; the hf engine has none to size")
+    if kv_cache_gb == KV_CACHE_AUTO:
+        return  # sized per batch size, never below one group at its longest (mining/kv_sizing.py)
     slots = PROFILE.rollouts_per_problem  # the check of any batch size: one group in its slots
     cache_pages(load_config(model), model_dtype(device).itemsize, slots,
                 positions_per_slot(max_prompt_tokens, max_new_tokens), kv_cache_gb)

@@ -7,6 +7,7 @@ the daemon runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from grail_pipeline.mining.choices import RunChoices, resolve_choices
 from grail_pipeline.mining.lengths import LengthProfile
 from grail_pipeline.mining.messages import ProvedGroup, SignedGroup
 from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
-from grail_pipeline.mining.rules import check_batch_size
+from grail_pipeline.mining.rules import KV_CACHE_AUTO, check_batch_size
 from grail_pipeline.mining.signing import GroupSigner, SigningPool
 from grail_pipeline.protocol.wallet import Signer
 from grail_pipeline.proving.batched import BatchedProver
@@ -41,7 +42,7 @@ class Runtime:
     sampling: SamplingParams
     lengths: LengthProfile
     max_prompt_tokens: int
-    kv_cache_gb: float | None = None  # the fast engine's KV cache (None: every slot's longest sequence)
+    kv_cache_gb: float | str | None = None  # the fast engine's KV cache in GB, "auto", or None (every slot's longest)
     _signing_pools: dict[str, SigningPool] = field(default_factory=dict, init=False, repr=False)
     _provers: dict[str, Prover] = field(default_factory=dict, init=False, repr=False)
 
@@ -71,7 +72,28 @@ class Runtime:
         from grail_pipeline.inference.fast_engine import FastEngine
 
         return FastEngine(self.loaded, self.sampling, slots=batch_size, max_prompt_tokens=self.max_prompt_tokens,
-                          kv_cache_gb=self.kv_cache_gb)
+                          kv_cache_gb=self.kv_cache_gb_for(batch_size))
+
+    def kv_cache_gb_for(self, batch_size: int) -> float | None:
+        """The fast engine's KV cache for `batch_size` slots: --kv-cache-gb as given, or `auto`'s from the workload
+        (mining/kv_sizing.py; None: every slot's longest sequence)."""
+        if self.kv_cache_gb != KV_CACHE_AUTO:
+            return self.kv_cache_gb
+        from grail_pipeline.inference.kv_cache import positions_per_slot
+        from grail_pipeline.mining.kv_sizing import kv_cache_gb
+
+        return kv_cache_gb(self._kv_demand, self.loaded.model.config, self.loaded.dtype.itemsize, batch_size,
+                           positions_per_slot(self.max_prompt_tokens, self.sampling.max_new_tokens))
+
+    @functools.cached_property
+    def _kv_demand(self):
+        """What an occupied slot holds on this workload (kv_sizing.kv_demand), from the first problems' prompts."""
+        from grail_pipeline.mining.kv_sizing import SAMPLE_GROUPS, kv_demand
+        from grail_pipeline.protocol.sat import problem_for_seed
+        from grail_pipeline.protocol.tokenizer import prompt_ids
+
+        prompts = [len(prompt_ids(self.tokenizer, problem_for_seed(seed))) for seed in range(SAMPLE_GROUPS)]
+        return kv_demand([min(n, self.max_prompt_tokens) for n in prompts], self.lengths)
 
     def prover(self) -> Prover:
         """The engine kind's prover, made once per runtime (the prefix prover measures the device at start-up)."""

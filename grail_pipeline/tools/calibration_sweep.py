@@ -123,7 +123,7 @@ def too_big(runtime: Runtime, batch_size: int, budget_gb: float) -> Row | None:
         dtype_bytes = runtime.loaded.dtype.itemsize
         pages = cache_pages(model.config, dtype_bytes, batch_size,
                             positions_per_slot(runtime.max_prompt_tokens, runtime.sampling.max_new_tokens),
-                            runtime.kv_cache_gb)
+                            runtime.kv_cache_gb_for(batch_size))
         kv = kv_cache_bytes(model.config.num_hidden_layers, pages, dims.kv_heads, dims.head_dim, dtype_bytes)
     if (weights + kv) / GB <= budget_gb:
         return None
@@ -261,7 +261,8 @@ def calibration_entry(args: argparse.Namespace, runtime: Runtime, budget: Budget
                                                               if budget.gpu_name != CPU_KIND else CPU_PROBLEMS),
                       warmup_problems=args.warmup_problems, rollouts_per_problem=PROFILE.rollouts_per_problem,
                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=runtime.max_prompt_tokens,
-                      kv_cache_gb=runtime.kv_cache_gb, length_profile=runtime.lengths.spec, seed=args.seed),
+                      kv_cache_gb=runtime.kv_cache_gb_for(best.batch_size), length_profile=runtime.lengths.spec,
+                      seed=args.seed),
         sweep="listed: " + ",".join(map(str, explicit)) if explicit is not None
         else f"doubling; stops at OOM, over budget, or < {MIN_GAIN:.0%} gain",
         rows=[dict(r.as_dict(), roofline=result_roofline(runtime, r.result)) for r in rows],
