@@ -257,7 +257,7 @@ class Daemon:
         s = self.settings
         leader = FleetLeader(self.fleet, clock, plan, self.signer.ss58_address, s.out_dir,
                              lambda start: self.runtime.loaded.checkpoint_window, extra_metadata, self._window_written,
-                             log=self.log)
+                             log=self.log, sample_size=s.verify_sample, run_seed=s.run_seed)
         return FleetWorker(self.fleet, clock, plan, leader,
                            redraw=lambda task: self.source is not None and self.source.redraw(task),
                            stopping=lambda: self.stopping, status=self.status, worker_id=s.worker.worker_id,
