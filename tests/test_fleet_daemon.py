@@ -143,6 +143,71 @@ def test_three_workers_write_one_file_per_window_that_f_accepts(tmp_path, redis_
 
 
 @pytest.mark.slow
+def test_each_fleet_file_is_self_checked_once_by_its_writer(tmp_path, redis_server) -> None:
+    """`--verify-sample` in a fleet: the worker that wrote a window's file (the leader then) re-verifies a sample of
+    its rows with the validator's method, logged and recorded in its own status file; no other worker checks it.
+    Before, a fleet's leader handed its daemon no sample and no window of a fleet was checked."""
+    out = tmp_path / "windows"
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    with ExitStack() as stack:
+        procs = []
+        for i in range(2):
+            env, hotkey = fleet_env(tmp_path, redis_server.url, i, 2)
+            procs.append(stack.enter_context(running_daemon(out, env, logs[i], *FLEET, "--max-windows", "2",
+                                                            "--verify-sample", "2")))
+        for proc in procs:
+            assert proc.wait(timeout=300) == 0, "\n".join(p.read_text()[-4000:] for p in logs)
+    texts = [p.read_text() for p in logs]
+    statuses = [read_status(out / f"status-worker-{i}.json") for i in range(2)]
+    names = [status["fleet"]["worker"] for status in statuses]
+    found = check_files_complete(out)
+    assert found, texts[0][-4000:]
+    wrote: dict[int, list[int]] = {0: [], 1: []}
+    for window, (meta, _) in found.items():
+        writer = names.index(meta["fleet_writer"])
+        wrote[writer].append(window)
+        checks = [(i, line) for i, text in enumerate(texts) for line in text.splitlines()
+                  if f"window {window} self-check" in line]
+        assert len(checks) == 1 and checks[0][0] == writer, checks  # once, by the writer
+        assert "self-check (validator's method" in checks[0][1] and "2/2 rollouts pass" in checks[0][1], checks
+    for i, status in enumerate(statuses):
+        if wrote[i]:  # the last file it wrote was checked last
+            check = status["self_check"]
+            assert check["window_start"] == max(wrote[i]) and check["rollouts_checked"] == check["rollouts_passed"] == 2
+        else:
+            assert "self_check" not in status
+
+
+@pytest.mark.slow
+def test_a_fleet_worker_of_two_hotkeys_self_checks_each_hotkeys_files(tmp_path, redis_server, monkeypatch,
+                                                                      caplog) -> None:
+    """Several hotkeys in one process (mining/hotkeys.py) with `--verify-sample`: each hotkey's unit is its own
+    fleet's writer, hands its own files' samples to the one self-check process, and gets each result in its own
+    status file and log lines."""
+    root, out = tmp_path / "wallets", tmp_path / "windows"
+    hotkeys = [write_wallet(root, "cold", "hot1"), write_wallet(root, "cold", "hot2")]
+    for key, value in {"BT_WALLET_PATH": str(root), "GRAIL_HOTKEYS": "cold/hot1,cold/hot2",
+                       "GRAIL_REDIS_URL": redis_server.url, "GRAIL_WORKER_ID": "0", "GRAIL_TOTAL_WORKERS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    caplog.set_level("INFO", logger="grail_pipeline")
+    assert main(["mine", "--dry-run", *FAST, *FLEET, "--out-dir", str(out), "--max-windows", "2",
+                 "--verify-sample", "2"]) == 0
+    lines = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
+    checked = 0
+    for hk in hotkeys:
+        windows = sorted(int(p.name.rsplit("-", 1)[1].split(".")[0]) for p in out.glob(f"{hk}-window-*.parquet"))
+        for window in windows:
+            own = [m for m in lines if f"window {window} self-check" in m and m.startswith(f"[{hk[:8]}]")]
+            assert len(own) == 1 and "2/2 rollouts pass" in own[0], lines
+        status = read_status(out / f"status-worker-0-{hk}.json")
+        if windows:
+            checked += 1
+            check = status["self_check"]
+            assert check["window_start"] == windows[-1] and check["rollouts_checked"] == check["rollouts_passed"] == 2
+    assert checked == 2 and len(lines) == sum(1 for p in out.glob("*.parquet")), lines  # both hotkeys had files
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # windows sized from a group's time: minutes on a loaded box
 def test_two_workers_of_two_hotkeys_write_each_hotkeys_one_file_per_window(tmp_path, redis_server, group_seconds,
                                                                            capsys) -> None:
