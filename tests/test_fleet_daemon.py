@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import block_time_for, run_cli, write_wallet
-from test_mine import FAST, check_files_complete, running_daemon, wait_for
+from test_mine import FAST, check_files_complete, running_daemon, signal_and_wait, wait_for
 
 from grail_pipeline.cli.main import main
 from grail_pipeline.fleet.connection import connect
@@ -176,6 +176,34 @@ def test_each_fleet_file_is_self_checked_once_by_its_writer(tmp_path, redis_serv
             assert check["window_start"] == max(wrote[i]) and check["rollouts_checked"] == check["rollouts_passed"] == 2
         else:
             assert "self_check" not in status
+
+
+@pytest.mark.slow
+def test_a_stop_records_the_fleet_self_check_it_does_not_run(tmp_path, redis_server) -> None:
+    """The solo rule (tests/test_mine.py, 1b5e0e2) in a fleet: after SIGTERM no self-check starts, and the window
+    the last worker out writes at the stop is recorded as not run, in its log and status file. The signal is sent
+    once every file so far has its check logged and a later window has a stored group but no file yet."""
+    out, log = tmp_path / "windows", tmp_path / "worker-0.log"
+    env, _ = fleet_env(tmp_path, redis_server.url, 0, 1)
+    with running_daemon(out, env, log, *FLEET, "--verify-sample", "2") as proc:
+        deadline = time.monotonic() + 180
+        while True:
+            text = log.read_text()
+            written = set(re.findall(r"window (\d+): \d+ on-time rollouts[^\n]*\.parquet", text))
+            checked = set(re.findall(r"window (\d+) self-check \(validator's method", text))
+            open_ = {str(w) for w, _, outcome in delivered(text) if outcome == "stored"} - written
+            if written and written <= checked and any(int(w) > max(map(int, written)) for w in open_):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, text[-4000:]
+            time.sleep(0.05)
+        rc, _ = signal_and_wait(proc, signal.SIGTERM, timeout=60)
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    last = max(check_files_complete(out))  # the window open at the stop, written by the last worker out
+    assert f"window {last} self-check not run: stopping (SIGTERM)" in text, text[-4000:]
+    assert f"window {last} self-check (validator's method" not in text
+    status = read_status(out / "status-worker-0.json")
+    assert status["self_check"] == {"window_start": last, "not_run": "stopping (SIGTERM)"}, status
 
 
 @pytest.mark.slow
