@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import block_time_for, run_cli, write_wallet
-from test_mine import FAST, check_files_complete, running_daemon, wait_for
+from test_mine import FAST, check_files_complete, running_daemon, signal_and_wait, wait_for
 
 from grail_pipeline.cli.main import main
 from grail_pipeline.fleet.connection import connect
@@ -145,6 +145,99 @@ def test_three_workers_write_one_file_per_window_that_f_accepts(tmp_path, redis_
         if start in windows:
             assert windows[start]["report"]["groups"] == len(counts) and windows[start]["report"]["file_written"]
     assert not list(out.glob("spill/*/*.group"))  # nothing left on disk
+
+
+@pytest.mark.slow
+def test_each_fleet_file_is_self_checked_once_by_its_writer(tmp_path, redis_server) -> None:
+    """`--verify-sample` in a fleet: the worker that wrote a window's file (the leader then) re-verifies a sample of
+    its rows with the validator's method, logged and recorded in its own status file; no other worker checks it.
+    Before, a fleet's leader handed its daemon no sample and no window of a fleet was checked."""
+    out = tmp_path / "windows"
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    with ExitStack() as stack:
+        procs = []
+        for i in range(2):
+            env, hotkey = fleet_env(tmp_path, redis_server.url, i, 2)
+            procs.append(stack.enter_context(running_daemon(out, env, logs[i], *FLEET, "--max-windows", "2",
+                                                            "--verify-sample", "2")))
+        for proc in procs:
+            assert proc.wait(timeout=300) == 0, "\n".join(p.read_text()[-4000:] for p in logs)
+    texts = [p.read_text() for p in logs]
+    statuses = [read_status(out / f"status-worker-{i}.json") for i in range(2)]
+    names = [status["fleet"]["worker"] for status in statuses]
+    found = check_files_complete(out)
+    assert found, texts[0][-4000:]
+    wrote: dict[int, list[int]] = {0: [], 1: []}
+    for window, (meta, _) in found.items():
+        writer = names.index(meta["fleet_writer"])
+        wrote[writer].append(window)
+        checks = [(i, line) for i, text in enumerate(texts) for line in text.splitlines()
+                  if f"window {window} self-check" in line]
+        assert len(checks) == 1 and checks[0][0] == writer, checks  # once, by the writer
+        assert "self-check (validator's method" in checks[0][1] and "2/2 rollouts pass" in checks[0][1], checks
+    for i, status in enumerate(statuses):
+        if wrote[i]:  # the last file it wrote was checked last
+            check = status["self_check"]
+            assert check["window_start"] == max(wrote[i]) and check["rollouts_checked"] == check["rollouts_passed"] == 2
+        else:
+            assert "self_check" not in status
+
+
+@pytest.mark.slow
+def test_a_stop_records_the_fleet_self_check_it_does_not_run(tmp_path, redis_server) -> None:
+    """The solo rule (tests/test_mine.py, 1b5e0e2) in a fleet: after SIGTERM no self-check starts, and the window
+    the last worker out writes at the stop is recorded as not run, in its log and status file. The signal is sent
+    once every file so far has its check logged and a later window has a stored group but no file yet."""
+    out, log = tmp_path / "windows", tmp_path / "worker-0.log"
+    env, _ = fleet_env(tmp_path, redis_server.url, 0, 1)
+    with running_daemon(out, env, log, *FLEET, "--verify-sample", "2") as proc:
+        deadline = time.monotonic() + 180
+        while True:
+            text = log.read_text()
+            written = set(re.findall(r"window (\d+): \d+ on-time rollouts[^\n]*\.parquet", text))
+            checked = set(re.findall(r"window (\d+) self-check \(validator's method", text))
+            open_ = {str(w) for w, _, outcome in delivered(text) if outcome == "stored"} - written
+            if written and written <= checked and any(int(w) > max(map(int, written)) for w in open_):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, text[-4000:]
+            time.sleep(0.05)
+        rc, _ = signal_and_wait(proc, signal.SIGTERM, timeout=60)
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    last = max(check_files_complete(out))  # the window open at the stop, written by the last worker out
+    assert f"window {last} self-check not run: stopping (SIGTERM)" in text, text[-4000:]
+    assert f"window {last} self-check (validator's method" not in text
+    status = read_status(out / "status-worker-0.json")
+    assert status["self_check"] == {"window_start": last, "not_run": "stopping (SIGTERM)"}, status
+
+
+@pytest.mark.slow
+def test_a_fleet_worker_of_two_hotkeys_self_checks_each_hotkeys_files(tmp_path, redis_server, monkeypatch,
+                                                                      caplog) -> None:
+    """Several hotkeys in one process (mining/hotkeys.py) with `--verify-sample`: each hotkey's unit is its own
+    fleet's writer, hands its own files' samples to the one self-check process, and gets each result in its own
+    status file and log lines."""
+    root, out = tmp_path / "wallets", tmp_path / "windows"
+    hotkeys = [write_wallet(root, "cold", "hot1"), write_wallet(root, "cold", "hot2")]
+    for key, value in {"BT_WALLET_PATH": str(root), "GRAIL_HOTKEYS": "cold/hot1,cold/hot2",
+                       "GRAIL_REDIS_URL": redis_server.url, "GRAIL_WORKER_ID": "0", "GRAIL_TOTAL_WORKERS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    caplog.set_level("INFO", logger="grail_pipeline")
+    assert main(["mine", "--dry-run", *FAST, *FLEET, "--out-dir", str(out), "--max-windows", "2",
+                 "--verify-sample", "2"]) == 0
+    lines = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
+    checked = 0
+    for hk in hotkeys:
+        windows = sorted(int(p.name.rsplit("-", 1)[1].split(".")[0]) for p in out.glob(f"{hk}-window-*.parquet"))
+        for window in windows:
+            own = [m for m in lines if f"window {window} self-check" in m and m.startswith(f"[{hk[:8]}]")]
+            assert len(own) == 1 and "2/2 rollouts pass" in own[0], lines
+        status = read_status(out / f"status-worker-0-{hk}.json")
+        if windows:
+            checked += 1
+            check = status["self_check"]
+            assert check["window_start"] == windows[-1] and check["rollouts_checked"] == check["rollouts_passed"] == 2
+    assert checked and len(lines) == sum(1 for p in out.glob("*.parquet")), lines  # a loaded box may starve one
 
 
 @pytest.mark.slow

@@ -152,6 +152,63 @@ def test_an_index_nobody_could_regenerate_is_named_with_its_cost(tmp_path, redis
     assert m.plans.report(0)["gaps"] == lost and m.plans.report(0)["file_written"]
 
 
+def test_the_writer_hands_its_daemon_the_solo_sinks_sample_and_no_other_leader_does(tmp_path, redis_server) -> None:
+    """A fleet's self-check sample is the file's, drawn by the worker that writes it from the rows it writes: the
+    same records the solo sink would hand its daemon for the same groups (sink.file_sample: uniform over the file,
+    nothing cut after a gap), each the file's row. A leader that finds the window written hands nothing (its
+    daemon never checks another worker's file). Before, the leader handed no sample: no self-check in a fleet."""
+    from test_sink import group, window
+
+    from grail_pipeline.fleet.results import SignedGroup as StoredGroup
+    from grail_pipeline.mining.chain import WorkerSlot
+    from grail_pipeline.mining.group_payload import encode_group
+    from grail_pipeline.mining.sink import GroupRows, WindowSink
+    from grail_pipeline.protocol.records import read_window_file, records_table
+
+    hotkey = f"5Sample{uuid.uuid4().hex[:8]}"
+    genesis = time.time()
+    handed: dict[str, list] = {"w-a": [], "w-b": []}
+    leaders = {}
+    for name in handed:
+        async def written(report, sample, name=name) -> None:
+            handed[name].append((report.window_start, sample))
+
+        leaders[name] = leader_of(redis_server.url, hotkey, name, tmp_path / name, genesis)
+        leaders[name].on_written = written
+        leaders[name].sample_size, leaders[name].run_seed = 20, 7
+    a, b = leaders["w-a"], leaders["w-b"]
+    groups = {i: group(window(0), i) for i in (0, 1, 2, 4)}  # 3 is missing: 4 is cut after the gap
+    assert [c.index for c in a.member.claims.claim(0, 5)] == [0, 1, 2, 3, 4]
+    for i, g in groups.items():
+        rows = GroupRows(records_table(g.records), g.rollouts, g.completion_tokens, sum(g.solved),
+                         sum(g.successes), sum(g.rewards), time.time())
+        assert a.member.results.put(StoredGroup(0, i, g.rollouts, encode_group(rows))) == "stored"
+    b.member.heartbeats.beat(worker_id=1)
+    assert a.member.plans.seal(0, "w-a")
+    anyio.run(a.write, 0, "cut")
+    anyio.run(b.tick)  # b leads now: the window is written, nothing to write or hand over
+    assert 0 in b._done and handed["w-b"] == [] and [w for w, _ in handed["w-a"]] == [0]
+    sample = handed["w-a"][0][1]
+    records, _ = read_window_file(tmp_path / "w-a" / f"{hotkey}-window-0.parquet")
+    by_position = {(r["rollout_group"], r["rollout_index"]): r for r in records}
+    assert len(sample) == 20 and all(r == by_position[r["rollout_group"], r["rollout_index"]] for r in sample)
+
+    solo_sample = []
+
+    async def solo_written(report, sample) -> None:
+        solo_sample.extend(sample)
+
+    async def solo() -> None:
+        sink = WindowSink(tmp_path / "solo", hotkey, WorkerSlot(0, 1), WINDOW_BLOCKS, on_written=solo_written,
+                          sample_size=20, run_seed=7)
+        for g in groups.values():
+            await sink.put(g)
+        await sink.cut(0)
+
+    anyio.run(solo)
+    assert solo_sample == sample
+
+
 def test_finish_returns_after_a_tick_under_way_has_written_and_reported_its_window(tmp_path, redis_server) -> None:
     """The fleet's form of the solo sink's lost report (WindowSink.finish, 1b5e0e2): the daemon cancels the worker's
     loop, and the file writes beside it, once `finish` returns. A leader's tick under way as the run ends may have

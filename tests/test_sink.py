@@ -426,3 +426,25 @@ def test_a_cut_with_nothing_arrived_writes_no_file_and_later_groups_are_late(tmp
 
     anyio.run(main)
     assert not sink.path_for(0).exists() and written == []  # the late group: test_every_late_group_is_counted_once
+
+
+def test_the_sample_is_drawn_from_the_written_files_rows(tmp_path: Path) -> None:
+    """The self-check's sample is drawn at the write from the rows in the file (sink.file_sample, which a fleet's
+    leader shares): groups cut after a gap are never drawn and the sample is still full, and each sampled record is
+    the file's row as the validator reads it. Drawn as groups arrived (the old reservoir) and then filtered, a window
+    with a gap got fewer than asked: here 40 of its 80 rollouts were after the gap."""
+    sink, written = make_sink(tmp_path, sample_size=40, run_seed=3)
+    w = window(0)
+
+    async def main() -> None:
+        for i in (0, 1, 2, 4, 5):
+            await sink.put(group(w, i))
+        await sink.cut(0)
+
+    anyio.run(main)
+    report, sample = written[0]
+    assert report.groups == 3 and report.cut_groups == 2
+    records, _ = read_window_file(sink.path_for(0))
+    by_position = {(r["rollout_group"], r["rollout_index"]): r for r in records}
+    assert len(sample) == 40 and len({(r["rollout_group"], r["rollout_index"]) for r in sample}) == 40
+    assert all(r == by_position[r["rollout_group"], r["rollout_index"]] for r in sample)

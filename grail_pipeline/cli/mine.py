@@ -94,7 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=positive_float, default=60.0,
                    help="seconds a stop signal may spend finishing in-flight work before exiting anyway")
     p.add_argument("--verify-sample", type=whole_int, default=0, metavar="N",
-                   help="re-verify N rollouts per window with the validator's method and log the pass rate")
+                   help="re-verify N rollouts per window with the validator's method and log the pass rate (in a fleet, "
+                        "the worker that writes the window's file checks it)")
     p.add_argument("--upload-allowance", type=nonnegative_float, default=None, metavar="SECONDS",
                    help="seconds reserved before each window's deadline for the upload a real miner makes (default: "
                         "the expected file's size at 100 Mbit/s, measured from the last file)")

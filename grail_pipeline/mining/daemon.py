@@ -14,7 +14,8 @@ A JSON status file tells a health check what the daemon is doing.
 
 With GRAIL_REDIS_URL the worker is one of a fleet of its hotkey (mining/fleet_worker.py): its indices come from
 the fleet's claims, its signed groups go to Redis, and whichever worker holds the leader lease writes the
-window's one file (mining/fleet_leader.py), with the same writer and metadata as the solo sink.
+window's one file (mining/fleet_leader.py), with the same writer and metadata as the solo sink, and hands this
+daemon the same self-check sample (`sink.file_sample`): a fleet's file is checked once, by the worker that wrote it.
 
 A Daemon is one hotkey's unit (clock, plan, source, sink, status); `mining/hotkeys.py` runs several of them from
 one engine. With a target (`MineSettings.target_rollouts`, `fill`: mining/fill.py) a window takes no more than it.
@@ -257,7 +258,7 @@ class Daemon:
         s = self.settings
         leader = FleetLeader(self.fleet, clock, plan, self.signer.ss58_address, s.out_dir,
                              lambda start: self.runtime.loaded.checkpoint_window, extra_metadata, self._window_written,
-                             log=self.log)
+                             log=self.log, sample_size=s.verify_sample, run_seed=s.run_seed)
         return FleetWorker(self.fleet, clock, plan, leader,
                            redraw=lambda task: self.source is not None and self.source.redraw(task),
                            stopping=lambda: self.stopping, status=self.status, worker_id=s.worker.worker_id,

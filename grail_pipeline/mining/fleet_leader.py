@@ -24,7 +24,10 @@ that is gone without a file recorded, and writes it. Per window:
   contiguous prefix 0..N−1 of stored groups and writes the file with the solo sink's writer
   (`sink.write_window`: same name, schema and metadata), then records the report (on-time and cut
   rollouts, margin, and each index missing from the prefix: in flight, or lost with its dead holder's
-  lapsed lease, and the stored rollouts it cut) for `fleet-status`; nothing in the prefix: no file. The write runs beside the worker's loop, which keeps renewing the
+  lapsed lease, and the stored rollouts it cut) for `fleet-status`; nothing in the prefix: no file. With
+  `--verify-sample` the writer hands its daemon a sample of the rows it wrote (`sink.file_sample`, the solo
+  sink's), which that daemon's self-check verifies: each file is checked once, by the worker that wrote it, in
+  that worker's status file and metrics. The write runs beside the worker's loop, which keeps renewing the
   leader lease and beating meanwhile: in that run the writes took 2–3 s, longer than the 1-s lease, and
   with the loop blocked the lease passed mid-write.
 - **One writer per window.** The sealer writes the file. Another leader writes a window sealed by another
@@ -53,7 +56,7 @@ from grail_pipeline.mining.chain import WindowClock
 from grail_pipeline.mining.deadline import DeadlinePlan
 from grail_pipeline.mining.group_payload import decode_group
 from grail_pipeline.mining.hotkey_log import Log
-from grail_pipeline.mining.sink import WindowContents, WindowReport, gap_costs, write_window
+from grail_pipeline.mining.sink import WindowContents, WindowReport, file_sample, gap_costs, write_window
 from grail_pipeline.protocol.profile import PROFILE
 
 logger = logging.getLogger("grail_pipeline")
@@ -77,7 +80,7 @@ class FleetLeader:
 
     def __init__(self, member: FleetMember, clock: WindowClock, plan: DeadlinePlan, hotkey: str, out_dir: Path,
                  checkpoint_window: Callable[[int], int], extra_metadata: dict, on_written: OnWritten,
-                 log: Log = logger) -> None:
+                 log: Log = logger, sample_size: int = 0, run_seed: int = 0) -> None:
         self.log = log  # this hotkey's lines (mining/hotkey_log.py)
         self.member = member
         self.clock = clock
@@ -86,7 +89,9 @@ class FleetLeader:
         self.out_dir = Path(out_dir)
         self.checkpoint_window = checkpoint_window
         self.extra_metadata = extra_metadata
-        self.on_written = on_written
+        self.on_written = on_written  # each file this worker writes, with its self-check sample (`sample_size`)
+        self.sample_size = sample_size
+        self.run_seed = run_seed
         self.stale_s = 3 * member.timings.leader_ttl_s  # a worker silent this long is taken for dead
         self._stopped: set[int] = set()  # windows whose stop_at has passed: never republished
         self._done: set[int] = set()  # windows whose file is recorded as written
@@ -254,5 +259,5 @@ class FleetLeader:
         await anyio.to_thread.run_sync(lambda: m.guard.call(lambda: m.plans.record_written(window_start, record),
                                                             patience_s=m.timings.leader_ttl_s))
         self._done.add(window_start)
-        await self.on_written(report, [])
+        await self.on_written(report, await file_sample(contents, self.hotkey, self.sample_size, self.run_seed))
         return report

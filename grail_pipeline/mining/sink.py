@@ -40,7 +40,7 @@ from grail_pipeline.mining.hotkey_log import Log
 from grail_pipeline.mining.messages import ProblemTask, SignedGroup
 from grail_pipeline.mining.source import WindowClose
 from grail_pipeline.protocol.profile import PROFILE
-from grail_pipeline.protocol.records import records_table, write_window_table
+from grail_pipeline.protocol.records import records_table, table_records, write_window_table
 
 logger = logging.getLogger("grail_pipeline")
 
@@ -166,9 +166,6 @@ class _OpenWindow:
     issued: tuple[int, ...] | None = None  # known once the source closes the window
     partial: bool = False
     opened: float | None = None
-    sample: list[dict] = field(default_factory=list)
-    seen_records: int = 0
-    rng: random.Random | None = None
 
     def resolved(self, index: int) -> bool:
         return index in self.groups or index in self.failed
@@ -201,7 +198,7 @@ class WindowSink:
 
     `put` is the pipeline's GroupSink; `close_window` is the ProblemSource's on_close; `cut` is called
     by the daemon at the plan's cut time. `on_written` (optional) gets each window's report and up to
-    `sample_size` of its file's records (a uniform sample, for the self-check). After `finish`, late puts
+    `sample_size` of its file's records (`file_sample`, for the self-check). After `finish`, late puts
     are refused with a warning; one the write did not count as cut goes to `on_late`.
     """
 
@@ -240,8 +237,7 @@ class WindowSink:
     def _window(self, window: WindowContext) -> _OpenWindow:
         state = self._open.get(window.window_start)
         if state is None:
-            rng = random.Random(f"{self.run_seed}|{window.window_start}|{self.hotkey}")
-            state = self._open[window.window_start] = _OpenWindow(window, rng=rng)
+            state = self._open[window.window_start] = _OpenWindow(window)
         return state
 
     async def put(self, group: SignedGroup) -> None:
@@ -280,7 +276,6 @@ class WindowSink:
                 table, group.rollouts, group.completion_tokens, sum(group.solved), sum(group.successes),
                 sum(group.rewards), now)
             state.rollouts += group.rollouts
-            self._sample(state, group.records)
             elapsed = now - state.opened
             if self.plan is not None and elapsed > 0:
                 self.plan.rate(state.rollouts / elapsed)
@@ -304,19 +299,6 @@ class WindowSink:
                          index, start, group.rollouts)
         if self.on_late is not None:
             await self.on_late(start, index, group.rollouts)
-
-    def _sample(self, state: _OpenWindow, records: list[dict]) -> None:
-        """Reservoir sampling, so the self-check sees a uniform sample without keeping every record."""
-        if self.sample_size <= 0:
-            return
-        for record in records:
-            state.seen_records += 1
-            if len(state.sample) < self.sample_size:
-                state.sample.append(record)
-            else:
-                slot = state.rng.randrange(state.seen_records)
-                if slot < self.sample_size:
-                    state.sample[slot] = record
 
     async def close_window(self, close: WindowClose) -> None:
         if close.window_start in self._written:  # the cut came first
@@ -399,8 +381,7 @@ class WindowSink:
                                                     **self.extra_metadata})
             self.reports.append(report)
             if self.on_written is not None:  # under the lock, so that `finish` returns after every report
-                sample = [r for r in state.sample if r["rollout_group"] < report.groups]
-                await self.on_written(report, sample)
+                await self.on_written(report, await file_sample(contents, self.hotkey, self.sample_size, self.run_seed))
         return report
 
 
@@ -419,6 +400,21 @@ class WindowContents:
     partial: bool
     opened: float | None  # unix time the window's first problem was issued (None: not known)
     gaps: list[dict] = field(default_factory=list)  # gap_costs: the indices that end the file early
+
+
+async def file_sample(contents: WindowContents, hotkey: str, size: int, run_seed: int) -> list[dict]:
+    """Up to `size` of a written file's records, drawn uniformly from its rows (groups 0..N−1, the rows just
+    written) and decoded as the validator reads them: the daemon's self-check sample, taken the same way by the solo
+    sink and by a fleet's leader (its rows come from Redis), so a window's sample depends only on the file, the run
+    seed and the hotkey, whoever wrote it. Drawn at the write from the rows already in memory: no record is kept per
+    group as it arrives, and no group cut after a gap can be drawn. Only the drawn rows are decoded (a thread)."""
+    rollouts = sum(g.table.num_rows for g in contents.groups)
+    if size <= 0 or rollouts == 0:
+        return []
+    rng = random.Random(f"{run_seed}|{contents.window.window_start}|{hotkey}")
+    rows = sorted(rng.sample(range(rollouts), min(size, rollouts)))
+    table = pa.concat_tables([g.table for g in contents.groups])  # no copy: the groups' chunks
+    return await anyio.to_thread.run_sync(lambda: table_records(table.take(rows)))
 
 
 async def write_window(path: Path, hotkey: str, window_blocks: int, contents: WindowContents, trigger: str,

@@ -243,6 +243,13 @@ def records_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([_encode(r, INFERENCE_SCHEMA) for r in records], schema=INFERENCE_SCHEMA)
 
 
+def table_records(table: pa.Table) -> list[dict[str, Any]]:
+    """Rows of INFERENCE_SCHEMA back as records, shaped as build_rollout_record makes them (the inverse of
+    records_table), for rows this process converted itself: a row whose JSON fields do not decode raises
+    ValueError (read_window_file, reading a file from outside, keeps such a row as a MalformedRow instead)."""
+    return [_decode(row) for row in table.to_pylist()]
+
+
 def _with_metadata(table: pa.Table, metadata: Mapping[str, object]) -> pa.Table:
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
