@@ -148,20 +148,22 @@ def test_three_workers_write_one_file_per_window_that_f_accepts(tmp_path, redis_
 
 
 @pytest.mark.slow
-def test_each_fleet_file_is_self_checked_once_by_its_writer(tmp_path, redis_server) -> None:
+@pytest.mark.timeout(1800)  # windows sized from a group's time: minutes on a loaded box
+def test_each_fleet_file_is_self_checked_once_by_its_writer(tmp_path, redis_server, group_seconds) -> None:
     """`--verify-sample` in a fleet: the worker that wrote a window's file (the leader then) re-verifies a sample of
     its rows with the validator's method, logged and recorded in its own status file; no other worker checks it.
     Before, a fleet's leader handed its daemon no sample and no window of a fleet was checked."""
     out = tmp_path / "windows"
     logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    block = block_time_for(group_seconds("fast"), groups=3, processes=2)
     with ExitStack() as stack:
         procs = []
         for i in range(2):
             env, hotkey = fleet_env(tmp_path, redis_server.url, i, 2)
             procs.append(stack.enter_context(running_daemon(out, env, logs[i], *FLEET, "--max-windows", "2",
-                                                            "--verify-sample", "2")))
+                                                            "--verify-sample", "2", "--block-time", block)))
         for proc in procs:
-            assert proc.wait(timeout=300) == 0, "\n".join(p.read_text()[-4000:] for p in logs)
+            assert proc.wait(timeout=300 + 3 * 30 * float(block)) == 0, "\n".join(p.read_text()[-4000:] for p in logs)
     texts = [p.read_text() for p in logs]
     statuses = [read_status(out / f"status-worker-{i}.json") for i in range(2)]
     names = [status["fleet"]["worker"] for status in statuses]
@@ -184,14 +186,16 @@ def test_each_fleet_file_is_self_checked_once_by_its_writer(tmp_path, redis_serv
 
 
 @pytest.mark.slow
-def test_a_stop_records_the_fleet_self_check_it_does_not_run(tmp_path, redis_server) -> None:
+@pytest.mark.timeout(1800)  # windows sized from a group's time: minutes on a loaded box
+def test_a_stop_records_the_fleet_self_check_it_does_not_run(tmp_path, redis_server, group_seconds) -> None:
     """The solo rule (tests/test_mine.py, 1b5e0e2) in a fleet: after SIGTERM no self-check starts, and the window
     the last worker out writes at the stop is recorded as not run, in its log and status file. The signal is sent
     once every file so far has its check logged and a later window has a stored group but no file yet."""
     out, log = tmp_path / "windows", tmp_path / "worker-0.log"
     env, _ = fleet_env(tmp_path, redis_server.url, 0, 1)
-    with running_daemon(out, env, log, *FLEET, "--verify-sample", "2") as proc:
-        deadline = time.monotonic() + 180
+    block = block_time_for(group_seconds("fast"), groups=3)
+    with running_daemon(out, env, log, *FLEET, "--verify-sample", "2", "--block-time", block) as proc:
+        deadline = time.monotonic() + 180 + 3 * 30 * float(block)
         while True:
             text = log.read_text()
             written = set(re.findall(r"window (\d+): \d+ on-time rollouts[^\n]*\.parquet", text))
@@ -212,8 +216,9 @@ def test_a_stop_records_the_fleet_self_check_it_does_not_run(tmp_path, redis_ser
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # windows sized from a group's time: minutes on a loaded box
 def test_a_fleet_worker_of_two_hotkeys_self_checks_each_hotkeys_files(tmp_path, redis_server, monkeypatch,
-                                                                      caplog) -> None:
+                                                                      caplog, group_seconds) -> None:
     """Several hotkeys in one process (mining/hotkeys.py) with `--verify-sample`: each hotkey's unit is its own
     fleet's writer, hands its own files' samples to the one self-check process, and gets each result in its own
     status file and log lines."""
@@ -223,8 +228,9 @@ def test_a_fleet_worker_of_two_hotkeys_self_checks_each_hotkeys_files(tmp_path, 
                        "GRAIL_REDIS_URL": redis_server.url, "GRAIL_WORKER_ID": "0", "GRAIL_TOTAL_WORKERS": "1"}.items():
         monkeypatch.setenv(key, value)
     caplog.set_level("INFO", logger="grail_pipeline")
+    block = block_time_for(group_seconds("fast"), groups=4)  # both hotkeys' groups, on a loaded box too
     assert main(["mine", "--dry-run", *FAST, *FLEET, "--out-dir", str(out), "--max-windows", "2",
-                 "--verify-sample", "2"]) == 0
+                 "--verify-sample", "2", "--block-time", block]) == 0
     lines = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
     checked = 0
     for hk in hotkeys:
