@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -179,6 +180,7 @@ def test_a_small_kv_cache_preempts_and_every_proof_still_verifies(tmp_path, wall
     assert run.returncode == 0, run.stderr
     report = json.loads(path.read_text())
     assert report["config"]["kv_cache_gb"] == pytest.approx(113 * page / 1e9)
+    assert re.search(r"batch 48: \d+ group\(s\) preempted for want of KV pages and run again", run.stdout), run.stdout
     (result,) = report["results"]
     assert result["status"] == "ok" and result["rollouts"] == 96 and result["dropped_groups"] == 0
     engine = result["engine"]

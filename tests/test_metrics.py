@@ -182,8 +182,13 @@ def test_a_two_hotkey_daemon_serves_each_hotkeys_windows(tmp_path, group_seconds
         assert int(start) in file_rollouts(out, hk), (hk, start)  # that hotkey's file, not the other's
     assert set(by_hotkey(scraped, "grail_window_start")) == {first, second}
     assert by_hotkey(scraped, "grail_target_rollouts") == {first: 16, second: 16}
-    for name in ("grail_decode_steps_total", "grail_rollouts_signed_total", "grail_gpu_idle_seconds_total"):
+    for name in ("grail_decode_steps_total", "grail_rollouts_signed_total", "grail_gpu_idle_seconds_total",
+                 "grail_kv_pages", "grail_kv_pages_peak", "grail_kv_preemptions_total"):
         assert set(by_hotkey(scraped, name)) == {first}, name
+    # the default cache: pages for every slot's longest sequence, some held, none ever short
+    pages = by_hotkey(scraped, "grail_kv_pages")[first]
+    assert 0 < by_hotkey(scraped, "grail_kv_pages_peak")[first] < pages
+    assert by_hotkey(scraped, "grail_kv_preemptions_total")[first] == 0
     (info,) = [dict(labels) for (n, labels), _ in scraped.items() if n == "grail_worker_info"]
     assert info["hotkey"] == first and info["hotkeys"] == f"{first},{second}"
 

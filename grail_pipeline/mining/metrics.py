@@ -288,6 +288,7 @@ class _LiveCollector(Collector):
             yield rate
         if engine is not None:
             yield from self._decode(engine.stats, names, values)
+            yield from self._kv_pages(engine, names, values)
         runtime = daemon.runtime
         if runtime is not None:
             checkpoint = GaugeMetricFamily("grail_checkpoint_window", "the window of the checkpoint in use (a "
@@ -318,7 +319,11 @@ class _LiveCollector(Collector):
         slots, occupied = stats.slot_steps, stats.occupied_slot_steps
         for name, doc, value in (("grail_decode_steps", "decode steps", steps),
                                  ("grail_decode_seconds", "seconds in decode steps", seconds),
-                                 ("grail_generated_tokens", "tokens generated", stats.generated_tokens)):
+                                 ("grail_generated_tokens", "tokens generated", stats.generated_tokens),
+                                 ("grail_kv_preemptions", "groups preempted for want of KV pages (run again from "
+                                  "their prompt: more --kv-cache-gb if it keeps rising)", stats.preemptions),
+                                 ("grail_kv_preempted_tokens", "tokens the preempted groups had generated, dropped",
+                                  stats.preempted_tokens)):
             family = CounterMetricFamily(name, doc, labels=names)
             family.add_metric(values, value)
             yield family
@@ -337,6 +342,18 @@ class _LiveCollector(Collector):
                                 "previous scrape (0..1)", labels=names)
         occ.add_metric(values, occupancy)
         yield occ
+
+    def _kv_pages(self, engine: Any, names: list[str], values: list[str]) -> Iterator:
+        """The fast engine's paged KV cache: its pages and the most held at once (how full --kv-cache-gb runs)."""
+        pages = getattr(engine, "kv_pages", None)
+        if pages is None:
+            return  # the hf engine: no cache of ours
+        for name, doc, value in (("grail_kv_pages", "pages of the fast engine's KV cache (64 positions each, the "
+                                  "scratch page included)", pages),
+                                 ("grail_kv_pages_peak", "most KV pages held at once so far", engine.stats.peak_kv_pages)):
+            family = GaugeMetricFamily(name, doc, labels=names)
+            family.add_metric(values, value)
+            yield family
 
     def _gpu_memory(self, device: Any, names: list[str], values: list[str]) -> Iterator:
         if getattr(device, "type", None) != "cuda":

@@ -135,6 +135,12 @@ def _results(console: Console, results: list["BatchResult"]) -> None:
     if checked:
         console.print("Verified % = rollouts whose every sketch and logprob pass the validator's method, checked in a "
                       f"separate process on the model loaded from {', '.join(checked)}.", style="dim")
+    for r in results:
+        preempted = (r.engine or {}).get("preemptions", 0) if r.ok else 0
+        if preempted:
+            console.print(f"batch {r.batch_size}: {preempted} group(s) preempted for want of KV pages and run again "
+                          f"({r.engine['preempted_tokens']} tokens dropped; {r.engine['peak_kv_pages']} pages held at "
+                          "most): a larger --kv-cache-gb runs them once", style="yellow")
     dropped = sum(r.dropped_groups for r in results)
     if dropped:
         console.print(f"{dropped} group(s) dropped: a completion shorter than 16 tokens voids the whole group.")
