@@ -107,24 +107,30 @@ def test_lease_times_follow_the_window() -> None:
     assert rehearsal.leader_ttl_s < 4.0  # a dead leader is replaced well before the deadline's 4 s
 
 
+def fleet_run(tmp_path: Path, url: str, out: Path, workers: int, block: str, *args: str) -> tuple[list[Path], str]:
+    """`workers` mine processes of one fake hotkey's fleet (FLEET, `--block-time block`, `args`), each run to its
+    end and exit 0 (a stop given in `args`, such as --max-windows); their logs and the hotkey."""
+    logs = [tmp_path / f"worker-{i}.log" for i in range(workers)]
+    with ExitStack() as stack:
+        procs = []
+        for i in range(workers):
+            env, hotkey = fleet_env(tmp_path, url, i, workers)
+            procs.append(stack.enter_context(running_daemon(out, env, logs[i], *FLEET, *args, "--block-time", block)))
+        for proc in procs:
+            assert proc.wait(timeout=300 + 3 * 30 * float(block)) == 0, "\n".join(p.read_text()[-4000:] for p in logs)
+    return logs, hotkey
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # windows sized from a group's time: minutes on a loaded box
 def test_three_workers_write_one_file_per_window_that_f_accepts(tmp_path, redis_server, capsys, group_seconds) -> None:
     """Windows sized from a group's measured time: fixed 12-s ones held one group in all on a loaded box (the full
     suite beside another job), and "the groups came from one worker only" failed."""
     out = tmp_path / "windows"
-    logs = [tmp_path / f"worker-{i}.log" for i in range(3)]
     block = block_time_for(group_seconds("fast"), groups=4, processes=3)
-    with ExitStack() as stack:
-        procs = []
-        for i in range(3):
-            env, hotkey = fleet_env(tmp_path, redis_server.url, i, 3)
-            procs.append(stack.enter_context(running_daemon(out, env, logs[i], *FLEET, "--max-windows", "2",
-                                                            "--block-time", block)))
-        for proc in procs:
-            assert proc.wait(timeout=150 + 3 * 30 * float(block)) == 0, "\n".join(p.read_text()[-4000:] for p in logs)
-        assert main(["fleet-status", "--json", "--redis-url", redis_server.url, "--hotkey", hotkey]) == 0
-        snapshot = json.loads(capsys.readouterr().out)
+    logs, hotkey = fleet_run(tmp_path, redis_server.url, out, 3, block, "--max-windows", "2")
+    assert main(["fleet-status", "--json", "--redis-url", redis_server.url, "--hotkey", hotkey]) == 0
+    snapshot = json.loads(capsys.readouterr().out)
     texts = [p.read_text() for p in logs]
     files = sorted(out.glob("*.parquet"))
     assert files and all(re.fullmatch(rf"{hotkey}-window-\d+\.parquet", p.name) for p in files), files
@@ -154,16 +160,8 @@ def test_each_fleet_file_is_self_checked_once_by_its_writer(tmp_path, redis_serv
     its rows with the validator's method, logged and recorded in its own status file; no other worker checks it.
     Before, a fleet's leader handed its daemon no sample and no window of a fleet was checked."""
     out = tmp_path / "windows"
-    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
     block = block_time_for(group_seconds("fast"), groups=3, processes=2)
-    with ExitStack() as stack:
-        procs = []
-        for i in range(2):
-            env, hotkey = fleet_env(tmp_path, redis_server.url, i, 2)
-            procs.append(stack.enter_context(running_daemon(out, env, logs[i], *FLEET, "--max-windows", "2",
-                                                            "--verify-sample", "2", "--block-time", block)))
-        for proc in procs:
-            assert proc.wait(timeout=300 + 3 * 30 * float(block)) == 0, "\n".join(p.read_text()[-4000:] for p in logs)
+    logs, _ = fleet_run(tmp_path, redis_server.url, out, 2, block, "--max-windows", "2", "--verify-sample", "2")
     texts = [p.read_text() for p in logs]
     statuses = [read_status(out / f"status-worker-{i}.json") for i in range(2)]
     names = [status["fleet"]["worker"] for status in statuses]
