@@ -45,23 +45,31 @@ def requests(n: int, prompt_len: int, seed0: int = 0) -> list[GroupRequest]:
 
 
 def check_attention(report: dict) -> None:
+    """The Triton decode attention against SDPA over the paged cache, W1's shapes (16 query heads, 2 KV heads of
+    128) and contexts (270..1,000): each slot's pages its own ("private"), and each group of 16 slots sharing its
+    prompt's first 4 pages as the engine's groups do ("shared": whether the GPU's L2 serves the repeats)."""
     torch.manual_seed(0)
     rows = []
     for slots, t in ((64, 1536), (512, 1536)):
-        pages = slots * t // PAGE + 1
+        per_slot = t // PAGE
+        pages = slots * per_slot + 1
         q = torch.randn(slots, 16, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(pages, PAGE, 2, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(pages, PAGE, 2, 128, device="cuda", dtype=torch.bfloat16)
-        table = (1 + torch.randperm(pages - 1, device="cuda")).view(slots, t // PAGE).to(torch.int32)  # shuffled
-        lens = torch.randint(1, t + 1, (slots,), device="cuda", dtype=torch.int32)
-        ref = decode_attention_reference(q.float(), k.float(), v.float(), table, lens)
-        out = decode_attention_triton(q, k, v, table, lens)
-        err = ((out.float() - ref).norm() / ref.norm()).item()
-        ms = timed_ms(lambda: decode_attention_triton(q, k, v, table, lens))
-        ms_sdpa = timed_ms(lambda: decode_attention_reference(q, k, v, table, lens))
+        private = (1 + torch.randperm(pages - 1, device="cuda")).view(slots, per_slot).to(torch.int32)  # shuffled
+        shared = private.clone()
+        shared[:, :4] = private[torch.arange(slots, device="cuda") // 16 * 16, :4]  # a group's first slot's pages
+        lens = torch.randint(270, 1000, (slots,), device="cuda", dtype=torch.int32)
+        row = dict(slots=slots)
+        for name, table in (("private", private), ("shared", shared)):
+            ref = decode_attention_reference(q.float(), k.float(), v.float(), table, lens)
+            out = decode_attention_triton(q, k, v, table, lens)
+            row[f"{name}_rel_err"] = ((out.float() - ref).norm() / ref.norm()).item()
+            row[f"{name}_triton_ms"] = timed_ms(lambda t=table: decode_attention_triton(q, k, v, t, lens))
+        row["sdpa_ms"] = timed_ms(lambda: decode_attention_reference(q, k, v, private, lens))
         live = (lens.sum().item() * 2 * 2 * 128 * 2) / 1e9
-        rows.append(dict(slots=slots, rel_err=err, triton_ms=ms, sdpa_ms=ms_sdpa, live_gb=live,
-                         triton_tb_s=live / ms))
+        row.update(live_gb=live, private_tb_s=live / row["private_triton_ms"])
+        rows.append(row)
     report["attention"] = rows
 
 
