@@ -83,7 +83,7 @@ def main() -> None:
     report = dict(
         kind="grail-pipeline-fast-vs-hf", created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         command="python bench/fast_vs_hf.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                         if k != "out"),
+                                                         if k != "out" and v is not None),
         environment=environment(), workload=dict(model=args.model, length_profile=runtime.lengths.spec,
                                                  max_new_tokens=1024, seed=args.seed),
         model_load_s=load_s, ceilings=vars(ceilings) if ceilings else None,
