@@ -35,6 +35,7 @@ def main() -> None:
                    help="seconds reserved to upload a file (mine --upload-allowance; default: its size at 100 Mbit/s)")
     p.add_argument("--proof-sample", type=int, default=32, help="rollouts per file the strict check proves")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--kv-cache-gb", default=None, help="mine's --kv-cache-gb (GB or auto; default: every slot's longest)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     out = Path(args.out)
@@ -50,6 +51,8 @@ def main() -> None:
                 "--status-file", str(status_path)]
         if args.upload_allowance is not None:
             mine += ["--upload-allowance", f"{args.upload_allowance:g}"]
+        if args.kv_cache_gb is not None:
+            mine += ["--kv-cache-gb", args.kv_cache_gb]
         t0 = time.perf_counter()
         with open(out / f"window_deadline_mine_{tag}.log", "w") as fh:
             proc = subprocess.run(mine, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=3600)
