@@ -126,6 +126,20 @@ def test_a_second_daemon_of_one_hotkey_on_one_out_dir_is_refused(capsys, monkeyp
     assert "cannot write the status file" in one_line_error(capsys, argv)  # the holder died: so did its lock
 
 
+def test_the_status_keeps_the_last_12_windows_self_checks(tmp_path) -> None:
+    """A failed self-check a few windows back still costs the miner (one failure zeroes it for 14 windows), so the
+    status keeps the last 12 windows' checks, oldest first, beside the latest."""
+    status = StatusFile(tmp_path / "status-worker-0.json", 0, 1)
+    checks = [{"window_start": 30 * i, "rollouts_checked": 2, "rollouts_passed": 2 - (i == 5)} for i in range(15)]
+    checks.append({"window_start": 450, "not_run": "stopping (SIGTERM)"})
+    for check in checks:
+        status.update(self_check=check)
+    on_disk = read_status(tmp_path / "status-worker-0.json")
+    assert on_disk["self_check"] == checks[-1]
+    assert on_disk["self_checks"] == checks[-12:] and on_disk["self_checks"][0]["window_start"] == 4 * 30
+    assert [c["window_start"] for c in on_disk["self_checks"] if c.get("rollouts_passed") == 1] == [150]  # kept
+
+
 def test_a_start_records_the_window_files_its_status_does_not_know(capsys, monkeypatch, tmp_path, real_wallet,
                                                                      wallet_env) -> None:
     """A SIGKILL between a window's file and its status record left a file the status did not know, and

@@ -6,7 +6,9 @@ reader never sees half a file. Kept free of heavy imports (no torch), so a healt
 
 Fields (names others rely on): worker_id, total_workers, pid, state (starting / mining / draining /
 stopped), current_window, windows_written, last_window {window_start, rollouts, rollouts_per_s,
-success_pct, file, written_at_stop}, updated (unix time). More fields are added alongside; with a target or several
+success_pct, file, written_at_stop}, updated (unix time), self_check (the latest window's, with --verify-sample)
+and self_checks (the last 12 windows', oldest first: one failure a few windows back is still zeroing the miner,
+so the latest alone can hide it). More fields are added alongside; with a target or several
 hotkeys (mining/fill.py): target_rollouts, hotkeys (every hotkey this engine mines, in fill order) and
 spare_capacity (the latest window's, the engine's: the same in every hotkey's file).
 """
@@ -27,9 +29,8 @@ from grail_pipeline.common.errors import UserError
 from grail_pipeline.common.input_file import parse_json, read_text
 
 logger = logging.getLogger("grail_pipeline")
-
-logger = logging.getLogger("grail_pipeline")
 STATES = ("starting", "mining", "draining", "stopped")
+SELF_CHECK_HISTORY = 12  # the protocol's rolling period of windows: a failure within it is still costing the miner
 LAST_WINDOW_FIELDS = ("window_start", "rollouts", "rollouts_per_s", "success_pct", "file", "written_at_stop")
 
 
@@ -88,6 +89,10 @@ class StatusFile:
             raise ValueError(f"unknown daemon state {fields['state']!r}")
         with self._lock:
             self._data.update(fields)
+            if "self_check" in fields:
+                history = self._data.setdefault("self_checks", [])
+                history.append(fields["self_check"])
+                del history[:-SELF_CHECK_HISTORY]
             self._data["updated"] = time.time()
             text = json.dumps(self._data, indent=2, sort_keys=True, default=str) + "\n"
             write_atomically(self.path, text.encode())
