@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from grail_pipeline.inference.kv_cache import PAGE, SCRATCH_PAGE
+from grail_pipeline.inference.kv_cache import PAGE, SCRATCH_PAGE, pages_for
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class PagePool:
         """(shared, own): the pages a prompt of `prompt_tokens` fills whole before its last token, held once for
         the group, and the pages each slot holds alone up to that last token's position."""
         shared = (prompt_tokens - 1) // PAGE
-        return shared, -(-prompt_tokens // PAGE) - shared
+        return shared, pages_for(prompt_tokens) - shared
 
     def admission_pages(self, group: int, prompt_tokens: int) -> int:
         """Pages `admit` takes for a group of `group` rollouts of one prompt."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from grail_pipeline.inference.kv_cache import PAGE, full_pages, page_bytes, pages_for
+from grail_pipeline.inference.kv_pages import PagePool
 from grail_pipeline.inference.memory import GB
 from grail_pipeline.inference.models.decoder import Dims
 from grail_pipeline.mining.lengths import LengthProfile
@@ -56,12 +57,12 @@ def kv_demand(prompt_lengths: list[int], lengths: LengthProfile, seed: int = 0) 
         return None
     held = steps = 0.0
     for g, tokens in enumerate(prompt_lengths):
-        n = tokens - 1
+        n, shared = tokens - 1, PagePool.prompt_pages(tokens)[0]
         targets = np.array(lengths.targets(seed + g, PROFILE.rollouts_per_problem), dtype=np.int64)
         for length in targets.tolist():
             k = np.arange(length)
             held += float(((n + k) // PAGE - n // PAGE + 1).sum())
-        held += (n // PAGE) * int(targets.max())
+        held += shared * int(targets.max())
         steps += int(targets.sum())
     return KVDemand(held / steps)
 
