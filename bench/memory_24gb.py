@@ -35,7 +35,8 @@ def main() -> None:
     p.add_argument("--memory-gb", type=float, default=24.0)
     p.add_argument("--headroom-gb", type=float, default=2.0)
     p.add_argument("--batch-sizes", default="64,128,256", help="what calibrate measures (256 should not fit)")
-    p.add_argument("--calibrate-problems", type=int, default=8)
+    p.add_argument("--calibrate-problems", type=int, default=None,
+                   help="problems per size; default calibrate's own (enough to fill the batch twice: 8 left 256 slots half empty)")
     p.add_argument("--benchmark-problems", type=int, default=32)
     p.add_argument("--verify", type=int, default=16)
     p.add_argument("--kv-cache-gb", default=None,
@@ -49,7 +50,8 @@ def main() -> None:
     common = [*kv, "--model", args.model, "--engine", "fast", "--device", "cuda", "--memory-gb", f"{args.memory_gb:g}"]
     calibration = out / "calibration_24gb.yaml"
     calibrate = [*cli, "calibrate", *common, "--headroom-gb", f"{args.headroom_gb:g}", "--batch-sizes",
-                 args.batch_sizes, "--num-problems", str(args.calibrate_problems), "--calibration", str(calibration)]
+                 args.batch_sizes, "--calibration", str(calibration),
+                 *([] if args.calibrate_problems is None else ["--num-problems", str(args.calibrate_problems)])]
     calibrate_s = run(calibrate)
     entries = yaml.safe_load(calibration.read_text())["calibrations"]
     (gpu, engines), = entries.items()
