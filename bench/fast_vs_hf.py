@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--hf-verify", type=int, default=16)
     p.add_argument("--max-prompt-tokens", type=int, default=384)
     p.add_argument("--kv-cache-gb", type=kv_cache_size, default=None,
-                   help="the fast engine's KV cache in GB or auto (default: every slot's longest sequence)")
+                   help="the fast engine's KV cache: GB, auto or full (default: the commands', auto)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()

@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--benchmark-problems", type=int, default=32)
     p.add_argument("--verify", type=int, default=16)
     p.add_argument("--kv-cache-gb", default=None,
-                   help="the fast engine's KV cache for every size, GB or auto (default: each slot's longest sequence)")
+                   help="the fast engine's KV cache for every size: GB, auto or full (default: the commands', auto)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     out = Path(args.out)

@@ -35,7 +35,7 @@ def main() -> None:
                    help="seconds reserved to upload a file (mine --upload-allowance; default: its size at 100 Mbit/s)")
     p.add_argument("--proof-sample", type=int, default=32, help="rollouts per file the strict check proves")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--kv-cache-gb", default=None, help="mine's --kv-cache-gb (GB or auto; default: every slot's longest)")
+    p.add_argument("--kv-cache-gb", default=None, help="mine's --kv-cache-gb (GB, auto or full; default: mine's, auto)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     out = Path(args.out)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from grail_pipeline.inference.engine import SamplingParams
 from grail_pipeline.inference.kv_cache import PAGE, full_pages, page_bytes
+from grail_pipeline.mining.choices import resolve_choices
 from grail_pipeline.mining.kv_sizing import MARGIN, KVDemand, kv_cache_gb, kv_demand
 from grail_pipeline.mining.lengths import W1_SPEC, parse_length_profile
 from grail_pipeline.mining.runtime import Runtime
@@ -46,3 +49,14 @@ def test_auto_sizes_each_batch_size_from_the_prompts_and_lengths(tiny, tok) -> N
     assert natural.kv_cache_gb_for(512) is None  # real weights' lengths: every slot's longest
     fixed = Runtime(tiny, tok, "fast", sampling, parse_length_profile(W1_SPEC), 512, 0.5)
     assert fixed.kv_cache_gb_for(512) == 0.5  # a number is taken as given
+    full = Runtime(tiny, tok, "fast", sampling, parse_length_profile(W1_SPEC), 512, "full")
+    assert full.kv_cache_gb_for(512) is None and full.engine(64).full_kv  # --kv-cache-gb full: every slot's longest
+
+
+@pytest.mark.parametrize(("engine", "given", "resolved"), [("fast", None, "auto"), ("fast", "full", "full"),
+                                                          ("fast", 2.5, 2.5), ("hf", None, None)])
+def test_the_fast_engine_sizes_its_cache_from_the_workload_unless_told(engine, given, resolved) -> None:
+    """auto is the default (no preemption, no cost in speed on the H200: bench/NOTES.md v18); hf has no cache."""
+    args = argparse.Namespace(model="dummy:tiny", device="cpu", engine=engine, length_profile=None,
+                              max_new_tokens=1024, max_prompt_tokens=512, kv_cache_gb=given)
+    assert resolve_choices(args).kv_cache_gb == resolved

@@ -134,7 +134,7 @@ def test_dry_run_target(calibration, tmp_path, capsys) -> None:
         assert flags["--engine"] == "fast" and flags["--model"] == "dummy:qwen2.5-3b"  # fast preferred when calibrated
         assert flags["--length-profile"] == "lognormal:400:0.5:32:1024" and flags["--max-new-tokens"] == "1024"
         assert flags["--max-prompt-tokens"] == "512"  # the fast engine's KV cache, as calibrated
-        assert "--kv-cache-gb" not in flags  # calibrated with the default cache
+        assert flags["--kv-cache-gb"] == "full"  # a calibration that recorded none ran every slot's longest sequence
         assert flags["--out-dir"] == str(tmp_path / "dry-run") and flags["--drain-timeout"] == "20"
         geneses.add(flags["--genesis"])
         assert app["kill_timeout"] > 20_000
@@ -144,7 +144,8 @@ def test_dry_run_target(calibration, tmp_path, capsys) -> None:
     assert len(geneses) == 1 and abs(float(geneses.pop()) - time.time()) < 60  # one clock for the whole fleet
     rc, out, _ = emit(capsys, "--calibration", str(calibration), "--target", "dry-run", "--gpus", "0",
                       "--gpu-kind", H100, "--engine", "hf", *WALLET, "--cwd", str(tmp_path))  # its prometheus.yml
-    assert load_apps(out, tmp_path)[0]["env"]["GRAIL_GENERATION_BATCH_SIZE"] == "16"
+    (hf,) = load_apps(out, tmp_path)[:1]
+    assert hf["env"]["GRAIL_GENERATION_BATCH_SIZE"] == "16" and "--kv-cache-gb" not in hf["args"]  # hf has none
 
 
 def test_a_dry_run_worker_gets_the_kv_cache_its_calibration_ran_with(tmp_path, capsys) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.inference.model_ref import DUMMY_PREFIX, PRESETS
 from grail_pipeline.mining.lengths import W1_SPEC
-from grail_pipeline.mining.rules import KV_CACHE_AUTO, parse_whole
+from grail_pipeline.mining.rules import KV_CACHE_AUTO, KV_CACHE_FULL, parse_whole
 from grail_pipeline.protocol.profile import INT64_MAX, INT64_MIN, PROFILE
 
 ENGINES = ("auto", "hf", "fast")
@@ -67,11 +67,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, default_model: str) -
                              "(the W1 workload) for dummy models, natural for real weights")
     parser.add_argument("--max-prompt-tokens", type=positive_int, default=512, metavar="N",
                         help="longest prompt the fast engine reserves KV cache for (default 512)")
-    parser.add_argument("--kv-cache-gb", type=kv_cache_size, default=None, metavar="N|auto",
-                        help="the fast engine's KV cache in GB, held by slots as their sequences grow (pages of 64 "
-                             "positions); default: every slot's longest sequence, which never runs out. Less holds "
-                             "more slots in the same memory; a group that finds no page is preempted and run again. "
-                             "auto: per batch size, what the workload's prompts and lengths hold, with a margin")
+    parser.add_argument("--kv-cache-gb", type=kv_cache_size, default=None, metavar="N|auto|full",
+                        help="the fast engine's KV cache, held by slots as their sequences grow (pages of 64 "
+                             "positions). auto (default): per batch size, what the workload's prompts and lengths "
+                             "hold, with a margin (natural lengths: full); full: every slot's longest sequence, "
+                             "which never runs out; N: N GB. Less holds more slots in the same memory; a group that "
+                             "finds no page is preempted and run again")
     parser.add_argument("--memory-gb", type=positive_float, default=None, metavar="N",
                         help="cap this process's GPU memory at N GB (torch's per-process memory fraction, set before "
                              "anything allocates), so a big card rehearses a smaller one (e.g. 24 on an H100); on the "
@@ -138,13 +139,14 @@ def positive_float(text: str) -> float:
 
 
 def kv_cache_size(text: str) -> float | str:
-    """--kv-cache-gb: a positive number of GB, or `auto` (sized per batch size from the workload, kv_sizing.py)."""
-    if text == KV_CACHE_AUTO:
-        return KV_CACHE_AUTO
+    """--kv-cache-gb: a positive number of GB, `auto` (sized per batch size from the workload, kv_sizing.py) or
+    `full` (every slot's longest sequence)."""
+    if text in (KV_CACHE_AUTO, KV_CACHE_FULL):
+        return text
     try:
         return positive_float(text)
     except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} (a number of GB, or auto)") from None
+        raise argparse.ArgumentTypeError(f"{exc} (a number of GB, auto or full)") from None
 
 
 def nonnegative_float(text: str) -> float:

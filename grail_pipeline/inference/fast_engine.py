@@ -7,8 +7,9 @@ slot's completion, retires finished rollouts and refills their slots with the ne
 parked at position 0 so that until it is refilled its attention reads one key.
 
 The KV cache is paged (kv_cache.py): a slot takes pages as its sequence grows (kv_pages.py), before the step
-that writes into them. By default there are pages for every slot's longest sequence, and nothing can run out.
-With fewer (`kv_cache_gb`: more slots in the same memory, which W2 and a 24-GB card need), a group is admitted
+that writes into them. With `kv_cache_gb` None there are pages for every slot's longest sequence, and nothing can
+run out. With fewer (more slots in the same memory, which W2 and a 24-GB card need; the commands' default,
+`--kv-cache-gb auto`, sizes them from the workload: mining/kv_sizing.py), a group is admitted
 only while its prompt's pages and a watermark (1 % of the pages) are free, and when a step's pages run out the
 youngest group is preempted: its slots and pages go back and its request is admitted again, before any new one,
 from its prompt (`stats.preemptions` counts them; its sampled tokens are dropped, so a rerun samples anew,

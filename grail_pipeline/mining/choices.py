@@ -29,7 +29,7 @@ from grail_pipeline.inference.loading import (
 )
 from grail_pipeline.inference.models import family_for, why_not_fast
 from grail_pipeline.mining.lengths import LengthProfile
-from grail_pipeline.mining.rules import KV_CACHE_AUTO, check_batch_size, check_workload
+from grail_pipeline.mining.rules import KV_CACHE_AUTO, KV_CACHE_FULL, check_batch_size, check_workload
 
 log = logging.getLogger("grail_pipeline")
 
@@ -45,7 +45,7 @@ class RunChoices:
     lengths: LengthProfile
     max_new_tokens: int
     max_prompt_tokens: int
-    kv_cache_gb: float | str | None = None  # the fast engine's KV cache in GB, "auto", or None (every slot's longest)
+    kv_cache_gb: float | str | None = None  # the fast engine's KV cache: GB, "auto" (its default), "full"; None for hf
 
 
 def resolve_engine(kind: str, device: torch.device, model: str) -> str:
@@ -87,6 +87,8 @@ def resolve_choices(args: argparse.Namespace, batch_sizes: list[int] | None = No
     kv_cache_gb = getattr(args, "kv_cache_gb", None)
     if kv_cache_gb is not None:
         check_kv_cache(args.model, device, engine_kind, kv_cache_gb, args.max_prompt_tokens, args.max_new_tokens)
+    elif engine_kind == "fast":
+        kv_cache_gb = KV_CACHE_AUTO  # the default: no preemption and no cost in speed on W1 or W2 (bench/NOTES.md v18)
     return RunChoices(model=args.model, checkpoint=checkpoint_source(args.model), device=device,
                       engine_kind=engine_kind, lengths=lengths, max_new_tokens=args.max_new_tokens,
                       max_prompt_tokens=args.max_prompt_tokens, kv_cache_gb=kv_cache_gb)
@@ -102,8 +104,8 @@ def check_kv_cache(model: str, device: torch.device, engine_kind: str, kv_cache_
 
     if engine_kind != "fast":
         raise UserError("--kv-cache-gb sizes the fast engine's KV cache; the hf engine has none to size")
-    if kv_cache_gb == KV_CACHE_AUTO:
-        return  # sized per batch size, never below one group at its longest (mining/kv_sizing.py)
+    if kv_cache_gb in (KV_CACHE_AUTO, KV_CACHE_FULL):
+        return  # auto: sized per batch size, never below one group at its longest (mining/kv_sizing.py)
     slots = PROFILE.rollouts_per_problem  # the check of any batch size: one group in its slots
     cache_pages(load_config(model), model_dtype(device).itemsize, slots,
                 positions_per_slot(max_prompt_tokens, max_new_tokens), kv_cache_gb)

@@ -32,7 +32,8 @@ HF_MAX_BATCH = PROFILE.rollouts_per_problem  # hf generates one problem's rollou
 FAST_MIN_SLOTS = PROFILE.rollouts_per_problem  # a slot per rollout of one problem at least
 FAST_MAX_SLOTS = 4096
 MAX_WINDOW_BLOCKS = 7200  # a day of 12-s blocks; the protocol's window is 30
-KV_CACHE_AUTO = "auto"  # --kv-cache-gb sized per batch size from the workload (mining/kv_sizing.py)
+KV_CACHE_AUTO = "auto"  # --kv-cache-gb sized per batch size from the workload (mining/kv_sizing.py); the fast engine's default
+KV_CACHE_FULL = "full"  # --kv-cache-gb for every slot's longest sequence (never runs out, never preempts)
 _WHOLE = re.compile(r"[+-]?[0-9]+")
 
 

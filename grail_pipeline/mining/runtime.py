@@ -20,7 +20,7 @@ from grail_pipeline.mining.choices import RunChoices, resolve_choices
 from grail_pipeline.mining.lengths import LengthProfile
 from grail_pipeline.mining.messages import ProvedGroup, SignedGroup
 from grail_pipeline.mining.pipeline import Pipeline, PipelineConfig
-from grail_pipeline.mining.rules import KV_CACHE_AUTO, check_batch_size
+from grail_pipeline.mining.rules import KV_CACHE_AUTO, KV_CACHE_FULL, check_batch_size
 from grail_pipeline.mining.signing import GroupSigner, SigningPool
 from grail_pipeline.protocol.wallet import Signer
 from grail_pipeline.proving.batched import BatchedProver
@@ -42,7 +42,7 @@ class Runtime:
     sampling: SamplingParams
     lengths: LengthProfile
     max_prompt_tokens: int
-    kv_cache_gb: float | str | None = None  # the fast engine's KV cache in GB, "auto", or None (every slot's longest)
+    kv_cache_gb: float | str | None = None  # the fast engine's KV cache: GB, "auto", "full" or None (full)
     _signing_pools: dict[str, SigningPool] = field(default_factory=dict, init=False, repr=False)
     _provers: dict[str, Prover] = field(default_factory=dict, init=False, repr=False)
 
@@ -77,6 +77,8 @@ class Runtime:
     def kv_cache_gb_for(self, batch_size: int) -> float | None:
         """The fast engine's KV cache for `batch_size` slots: --kv-cache-gb as given, or `auto`'s from the workload
         (mining/kv_sizing.py; None: every slot's longest sequence)."""
+        if self.kv_cache_gb in (None, KV_CACHE_FULL):
+            return None
         if self.kv_cache_gb != KV_CACHE_AUTO:
             return self.kv_cache_gb
         from grail_pipeline.inference.kv_cache import positions_per_slot

@@ -136,8 +136,8 @@ def read_choice(calibrations: Mapping[str, Any], path: str | os.PathLike[str], g
 
 
 def _kv_cache_gb(entry: Mapping[str, Any], where: str) -> float | None:
-    """workload.kv_cache_gb: absent or null (the default cache, and files written before it existed), or a positive
-    finite number of GB."""
+    """workload.kv_cache_gb: absent or null (every slot's longest sequence, and files written before it existed), or
+    a positive finite number of GB."""
     value = (entry.get("workload") or {}).get("kv_cache_gb") if isinstance(entry.get("workload"), dict) else None
     if value is None:
         return None

@@ -335,8 +335,11 @@ def _env(args: argparse.Namespace, worker: Worker, total: int, extra: dict[str, 
 
 
 def kv_cache_flag(choice: Choice) -> list[str]:
-    """The KV cache the calibration ran with, for a dry-run worker (nothing: the default cache)."""
-    return [] if choice.kv_cache_gb is None else ["--kv-cache-gb", f"{choice.kv_cache_gb:g}"]
+    """The KV cache the calibration ran with, for a dry-run worker: its GB, or `full` where it recorded none (every
+    slot's longest sequence, as calibrations before the paged cache's `auto` default ran); the hf engine has none."""
+    if choice.kv_cache_gb is not None:
+        return ["--kv-cache-gb", f"{choice.kv_cache_gb:g}"]
+    return ["--kv-cache-gb", rules.KV_CACHE_FULL] if choice.engine == "fast" else []
 
 
 def _command(args: argparse.Namespace, cwd: str, worker: Worker, genesis: float) -> tuple[str, list[str]]:
