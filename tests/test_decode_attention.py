@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,15 @@ def test_the_triton_kernel_reads_the_pages_the_table_names() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "kernel = reference" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_shared_prefix_probe_kernels_equal_the_reference() -> None:
+    """bench/cascade_probe.py's two kernels (a group's shared prompt pages read once, then each row's own) against
+    the reference, in Triton's interpreter, before a GPU times them; members shuffled, some retired, a prompt
+    with no whole page."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(root / "bench" / "cascade_probe.py"), "--check"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "shared-prefix kernels = reference" in done.stdout, done.stderr[-3000:]
