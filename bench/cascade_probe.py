@@ -16,9 +16,12 @@ the second is the engine's per-row kernel (inference/decode_attention.py) starti
 first position after the shared pages instead of at 0. The result is the same softmax in another summation
 order (decode's numerics are free: the proof recomputes from tokens).
 
-What this prints: for W1 and W2 shapes at several slot counts, the engine's kernel and the two-kernel version,
-time per layer and the error of each against SDPA in fp32 over the same pages. If the second is faster, the
-engine takes it (a members table per step beside the page table, kept by the scheduler as groups come and go).
+What this prints: for W1 and W2 shapes at several slot counts, time per layer and the error against SDPA in
+fp32 over the same pages of: the engine's kernel; this file's second kernel alone (the engine's, plus the state
+it may begin from: it must time alike); the two kernels; and each of the last two over an fp8 (e4m3) copy of the
+cache, one scale per tensor (half the bytes: the lever after this one, decode's numerics only). If a variant is
+faster, the engine takes it (a members table per step beside the page table, kept by the scheduler as groups
+come and go; an fp8 cache written with its scale).
 
     python3 bench/cascade_probe.py                           # GPU: the table, JSON to $OUT/cascade_probe.json
     TRITON_INTERPRET=1 python3 bench/cascade_probe.py --check  # CPU: the kernels against the reference, small
@@ -68,13 +71,13 @@ def _shared_kernel(
     for j in range(0, tl.load(group_pages_ptr + g)):
         page = tl.load(pages + j).to(tl.int64)
         k = tl.load(k_ptr + page * stride_kp + kv_head * stride_kh + cols[:, None] * stride_kt + dims[None, :])
-        s = tl.dot(q, tl.trans(k)) * sm_scale
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * sm_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + page * stride_vp + kv_head * stride_vh + cols[:, None] * stride_vt + dims[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     tl.store(acc_ptr + row[:, None] * stride_ar + head[:, None] * stride_ah + dims[None, :], acc, mask=ok[:, None])
     tl.store(m_ptr + row * stride_mr + head, m_i, mask=ok)
@@ -85,10 +88,12 @@ def _shared_kernel(
 def _private_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, idx_ptr, start_ptr, acc_ptr, m_ptr, l_ptr, out_ptr,
     stride_qs, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_ts,
-    stride_ar, stride_ah, stride_mr, stride_os, stride_oh, sm_scale,
+    stride_ar, stride_ah, stride_mr, stride_os, stride_oh, sm_scale, v_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """The engine's kernel from position start[row] on, its softmax state begun where the shared kernel left it."""
+    """The engine's kernel from position start[row] on, its softmax state begun where the shared kernel left it
+    (with start 0 everywhere: the engine's kernel). An fp8 cache is read in the query's dtype: its keys' scale is
+    in sm_scale, its values' is v_scale."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     slot = tl.load(idx_ptr + row)
@@ -112,7 +117,7 @@ def _private_kernel(
         valid = start + cols < length
         k = tl.load(k_ptr + page * stride_kp + kv_head * stride_kh + cols[:, None] * stride_kt + dims[None, :],
                     mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * sm_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -120,30 +125,49 @@ def _private_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + page * stride_vp + kv_head * stride_vh + cols[:, None] * stride_vt + dims[None, :],
                     mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
-    out = acc / l_i[:, None]
+    out = acc / l_i[:, None] * v_scale
     tl.store(out_ptr + row * stride_os + heads[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def shared_prefix_attention(q, k_cache, v_cache, table, lengths, members, group_pages):
+def shared_prefix_attention(q, k_cache, v_cache, table, lengths, members=None, group_pages=None, k_scale=1.0,
+                            v_scale=1.0):
     """`decode_attention_triton`'s contract (every slot a row, R = S), plus `members` [G, MEMBERS] (the rows of
     each group, -1 where none) and `group_pages` [G] (the shared pages its members' table rows begin with); every
-    row belongs to one group."""
+    row belongs to one group. Without members, the second kernel alone reads everything (the engine's kernel).
+    k_scale, v_scale: an fp8 cache's scales (the cache holds K / k_scale)."""
     rows, hq, dim = q.shape
     hkv = k_cache.shape[2]
     group = hq // hkv
-    block_g = max(16, triton.next_power_of_2(group))
-    first = torch.where(members >= 0, members, members.new_full((), rows))  # -1 → a row that is not there
     start = torch.zeros(rows + 1, dtype=torch.int32, device=q.device)
-    start[first.flatten().long()] = (group_pages[:, None] * PAGE).expand_as(members).flatten().to(torch.int32)
-    start = start[:rows]
-    group_slot = members.max(dim=1).values.to(torch.int32)  # a member's row = its slot here
     acc = torch.empty(rows, hq, dim, dtype=torch.float32, device=q.device)
     m = torch.empty(rows, hq, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
-    scale = 1.0 / math.sqrt(dim)
+    scale = k_scale / math.sqrt(dim)
+    if members is not None:
+        first = torch.where(members >= 0, members, members.new_full((), rows))  # -1 → a row that is not there
+        start[first.flatten().long()] = (group_pages[:, None] * PAGE).expand_as(members).flatten().to(torch.int32)
+        _shared(q, k_cache, v_cache, table, members, group_pages, acc, m, l_sum, scale)
+    start = start[:rows]
+    out = torch.empty_like(q)
+    index = torch.arange(rows, device=q.device)
+    _private_kernel[(rows, hkv)](
+        q, k_cache, v_cache, table, lengths, index, start, acc, m, l_sum, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table.stride(0),
+        acc.stride(0), acc.stride(1), m.stride(0), out.stride(0), out.stride(1), scale, v_scale,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), PAGE=PAGE, HEAD_DIM=dim,
+    )
+    return out
+
+
+def _shared(q, k_cache, v_cache, table, members, group_pages, acc, m, l_sum, scale) -> None:
+    """The first kernel: each group's shared pages into the rows' softmax state."""
+    hkv, dim = k_cache.shape[2], q.shape[2]
+    group = q.shape[1] // hkv
+    group_slot = members.max(dim=1).values.to(torch.int32)  # a member's row = its slot here
     shared_block_g = triton.next_power_of_2(group)  # the shared product's rows: members x heads, >= 16 already
     _shared_kernel[(members.shape[0], hkv)](
         q, k_cache, v_cache, table, members, group_slot, group_pages, acc, m, l_sum,
@@ -153,16 +177,6 @@ def shared_prefix_attention(q, k_cache, v_cache, table, lengths, members, group_
         MEMBERS=MEMBERS, GROUP=group, BLOCK_G=shared_block_g, PAGE=PAGE, HEAD_DIM=dim,
         num_warps=8,  # 64-128 rows x 128 of fp32 state: more threads to hold it
     )
-    out = torch.empty_like(q)
-    index = torch.arange(rows, device=q.device)
-    _private_kernel[(rows, hkv)](
-        q, k_cache, v_cache, table, lengths, index, start, acc, m, l_sum, out,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table.stride(0),
-        acc.stride(0), acc.stride(1), m.stride(0), out.stride(0), out.stride(1), scale,
-        GROUP=group, BLOCK_G=block_g, PAGE=PAGE, HEAD_DIM=dim,
-    )
-    return out
 
 
 def workload(slots: int, hq: int, hkv: int, dim: int, device: str, dtype: torch.dtype, seed: int = 0,
@@ -207,6 +221,12 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
+def fp8(cache: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The cache in float8 e4m3 with one scale for the tensor (its largest value at e4m3's 448): (cache, scale)."""
+    scale = cache.float().abs().amax().item() / 448.0
+    return (cache.float() / scale).to(torch.float8_e4m3fn), scale
+
+
 def check() -> None:
     """Small shapes in Triton's interpreter (CPU): both kernels against the SDPA reference, fp32."""
     for hq, hkv, dim, shuffle in ((16, 2, 32, False), (8, 8, 16, True), (14, 2, 16, True)):
@@ -215,6 +235,9 @@ def check() -> None:
         ref = decode_attention_reference(q, k, v, table, lengths)
         torch.testing.assert_close(shared_prefix_attention(q, k, v, table, lengths, members, shared), ref,
                                    atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(shared_prefix_attention(q, k, v, table, lengths), ref, atol=1e-4, rtol=1e-4)
+    (k8, ks), (v8, vs) = fp8(k), fp8(v)  # e4m3 keeps ~2 significant digits: a few per cent, not the scales' 100s
+    assert relative_error(shared_prefix_attention(q, k8, v8, table, lengths, members, shared, ks, vs), ref) < 0.08
     print("shared-prefix kernels = reference")
 
 
@@ -228,15 +251,20 @@ def probe(slot_counts: list[int]) -> dict:
             q, k, v, table, lengths, members, shared = workload(slots, hq, hkv, 128, "cuda", torch.bfloat16,
                                                                 shuffle_members=True)
             ref = decode_attention_reference(q.float(), k.float(), v.float(), table, lengths)
-            engine = decode_attention_triton(q, k, v, table, lengths)
-            cascade = shared_prefix_attention(q, k, v, table, lengths, members, shared)
+            (k8, ks), (v8, vs) = fp8(k), fp8(v)
+            variants = dict(  # name: the call; the engine's kernel first
+                engine=lambda: decode_attention_triton(q, k, v, table, lengths),
+                probe_alone=lambda: shared_prefix_attention(q, k, v, table, lengths),
+                cascade=lambda: shared_prefix_attention(q, k, v, table, lengths, members, shared),
+                fp8=lambda: shared_prefix_attention(q, k8, v8, table, lengths, k_scale=ks, v_scale=vs),
+                cascade_fp8=lambda: shared_prefix_attention(q, k8, v8, table, lengths, members, shared, ks, vs))
             live = lengths.sum().item() * hkv * 128 * 2 * 2 / 1e9
             row = dict(workload=name, slots=slots, live_gb=round(live, 3),
-                       shared_share=round((shared.sum().item() * PAGE * MEMBERS) / lengths.sum().item(), 3),
-                       engine_ms=timed_ms(lambda: decode_attention_triton(q, k, v, table, lengths)),
-                       cascade_ms=timed_ms(lambda: shared_prefix_attention(q, k, v, table, lengths, members, shared)),
-                       engine_rel_err=relative_error(engine, ref), cascade_rel_err=relative_error(cascade, ref))
-            row["speedup"] = round(row["engine_ms"] / row["cascade_ms"], 3)
+                       shared_share=round((shared.sum().item() * PAGE * MEMBERS) / lengths.sum().item(), 3))
+            for key, call in variants.items():
+                row[f"{key}_rel_err"] = relative_error(call(), ref)
+                row[f"{key}_ms"] = timed_ms(call)
+                row[f"{key}_speedup"] = round(row["engine_ms"] / row[f"{key}_ms"], 3)
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
     return report
