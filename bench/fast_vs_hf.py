@@ -42,6 +42,9 @@ def main() -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=384)
     p.add_argument("--kv-cache-gb", type=kv_cache_size, default=None,
                    help="the fast engine's KV cache: GB, auto or full (default: the commands', auto)")
+    p.add_argument("--fast-attention", choices=("rows", "shared", "both"), default="rows",
+                   help="the fast engine's decode attention: each row reads its pages (rows), a group's shared prompt "
+                        "pages read once (shared: benchmark --shared-prompt-attention), or each size with both")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -55,19 +58,22 @@ def main() -> None:
     window = benchmark_window(args.seed)
     ceilings = measured_ceilings(str(runtime.loaded.device))
     rows: dict[str, list[dict]] = {"fast": [], "hf": []}
-    plan = [("fast", args.fast_batch_sizes, args.fast_problems, args.fast_warmup, args.verify),
-            ("hf", args.hf_batch_sizes, args.hf_problems, args.hf_warmup, args.hf_verify)]
+    shared = {"rows": [False], "shared": [True], "both": [False, True]}[args.fast_attention]
+    plan = [("fast", args.fast_batch_sizes, args.fast_problems, args.fast_warmup, args.verify, shared),
+            ("hf", args.hf_batch_sizes, args.hf_problems, args.hf_warmup, args.hf_verify, [False])]
     try:
-        for engine, sizes, problems, warmup, verify in plan:
+        for engine, sizes, problems, warmup, verify, attention in plan:
             runtime.engine_kind = engine
-            for size in (int(s) for s in sizes.split(",") if s):
+            for size, shared_attention in ((int(s), a) for s in sizes.split(",") if s for a in attention):
+                runtime.shared_prompt_attention = shared_attention
                 result = measure_batch_size(runtime, signer, size, problems, warmup, window, verify, progress=None)
-                row = dict(engine_kind=engine, **result.as_dict())
+                row = dict(engine_kind=engine, shared_prompt_attention=runtime.shared_prompt_attention,
+                           **result.as_dict())
                 if engine == "fast" and result.ok:
                     row["roofline"] = result_roofline(runtime, result)
                 rows[engine].append(row)
                 print(json.dumps(row, default=str), flush=True)
-                print(f"{engine} batch {size}: {result.status} {result.rollouts_per_s:.2f} roll/s, "
+                print(f"{engine} batch {size}{' shared' if runtime.shared_prompt_attention else ''}: {result.status} {result.rollouts_per_s:.2f} roll/s, "
                       f"{result.tokens_per_s:.0f} tok/s, peak {result.gpu_reserved_gb:.1f} GB reserved "
                       f"({result.gpu_process_gb} GB process), start-up {result.startup_seconds:.1f} s, "
                       f"stages {result.stage_seconds}, engine {result.engine}, verify {result.verify}", flush=True)

@@ -240,6 +240,8 @@ CASES = [
     C("benchmark", "--max-prompt-tokens", "x", expect="argument --max-prompt-tokens: 'x' is not a whole number"),
     C("benchmark", "--kv-cache-gb", "nan", expect="argument --kv-cache-gb: 'nan' is not a finite number"),
     C("benchmark", "--engine", "fast", "--kv-cache-gb", "0.001", expect="16 rollouts at their longest need"),
+    C("benchmark", "--engine", "hf", "--shared-prompt-attention",
+      expect="--shared-prompt-attention is the fast engine's decode attention; the hf engine has none"),
     C("benchmark", "--length-profile", "weird", expect="bad length profile 'weird'"),
     C("benchmark", "--model", "./no/such/model", expect="model directory './no/such/model' does not exist"),
     C("benchmark", "--engine", "vllm", expect="argument --engine: invalid choice: 'vllm'"),

@@ -170,16 +170,19 @@ def test_a_small_kv_cache_preempts_and_every_proof_still_verifies(tmp_path, wall
     """--kv-cache-gb at the least one group needs at its longest (113 pages, against 337 for 48 slots): three groups'
     prompts fit (each ~4 pages shared by its 16 rollouts and 1 of each one's own), their 100-token completions do
     not, so groups are preempted and run again; every rollout is delivered and the re-verified proofs (a process
-    of its own, from the checkpoint) all pass."""
+    of its own, from the checkpoint) all pass. With the shared-prompt attention's group tables kept through the
+    preemptions (on the CPU the attention itself is the reference's)."""
     path = tmp_path / "kv.json"
     page = 32768  # dummy:tiny in float32: 2 (K, V) x 2 layers x 64 positions x 2 KV heads x head dim 16 x 4 bytes
     run = run_benchmark([*TINY, "--engine", "fast", "--batch-sizes", "48", "--length-profile", "fixed:100",
                          "--max-new-tokens", "128", "--max-prompt-tokens", "320", "--kv-cache-gb", f"{113 * page / 1e9}",
-                         "--num-problems", "6", "--warmup-problems", "0", "--verify", "8", "--json", str(path)],
+                         "--num-problems", "6", "--warmup-problems", "0", "--verify", "8", "--json", str(path),
+                         "--shared-prompt-attention"],
                         clean_env(wallet_env))
     assert run.returncode == 0, run.stderr
     report = json.loads(path.read_text())
     assert report["config"]["kv_cache_gb"] == pytest.approx(113 * page / 1e9)
+    assert report["config"]["shared_prompt_attention"] is True
     assert re.search(r"batch 48: \d+ group\(s\) preempted for want of KV pages and run again", run.stdout), run.stdout
     (result,) = report["results"]
     assert result["status"] == "ok" and result["rollouts"] == 96 and result["dropped_groups"] == 0

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +109,8 @@ def test_rows_read_the_slots_their_index_names() -> None:
 
 KERNEL_CHECK = textwrap.dedent("""
     import torch
-    from grail_pipeline.inference.decode_attention import decode_attention_reference, decode_attention_triton
+    from grail_pipeline.inference.decode_attention import (SharedPrompts, decode_attention_reference,
+                                                           decode_attention_triton)
     from grail_pipeline.inference.kv_cache import PAGE
     g = torch.Generator().manual_seed(0)
     for hq, hkv, dim in [(16, 2, 128), (8, 8, 64), (14, 2, 64)]:  # Qwen2.5-3B's grouping, none, a group of 7
@@ -122,6 +124,25 @@ KERNEL_CHECK = textwrap.dedent("""
         ref = decode_attention_reference(q, k, v, table, lengths, index)
         out = decode_attention_triton(q, k, v, table, lengths, index)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        # the shared-prompt kernels: slots 3 and 1 share page table[3, 0] (the groups' rows begin alike), slot 2
+        # reads alone; rows name slots in another order than their own
+        table[1, 0] = table[3, 0]
+        lengths = torch.tensor([PAGE + 1, 1, 2 * PAGE + 7, 300, per_slot * PAGE], dtype=torch.int32)
+        index = torch.tensor([3, 0, 4, 1, 2])
+        members = torch.full((2, 16), -1, dtype=torch.int32)
+        members[0, :2] = torch.tensor([3, 1])
+        pages = torch.zeros(2, 3, dtype=torch.int32)
+        pages[0, 0] = table[3, 0]
+        start = torch.zeros(5, dtype=torch.int32)
+        start[[3, 1]] = PAGE
+        row_of = torch.full((5,), -1, dtype=torch.int32)
+        row_of[index] = torch.arange(5, dtype=torch.int32)
+        shared = SharedPrompts(members, pages, torch.tensor([1, 0], dtype=torch.int32), start, row_of,
+                               torch.zeros(5, hq, dim), torch.zeros(5, hq), torch.zeros(5, hq))
+        ref = decode_attention_reference(q, k, v, table, lengths, index)
+        out = decode_attention_triton(q, k, v, table, lengths, index, shared)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert (shared.l[[0, 3]] > 0).all() and (shared.l[[1, 2, 4]] == 0).all()  # slots 3 and 1's rows only
     print("kernel = reference")
 """)
 
@@ -131,3 +152,57 @@ def test_the_triton_kernel_reads_the_pages_the_table_names() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "kernel = reference" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_shared_prefix_probe_kernels_equal_the_reference() -> None:
+    """bench/cascade_probe.py's two kernels (a group's shared prompt pages read once, then each row's own) against
+    the reference, in Triton's interpreter, before a GPU times them; members shuffled, some retired, a prompt
+    with no whole page."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(root / "bench" / "cascade_probe.py"), "--check"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "shared-prefix kernels = reference" in done.stdout, done.stderr[-3000:]
+
+
+ENGINE_CHECK = textwrap.dedent("""
+    import dataclasses
+    from grail_pipeline.inference import model_runner
+    from grail_pipeline.inference.decode_attention import decode_attention_triton
+    from grail_pipeline.inference.engine import GroupRequest, SamplingParams
+    from grail_pipeline.inference.fast_engine import FastEngine
+    from grail_pipeline.inference.hf_engine import HFEngine
+    from grail_pipeline.inference.kv_cache import PAGE
+    from grail_pipeline.inference.loading import load_model
+    from grail_pipeline.protocol.sat import problem_for_seed
+    from grail_pipeline.protocol.tokenizer import builtin_tokenizer, prompt_ids
+    shared_pages = []
+    def traced(q, k, v, table, lengths, slot_index=None, shared=None):  # the GPU's kernels, in the interpreter
+        shared_pages.append(int(shared.count.sum()))
+        return decode_attention_triton(q, k, v, table, lengths, slot_index, shared)
+    model_runner.decode_attention = traced
+    tiny, tok = load_model("dummy:tiny", device="cpu"), builtin_tokenizer()
+    params = SamplingParams(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, top_k=1, max_new_tokens=6)
+    groups = []
+    for i in range(5):  # prompts of 1 to 2 whole pages and a bit; 4 rollouts of different lengths each
+        ids = (prompt_ids(tok, problem_for_seed(200 + i)) * 3)[:PAGE + 3 + 40 * (i % 3)]
+        groups.append(GroupRequest(f"g{i}", ids, [6, 2, 4 + i % 3, 1]))
+    ref = {r.request.key: r.completions for r in HFEngine(tiny, params, batch_size=4).generate(groups)}
+    engine = FastEngine(tiny, params, slots=8, max_prompt_tokens=192, lag=2, shared_prompt_attention=True)
+    assert engine.runner.shared is not None and engine.max_shared == 2
+    got = {r.request.key: r.completions for r in engine.generate(groups)}
+    assert got == ref, (got, ref)
+    assert max(shared_pages) > 0  # the groups did read shared pages
+    print("engine with shared prompts = reference")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_engine_with_shared_prompt_attention_gives_the_reference_tokens() -> None:
+    """The fast engine with the shared-prompt kernels (its group entries kept as rollouts retire and slots are
+    refilled, uploaded before each step) against the reference engine, every token, the kernels in Triton's
+    interpreter in place of the GPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", ENGINE_CHECK], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "engine with shared prompts = reference" in done.stdout, done.stderr[-3000:]

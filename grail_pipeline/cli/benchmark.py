@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", type=whole_int, nargs="?", const=16, default=0, metavar="N",
                    help="re-check N rollouts (default 16) per batch size with the validator's method")
     p.add_argument("--json", metavar="PATH", type=path_or_default("--json", "no JSON is written"), help="write every figure as JSON ('-' for stdout)")
+    p.add_argument("--shared-prompt-attention", action="store_true",
+                   help="fast engine: read each group's shared prompt pages once per decode step (cascade attention, "
+                        "inference/decode_attention.py); measured against the default before it becomes one")
     p.set_defaults(func=run)
 
 

@@ -15,6 +15,10 @@ youngest group is preempted: its slots and pages go back and its request is admi
 from its prompt (`stats.preemptions` counts them; its sampled tokens are dropped, so a rerun samples anew,
 which any sample may: the validator checks a proof against the completion it is given).
 
+With `shared_prompt_attention`, the groups whose slots share prompt pages are kept beside the page pool
+(prompt_groups.py) and uploaded before a step when they change, so that the decode attention reads those pages
+once per group (decode_attention.SharedPrompts).
+
 This file is the loop alone: which slot holds what is the scheduler's (scheduler.py, host state only),
 the decoding is the runner's (model_runner.py, device state, its CUDA graphs in cuda_graphs.py).
 """
@@ -44,6 +48,7 @@ from grail_pipeline.inference.kv_pages import PagePool
 from grail_pipeline.inference.loading import LoadedModel
 from grail_pipeline.inference.memory import Component, DeviceMemory
 from grail_pipeline.inference.model_runner import SlotRunner
+from grail_pipeline.inference.prompt_groups import PromptGroups
 from grail_pipeline.inference.scheduler import SlotScheduler
 from grail_pipeline.protocol.profile import PROFILE
 
@@ -72,7 +77,8 @@ class FastEngine(Engine):
 
     def __init__(self, loaded: LoadedModel, sampling: SamplingParams, slots: int, max_prompt_tokens: int = 512,
                  compile_step: bool | None = None, cuda_graphs: bool | None = None, lag: int = 3,
-                 switch_seconds: float = 2e-4, kv_cache_gb: float | None = None) -> None:
+                 switch_seconds: float = 2e-4, kv_cache_gb: float | None = None,
+                 shared_prompt_attention: bool = False) -> None:
         super().__init__()
         on_gpu = loaded.device.type == "cuda"
         self.sampling = sampling
@@ -84,8 +90,11 @@ class FastEngine(Engine):
         t0 = time.perf_counter()
         meter = DeviceMemory(loaded.device)
         with meter.phase("state") as state:
+            # the most pages a prompt fills whole: what a group's entry holds (decode_attention.SharedPrompts)
+            self.max_shared = PagePool.prompt_pages(max_prompt_tokens)[0] if shared_prompt_attention else 0
             self.runner = SlotRunner(loaded.model, sampling, slots, self.max_len, self.kv_pages,
-                                     compile_step=on_gpu if compile_step is None else compile_step)
+                                     compile_step=on_gpu if compile_step is None else compile_step,
+                                     shared_prompt_pages=self.max_shared)
         if cuda_graphs is None:
             cuda_graphs = on_gpu
         with meter.phase("graphs") as graphs:
@@ -131,6 +140,7 @@ class FastEngine(Engine):
     def _run(self, feed: RequestFeed, emit: Callable[[GroupResult], None]) -> None:
         scheduler = SlotScheduler(self.slots, self.sampling.max_new_tokens, self.sampling.eos_token_id)
         self._pages = PagePool(self.kv_pages, self.slots, pages_for(self.max_len))
+        self._groups = PromptGroups(self.slots, self.max_shared) if self.runner.shared is not None else None
         again: deque[GroupRequest] = deque()  # preempted groups' requests, oldest first: admitted before new ones
         waiting: GroupRequest | None = None
         feed_open = True
@@ -161,6 +171,8 @@ class FastEngine(Engine):
             if scheduler.busy:
                 self._grow(scheduler, step, again)
                 width = self._activate(scheduler, self._active[step % ring])
+                if self._groups is not None and self._groups.dirty:
+                    self.runner.set_shared_prompts(self._groups)
                 tokens = self.runner.step(width)
                 self._pinned[step % ring].copy_(tokens, non_blocking=True)
                 if self._events[step % ring] is not None:
@@ -200,6 +212,9 @@ class FastEngine(Engine):
         group = scheduler.admit(request, step)
         t0 = time.perf_counter()
         self.runner.set_pages(self._pages.admit(group.slots, len(request.prompt_ids)))
+        if self._groups is not None:  # the pages its prompt fills whole, which every slot's row begins with
+            shared = PagePool.prompt_pages(len(request.prompt_ids))[0]
+            self._groups.admit(group.slots, self._pages.table[group.slots[0], :shared].tolist())
         self.runner.admit(request.prompt_ids, group.slots, [t or 0 for t in request.targets])
         group.started = time.perf_counter()
         self.stats.prefill_seconds += group.started - t0
@@ -225,7 +240,9 @@ class FastEngine(Engine):
             self.stats.generated_tokens -= dropped
 
     def _free(self, slots: list[int]) -> None:
-        """Slots given back: their pages to the pool, the slots parked."""
+        """Slots given back: their pages to the pool (and their groups' shared reading), the slots parked."""
+        if self._groups is not None:
+            self._groups.release(slots)
         self.runner.set_pages(self._pages.release(slots))
         self.runner.release(slots)
 

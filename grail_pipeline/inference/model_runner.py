@@ -12,7 +12,8 @@ next of a few widths (`decode_widths`), each its own CUDA graph. A step's matrix
 rows cost, occupied or not, and a run's slots empty as it ends (a benchmark's tail, every window's drain
 before its cut): at 512 slots 36 % of the rows computed over a 96-problem W1 run were empty
 (bench/results/h200-2026-12-02/before/). Rows a free slot computes write only that slot's state, which its
-next prefill resets.
+next prefill resets. With shared prompt pages (`shared_prompt_pages`), the step also maps each slot to its row
+for the attention's shared-prompt kernel, whose group tables `set_shared_prompts` fills.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import torch.nn.functional as F
 
 from grail_pipeline.common.paths import cache_root
 from grail_pipeline.inference.cuda_graphs import CudaGraphs
-from grail_pipeline.inference.decode_attention import decode_attention
+from grail_pipeline.inference.decode_attention import SharedPrompts, decode_attention
 from grail_pipeline.inference.engine import SamplingParams
 from grail_pipeline.inference.kv_cache import KVCache
 from grail_pipeline.inference.kv_pages import PageChanges
 from grail_pipeline.inference.models import decoder, family_for
+from grail_pipeline.inference.prompt_groups import PromptGroups
 
 PREFILL_ALIGN = 64
 STEP = "step"  # the decode step's key among the runner's graphs is (STEP, width); a prefill's is (width, group)
@@ -54,7 +56,7 @@ class SlotRunner:
     device."""
 
     def __init__(self, model: torch.nn.Module, sampling: SamplingParams, slots: int, max_len: int, pages: int,
-                 compile_step: bool) -> None:
+                 compile_step: bool, shared_prompt_pages: int = 0) -> None:
         family_for(model.config)  # a model no family runs is refused here, before anything is allocated
         self.sampling = sampling
         self.slots = slots
@@ -76,14 +78,28 @@ class SlotRunner:
         self.widths = decode_widths(slots)
         # each width's static slot list (its graph reads it): slots 0..width-1 until `set_active` says otherwise
         self.active = {width: torch.arange(width, device=device) for width in self.widths}
+        self.shared = self._shared_prompts(shared_prompt_pages) if shared_prompt_pages else None
         self.graphs = CudaGraphs(device)
         self._prefill_inputs: dict[tuple[int, int], torch.Tensor] = {}  # each prefill graph's static input
         self._kernels_at = self._kernels(compile_step)
 
+    def _shared_prompts(self, max_shared: int) -> SharedPrompts:
+        """The device side of prompt_groups.py (its shapes) and each row's softmax state after the shared pages."""
+        groups = PromptGroups(self.slots, max_shared)
+        members, pages, count, start = (torch.from_numpy(a).to(self.device) for a in groups.snapshot())
+        heads = (self.slots, self.dims.heads)
+        return SharedPrompts(members, pages, count, start,
+                             row_of=torch.full((self.slots,), -1, dtype=torch.int32, device=self.device),
+                             acc=torch.zeros(*heads, self.dims.head_dim, dtype=torch.float32, device=self.device),
+                             m=torch.zeros(heads, dtype=torch.float32, device=self.device),
+                             l=torch.zeros(heads, dtype=torch.float32, device=self.device))
+
     def buffer_bytes(self) -> int:
-        """Bytes of the per-slot decode state besides the KV cache (the sampler's inputs and outputs)."""
+        """Bytes of the per-slot decode state besides the KV cache (the sampler's inputs and outputs, and the
+        shared-prompt attention's tables and softmax state where it runs)."""
+        shared = () if self.shared is None else tuple(vars(self.shared).values())
         return sum(t.nbytes for t in (self.tokens, self.positions, self.generated, self.targets,
-                                      self.seen, self.next_tokens, self.kv.table, *self.active.values()))
+                                      self.seen, self.next_tokens, self.kv.table, *self.active.values(), *shared))
 
     def step_logits_bytes(self) -> int:
         """The decode step's float32 logits [slots, vocab], the largest temporary of the head and sampler."""
@@ -149,6 +165,12 @@ class SlotRunner:
         if len(changes):
             packed = self._upload(torch.from_numpy(np.stack([changes.slots, changes.columns, changes.pages])))
             self.kv.set_pages(packed[0], packed[1], packed[2])
+
+    def set_shared_prompts(self, groups: PromptGroups) -> None:
+        """prompt_groups.py's arrays into the device tables, behind the work already queued (as `set_pages`)."""
+        for device, host in zip((self.shared.members, self.shared.pages, self.shared.count, self.shared.start),
+                                groups.snapshot(), strict=True):
+            device.copy_(self._upload(torch.from_numpy(host)), non_blocking=True)
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         """A host tensor on the device, copied behind the queued work (pinned: the host does not wait for it)."""
@@ -216,12 +238,15 @@ class SlotRunner:
         cos, sin = self.cos[positions], self.sin[positions]
         lengths = (positions + 1).to(torch.int32)
         rows = self.kv.rows(slots, positions)
+        if self.shared is not None:  # each slot's row in this step, for the shared-prompt kernel
+            self.shared.row_of.fill_(-1)
+            self.shared.row_of.index_put_((slots,), torch.arange(width, dtype=torch.int32, device=self.device))
         for i, layer in enumerate(w.layers):
             q, k, v = pre(x, layer.ln1, layer.qkv_w, layer.qkv_b, layer.q_norm, layer.k_norm, cos, sin, d.eps,
                           d.heads, d.kv_heads, d.head_dim)
             self.kv.write(i, rows, k, v)
             k_cache, v_cache = self.kv.layer(i)
-            attn = decode_attention(q, k_cache, v_cache, self.kv.table, lengths, slots)
+            attn = decode_attention(q, k_cache, v_cache, self.kv.table, lengths, slots, self.shared)
             x = post(attn, x, layer.o_w, layer.ln2, layer.gate_up_w, layer.down_w, d.eps)
         noise = torch.empty((width, s.top_k), dtype=torch.float32, device=self.device).exponential_()
         nxt = head(x, w.final_norm, w.head, self.seen[slots], self.generated[slots], self.targets[slots], noise,

@@ -46,6 +46,7 @@ class RunChoices:
     max_new_tokens: int
     max_prompt_tokens: int
     kv_cache_gb: float | str | None = None  # the fast engine's KV cache: GB, "auto" (its default), "full"; None for hf
+    shared_prompt_attention: bool = False  # the fast engine's decode reads a group's shared prompt pages once
 
 
 def resolve_engine(kind: str, device: torch.device, model: str) -> str:
@@ -89,9 +90,13 @@ def resolve_choices(args: argparse.Namespace, batch_sizes: list[int] | None = No
         check_kv_cache(args.model, device, engine_kind, kv_cache_gb, args.max_prompt_tokens, args.max_new_tokens)
     elif engine_kind == "fast":
         kv_cache_gb = KV_CACHE_AUTO  # the default: no preemption and no cost in speed on W1 or W2 (bench/NOTES.md v18)
+    shared_prompt_attention = getattr(args, "shared_prompt_attention", False)
+    if shared_prompt_attention and engine_kind != "fast":
+        raise UserError("--shared-prompt-attention is the fast engine's decode attention; the hf engine has none")
     return RunChoices(model=args.model, checkpoint=checkpoint_source(args.model), device=device,
                       engine_kind=engine_kind, lengths=lengths, max_new_tokens=args.max_new_tokens,
-                      max_prompt_tokens=args.max_prompt_tokens, kv_cache_gb=kv_cache_gb)
+                      max_prompt_tokens=args.max_prompt_tokens, kv_cache_gb=kv_cache_gb,
+                      shared_prompt_attention=shared_prompt_attention)
 
 
 def check_kv_cache(model: str, device: torch.device, engine_kind: str, kv_cache_gb: float | str, max_prompt_tokens: int,

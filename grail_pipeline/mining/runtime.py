@@ -43,6 +43,7 @@ class Runtime:
     lengths: LengthProfile
     max_prompt_tokens: int
     kv_cache_gb: float | str | None = None  # the fast engine's KV cache: GB, "auto", "full" or None (full)
+    shared_prompt_attention: bool = False  # the fast engine's decode reads a group's shared prompt pages once
     _signing_pools: dict[str, SigningPool] = field(default_factory=dict, init=False, repr=False)
     _provers: dict[str, Prover] = field(default_factory=dict, init=False, repr=False)
 
@@ -54,7 +55,7 @@ class Runtime:
         sampling = SamplingParams(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                   max_new_tokens=choices.max_new_tokens)
         return cls(loaded, tokenizer, choices.engine_kind, sampling, choices.lengths, choices.max_prompt_tokens,
-                   choices.kv_cache_gb)
+                   choices.kv_cache_gb, choices.shared_prompt_attention)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Runtime":
@@ -72,7 +73,8 @@ class Runtime:
         from grail_pipeline.inference.fast_engine import FastEngine
 
         return FastEngine(self.loaded, self.sampling, slots=batch_size, max_prompt_tokens=self.max_prompt_tokens,
-                          kv_cache_gb=self.kv_cache_gb_for(batch_size))
+                          kv_cache_gb=self.kv_cache_gb_for(batch_size),
+                          shared_prompt_attention=self.shared_prompt_attention)
 
     def kv_cache_gb_for(self, batch_size: int) -> float | None:
         """The fast engine's KV cache for `batch_size` slots: --kv-cache-gb as given, or `auto`'s from the workload

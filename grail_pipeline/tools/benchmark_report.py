@@ -62,7 +62,8 @@ def _config(args: argparse.Namespace, runtime: Runtime, spec: WindowSpec, sizes:
                 attention=runtime.loaded.attn_implementation, batch_sizes=sizes, num_problems=args.num_problems,
                 rollouts_per_problem=16, warmup_problems=args.warmup_problems, workers=args.workers,
                 seed=args.seed, max_new_tokens=args.max_new_tokens, max_prompt_tokens=runtime.max_prompt_tokens,
-                kv_cache_gb=runtime.kv_cache_gb, length_profile=runtime.lengths.spec,
+                kv_cache_gb=runtime.kv_cache_gb, shared_prompt_attention=runtime.shared_prompt_attention,
+                length_profile=runtime.lengths.spec,
                 window=spec.describe(), verify=args.verify)
 
 
