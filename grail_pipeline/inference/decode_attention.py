@@ -191,10 +191,13 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             HEAD_DIM=dim,
             num_warps=8,  # 64-128 rows x 128 of fp32 state (W2, W1): more threads to hold it
         )
-    state = shared if shared is not None else SharedPrompts(*(out,) * 8)  # not read without CARRY
+    if shared is not None:
+        start, acc, m, l_sum = shared.start, shared.acc, shared.m, shared.l
+    else:  # without CARRY the kernel reads no state: any tensors stand in for it
+        start, acc, m, l_sum = lengths, out, out, out
     _decode_attention_kernel[(rows, hkv)](
-        q, k_cache, v_cache, table, lengths, slot_index, state.start, state.acc, state.m, state.l, out,
-        *strides, table.stride(0), state.acc.stride(0), state.acc.stride(1), state.m.stride(0), out.stride(0),
+        q, k_cache, v_cache, table, lengths, slot_index, start, acc, m, l_sum, out,
+        *strides, table.stride(0), acc.stride(0), acc.stride(1), m.stride(0), out.stride(0),
         out.stride(1), sm_scale, v_scale,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), PAGE=page, HEAD_DIM=dim,
         CARRY=shared is not None,

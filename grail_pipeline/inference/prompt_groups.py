@@ -39,9 +39,6 @@ class PromptGroups:
         """A group just given its prompt's pages: an entry when two or more slots share at least one page."""
         if len(slots) < 2 or not shared_pages:
             return
-        if len(slots) > MEMBERS or len(shared_pages) > self.pages.shape[1]:
-            raise ValueError(f"a group of {len(slots)} slots sharing {len(shared_pages)} pages does not fit an entry "
-                             f"({MEMBERS} slots, {self.pages.shape[1]} pages)")
         entry = self.free.pop()
         self.members[entry, :len(slots)] = slots
         self.pages[entry, :len(shared_pages)] = shared_pages
@@ -71,6 +68,7 @@ class PromptGroups:
             self.dirty = True
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(members, pages, count, start) for the device, and clean until the next change."""
+        """(members, pages, count, start) for the device, and clean until the next change: the arrays themselves,
+        which the runner's upload copies before they change again."""
         self.dirty = False
-        return self.members.copy(), self.pages.copy(), self.count.copy(), self.start.copy()
+        return self.members, self.pages, self.count, self.start
