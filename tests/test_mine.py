@@ -362,13 +362,16 @@ def test_sigterm_at_random_moments_loses_nothing(tmp_path, wallet_env) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_leaves_no_incomplete_file_and_a_restart_cleans_up(tmp_path, wallet_env) -> None:
+def test_sigkill_leaves_no_incomplete_file_and_a_restart_cleans_up(tmp_path, wallet_env, group_seconds) -> None:
     rng = random.Random(STOP_SEED + 1)
     context = f"GRAIL_TEST_STOP_SEED={STOP_SEED}"
     out = tmp_path / "windows"
     log = tmp_path / "killed.log"
-    with running_daemon(out, wallet_env, log, "--run-seed", "11") as proc:
-        wait_for(log, SUNK.pattern, proc)
+    # windows sized from a group's measured time: beside two busy processes a group took 11-22 s, and the fixed
+    # 12-s windows sank none within the wait
+    block = block_time_for(group_seconds("hf"), groups=3)
+    with running_daemon(out, wallet_env, log, "--run-seed", "11", "--block-time", block) as proc:
+        wait_for(log, SUNK.pattern, proc, timeout=60 + 3 * 30 * float(block))
         time.sleep(rng.uniform(0.0, 5.0))
         signal_and_wait(proc, signal.SIGKILL)
     check_files_complete(out)  # whatever made it to a final name is whole
