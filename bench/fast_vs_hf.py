@@ -22,6 +22,7 @@ from grail_pipeline.cli.arguments import kv_cache_size
 from grail_pipeline.mining.runtime import Runtime
 from grail_pipeline.mining.workload import benchmark_window
 from grail_pipeline.protocol.wallet import load_signer
+from grail_pipeline.proving.prefix import PrefixProver
 from grail_pipeline.tools.benchmark_report import environment
 from grail_pipeline.tools.measurement import measure_batch_size
 from grail_pipeline.tools.projection import WindowSpec
@@ -45,6 +46,9 @@ def main() -> None:
     p.add_argument("--fast-attention", choices=("rows", "shared", "both"), default="rows",
                    help="the fast engine's decode attention: each row reads its pages (rows), a group's shared prompt "
                         "pages read once (shared: benchmark --shared-prompt-attention), or each size with both")
+    p.add_argument("--prover-ops", choices=("fused", "eager", "both"), default="fused",
+                   help="the prefix prover's element-wise ops: eager_fused's kernels (the default), PyTorch's eager "
+                        "ops, or each size with both")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -59,21 +63,28 @@ def main() -> None:
     ceilings = measured_ceilings(str(runtime.loaded.device))
     rows: dict[str, list[dict]] = {"fast": [], "hf": []}
     shared = {"rows": [False], "shared": [True], "both": [False, True]}[args.fast_attention]
-    plan = [("fast", args.fast_batch_sizes, args.fast_problems, args.fast_warmup, args.verify, shared),
-            ("hf", args.hf_batch_sizes, args.hf_problems, args.hf_warmup, args.hf_verify, [False])]
+    fused = {"fused": [True], "eager": [False], "both": [False, True]}[args.prover_ops]
+    plan = [("fast", args.fast_batch_sizes, args.fast_problems, args.fast_warmup, args.verify, shared, fused),
+            ("hf", args.hf_batch_sizes, args.hf_problems, args.hf_warmup, args.hf_verify, [False], [None])]
     try:
-        for engine, sizes, problems, warmup, verify, attention in plan:
+        for engine, sizes, problems, warmup, verify, attention, ops in plan:
             runtime.engine_kind = engine
-            for size, shared_attention in ((int(s), a) for s in sizes.split(",") if s for a in attention):
+            for size, shared_attention, fused_ops in ((int(s), a, f) for s in sizes.split(",") if s
+                                                      for a in attention for f in ops):
                 runtime.shared_prompt_attention = shared_attention
+                prover = runtime.prover()
+                if isinstance(prover, PrefixProver):
+                    prover.fused_elementwise = fused_ops
                 result = measure_batch_size(runtime, signer, size, problems, warmup, window, verify, progress=None)
                 row = dict(engine_kind=engine, shared_prompt_attention=runtime.shared_prompt_attention,
-                           **result.as_dict())
+                           fused_prover_ops=getattr(prover, "fused_elementwise", None), **result.as_dict())
                 if engine == "fast" and result.ok:
                     row["roofline"] = result_roofline(runtime, result)
                 rows[engine].append(row)
                 print(json.dumps(row, default=str), flush=True)
-                print(f"{engine} batch {size}{' shared' if runtime.shared_prompt_attention else ''}: {result.status} {result.rollouts_per_s:.2f} roll/s, "
+                variant = (" shared" if runtime.shared_prompt_attention else "") + {True: " fused", False: " eager"}.get(
+                    row["fused_prover_ops"], "")
+                print(f"{engine} batch {size}{variant}: {result.status} {result.rollouts_per_s:.2f} roll/s, "
                       f"{result.tokens_per_s:.0f} tok/s, peak {result.gpu_reserved_gb:.1f} GB reserved "
                       f"({result.gpu_process_gb} GB process), start-up {result.startup_seconds:.1f} s, "
                       f"stages {result.stage_seconds}, engine {result.engine}, verify {result.verify}", flush=True)

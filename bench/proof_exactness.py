@@ -59,12 +59,13 @@ def reference_hidden(model, jobs: list[ProofJob]) -> list[list[torch.Tensor]]:
 
 
 def compare(reference: list[list[torch.Tensor]], jobs: list[ProofJob], proofs) -> dict:
-    r = r_vec(jobs[0].randomness_hex).cuda()
+    device = reference[0][0].device
+    r = r_vec(jobs[0].randomness_hex).to(device)
     equal = passed = total = rollouts_exact = 0
     failures = []
     for g, (ref_group, group, job) in enumerate(zip(reference, proofs, jobs)):
         for i, (hidden, proof) in enumerate(zip(ref_group, group)):
-            own = sketch_at_indices(hidden, proof.indices.cuda(), r).cpu()
+            own = sketch_at_indices(hidden, proof.indices.to(device), r).cpu()
             dist = sketch_distance(own, proof.sketches)
             tol = torch.tensor([PROFILE.sketch_tolerance_at(p) for p in range(len(own))])
             equal += int((dist == 0).sum())

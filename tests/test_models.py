@@ -126,8 +126,10 @@ def test_row_functions_are_every_norm_and_product_the_prover_calls(each_family) 
     assert len(functions) == len(per_row) + 1
 
 
-def test_the_prover_rows_are_the_transformers_forward(each_family) -> None:
-    """`validator_rows` with causal attention gives transformers' last hidden state bit for bit, per family."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_prover_rows_are_the_transformers_forward(each_family, fused: bool) -> None:
+    """`validator_rows` with causal attention gives transformers' last hidden state bit for bit, per family (off
+    the GPU `fused` runs the same eager ops: tests/test_eager_fused.py)."""
     decoder = each_family.model.get_decoder()
     ids = torch.tensor([[5, 17, 3000, 42, 7, 151000, 9]])
     head_dim = decoder_module.Dims.of(each_family.model.config).head_dim
@@ -141,5 +143,6 @@ def test_the_prover_rows_are_the_transformers_forward(each_family) -> None:
 
     with torch.inference_mode():
         expected = decoder(input_ids=ids).last_hidden_state[0]
-        got = decoder_module.validator_rows(decoder, decoder.embed_tokens(ids[0]), cos, sin, head_dim, attend)
+        got = decoder_module.validator_rows(decoder, decoder.embed_tokens(ids[0]), cos, sin, head_dim, attend,
+                                            fused=fused)
     assert torch.equal(got, expected)

@@ -140,9 +140,11 @@ class PrefixProver(BatchedProver):
 
     def __init__(self, loaded: LoadedModel, max_length: int = 1536, max_rows: int = MAX_ROWS,
                  invariance: RowInvariance | None = None, workspace_bytes: int | None = None,
-                 **batched: int | float) -> None:
+                 fused_elementwise: bool = True, **batched: int | float) -> None:
         family_for(loaded.model.config)  # a model no family runs is refused before the measurement
         super().__init__(loaded, **batched)
+        # the layers' element-wise ops as eager_fused's kernels (the same bits in fewer passes; off: eager's ops)
+        self.fused_elementwise = fused_elementwise
         self.workspace_bytes = default_workspace_bytes(loaded) if workspace_bytes is None else workspace_bytes
         self.row_bytes = completion_row_bytes(loaded.model.config, loaded.dtype.itemsize)
         logit_bytes = logit_row_bytes(loaded.model.config.vocab_size, loaded.dtype.itemsize)
@@ -312,7 +314,8 @@ class PrefixProver(BatchedProver):
 
     def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """The decoder layers on rows [N, hidden] at `positions`, op for op, attention left to `attend`."""
-        return validator_rows(self.decoder, hidden, self.cos[positions], self.sin[positions], self.head_dim, attend)
+        return validator_rows(self.decoder, hidden, self.cos[positions], self.sin[positions], self.head_dim, attend,
+                              fused=self.fused_elementwise)
 
     def _embed(self, tokens: list[int], rows: int) -> torch.Tensor:
         """Token embeddings, then zero rows up to `rows` (padding that no real row attends to)."""

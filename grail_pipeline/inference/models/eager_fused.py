@@ -1,0 +1,144 @@
+"""The prover's element-wise ops, one Triton kernel each, rounding exactly as PyTorch's eager kernels do.
+
+Why: the prover spends a third of its device time in PyTorch's element-wise kernels (2.6 of 7.85 ms per W1
+rollout, H200, bench/results/h200-2026-12-02/after-1, prover_alone): RMSNorm makes six passes over float32
+copies, the rotary embedding five (a `cat`, and broadcast products that run PyTorch's unvectorised kernel),
+SiLU then the product with `up` two. Here each is one pass (RMSNorm two, around torch's own mean).
+
+Why the bits are the validator's: each kernel computes, per element, the float32 operations of the eager
+chain in the same order, and rounds to the storage dtype exactly where an eager op writes a tensor (the
+product of two bf16 values is exact in float32, so those rounding points are the only ones there are). The
+intrinsics are the ones PyTorch's CUDA kernels use: `expf` (libdevice's `exp`; PyTorch is built without fast
+math) and IEEE division (`div_rn`, not Triton's default approximate one); a rounding between every product
+and sum keeps the compiler from contracting them into an FMA. Reductions are not fused: RMSNorm's mean stays
+torch's own kernel over the same float32 squares in the same shape, because its summation order is that
+kernel's. `bench/eager_fused_probe.py` compares every kernel with the eager chain bit for bit on the GPU, and
+the prover's proofs are checked against the validator's forward in a fresh process (`fast_vs_hf.py`).
+
+Only where that reasoning holds: CUDA tensors in bf16 or fp16 (in float32 the compiler may fuse a product into
+a sum), weights and tables in the activations' dtype, and the RMSNorm classes whose forward is the chain
+written here (Qwen2, Qwen3, Llama, Mistral). Anything else runs the eager ops; so does the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # CPU-only installs
+    triton = None
+
+# the RMSNorm classes whose forward is: float32, pow(2).mean(-1), * rsqrt(+ eps), to the input dtype, weight *
+RMS_NORMS = ("Qwen2RMSNorm", "Qwen3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm")
+HALF_TYPES = (torch.bfloat16, torch.float16)
+_BLOCK = 1024  # elements per program of the flat kernels
+
+
+def fusable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels give eager's bits for these tensors: on a GPU, one 16-bit dtype, contiguous."""
+    first = tensors[0]
+    return (triton is not None and first.is_cuda and first.dtype in HALF_TYPES
+            and all(t.dtype == first.dtype and t.is_contiguous() for t in tensors))
+
+
+if triton is not None:
+    @triton.jit
+    def _squares_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)  # hidden_states.to(torch.float32)
+        tl.store(out_ptr + offsets, x * x, mask=mask)  # .pow(2): PyTorch's kernel multiplies for exponent 2
+
+    @triton.jit
+    def _norm_scale_kernel(x_ptr, r_ptr, w_ptr, out_ptr, rows, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+        row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        col = tl.arange(0, BLOCK_D)[None, :]
+        mask = (row < rows) & (col < D)
+        x = tl.load(x_ptr + row * D + col, mask=mask).to(tl.float32)
+        r = tl.load(r_ptr + row, mask=row < rows)
+        scaled = (x * r).to(out_ptr.dtype.element_ty)  # hidden_states * rsqrt(...), then .to(input_dtype)
+        w = tl.load(w_ptr + col, mask=col < D).to(tl.float32)
+        tl.store(out_ptr + row * D + col, (w * scaled.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        # x [N, heads, 2 * HALF], cos/sin [N, 2 * HALF]: x * cos + cat(-x2, x1) * sin, rounded as eager's ops
+        n = tl.program_id(0)
+        head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+        j = tl.arange(0, HALF)[None, :]
+        mask = (head < heads) & (j < HALF)
+        base = n * heads * 2 * HALF + head * 2 * HALF
+        x1 = tl.load(x_ptr + base + j, mask=mask).to(tl.float32)
+        x2 = tl.load(x_ptr + base + HALF + j, mask=mask).to(tl.float32)
+        cos1 = tl.load(cos_ptr + n * 2 * HALF + j).to(tl.float32)
+        cos2 = tl.load(cos_ptr + n * 2 * HALF + HALF + j).to(tl.float32)
+        sin1 = tl.load(sin_ptr + n * 2 * HALF + j).to(tl.float32)
+        sin2 = tl.load(sin_ptr + n * 2 * HALF + HALF + j).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        first = (x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32)
+        second = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
+        tl.store(out_ptr + base + j, first.to(dtype), mask=mask)
+        tl.store(out_ptr + base + HALF + j, second.to(dtype), mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        gate = tl.load(gate_ptr + offsets, mask=mask).to(tl.float32)
+        up = tl.load(up_ptr + offsets, mask=mask).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        silu = libdevice.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(dtype)  # PyTorch's silu: x / (1 + exp(-x))
+        tl.store(out_ptr + offsets, (silu.to(tl.float32) * up).to(dtype), mask=mask)
+
+
+def rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` for the families' RMSNorm over the last dimension, in two passes and torch's mean."""
+    weight = module.weight
+    if type(module).__name__ not in RMS_NORMS or not fusable(x, weight) or weight.shape != x.shape[-1:]:
+        return module(x)
+    squares = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    _squares_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, squares, x.numel(), BLOCK=_BLOCK)
+    scale = torch.rsqrt(squares.mean(-1, keepdim=True) + module.variance_epsilon)  # eager's own two ops
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    block_d = triton.next_power_of_2(dim)
+    block_r = max(1, 4096 // block_d)
+    _norm_scale_kernel[(triton.cdiv(rows, block_r),)](x, scale, weight, out, rows, D=dim, BLOCK_R=block_r,
+                                                       BLOCK_D=block_d)
+    return out
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `apply_rotary_pos_emb(q, k, cos, sin)` for q, k [N, heads, D] and cos, sin [N, D]."""
+    if not fusable(q, k, cos, sin):
+        return apply_rotary_pos_emb(q, k, cos, sin)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rows, heads, dim = x.shape
+    out = torch.empty_like(x)
+    block_h = min(triton.next_power_of_2(heads), 16)
+    _rotary_kernel[(rows, triton.cdiv(heads, block_h))](x, cos, sin, out, heads, HALF=dim // 2, BLOCK_H=block_h)
+    return out
+
+
+def silu_mul(act_fn: torch.nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`act_fn(gate) * up` for the families' SiLU, in one pass."""
+    if not _is_silu(act_fn) or not fusable(gate, up) or gate.shape != up.shape:
+        return act_fn(gate) * up
+    out = torch.empty_like(gate)
+    _silu_mul_kernel[(triton.cdiv(gate.numel(), _BLOCK),)](gate, up, out, gate.numel(), BLOCK=_BLOCK)
+    return out
+
+
+def _is_silu(act_fn) -> bool:
+    """transformers' "silu" activation (its SiLUActivation module calls F.silu alone), or torch's SiLU module."""
+    return isinstance(act_fn, torch.nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"

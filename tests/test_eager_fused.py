@@ -1,0 +1,113 @@
+"""`eager_fused`'s kernels against the eager ops they stand in for.
+
+On the GPU they must give eager's bits: `bench/eager_fused_probe.py` checks that there (SiLU·up over its whole
+bf16 domain) and the prover's proofs against the validator's forward. Here Triton's interpreter runs them
+(TRITON_INTERPRET=1, in a process of its own since the variable is read when a kernel is defined), in float16:
+the interpreter rounds float32 to bfloat16 by truncation where the GPU rounds to nearest, while its float16
+rounding is the GPU's; and it has no libdevice, so SiLU runs on numpy's exp and division, which may differ from
+torch's CPU exp in the last bit. So: the norms and the rotary embedding bit for bit, SiLU·up within one float16
+step on few elements, and every family's prover rows with the kernels close to transformers' own forward.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers.activations import ACT2FN
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+
+from grail_pipeline.inference.models import eager_fused
+
+INTERPRETED = textwrap.dedent("""
+    import types
+    import torch
+    import torch.nn.functional as F
+    import triton.language as tl
+    from transformers.activations import ACT2FN
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    from grail_pipeline.inference.loading import load_model
+    from grail_pipeline.inference.models import decoder as decoder_module
+    from grail_pipeline.inference.models import eager_fused as ef
+
+    # the kernels on CPU tensors (the interpreter's device), float16; numpy's exp and division for libdevice's
+    ef.fusable = lambda *t: t[0].dtype in ef.HALF_TYPES and all(x.dtype == t[0].dtype and x.is_contiguous() for x in t)
+    ef.libdevice = types.SimpleNamespace(exp=lambda x: tl.exp(x), div_rn=lambda a, b: a / b)
+    half = torch.float16
+    g = torch.Generator().manual_seed(0)
+
+    for module, shape in ((Qwen2RMSNorm(2048, eps=1e-6), (37, 2048)), (Qwen3RMSNorm(128, eps=1e-6), (37, 12, 128))):
+        module = module.to(half)
+        with torch.no_grad():
+            module.weight.copy_(torch.randn(module.weight.shape, generator=g) * 0.5 + 1)
+        for scale in (1e-2, 1.0, 30.0):
+            x = (torch.randn(shape, generator=g) * scale).to(half)
+            assert torch.equal(ef.rms_norm(module, x), module(x)), (type(module).__name__, scale)
+
+    angles = torch.rand(37, 64, generator=g) * 300
+    cos = torch.cat((angles.cos(), angles.cos()), -1).to(half)
+    sin = torch.cat((angles.sin(), angles.sin()), -1).to(half)
+    for heads, kv_heads in ((16, 2), (12, 3), (40, 8)):  # block of 16 heads: a partial block, two blocks
+        q = torch.randn(37, heads, 128, generator=g).to(half)
+        k = torch.randn(37, kv_heads, 128, generator=g).to(half)
+        got, expected = ef.rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), heads
+
+    act = ACT2FN["silu"]
+    gate = (torch.randn(37, 1000, generator=g) * 4).to(half)  # not a multiple of the kernel's block
+    up = torch.randn(37, 1000, generator=g).to(half)
+    got, expected = ef.silu_mul(act, gate, up), act(gate) * up
+    differ = got != expected
+    assert differ.float().mean() < 0.01, differ.sum()
+    steps = (got.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
+    assert int(steps.max()) <= 1, int(steps.max())
+
+    for name in ("tiny", "tiny-qwen3", "tiny-llama"):
+        loaded = load_model(f"dummy:{name}", device="cpu")
+        decoder = loaded.model.get_decoder().to(half)
+        ids = torch.tensor([[5, 17, 3000, 42, 7, 151000, 9, 11, 12]])
+        head_dim = decoder_module.Dims.of(loaded.model.config).head_dim
+        cos, sin = decoder_module.rotary_tables(decoder, ids.shape[1], half, torch.device("cpu"))
+
+        def attend(layer, q, k, v):
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                 v.transpose(0, 1)[None], is_causal=True, scale=head_dim ** -0.5,
+                                                 enable_gqa=True)
+            return out[0].transpose(0, 1)
+
+        with torch.inference_mode():
+            embedded = decoder.embed_tokens(ids[0])
+            eager = decoder_module.validator_rows(decoder, embedded, cos, sin, head_dim, attend)
+            fused = decoder_module.validator_rows(decoder, embedded, cos, sin, head_dim, attend, fused=True)
+        torch.testing.assert_close(fused, eager, atol=2e-2, rtol=2e-2)
+    print("kernels = eager ops")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_kernels_round_as_the_eager_ops_in_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "kernels = eager ops" in done.stdout, done.stderr[-3000:]
+
+
+def test_off_the_gpu_the_fused_ops_are_the_eager_ops() -> None:
+    """On the CPU (and for float32 anywhere) nothing is fused: the same calls, the same bits."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 2048, generator=g).bfloat16()
+    norm = Qwen2RMSNorm(2048).bfloat16()
+    q, k = torch.randn(5, 4, 64, generator=g).bfloat16(), torch.randn(5, 2, 64, generator=g).bfloat16()
+    cos, sin = torch.randn(5, 64, generator=g).bfloat16(), torch.randn(5, 64, generator=g).bfloat16()
+    gate, up = torch.randn(5, 300, generator=g).bfloat16(), torch.randn(5, 300, generator=g).bfloat16()
+    act = ACT2FN["silu"]
+    assert not eager_fused.fusable(x, norm.weight)
+    assert torch.equal(eager_fused.rms_norm(norm, x), norm(x))
+    assert all(torch.equal(a, b) for a, b in zip(eager_fused.rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)))
+    assert torch.equal(eager_fused.silu_mul(act, gate, up), act(gate) * up)
+
