@@ -1,13 +1,12 @@
 """Do `eager_fused`'s kernels give PyTorch eager's bits, and what do they save? (GPU; the prover's element-wise ops)
 
-Per kernel, against the eager ops transformers runs (bits compared, no tolerance):
-- SiLU·up over every bf16 value of `gate` (all 65,280 finite ones, each with several `up` values): the one place
-  with intrinsics (expf, an IEEE division), so it is checked over its whole domain;
-- RMSNorm on W1's hidden rows and on Qwen3's per-head q/k rows, at several scales;
-- the rotary embedding with the model's own cos/sin tables over positions 0..N-1.
-Then each op's device time at W1's shapes (N rows), eager against fused, and the prefix prover on W1-shaped
-groups with the kernels and without: proofs compared bit for bit, and the fused prover's sketches against the
-validator's own forward (proof_exactness.py's comparison), with milliseconds per rollout for both.
+Per kernel, against the eager ops transformers runs (bits compared, no tolerance): RMSNorm on W1's hidden rows
+and on Qwen3's per-head q/k rows at several scales; the rotary embedding with the model's own cos/sin tables
+over positions 0..N-1. Then each op's device time at W1's shapes (N rows), eager against fused, and the prefix
+prover on W1-shaped groups with the kernels and without: proofs compared bit for bit, and the fused prover's
+sketches against the validator's own forward (proof_exactness.py's comparison), with milliseconds per rollout
+for both. Last, a candidate SiLU kernel (not in eager_fused: it did not give torch's bits) over every finite
+bf16 input, with a sample of the inputs where it differs. The JSON is rewritten after each part.
 
     python bench/eager_fused_probe.py --rows 8192 --groups 8
 """
@@ -20,10 +19,13 @@ import os
 import time
 
 import torch
+import triton
+import triton.language as tl
 from proof_exactness import compare, jobs_for, reference_hidden
 from transformers.activations import ACT2FN
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+from triton.language.extra import libdevice
 
 from grail_pipeline.inference.loading import load_model
 from grail_pipeline.inference.models import eager_fused
@@ -56,16 +58,30 @@ def device_ms(fn, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+if triton is not None:
+    @triton.jit
+    def _silu_kernel(gate_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        """A candidate SiLU for eager_fused: PyTorch's x / (1 + expf(-x)) on libdevice's exp and IEEE division."""
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        gate = tl.load(gate_ptr + offsets, mask=mask).to(tl.float32)
+        silu = libdevice.div_rn(gate, libdevice.add_rn(1.0, libdevice.exp(-gate)))
+        tl.store(out_ptr + offsets, silu.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def silu_domain() -> dict:
+    """The candidate SiLU kernel against torch's silu over every finite bf16 input; the inputs that differ."""
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(DEVICE)
-    gate = every[torch.isfinite(every.float())]
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    gate = gate.repeat(4)
-    up = (torch.randn(gate.shape, device=DEVICE, generator=g) * 4).bfloat16()
-    act = ACT2FN["silu"]
-    return dict(values=len(gate) // 4, elements=len(gate),
-                differing=differing(eager_fused.silu_mul(act, gate, up), act(gate) * up),
-                silu_alone_differing=differing(eager_fused.silu_mul(act, gate, torch.ones_like(gate)), act(gate)))
+    gate = every[torch.isfinite(every.float())].contiguous()
+    got = torch.empty_like(gate)
+    _silu_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, got, gate.numel(), BLOCK=1024)
+    expected = ACT2FN["silu"](gate)
+    bad = (got.view(torch.int16) != expected.view(torch.int16)).nonzero().flatten()
+    sample = bad[torch.linspace(0, len(bad) - 1, min(len(bad), 60)).long()] if len(bad) else bad
+    return dict(values=len(gate), differing=len(bad),
+                differing_inputs=[float(v) for v in gate[sample].float().cpu()],
+                kernel_outputs=[float(v) for v in got[sample].float().cpu()],
+                torch_outputs=[float(v) for v in expected[sample].float().cpu()])
 
 
 def norms(rows: int) -> dict:
@@ -104,20 +120,18 @@ def timings(decoder, rows: int) -> dict:
     layer = decoder.layers[0]
     dims = Dims.of(decoder.config)
     x = torch.randn(rows, decoder.config.hidden_size, device=DEVICE).bfloat16()
-    gate, up = (torch.randn(rows, decoder.config.intermediate_size, device=DEVICE).bfloat16() for _ in range(2))
     q = torch.randn(rows, dims.heads, dims.head_dim, device=DEVICE).bfloat16()
     k = torch.randn(rows, dims.kv_heads, dims.head_dim, device=DEVICE).bfloat16()
     cos, sin = rotary_tables(decoder, rows, torch.bfloat16, torch.device(DEVICE))
-    act, norm = layer.mlp.act_fn, layer.input_layernorm
+    norm = layer.input_layernorm
     pairs = dict(rms_norm=(lambda: norm(x), lambda: eager_fused.rms_norm(norm, x)),
-                 rotary=(lambda: apply_rotary_pos_emb(q, k, cos, sin), lambda: eager_fused.rotary(q, k, cos, sin)),
-                 silu_mul=(lambda: act(gate) * up, lambda: eager_fused.silu_mul(act, gate, up)))
+                 rotary=(lambda: apply_rotary_pos_emb(q, k, cos, sin), lambda: eager_fused.rotary(q, k, cos, sin)))
     out = {}
     for name, (eager, fused) in pairs.items():
         e, f = device_ms(eager), device_ms(fused)
         out[name] = dict(eager_ms=round(e, 4), fused_ms=round(f, 4), saved_ms=round(e - f, 4))
-    # per layer the prover runs two norms, one rotary and one SiLU·up; the final norm once
-    per_layer = 2 * out["rms_norm"]["saved_ms"] + out["rotary"]["saved_ms"] + out["silu_mul"]["saved_ms"]
+    # per layer the prover runs two norms and one rotary embedding; the final norm once
+    per_layer = 2 * out["rms_norm"]["saved_ms"] + out["rotary"]["saved_ms"]
     out["saved_ms_per_row_all_layers"] = per_layer * len(decoder.layers) / rows
     return out
 
@@ -158,26 +172,25 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     report: dict = dict(kind="grail-pipeline-eager-fused-probe", created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         gpu=gpu, torch=torch.__version__, rows=args.rows)
-    report["silu_mul"] = silu_domain()
-    print("silu_mul", report["silu_mul"], flush=True)
-    report["rms_norm"] = norms(args.rows)
-    print("rms_norm", report["rms_norm"], flush=True)
+    path = os.path.join(args.out, "eager_fused_probe.json")
+
+    def save(key: str, value) -> None:  # after each part: a run cut short still leaves what it measured
+        report[key] = value
+        print(key, json.dumps(value), flush=True)
+        with open(path, "w") as fh:
+            json.dump(report, fh, indent=1)
+
+    save("rms_norm", norms(args.rows))
     for model in args.models.split(","):
         loaded = load_model(model, DEVICE)
         decoder = loaded.model.get_decoder()
-        entry = dict(rotary=rotary(decoder, args.rows, loaded.dtype))
-        print(model, "rotary", entry["rotary"], flush=True)
-        entry["timings"] = timings(decoder, args.rows)
-        print(model, "timings", entry["timings"], flush=True)
-        entry["provers"] = provers(loaded, args.groups)
-        print(model, "provers", json.dumps(entry["provers"]), flush=True)
-        report[model] = entry
+        save(f"{model} rotary", rotary(decoder, args.rows, loaded.dtype))
+        save(f"{model} timings", timings(decoder, args.rows))
+        save(f"{model} provers", provers(loaded, args.groups))
         del loaded, decoder
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    path = os.path.join(args.out, "eager_fused_probe.json")
-    with open(path, "w") as fh:
-        json.dump(report, fh, indent=1)
+    save("silu_candidate", silu_domain())
     print("wrote", path)
 
 

@@ -1,23 +1,26 @@
-"""The prover's element-wise ops, one Triton kernel each, rounding exactly as PyTorch's eager kernels do.
+"""The prover's RMSNorm and rotary embedding as Triton kernels that round exactly as PyTorch's eager ops do.
 
 Why: the prover spends a third of its device time in PyTorch's element-wise kernels (2.6 of 7.85 ms per W1
 rollout, H200, bench/results/h200-2026-12-02/after-1, prover_alone): RMSNorm makes six passes over float32
-copies, the rotary embedding five (a `cat`, and broadcast products that run PyTorch's unvectorised kernel),
-SiLU then the product with `up` two. Here each is one pass (RMSNorm two, around torch's own mean).
+copies, the rotary embedding five (a `cat`, and broadcast products that run PyTorch's unvectorised kernel).
+Here RMSNorm is two passes around torch's own mean and the rotary embedding one (at 8,192 W1 rows on an H200:
+0.240 -> 0.092 ms and 0.247 -> 0.044 ms, bench/results/h200-2026-12-03/fused/).
 
-Why the bits are the validator's: each kernel computes, per element, the float32 operations of the eager
-chain in the same order, and rounds to the storage dtype exactly where an eager op writes a tensor (the
-product of two bf16 values is exact in float32, so those rounding points are the only ones there are). The
-intrinsics are the ones PyTorch's CUDA kernels use: `expf` (libdevice's `exp`; PyTorch is built without fast
-math) and IEEE division (`div_rn`, not Triton's default approximate one); a rounding between every product
-and sum keeps the compiler from contracting them into an FMA. Reductions are not fused: RMSNorm's mean stays
-torch's own kernel over the same float32 squares in the same shape, because its summation order is that
-kernel's. `bench/eager_fused_probe.py` compares every kernel with the eager chain bit for bit on the GPU, and
-the prover's proofs are checked against the validator's forward in a fresh process (`fast_vs_hf.py`).
+Why the bits are the validator's: each kernel computes, per element, the float32 operations of the eager chain
+in the same order, and rounds to the storage dtype exactly where an eager op writes a tensor (the product of two
+bf16 values is exact in float32, so those rounding points are the only ones there are). Products and sums that
+a rounding separates are written as `mul_rn`/`add_rn`: with plain `*` and `+` the compiler shrank them to bf16
+and contracted them into one FMA, and 19 % of the rotary outputs differed on an H200. Reductions are not fused:
+RMSNorm's mean stays torch's own kernel over the same float32 squares in the same shape, because its summation
+order is that kernel's. `bench/eager_fused_probe.py` compares each kernel with the eager ops bit for bit on the
+GPU, and the prover's proofs with and without them.
 
-Only where that reasoning holds: CUDA tensors in bf16 or fp16 (in float32 the compiler may fuse a product into
-a sum), weights and tables in the activations' dtype, and the RMSNorm classes whose forward is the chain
-written here (Qwen2, Qwen3, Llama, Mistral). Anything else runs the eager ops; so does the CPU.
+SiLU·up is not here: a kernel on libdevice's `exp` and `div_rn` gave other bits than PyTorch's silu for 2,032 of
+the 65,280 finite bf16 inputs (H200, 2026-12-03; the probe keeps that kernel and lists the inputs).
+
+Only where that reasoning holds: CUDA tensors in bf16 or fp16, weights and tables in the activations' dtype, and
+the RMSNorm classes whose forward is the chain written here (Qwen2, Qwen3, Llama, Mistral). Anything else runs
+the eager ops; so does the CPU.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ except ImportError:  # CPU-only installs
 # the RMSNorm classes whose forward is: float32, pow(2).mean(-1), * rsqrt(+ eps), to the input dtype, weight *
 RMS_NORMS = ("Qwen2RMSNorm", "Qwen3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm")
 HALF_TYPES = (torch.bfloat16, torch.float16)
-_BLOCK = 1024  # elements per program of the flat kernels
+_BLOCK = 1024  # elements per program of the squares kernel
 
 
 def fusable(*tensors: torch.Tensor) -> bool:
@@ -80,20 +83,14 @@ if triton is not None:
         sin1 = tl.load(sin_ptr + n * 2 * HALF + j).to(tl.float32)
         sin2 = tl.load(sin_ptr + n * 2 * HALF + HALF + j).to(tl.float32)
         dtype = out_ptr.dtype.element_ty
-        first = (x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32)
-        second = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
+        # mul_rn/add_rn: with plain * and +, the compiler shrank each product and the sum to bf16 and contracted
+        # them into an FMA, one rounding fewer than eager's (19 % of elements differed on an H200, 2026-12-03)
+        first = libdevice.add_rn(libdevice.mul_rn(x1, cos1).to(dtype).to(tl.float32),
+                                 libdevice.mul_rn(-x2, sin1).to(dtype).to(tl.float32))
+        second = libdevice.add_rn(libdevice.mul_rn(x2, cos2).to(dtype).to(tl.float32),
+                                  libdevice.mul_rn(x1, sin2).to(dtype).to(tl.float32))
         tl.store(out_ptr + base + j, first.to(dtype), mask=mask)
         tl.store(out_ptr + base + HALF + j, second.to(dtype), mask=mask)
-
-    @triton.jit
-    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n
-        gate = tl.load(gate_ptr + offsets, mask=mask).to(tl.float32)
-        up = tl.load(up_ptr + offsets, mask=mask).to(tl.float32)
-        dtype = out_ptr.dtype.element_ty
-        silu = libdevice.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(dtype)  # PyTorch's silu: x / (1 + exp(-x))
-        tl.store(out_ptr + offsets, (silu.to(tl.float32) * up).to(dtype), mask=mask)
 
 
 def rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -128,17 +125,3 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     block_h = min(triton.next_power_of_2(heads), 16)
     _rotary_kernel[(rows, triton.cdiv(heads, block_h))](x, cos, sin, out, heads, HALF=dim // 2, BLOCK_H=block_h)
     return out
-
-
-def silu_mul(act_fn: torch.nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """`act_fn(gate) * up` for the families' SiLU, in one pass."""
-    if not _is_silu(act_fn) or not fusable(gate, up) or gate.shape != up.shape:
-        return act_fn(gate) * up
-    out = torch.empty_like(gate)
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), _BLOCK),)](gate, up, out, gate.numel(), BLOCK=_BLOCK)
-    return out
-
-
-def _is_silu(act_fn) -> bool:
-    """transformers' "silu" activation (its SiLUActivation module calls F.silu alone), or torch's SiLU module."""
-    return isinstance(act_fn, torch.nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
