@@ -138,7 +138,7 @@ def timings(decoder, rows: int) -> dict:
 
 def provers(loaded, groups: int) -> dict:
     jobs = jobs_for(groups, seed=11)
-    fused = PrefixProver(loaded, max_length=384 + 1024)
+    fused = PrefixProver(loaded, max_length=384 + 1024, fused_elementwise=True)
     eager = PrefixProver(loaded, max_length=384 + 1024, invariance=fused.invariance, fused_elementwise=False)
     out: dict = {}
     proofs = {}

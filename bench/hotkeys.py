@@ -38,8 +38,12 @@ def verify(path: Path, status: Path, env: dict[str, str], args: argparse.Namespa
     command = [sys.executable, "-m", "grail_pipeline", "verify", str(path), "--json", "--device", args.device,
                "--status", str(status), "--proof-sample", str(args.proof_sample)]
     t0 = time.perf_counter()
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.verify_timeout)
-    report = json.loads(run.stdout) if run.stdout.strip() else {"error": run.stderr[-2000:]}
+    try:
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.verify_timeout)
+    except subprocess.TimeoutExpired:  # a verdict of its own: the mining figures are kept (2026-12-03 lost them)
+        report = {"error": f"verify did not finish within --verify-timeout {args.verify_timeout:g} s"}
+    else:
+        report = json.loads(run.stdout) if run.stdout.strip() else {"error": run.stderr[-2000:]}
     return dict(verify_seconds=round(time.perf_counter() - t0, 1), verdicts=report.get("verdicts"),
                 verify_passed=report.get("passed"), random_weights=report.get("random_weights"),
                 verify_error=report.get("error"))
@@ -92,7 +96,9 @@ def main() -> None:
             status = json.loads(path.read_text())
             for key, record in sorted(status["windows"].items(), key=lambda kv: int(kv[0])):
                 jobs.append((hotkey, path, status, int(key), record))
-        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+        # one window's files at a time: four checks at once on one H200 (two windows of two hotkeys) each took
+        # longer than 100 s, where two at once had taken less (bench/results/h200-2026-12-03/)
+        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), args.hotkeys))) as pool:
             checks = list(pool.map(lambda job: verify(Path(job[4]["file"]), job[1], env, args), jobs))
         target = None
         files = []

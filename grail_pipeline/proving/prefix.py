@@ -140,10 +140,11 @@ class PrefixProver(BatchedProver):
 
     def __init__(self, loaded: LoadedModel, max_length: int = 1536, max_rows: int = MAX_ROWS,
                  invariance: RowInvariance | None = None, workspace_bytes: int | None = None,
-                 fused_elementwise: bool = True, **batched: int | float) -> None:
+                 fused_elementwise: bool = False, **batched: int | float) -> None:
         family_for(loaded.model.config)  # a model no family runs is refused before the measurement
         super().__init__(loaded, **batched)
-        # the layers' element-wise ops as eager_fused's kernels (the same bits in fewer passes; off: eager's ops)
+        # the norms and rotary embedding as eager_fused's kernels: off until bench/eager_fused_probe.py and fast_vs_hf.py
+        # --prover-ops both show the bits equal on a GPU (the first version's were not, 2026-12-03; fixed, not re-run)
         self.fused_elementwise = fused_elementwise
         self.workspace_bytes = default_workspace_bytes(loaded) if workspace_bytes is None else workspace_bytes
         self.row_bytes = completion_row_bytes(loaded.model.config, loaded.dtype.itemsize)

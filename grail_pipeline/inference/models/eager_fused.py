@@ -13,7 +13,8 @@ a rounding separates are written as `mul_rn`/`add_rn`: with plain `*` and `+` th
 and contracted them into one FMA, and 19 % of the rotary outputs differed on an H200. Reductions are not fused:
 RMSNorm's mean stays torch's own kernel over the same float32 squares in the same shape, because its summation
 order is that kernel's. `bench/eager_fused_probe.py` compares each kernel with the eager ops bit for bit on the
-GPU, and the prover's proofs with and without them.
+GPU, and the prover's proofs with and without them. The prefix prover runs them only when asked
+(`fused_elementwise`): the mul_rn/add_rn version has not yet run on a GPU.
 
 SiLU·up is not here: a kernel on libdevice's `exp` and `div_rn` gave other bits than PyTorch's silu for 2,032 of
 the 65,280 finite bf16 inputs (H200, 2026-12-03; the probe keeps that kernel and lists the inputs).
