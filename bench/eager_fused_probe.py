@@ -61,7 +61,8 @@ def device_ms(fn, reps: int = 20) -> float:
 if triton is not None:
     @triton.jit
     def _silu_kernel(gate_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        """A candidate SiLU for eager_fused: PyTorch's x / (1 + expf(-x)) on libdevice's exp and IEEE division."""
+        """A candidate SiLU for eager_fused: PyTorch's x / (1 + expf(-x)) on libdevice's exp and IEEE division
+        (under Triton's defaults, libdevice flushing subnormals, 2,032 of 65,280 bf16 inputs differed)."""
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         gate = tl.load(gate_ptr + offsets, mask=mask).to(tl.float32)
@@ -74,7 +75,7 @@ def silu_domain() -> dict:
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(DEVICE)
     gate = every[torch.isfinite(every.float())].contiguous()
     got = torch.empty_like(gate)
-    _silu_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, got, gate.numel(), BLOCK=1024)
+    _silu_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, got, gate.numel(), BLOCK=1024, **eager_fused.EXACT)
     expected = ACT2FN["silu"](gate)
     bad = (got.view(torch.int16) != expected.view(torch.int16)).nonzero().flatten()
     sample = bad[torch.linspace(0, len(bad) - 1, min(len(bad), 60)).long()] if len(bad) else bad

@@ -2,10 +2,10 @@
 
 On the GPU they must give eager's bits: `bench/eager_fused_probe.py` checks that there, and the prover's proofs
 with and without them. Here Triton's interpreter runs them (TRITON_INTERPRET=1, in a process of its own since
-the variable is read when a kernel is defined), in float16: the interpreter rounds float32 to bfloat16 by
-truncation where the GPU rounds to nearest, while its float16 rounding is the GPU's; libdevice's mul_rn/add_rn
-are plain numpy products and sums there. So: the norms and the rotary embedding bit for bit, and every family's
-prover rows with the kernels equal to transformers' own forward.
+the variable is read when a kernel is defined), with numpy's product and sum for libdevice's mul_rn/add_rn, in
+bf16 and fp16 (the interpreter's own float32 -> bf16 conversion truncates, but the kernels round to bf16 on the
+bits before they store, so what they store is exact): the norms and the rotary embedding bit for bit against
+the CPU's eager ops, and every family's prover rows with the kernels equal to those without.
 """
 
 from __future__ import annotations
@@ -32,47 +32,46 @@ INTERPRETED = textwrap.dedent("""
     from grail_pipeline.inference.models import decoder as decoder_module
     from grail_pipeline.inference.models import eager_fused as ef
 
-    # the kernels on CPU tensors (the interpreter's device), float16; numpy's product and sum for libdevice's
+    # the kernels on CPU tensors (the interpreter's device); numpy's product and sum for libdevice's
     ef.fusable = lambda *t: t[0].dtype in ef.HALF_TYPES and all(x.dtype == t[0].dtype and x.is_contiguous() for x in t)
     ef.libdevice = types.SimpleNamespace(mul_rn=lambda a, b: a * b, add_rn=lambda a, b: a + b)
-    half = torch.float16
     g = torch.Generator().manual_seed(0)
+    for half in (torch.bfloat16, torch.float16):
+        for module, shape in ((Qwen2RMSNorm(2048, eps=1e-6), (37, 2048)), (Qwen3RMSNorm(128, eps=1e-6), (37, 12, 128))):
+            module = module.to(half)
+            with torch.no_grad():
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g) * 0.5 + 1)
+            for scale in (1e-2, 1.0, 30.0):
+                x = (torch.randn(shape, generator=g) * scale).to(half)
+                assert torch.equal(ef.rms_norm(module, x), module(x)), (type(module).__name__, scale, half)
 
-    for module, shape in ((Qwen2RMSNorm(2048, eps=1e-6), (37, 2048)), (Qwen3RMSNorm(128, eps=1e-6), (37, 12, 128))):
-        module = module.to(half)
-        with torch.no_grad():
-            module.weight.copy_(torch.randn(module.weight.shape, generator=g) * 0.5 + 1)
-        for scale in (1e-2, 1.0, 30.0):
-            x = (torch.randn(shape, generator=g) * scale).to(half)
-            assert torch.equal(ef.rms_norm(module, x), module(x)), (type(module).__name__, scale)
+        angles = torch.rand(37, 64, generator=g) * 300
+        cos = torch.cat((angles.cos(), angles.cos()), -1).to(half)
+        sin = torch.cat((angles.sin(), angles.sin()), -1).to(half)
+        for heads, kv_heads in ((16, 2), (12, 3), (40, 8)):  # block of 16 heads: a partial block, two blocks
+            q = torch.randn(37, heads, 128, generator=g).to(half)
+            k = torch.randn(37, kv_heads, 128, generator=g).to(half)
+            got, expected = ef.rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), (heads, half)
 
-    angles = torch.rand(37, 64, generator=g) * 300
-    cos = torch.cat((angles.cos(), angles.cos()), -1).to(half)
-    sin = torch.cat((angles.sin(), angles.sin()), -1).to(half)
-    for heads, kv_heads in ((16, 2), (12, 3), (40, 8)):  # block of 16 heads: a partial block, two blocks
-        q = torch.randn(37, heads, 128, generator=g).to(half)
-        k = torch.randn(37, kv_heads, 128, generator=g).to(half)
-        got, expected = ef.rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)
-        assert all(torch.equal(a, b) for a, b in zip(got, expected)), heads
+        for name in ("tiny", "tiny-qwen3", "tiny-llama"):
+            loaded = load_model(f"dummy:{name}", device="cpu")
+            decoder = loaded.model.get_decoder().to(half)
+            ids = torch.tensor([[5, 17, 3000, 42, 7, 151000, 9, 11, 12]])
+            head_dim = decoder_module.Dims.of(loaded.model.config).head_dim
+            cos, sin = decoder_module.rotary_tables(decoder, ids.shape[1], half, torch.device("cpu"))
 
-    for name in ("tiny", "tiny-qwen3", "tiny-llama"):
-        loaded = load_model(f"dummy:{name}", device="cpu")
-        decoder = loaded.model.get_decoder().to(half)
-        ids = torch.tensor([[5, 17, 3000, 42, 7, 151000, 9, 11, 12]])
-        head_dim = decoder_module.Dims.of(loaded.model.config).head_dim
-        cos, sin = decoder_module.rotary_tables(decoder, ids.shape[1], half, torch.device("cpu"))
+            def attend(layer, q, k, v):
+                out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                     v.transpose(0, 1)[None], is_causal=True, scale=head_dim ** -0.5,
+                                                     enable_gqa=True)
+                return out[0].transpose(0, 1)
 
-        def attend(layer, q, k, v):
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                                 v.transpose(0, 1)[None], is_causal=True, scale=head_dim ** -0.5,
-                                                 enable_gqa=True)
-            return out[0].transpose(0, 1)
-
-        with torch.inference_mode():
-            embedded = decoder.embed_tokens(ids[0])
-            eager = decoder_module.validator_rows(decoder, embedded, cos, sin, head_dim, attend)
-            fused = decoder_module.validator_rows(decoder, embedded, cos, sin, head_dim, attend, fused=True)
-        assert torch.equal(fused, eager), name
+            with torch.inference_mode():
+                embedded = decoder.embed_tokens(ids[0])
+                eager = decoder_module.validator_rows(decoder, embedded, cos, sin, head_dim, attend)
+                fused = decoder_module.validator_rows(decoder, embedded, cos, sin, head_dim, attend, fused=True)
+            assert torch.equal(fused, eager), (name, half)
     print("kernels = eager ops")
 """)
 

@@ -3,21 +3,24 @@
 Why: the prover spends a third of its device time in PyTorch's element-wise kernels (2.6 of 7.85 ms per W1
 rollout, H200, bench/results/h200-2026-12-02/after-1, prover_alone): RMSNorm makes six passes over float32
 copies, the rotary embedding five (a `cat`, and broadcast products that run PyTorch's unvectorised kernel).
-Here RMSNorm is two passes around torch's own mean and the rotary embedding one (at 8,192 W1 rows on an H200:
-0.240 -> 0.092 ms and 0.247 -> 0.044 ms, bench/results/h200-2026-12-03/fused/).
+Here RMSNorm is two passes around torch's own mean and the rotary embedding one (the first version, at 8,192 W1
+rows on an H200: 0.240 -> 0.092 ms and 0.247 -> 0.044 ms, bench/results/h200-2026-12-03/fused/).
 
 Why the bits are the validator's: each kernel computes, per element, the float32 operations of the eager chain
-in the same order, and rounds to the storage dtype exactly where an eager op writes a tensor (the product of two
-bf16 values is exact in float32, so those rounding points are the only ones there are). Products and sums that
-a rounding separates are written as `mul_rn`/`add_rn`: with plain `*` and `+` the compiler shrank them to bf16
-and contracted them into one FMA, and 19 % of the rotary outputs differed on an H200. Reductions are not fused:
-RMSNorm's mean stays torch's own kernel over the same float32 squares in the same shape, because its summation
-order is that kernel's. `bench/eager_fused_probe.py` compares each kernel with the eager ops bit for bit on the
-GPU, and the prover's proofs with and without them. The prefix prover runs them only when asked
-(`fused_elementwise`): the mul_rn/add_rn version has not yet run on a GPU.
+in the same order, and rounds to the storage dtype exactly where an eager op writes a tensor (`_rounded`; the
+product of two bf16 values is exact in float32, so those rounding points are the only ones there are).
+Reductions are not fused: RMSNorm's mean stays torch's own kernel over the same float32 squares in the same
+shape, because its summation order is that kernel's. Two compiler defaults had to go (`EXACT`): the first rotary
+kernel, written with plain `*`, `+` and `.to(bf16)` round trips, differed from eager in 19 % of its outputs on an
+H200 (2026-12-03): Triton contracts a product and a sum into an FMA and may drop the rounding between them. So
+products and sums are libdevice's `mul_rn`/`add_rn`, bf16 rounding is done on the bits, and fp fusion is off.
+`bench/eager_fused_probe.py` compares each kernel with the eager ops bit for bit on the GPU, and the prover's
+proofs with and without them. The prefix prover runs them only when asked (`fused_elementwise`): this version
+has not yet run on a GPU (the norm kernel of the first version was exact over 356 M elements).
 
-SiLU·up is not here: a kernel on libdevice's `exp` and `div_rn` gave other bits than PyTorch's silu for 2,032 of
-the 65,280 finite bf16 inputs (H200, 2026-12-03; the probe keeps that kernel and lists the inputs).
+SiLU·up is not here: a kernel on libdevice's `exp` and `div_rn` under Triton's defaults gave other bits than
+PyTorch's silu for 2,032 of the 65,280 finite bf16 inputs (H200, 2026-12-03); the probe keeps that kernel, now
+with `EXACT` (libdevice's flush-to-zero is the likely cause), and lists the inputs where it differs.
 
 Only where that reasoning holds: CUDA tensors in bf16 or fp16, weights and tables in the activations' dtype, and
 the RMSNorm classes whose forward is the chain written here (Qwen2, Qwen3, Llama, Mistral). Anything else runs
@@ -49,7 +52,27 @@ def fusable(*tensors: torch.Tensor) -> bool:
             and all(t.dtype == first.dtype and t.is_contiguous() for t in tensors))
 
 
+# Compile options for every kernel here: no contraction of a product and a sum into an FMA (Triton's default
+# contracts, and then also drops the bf16 rounding between them: 19 % of the first rotary kernel's outputs
+# differed on an H200), and libdevice without flush-to-zero (Triton's default flushes subnormals; torch's CUDA
+# build does not).
+EXACT = dict(enable_fp_fusion=False, enable_reflect_ftz=False)
+
 if triton is not None:
+    @triton.jit
+    def _rounded(x, dtype: tl.constexpr):
+        """float32 `x` rounded to `dtype` (bf16 or fp16) to nearest, ties to even, kept as float32.
+
+        bf16 by integer operations on the bits (finite inputs; infinities stay infinite), which no compiler pass
+        folds away as it may a float32 -> bf16 -> float32 round trip; fp16 by the round trip (fp16 is the
+        dtype CPU tests run, in Triton's interpreter, which truncates to bf16 instead of rounding)."""
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return x.to(dtype).to(tl.float32)
+
     @triton.jit
     def _squares_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -63,11 +86,13 @@ if triton is not None:
         row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
         col = tl.arange(0, BLOCK_D)[None, :]
         mask = (row < rows) & (col < D)
+        dtype = out_ptr.dtype.element_ty
         x = tl.load(x_ptr + row * D + col, mask=mask).to(tl.float32)
         r = tl.load(r_ptr + row, mask=row < rows)
-        scaled = (x * r).to(out_ptr.dtype.element_ty)  # hidden_states * rsqrt(...), then .to(input_dtype)
+        scaled = _rounded(libdevice.mul_rn(x, r), dtype)  # hidden_states * rsqrt(...), then .to(input_dtype)
         w = tl.load(w_ptr + col, mask=col < D).to(tl.float32)
-        tl.store(out_ptr + row * D + col, (w * scaled.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+        out = _rounded(libdevice.mul_rn(w, scaled), dtype)  # weight * hidden_states
+        tl.store(out_ptr + row * D + col, out.to(dtype), mask=mask)  # exact: `out` is already a dtype value
 
     @triton.jit
     def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -84,12 +109,11 @@ if triton is not None:
         sin1 = tl.load(sin_ptr + n * 2 * HALF + j).to(tl.float32)
         sin2 = tl.load(sin_ptr + n * 2 * HALF + HALF + j).to(tl.float32)
         dtype = out_ptr.dtype.element_ty
-        # mul_rn/add_rn: with plain * and +, the compiler shrank each product and the sum to bf16 and contracted
-        # them into an FMA, one rounding fewer than eager's (19 % of elements differed on an H200, 2026-12-03)
-        first = libdevice.add_rn(libdevice.mul_rn(x1, cos1).to(dtype).to(tl.float32),
-                                 libdevice.mul_rn(-x2, sin1).to(dtype).to(tl.float32))
-        second = libdevice.add_rn(libdevice.mul_rn(x2, cos2).to(dtype).to(tl.float32),
-                                  libdevice.mul_rn(x1, sin2).to(dtype).to(tl.float32))
+        # q * cos, rotate_half(q) * sin and their sum: each an eager op that writes a tensor of the input dtype
+        first = _rounded(libdevice.add_rn(_rounded(libdevice.mul_rn(x1, cos1), dtype),
+                                          _rounded(libdevice.mul_rn(-x2, sin1), dtype)), dtype)
+        second = _rounded(libdevice.add_rn(_rounded(libdevice.mul_rn(x2, cos2), dtype),
+                                           _rounded(libdevice.mul_rn(x1, sin2), dtype)), dtype)
         tl.store(out_ptr + base + j, first.to(dtype), mask=mask)
         tl.store(out_ptr + base + HALF + j, second.to(dtype), mask=mask)
 
@@ -100,7 +124,7 @@ def rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(module).__name__ not in RMS_NORMS or not fusable(x, weight) or weight.shape != x.shape[-1:]:
         return module(x)
     squares = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    _squares_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, squares, x.numel(), BLOCK=_BLOCK)
+    _squares_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, squares, x.numel(), BLOCK=_BLOCK, **EXACT)
     scale = torch.rsqrt(squares.mean(-1, keepdim=True) + module.variance_epsilon)  # eager's own two ops
     out = torch.empty_like(x)
     dim = x.shape[-1]
@@ -108,7 +132,7 @@ def rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     block_d = triton.next_power_of_2(dim)
     block_r = max(1, 4096 // block_d)
     _norm_scale_kernel[(triton.cdiv(rows, block_r),)](x, scale, weight, out, rows, D=dim, BLOCK_R=block_r,
-                                                       BLOCK_D=block_d)
+                                                       BLOCK_D=block_d, **EXACT)
     return out
 
 
@@ -124,5 +148,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     rows, heads, dim = x.shape
     out = torch.empty_like(x)
     block_h = min(triton.next_power_of_2(heads), 16)
-    _rotary_kernel[(rows, triton.cdiv(heads, block_h))](x, cos, sin, out, heads, HALF=dim // 2, BLOCK_H=block_h)
+    _rotary_kernel[(rows, triton.cdiv(heads, block_h))](x, cos, sin, out, heads, HALF=dim // 2, BLOCK_H=block_h,
+                                                         **EXACT)
     return out
