@@ -21,6 +21,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from pipeline_profile import time_graph
 from proof_exactness import compare, jobs_for, reference_hidden
 from transformers.activations import ACT2FN
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
@@ -37,25 +38,6 @@ DEVICE = "cuda"  # --device cpu rehearses the script (the kernels then run only 
 
 def differing(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a.view(torch.int16) != b.view(torch.int16)).sum())
-
-
-def device_ms(fn, reps: int = 20) -> float:
-    """Median device time of `fn()` in milliseconds (CUDA events, after two warm calls; wall time on the CPU)."""
-    fn(), fn()
-    times = []
-    for _ in range(reps):
-        if DEVICE != "cuda":
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 if triton is not None:
@@ -116,8 +98,10 @@ def rotary(decoder, rows: int, dtype) -> dict:
     return dict(elements=3 * rows * (dims.heads + dims.kv_heads) * dims.head_dim, differing=bad)
 
 
-def timings(decoder, rows: int) -> dict:
-    """Eager and fused device ms at W1's shapes (layer 0's modules of the loaded model)."""
+def timings(decoder, rows: int) -> dict | None:
+    """Eager and fused device ms at W1's shapes (layer 0's modules of the loaded model); None off the GPU."""
+    if DEVICE != "cuda":
+        return None
     layer = decoder.layers[0]
     dims = Dims.of(decoder.config)
     x = torch.randn(rows, decoder.config.hidden_size, device=DEVICE).bfloat16()
@@ -129,7 +113,7 @@ def timings(decoder, rows: int) -> dict:
                  rotary=(lambda: apply_rotary_pos_emb(q, k, cos, sin), lambda: eager_fused.rotary(q, k, cos, sin)))
     out = {}
     for name, (eager, fused) in pairs.items():
-        e, f = device_ms(eager), device_ms(fused)
+        e, f = time_graph(eager), time_graph(fused)
         out[name] = dict(eager_ms=round(e, 4), fused_ms=round(f, 4), saved_ms=round(e - f, 4))
     # per layer the prover runs two norms and one rotary embedding; the final norm once
     per_layer = 2 * out["rms_norm"]["saved_ms"] + out["rotary"]["saved_ms"]
