@@ -143,8 +143,8 @@ class PrefixProver(BatchedProver):
                  fused_elementwise: bool = False, **batched: int | float) -> None:
         family_for(loaded.model.config)  # a model no family runs is refused before the measurement
         super().__init__(loaded, **batched)
-        # the norms and rotary embedding as eager_fused's kernels: off until bench/eager_fused_probe.py and fast_vs_hf.py
-        # --prover-ops both show the bits equal on a GPU (the first version's were not, 2026-12-03; fixed, not re-run)
+        # the norms and rotary embedding as eager_fused's kernels: off until bench/eager_fused_probe.py and
+        # fast_vs_hf.py --prover-ops both show the bits equal on a GPU (the first version's were not, 2026-12-03)
         self.fused_elementwise = fused_elementwise
         self.workspace_bytes = default_workspace_bytes(loaded) if workspace_bytes is None else workspace_bytes
         self.row_bytes = completion_row_bytes(loaded.model.config, loaded.dtype.itemsize)

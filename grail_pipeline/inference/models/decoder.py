@@ -13,9 +13,10 @@ functions over fused weights, so that torch.compile(fullgraph=True, dynamic=Fals
 and a decode step can be captured as one CUDA graph (absent parts are None, which compiles to the graph
 without them: Qwen2's graph is the one it was before Qwen3 and Llama came). The prover's (`validator_rows`)
 calls transformers' own modules op for op, because its bits must be the validator's, who runs
-transformers (on the GPU its norms and rotary embedding may run as `eager_fused`'s kernels, which round exactly
-as those ops do; the products and the norms' mean stay transformers' own calls); the per-row functions the prover's row-count measurement checks (`row_functions`) are read
-from the same `LayerModules` that `validator_rows` calls, so the two cannot drift apart.
+transformers (its norms and rotary embedding may run as `eager_fused`'s kernels, which round exactly as those
+ops do; the products and the norms' mean stay transformers' own calls); the per-row functions the prover's
+row-count measurement checks (`row_functions`) are read from the same `LayerModules` that `validator_rows`
+calls, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -276,4 +277,3 @@ def validator_rows(decoder: torch.nn.Module, hidden: torch.Tensor, cos: torch.Te
 
 def _call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
-
