@@ -4,9 +4,11 @@ Per kernel, against the eager ops transformers runs (bits compared, no tolerance
 and on Qwen3's per-head q/k rows at several scales; the rotary embedding with the model's own cos/sin tables
 over positions 0..N-1. Then each op's device time at W1's shapes (N rows), eager against fused, and the prefix
 prover on W1-shaped groups with the kernels and without: proofs compared bit for bit, and the fused prover's
-sketches against the validator's own forward (proof_exactness.py's comparison), with milliseconds per rollout
-for both. Last, a candidate SiLU kernel (not in eager_fused: it did not give torch's bits) over every finite
-bf16 input, with a sample of the inputs where it differs. The JSON is rewritten after each part.
+sketches against the validator's forward (proof_exactness.py's comparison), with milliseconds per rollout for
+both. A diagnostic: that forward runs in this process on the same model object; a proof counts as the
+validator's only through `fast_vs_hf.py`'s check in a fresh process that loads the checkpoint directory.
+Last, a candidate SiLU kernel (not in eager_fused: it did not give torch's bits) over every finite bf16 input,
+with a sample of the inputs where it differs. The JSON is rewritten after each part.
 
     python bench/eager_fused_probe.py --rows 8192 --groups 8
 """

@@ -93,4 +93,3 @@ def test_off_the_gpu_the_fused_ops_are_the_eager_ops() -> None:
     assert not eager_fused.fusable(x, norm.weight)
     assert torch.equal(eager_fused.rms_norm(norm, x), norm(x))
     assert all(torch.equal(a, b) for a, b in zip(eager_fused.rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)))
-
