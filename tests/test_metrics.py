@@ -157,7 +157,9 @@ def test_a_two_hotkey_daemon_serves_each_hotkeys_windows(tmp_path, group_seconds
     first, second = write_wallet(root, "cold", "hot1"), write_wallet(root, "cold", "hot2")
     out, log, port = tmp_path / "windows", tmp_path / "mine.log", free_ports(1)
     env = {"BT_WALLET_PATH": str(root), "GRAIL_HOTKEYS": "cold/hot1,cold/hot2"}
-    block = block_time_for(group_seconds("fast"), groups=3)  # both hotkeys' groups in one batch, and room
+    # both hotkeys' groups in one batch, the deadline plan's latency (about a group: 6.8 s of a 12-s window when a
+    # slow box's groups took 6 s, and every window was cut, 2026-12-03), and room
+    block = block_time_for(group_seconds("fast"), groups=6)
     with running_daemon(out, env, log, "--engine", "fast", "--batch-size", "32", "--block-time", block,
                         "--target-rollouts", "16", "--metrics-port", str(port)) as proc:
 
