@@ -7,8 +7,8 @@ prover on W1-shaped groups with the kernels and without: proofs compared bit for
 sketches against the validator's forward (proof_exactness.py's comparison), with milliseconds per rollout for
 both. A diagnostic: that forward runs in this process on the same model object; a proof counts as the
 validator's only through `fast_vs_hf.py`'s check in a fresh process that loads the checkpoint directory.
-Last, a candidate SiLU kernel (not yet in eager_fused) over every finite bf16 input, with a sample of the inputs
-where it differs (none with `EXACT`, H200, 2026-12-03). The JSON is rewritten after each part.
+Last, the SiLU of SiLU·up over every finite bf16 input, with a sample of the inputs where it differs (none,
+H200, 2026-12-03). The JSON is rewritten after each part.
 
     python bench/eager_fused_probe.py --rows 8192 --groups 8
 """
@@ -21,14 +21,11 @@ import os
 import time
 
 import torch
-import triton
-import triton.language as tl
 from pipeline_profile import time_graph
 from proof_exactness import compare, jobs_for, reference_hidden
 from transformers.activations import ACT2FN
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
-from triton.language.extra import libdevice
 
 from grail_pipeline.inference.loading import load_model
 from grail_pipeline.inference.models import eager_fused
@@ -42,25 +39,14 @@ def differing(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a.view(torch.int16) != b.view(torch.int16)).sum())
 
 
-if triton is not None:
-    @triton.jit
-    def _silu_kernel(gate_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        """A candidate SiLU for eager_fused: PyTorch's x / (1 + expf(-x)) on libdevice's exp and IEEE division
-        (under Triton's defaults 2,032 of 65,280 bf16 inputs differed; with `EXACT` none, H200, 2026-12-03)."""
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n
-        gate = tl.load(gate_ptr + offsets, mask=mask).to(tl.float32)
-        silu = libdevice.div_rn(gate, libdevice.add_rn(1.0, libdevice.exp(-gate)))
-        tl.store(out_ptr + offsets, silu.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def silu_domain() -> dict:
-    """The candidate SiLU kernel against torch's silu over every finite bf16 input; the inputs that differ."""
+    """eager_fused's SiLU·up with up = 1 (exact) against torch's silu over every finite bf16 input; the inputs
+    where they differ."""
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(DEVICE)
     gate = every[torch.isfinite(every.float())].contiguous()
-    got = torch.empty_like(gate)
-    _silu_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, got, gate.numel(), BLOCK=1024, **eager_fused.EXACT)
-    expected = ACT2FN["silu"](gate)
+    act = ACT2FN["silu"]
+    got = eager_fused.silu_mul(act, gate, torch.ones_like(gate))
+    expected = act(gate)
     bad = (got.view(torch.int16) != expected.view(torch.int16)).nonzero().flatten()
     sample = bad[torch.linspace(0, len(bad) - 1, min(len(bad), 60)).long()] if len(bad) else bad
     return dict(values=len(gate), differing=len(bad),
@@ -111,14 +97,18 @@ def timings(decoder, rows: int) -> dict | None:
     k = torch.randn(rows, dims.kv_heads, dims.head_dim, device=DEVICE).bfloat16()
     cos, sin = rotary_tables(decoder, rows, torch.bfloat16, torch.device(DEVICE))
     norm = layer.input_layernorm
+    gate = torch.randn(rows, decoder.config.intermediate_size, device=DEVICE).bfloat16()
+    up = torch.randn_like(gate)
+    act = layer.mlp.act_fn
     pairs = dict(rms_norm=(lambda: norm(x), lambda: eager_fused.rms_norm(norm, x)),
-                 rotary=(lambda: apply_rotary_pos_emb(q, k, cos, sin), lambda: eager_fused.rotary(q, k, cos, sin)))
+                 rotary=(lambda: apply_rotary_pos_emb(q, k, cos, sin), lambda: eager_fused.rotary(q, k, cos, sin)),
+                 silu_mul=(lambda: act(gate) * up, lambda: eager_fused.silu_mul(act, gate, up)))
     out = {}
     for name, (eager, fused) in pairs.items():
         e, f = time_graph(eager), time_graph(fused)
         out[name] = dict(eager_ms=round(e, 4), fused_ms=round(f, 4), saved_ms=round(e - f, 4))
-    # per layer the prover runs two norms and one rotary embedding; the final norm once
-    per_layer = 2 * out["rms_norm"]["saved_ms"] + out["rotary"]["saved_ms"]
+    # per layer the prover runs two norms, one rotary embedding and one SiLU·up; the final norm once
+    per_layer = 2 * out["rms_norm"]["saved_ms"] + out["rotary"]["saved_ms"] + out["silu_mul"]["saved_ms"]
     out["saved_ms_per_row_all_layers"] = per_layer * len(decoder.layers) / rows
     return out
 
@@ -177,7 +167,7 @@ def main() -> None:
         del loaded, decoder
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    save("silu_candidate", silu_domain())
+    save("silu", silu_domain())
     print("wrote", path)
 
 

@@ -2,10 +2,12 @@
 
 On the GPU they must give eager's bits: `bench/eager_fused_probe.py` checks that there, and the prover's proofs
 with and without them. Here Triton's interpreter runs them (TRITON_INTERPRET=1, in a process of its own since
-the variable is read when a kernel is defined), with numpy's product and sum for libdevice's mul_rn/add_rn, in
-bf16 and fp16 (the interpreter's own float32 -> bf16 conversion truncates, but the kernels round to bf16 on the
-bits before they store, so what they store is exact): the norms and the rotary embedding bit for bit against
-the CPU's eager ops, and every family's prover rows with the kernels equal to those without.
+the variable is read when a kernel is defined), with numpy's product, sum and quotient and torch's exp for
+libdevice's mul_rn, add_rn, div_rn and exp (numpy's float32 exp differs from the CPU's in the last bit for some
+inputs, which turned 6 of 37,000 fp16 SiLU values), in bf16 and fp16 (the interpreter's own float32 -> bf16
+conversion truncates, but the kernels round to bf16 on the bits before they store, so what they store is exact):
+the norms, the rotary embedding and SiLU·up bit for bit against the CPU's eager ops, and every family's prover
+rows with the kernels equal to those without.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import textwrap
 
 import pytest
 import torch
+from transformers.activations import ACT2FN
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
 
 from grail_pipeline.inference.models import eager_fused
@@ -25,16 +28,23 @@ from grail_pipeline.inference.models import eager_fused
 INTERPRETED = textwrap.dedent("""
     import types
     import torch
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
     import torch.nn.functional as F
+    from transformers.activations import ACT2FN
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
     from grail_pipeline.inference.loading import load_model
     from grail_pipeline.inference.models import decoder as decoder_module
     from grail_pipeline.inference.models import eager_fused as ef
 
-    # the kernels on CPU tensors (the interpreter's device); numpy's product and sum for libdevice's
+    def torch_exp(a):  # the CPU's exp, as eager's silu runs it (numpy's differs in the last bit at times)
+        return tl.core.tensor(TensorHandle(torch.from_numpy(a.handle.data).exp().numpy(), a.handle.dtype), a.type)
+
+    # the kernels on CPU tensors (the interpreter's device); numpy's arithmetic for libdevice's
     ef.fusable = lambda *t: t[0].dtype in ef.HALF_TYPES and all(x.dtype == t[0].dtype and x.is_contiguous() for x in t)
-    ef.libdevice = types.SimpleNamespace(mul_rn=lambda a, b: a * b, add_rn=lambda a, b: a + b)
+    ef.libdevice = types.SimpleNamespace(mul_rn=lambda a, b: a * b, add_rn=lambda a, b: a + b,
+                                         div_rn=lambda a, b: a / b, exp=torch_exp)
     g = torch.Generator().manual_seed(0)
     for half in (torch.bfloat16, torch.float16):
         for module, shape in ((Qwen2RMSNorm(2048, eps=1e-6), (37, 2048)), (Qwen3RMSNorm(128, eps=1e-6), (37, 12, 128))):
@@ -53,6 +63,9 @@ INTERPRETED = textwrap.dedent("""
             k = torch.randn(37, kv_heads, 128, generator=g).to(half)
             got, expected = ef.rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)
             assert all(torch.equal(a, b) for a, b in zip(got, expected)), (heads, half)
+
+        gate, up = (torch.randn(37, 1000, generator=g) * 4).to(half), torch.randn(37, 1000, generator=g).to(half)
+        assert torch.equal(ef.silu_mul(ACT2FN["silu"], gate, up), ACT2FN["silu"](gate) * up), half
 
         for name in ("tiny", "tiny-qwen3", "tiny-llama"):
             loaded = load_model(f"dummy:{name}", device="cpu")
@@ -93,3 +106,5 @@ def test_off_the_gpu_the_fused_ops_are_the_eager_ops() -> None:
     assert not eager_fused.fusable(x, norm.weight)
     assert torch.equal(eager_fused.rms_norm(norm, x), norm(x))
     assert all(torch.equal(a, b) for a, b in zip(eager_fused.rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)))
+    gate, up = torch.randn(5, 300, generator=g).bfloat16(), torch.randn(5, 300, generator=g).bfloat16()
+    assert torch.equal(eager_fused.silu_mul(ACT2FN["silu"], gate, up), ACT2FN["silu"](gate) * up)

@@ -1,4 +1,4 @@
-"""The prover's RMSNorm and rotary embedding as Triton kernels that round exactly as PyTorch's eager ops do.
+"""The prover's RMSNorm, rotary embedding and SiLU·up as Triton kernels that round exactly as PyTorch's eager ops do.
 
 Why: the prover spends a third of its device time in PyTorch's element-wise kernels (2.6 of 7.85 ms per W1
 rollout, H200, bench/results/h200-2026-12-02/after-1, prover_alone): RMSNorm makes six passes over float32
@@ -19,9 +19,10 @@ proofs with and without them: on an H200 (2026-12-03, third session) 0 differing
 56.6 M (rotary), and the prefix prover's proofs with these kernels equal its proofs without, bit for bit, on 128 W1
 rollouts (8.05 -> 7.09 ms per rollout). The prefix prover runs them by default (`fused_elementwise`).
 
-SiLU·up is not here yet: a kernel on libdevice's `exp` and `div_rn` under Triton's defaults gave other bits than
-PyTorch's silu for 2,032 of the 65,280 finite bf16 inputs; launched with `EXACT` it gave torch's bits for all of
-them (H200, 2026-12-03). The probe keeps that kernel until it joins these.
+SiLU·up (`act(gate) * up`, three passes in eager) is one pass: PyTorch's `x / (1 + expf(-x))` on libdevice's
+`exp` and IEEE division, rounded, then the product. Under Triton's defaults that SiLU gave other bits than
+PyTorch's for 2,032 of the 65,280 finite bf16 inputs; launched with `EXACT`, for none (H200, 2026-12-03, the
+probe). The probe checks it over every bf16 input and in the prover's proofs.
 
 Only where that reasoning holds: CUDA tensors in bf16 or fp16, weights and tables in the activations' dtype, and
 the RMSNorm classes whose forward is the chain written here (Qwen2, Qwen3, Llama, Mistral). Anything else runs
@@ -42,6 +43,8 @@ except ImportError:  # CPU-only installs
 
 # the RMSNorm classes whose forward is: float32, pow(2).mean(-1), * rsqrt(+ eps), to the input dtype, weight *
 RMS_NORMS = ("Qwen2RMSNorm", "Qwen3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm")
+# the activation modules whose forward is torch's silu (transformers' ACT2FN["silu"], torch's own)
+SILUS = ("SiLUActivation", "SiLU")
 HALF_TYPES = (torch.bfloat16, torch.float16)
 _BLOCK = 1024  # elements per program of the squares kernel
 
@@ -118,6 +121,18 @@ if triton is not None:
         tl.store(out_ptr + base + j, first.to(dtype), mask=mask)
         tl.store(out_ptr + base + HALF + j, second.to(dtype), mask=mask)
 
+    @triton.jit
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        dtype = out_ptr.dtype.element_ty
+        gate = tl.load(gate_ptr + offsets, mask=mask).to(tl.float32)
+        up = tl.load(up_ptr + offsets, mask=mask).to(tl.float32)
+        # act_fn(gate): PyTorch's silu in float32, x / (1 + expf(-x)), written as the input dtype
+        act = _rounded(libdevice.div_rn(gate, libdevice.add_rn(1.0, libdevice.exp(-gate))), dtype)
+        out = _rounded(libdevice.mul_rn(act, up), dtype)  # * up_proj(x)
+        tl.store(out_ptr + offsets, out.to(dtype), mask=mask)
+
 
 def rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` for the families' RMSNorm over the last dimension, in two passes and torch's mean."""
@@ -143,6 +158,15 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if not fusable(q, k, cos, sin):
         return apply_rotary_pos_emb(q, k, cos, sin)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def silu_mul(act: torch.nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`act(gate) * up`, the MLP's product before its down projection, in one pass where `act` is silu."""
+    if type(act).__name__ not in SILUS or not fusable(gate, up) or gate.shape != up.shape:
+        return act(gate) * up
+    out = torch.empty_like(gate)
+    _silu_mul_kernel[(triton.cdiv(gate.numel(), _BLOCK),)](gate, up, out, gate.numel(), BLOCK=_BLOCK, **EXACT)
+    return out
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
