@@ -143,9 +143,9 @@ class PrefixProver(BatchedProver):
                  fused_elementwise: bool = True, **batched: int | float) -> None:
         family_for(loaded.model.config)  # a model no family runs is refused before the measurement
         super().__init__(loaded, **batched)
-        # the norms and rotary embedding as eager_fused's kernels (on a GPU; elsewhere they call the eager ops): on
-        # an H200 their proofs equal the eager ops' bit for bit, 128 W1 rollouts, 8.05 -> 7.09 ms per rollout
-        # (bench/results/h200-2026-12-03/fused-exact/); False runs PyTorch's eager ops
+        # the norms, rotary embedding and SiLU·up as eager_fused's kernels (on a GPU; elsewhere the eager ops): on an
+        # H200 their proofs equal the eager ops' bit for bit on 128 W1 rollouts, 8.31 -> 7.27 ms per rollout alone
+        # (bench/results/h200-2026-12-03/silu-exact/); False runs PyTorch's eager ops
         self.fused_elementwise = fused_elementwise
         self.workspace_bytes = default_workspace_bytes(loaded) if workspace_bytes is None else workspace_bytes
         self.row_bytes = completion_row_bytes(loaded.model.config, loaded.dtype.itemsize)
