@@ -47,8 +47,8 @@ def main() -> None:
                    help="the fast engine's decode attention: each row reads its pages (rows), a group's shared prompt "
                         "pages read once (shared: benchmark --shared-prompt-attention), or each size with both")
     p.add_argument("--prover-ops", choices=("eager", "fused", "both"), default="fused",
-                   help="the prefix prover's norms, rotary embedding and SiLU·up: eager_fused's kernels (the default, as "
-                        "the commands run them), PyTorch's eager ops, or each size with both")
+                   help="the prefix prover's norms, rotary embedding and SiLU·up: eager_fused's kernels (the "
+                        "default, as the commands run them), PyTorch's eager ops, or each size with both")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()

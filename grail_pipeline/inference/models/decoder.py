@@ -13,8 +13,8 @@ functions over fused weights, so that torch.compile(fullgraph=True, dynamic=Fals
 and a decode step can be captured as one CUDA graph (absent parts are None, which compiles to the graph
 without them: Qwen2's graph is the one it was before Qwen3 and Llama came). The prover's (`validator_rows`)
 calls transformers' own modules op for op, because its bits must be the validator's, who runs
-transformers (its norms, rotary embedding and SiLU·up may run as `eager_fused`'s kernels, which round exactly as those
-ops do; the products and the norms' mean stay transformers' own calls); the per-row functions the prover's
+transformers (its norms, rotary embedding and SiLU·up may run as `eager_fused`'s kernels, which round exactly as
+those ops do; the products and the norms' mean stay transformers' own calls); the per-row functions the prover's
 row-count measurement checks (`row_functions`) are read from the same `LayerModules` that `validator_rows`
 calls, so the two cannot drift apart.
 """
@@ -254,8 +254,8 @@ def validator_rows(decoder: torch.nn.Module, hidden: torch.Tensor, cos: torch.Te
     (cos/sin [N, D], one row per input row) and returns [N, heads, D]. Ends with the final norm. The MLP
     is the family's MLP forward written out, `down(act(gate(x)) * up(x))`, so that every product it runs is
     one of `row_functions`; Qwen3's q/k norms run on the [N, heads, D] view, as its attention runs them on
-    [1, L, heads, D]. With `fused`, the norms, the rotary embedding and SiLU·up run as `eager_fused`'s kernels, which give
-    these ops' bits in fewer passes where they apply (the GPU, 16-bit dtypes) and call them elsewhere.
+    [1, L, heads, D]. With `fused`, the norms, the rotary embedding and SiLU·up run as `eager_fused`'s kernels,
+    which give these ops' bits in fewer passes where they apply (the GPU, 16-bit dtypes) and call them elsewhere.
     """
     n = hidden.shape[0]
     norm = eager_fused.rms_norm if fused else _call

@@ -46,7 +46,7 @@ RMS_NORMS = ("Qwen2RMSNorm", "Qwen3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm")
 # the activation modules whose forward is torch's silu (transformers' ACT2FN["silu"], torch's own)
 SILUS = ("SiLUActivation", "SiLU")
 HALF_TYPES = (torch.bfloat16, torch.float16)
-_BLOCK = 1024  # elements per program of the squares kernel
+_BLOCK = 1024  # elements per program of the squares and SiLU·up kernels
 
 
 def fusable(*tensors: torch.Tensor) -> bool:
