@@ -7,7 +7,7 @@ libdevice's mul_rn, add_rn, div_rn and exp (numpy's float32 exp differs from the
 inputs, which turned 6 of 37,000 fp16 SiLU values), in bf16 and fp16 (the interpreter's own float32 -> bf16
 conversion truncates, but the kernels round to bf16 on the bits before they store, so what they store is exact):
 the norms, the rotary embedding and SiLU·up bit for bit against the CPU's eager ops, and every family's prover
-rows with the kernels equal to those without.
+rows with the kernels equal to those without, every kernel launched where the family runs its op.
 """
 
 from __future__ import annotations
@@ -45,6 +45,19 @@ INTERPRETED = textwrap.dedent("""
     ef.fusable = lambda *t: t[0].dtype in ef.HALF_TYPES and all(x.dtype == t[0].dtype and x.is_contiguous() for x in t)
     ef.libdevice = types.SimpleNamespace(mul_rn=lambda a, b: a * b, add_rn=lambda a, b: a + b,
                                          div_rn=lambda a, b: a / b, exp=torch_exp)
+    launches = {}
+
+    class Counted:  # each kernel's launches, so that "fused = eager" below cannot pass on the eager fallbacks
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(ef, name)
+
+        def __getitem__(self, grid):
+            launches[self.name] = launches.get(self.name, 0) + 1
+            return self.kernel[grid]
+
+    KERNELS = ("_squares_kernel", "_norm_scale_kernel", "_rotary_kernel", "_silu_mul_kernel")
+    for kernel in KERNELS:
+        setattr(ef, kernel, Counted(kernel))
     g = torch.Generator().manual_seed(0)
     for half in (torch.bfloat16, torch.float16):
         for module, shape in ((Qwen2RMSNorm(2048, eps=1e-6), (37, 2048)), (Qwen3RMSNorm(128, eps=1e-6), (37, 12, 128))):
@@ -83,8 +96,13 @@ INTERPRETED = textwrap.dedent("""
             with torch.inference_mode():
                 embedded = decoder.embed_tokens(ids[0])
                 eager = decoder_module.validator_rows(decoder, embedded, cos, sin, head_dim, attend)
+                launches.clear()
                 fused = decoder_module.validator_rows(decoder, embedded, cos, sin, head_dim, attend, fused=True)
             assert torch.equal(fused, eager), (name, half)
+            # per layer two norms (four with Qwen3's q/k norms), one rotary (q and k) and one SiLU·up; a final norm
+            layers, norms = len(decoder.layers), 4 if name == "tiny-qwen3" else 2
+            assert launches == dict(_squares_kernel=norms * layers + 1, _norm_scale_kernel=norms * layers + 1,
+                                    _rotary_kernel=2 * layers, _silu_mul_kernel=layers), (name, half, launches)
     print("kernels = eager ops")
 """)
 

@@ -3,8 +3,9 @@
 Why: the prover spends a third of its device time in PyTorch's element-wise kernels (2.6 of 7.85 ms per W1
 rollout, H200, bench/results/h200-2026-12-02/after-1, prover_alone): RMSNorm makes six passes over float32
 copies, the rotary embedding five (a `cat`, and broadcast products that run PyTorch's unvectorised kernel).
-Here RMSNorm is two passes around torch's own mean and the rotary embedding one (the first version, at 8,192 W1
-rows on an H200: 0.240 -> 0.092 ms and 0.247 -> 0.044 ms, bench/results/h200-2026-12-03/fused/).
+Here RMSNorm is two passes around torch's own mean, the rotary embedding one and SiLU·up one (at 8,192 W1 rows
+on an H200: 0.244 -> 0.102 ms, 0.249 -> 0.099 ms and 0.227 -> 0.179 ms, bench/results/h200-2026-12-03/fused-exact/
+and silu-exact/; the op timings vary between calls there, the prover's whole time less).
 
 Why the bits are the validator's: each kernel computes, per element, the float32 operations of the eager chain
 in the same order, and rounds to the storage dtype exactly where an eager op writes a tensor (`_rounded`; the
