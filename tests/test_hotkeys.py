@@ -11,7 +11,7 @@ import time
 
 import anyio
 import pytest
-from conftest import write_wallet
+from conftest import block_time_for, write_wallet
 from test_clock import fake_task
 from test_mine import check_files_complete, running_daemon, signal_and_wait, wait_for
 
@@ -233,7 +233,8 @@ def as_hotkey(contents: tuple[list[dict], dict], hotkey: str) -> tuple[list[dict
 
 
 @pytest.mark.slow
-def test_two_hotkeys_from_one_engine_write_their_own_files(tmp_path, monkeypatch, caplog) -> None:
+@pytest.mark.timeout(1800)  # three windows sized from a group's time: minutes on a loaded box
+def test_two_hotkeys_from_one_engine_write_their_own_files(tmp_path, monkeypatch, caplog, group_seconds) -> None:
     """Two hotkeys, one target of one group each: every file is its hotkey's alone (its problems, its signatures),
     passes every check under its own hotkey and fails them under the other's, and holds no more than the target."""
     root = tmp_path / "wallets"
@@ -243,10 +244,12 @@ def test_two_hotkeys_from_one_engine_write_their_own_files(tmp_path, monkeypatch
     caplog.set_level("INFO", logger="grail_pipeline")
     out = tmp_path / "windows"
     # the fast engine runs both hotkeys' groups in one batch; whatever the machine's speed, what is asserted holds
-    # for every file written, and a window with both hotkeys' groups in their files is needed once
+    # for every file written, and a window with both hotkeys' groups in their files is needed once: windows with
+    # room for both groups (one batch) and the drain at this machine's speed now, never under 24 s
+    block = block_time_for(group_seconds("fast"), groups=3, floor=0.8)
     assert cli.main(["mine", "--dry-run", "--model", "dummy:tiny", "--device", "cpu", "--engine", "fast",
                      "--length-profile", "fixed:16", "--max-new-tokens", "16", "--batch-size", "32",
-                     "--warmup-problems", "1", "--block-time", "0.8", "--out-dir", str(out), "--max-windows", "3",
+                     "--warmup-problems", "1", "--block-time", block, "--out-dir", str(out), "--max-windows", "3",
                      "--target-rollouts", "16", "--verify-sample", "2"]) == 0
     statuses = {hk: read_status(out / f"status-worker-0-{hk}.json") for hk in (first, second)}
     assert all(s["state"] == "stopped" and s["target_rollouts"] == 16 for s in statuses.values())

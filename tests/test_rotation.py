@@ -217,8 +217,9 @@ def test_the_daemon_mines_each_window_on_its_own_checkpoint(series, tmp_path, mo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two windows sized from a group's time: minutes on a loaded box
 def test_a_checkpoint_of_another_architecture_restarts_the_engine(series, tmp_path, monkeypatch, wallet_env,
-                                                                  caplog) -> None:
+                                                                  caplog, group_seconds) -> None:
     for key, value in wallet_env.items():
         monkeypatch.setenv(key, value)
     caplog.set_level("INFO", logger="grail_pipeline")
@@ -227,8 +228,11 @@ def test_a_checkpoint_of_another_architecture_restarts_the_engine(series, tmp_pa
     shutil.copytree(series / "checkpoint-0", root / "checkpoint-0")
     write_series(SeriesPlan("dummy:tiny-qwen3", root, (30, 60, 90), model_name="qwen3-{window}"))
     out = tmp_path / "windows"
-    # the fast engine (its restart is the one that matters on a GPU), one group queued ahead of it
-    assert mine(out, root, 2, "--engine", "fast", "--generation-queue", "1") == 0, caplog.text
+    # the fast engine (its restart is the one that matters on a GPU), one group queued ahead of it. The second
+    # window holds the first one's groups still in flight at its cut (three), the restart (a load, about a group's
+    # time) and its own group: fixed 12-s windows cut that group on a loaded CI box (its window had no file)
+    block = block_time_for(group_seconds("fast"), groups=6)
+    assert mine(out, root, 2, "--engine", "fast", "--generation-queue", "1", "--block-time", block) == 0, caplog.text
     restarts = [r for r in caplog.records if "engine restarted on checkpoint 30" in r.getMessage()]
     assert len(restarts) == 1 and restarts[0].levelno == logging.WARNING  # once: later qwen3 checkpoints are copied
     assert any("cannot be copied into the engine" in r.getMessage() for r in caplog.records)
