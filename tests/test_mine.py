@@ -179,6 +179,7 @@ def test_a_start_records_the_window_files_its_status_does_not_know(capsys, monke
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two windows sized from a group's time: 5.5 min beside two CPU-bound processes
 def test_daemon_mines_on_time_windows_that_verify(tmp_path, monkeypatch, wallet_env, caplog, group_seconds) -> None:
     """Two windows mined in-process: each file is the protocol's, on time, groups 0..N-1, and every rollout passes
     the validator's checks."""
@@ -188,8 +189,9 @@ def test_daemon_mines_on_time_windows_that_verify(tmp_path, monkeypatch, wallet_
     out = tmp_path / "windows"
     # windows of at least 24 s (deadline at 20 s) with room for 8 groups as this machine runs them: a group takes
     # 1-2 s on two idle cores but 6 s and more on a loaded one, where 24-s windows held three groups and the
-    # cut's bound below (a tenth, plus one group) failed with two of them cut
-    block = block_time_for(group_seconds("fast"), groups=8, floor=0.8)
+    # cut's bound below (a tenth, plus one group) failed with two of them cut. Sized from the engine this runs (on
+    # the CPU the default, hf): from the fast engine's group, a loaded box cut the second window's only group
+    block = block_time_for(group_seconds("hf"), groups=8, floor=0.8)
     t0 = time.perf_counter()
     assert cli.main(["mine", "--dry-run", *FAST, "--out-dir", str(out), "--max-windows", "2", "--block-time", block,
                      "--verify-sample", "2", "--run-seed", "5", "--warmup-problems", "1"]) == 0
