@@ -16,11 +16,14 @@ from grail_pipeline.protocol.profile import PROFILE
 from grail_pipeline.protocol.records import (
     INFERENCE_SCHEMA,
     ROW_GROUP_ROWS,
+    WRITE_OPTIONS,
     MalformedRow,
     WindowFileError,
+    WindowFileWriter,
     build_rollout_record,
     grpo_advantages,
     read_window_file,
+    records_table,
     write_window_file,
 )
 
@@ -158,6 +161,52 @@ def test_a_full_window_is_written_in_row_groups_that_read_back(tmp_path: Path) -
     assert [(r["rollout_group"], r["rollout_index"]) for r in got] == [(r["rollout_group"], r["rollout_index"])
                                                                        for r in records]
     assert metadata["inference_count"] == str(len(records))
+
+
+@pytest.mark.parametrize("groups", [0, 1, ROW_GROUP_ROWS // 16, ROW_GROUP_ROWS // 16 * 2 + 3])
+def test_a_file_written_as_its_groups_arrive_is_write_tables_bytes(tmp_path: Path, groups: int) -> None:
+    """WindowFileWriter (the sink's: row groups encoded while the window runs, the footer and its metadata at
+    the cut) gives, byte for byte, the file pyarrow's one-shot write_table gives for the same rows and metadata:
+    what the validator reads is unchanged. Groups given one by one and in uneven batches; none, one, exactly one
+    row group, and two row groups and a tail."""
+    tables = [records_table([make_record(g, i, completion_length=8 + g % 5) for i in range(16)])
+              for g in range(groups)]
+    metadata = {"timestamp": 1.7e9, **METADATA, "cut_groups": 3}
+    expected = tmp_path / "one-shot.parquet"
+    whole = pa.concat_tables(tables) if tables else INFERENCE_SCHEMA.empty_table()
+    pq.write_table(whole.replace_schema_metadata({**{k: str(v) for k, v in metadata.items()},  # timestamp first,
+                                                  "inference_count": str(16 * groups)}),  # as written before
+                   expected, row_group_size=ROW_GROUP_ROWS, **WRITE_OPTIONS)
+    path = tmp_path / "w.parquet"
+    writer = WindowFileWriter(path)
+    given, rng = 0, random.Random(groups)
+    while given < groups - 2:
+        step = rng.choice([1, 1, 3, 7])
+        writer.append(tables[given:given + step])
+        given += len(tables[given:given + step])
+    if groups >= ROW_GROUP_ROWS // 16:  # the full row groups are encoded by now, under a temporary name only
+        assert [p.name.startswith(".w.parquet.") and p.name.endswith(".tmp") for p in tmp_path.iterdir()
+                if p != expected] == [True] and not path.exists()
+    writer.finish(metadata, tables[given:])
+    assert path.read_bytes() == expected.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one-shot.parquet", "w.parquet"]
+    assert read_window_file(path)[1]["cut_groups"] == "3"
+
+
+def test_a_window_given_up_leaves_no_temporary(tmp_path: Path) -> None:
+    writer = WindowFileWriter(tmp_path / "w.parquet")
+    writer.append([records_table([make_record(g, i) for i in range(16)]) for g in range(ROW_GROUP_ROWS // 16)])
+    assert len(list(tmp_path.iterdir())) == 1
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="closed"):  # its rows are gone: a file of the later ones would lie
+        writer.append([records_table([make_record(99, 0)])])
+    assert list(tmp_path.iterdir()) == []
+    writer = WindowFileWriter(tmp_path / "w.parquet")
+    writer.append([records_table([make_record(g, i) for i in range(16)]) for g in range(ROW_GROUP_ROWS // 16)])
+    with pytest.raises(ValueError, match="wallet"):  # metadata checked before the footer: the temporary goes
+        writer.finish({"window_start": 1, "window_length": 30})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_empty_window_file(tmp_path: Path) -> None:

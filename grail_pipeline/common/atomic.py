@@ -7,6 +7,7 @@ kill never leaves a half-written file under the final name. Temp names start wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable
@@ -16,30 +17,58 @@ from typing import BinaryIO
 TMP_SUFFIX = ".tmp"
 
 
+class AtomicFile:
+    """A file written under a temp name in its final directory and published whole (`publish`: fsync, rename,
+    fsync of the directory) or removed (`abort`); for a file written over time (a window file written as its
+    rows arrive, protocol/records.py), where `write_atomically`'s one callback does not fit."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.final = Path(path)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.final.with_name(f".{self.final.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+        self.handle: BinaryIO = open(self.tmp, "w+b")
+
+    def publish(self) -> None:
+        try:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            os.replace(self.tmp, self.final)
+        except BaseException as exc:
+            self.abort()
+            name_the_file(exc, self.final)
+            raise
+        directory = os.open(self.final.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):  # closing flushes the buffer, which fails again on a full disk: discarded
+            self.handle.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None] | bytes) -> None:
     """Write `path` through `write(handle)` (or the given bytes) so that it appears whole or not at all."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+    file = AtomicFile(path)
     try:
-        with open(tmp, "wb") as fh:
-            if isinstance(write, bytes):
-                fh.write(write)
-            else:
-                write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        if isinstance(write, bytes):
+            file.handle.write(write)
+        else:
+            write(file.handle)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # a write's error names no file: name the one meant
-            exc.filename = str(final)
+        file.abort()
+        name_the_file(exc, file.final)
         raise
-    directory = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    file.publish()
+
+
+def name_the_file(exc: BaseException, final: Path) -> None:
+    """A write's error names no file: name the one meant."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        exc.filename = str(final)
 
 
 def publish_directory(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:

@@ -8,6 +8,8 @@ the complete file or no file under the final name.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -15,12 +17,13 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grail_pipeline.common.atomic import write_atomically
+from grail_pipeline.common.atomic import AtomicFile, name_the_file
 from grail_pipeline.common.errors import UserError
 from grail_pipeline.common.input_file import not_a_regular_file
 from grail_pipeline.protocol.profile import PROFILE, ProtocolProfile
@@ -250,12 +253,12 @@ def table_records(table: pa.Table) -> list[dict[str, Any]]:
     return [_decode(row) for row in table.to_pylist()]
 
 
-def _with_metadata(table: pa.Table, metadata: Mapping[str, object]) -> pa.Table:
+def _file_metadata(metadata: Mapping[str, object], rows: int) -> dict[str, str]:
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise ValueError(f"window metadata needs {missing}")
-    meta = {"timestamp": time.time(), **metadata, "inference_count": table.num_rows}
-    return table.replace_schema_metadata({str(k): str(v) for k, v in meta.items()})
+    meta = {"timestamp": time.time(), **metadata, "inference_count": rows}
+    return {str(k): str(v) for k, v in meta.items()}
 
 
 # Rows per Parquet row group of a window file. A column chunk whose strings pass 2 GiB cannot be read back
@@ -266,6 +269,7 @@ def _with_metadata(table: pa.Table, metadata: Mapping[str, object]) -> pa.Table:
 # row group and `verify` could not read the file. 1,024 rows keep a row group under ~400 MB of JSON even at
 # the protocol's longest rollouts (2,048 new tokens), and any number of row groups reads back as one table.
 ROW_GROUP_ROWS = 1024
+WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": True, "write_statistics": True}
 
 
 def write_window_file(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]],
@@ -281,11 +285,114 @@ def write_window_file(path: str | os.PathLike[str], records: Sequence[Mapping[st
 
 def write_window_table(path: str | os.PathLike[str], table: pa.Table, metadata: Mapping[str, object]) -> None:
     """write_window_file for rows already converted with records_table (and concatenated in file order)."""
-    if not table.schema.remove_metadata().equals(INFERENCE_SCHEMA):
-        raise ValueError("window table does not have the GRAIL window schema")
-    table = _with_metadata(table, metadata)
-    write_atomically(path, lambda fh: pq.write_table(table, fh, compression="zstd", use_dictionary=True,
-                                                      write_statistics=True, row_group_size=ROW_GROUP_ROWS))
+    WindowFileWriter(path).finish(metadata, [table])
+
+
+class WindowFileWriter:
+    """A window file written as its rows arrive (`append`, in file order): each full row group is encoded at once,
+    and `finish` adds the last one and the footer, with the metadata known only then (inference_count, what was
+    cut). The cut then waits for fewer than ROW_GROUP_ROWS rows instead of the whole file: a 360-s W1 window's
+    18,416 rows took 9.7-10.1 s to write on the H200's host (bench/NOTES.md), seconds the deadline plan kept
+    free of generation. The bytes are `pq.write_table(table, row_group_size=ROW_GROUP_ROWS, **WRITE_OPTIONS)`'s
+    (tests/test_records.py compares them): the same row groups, then a footer rebuilt around their metadata with
+    the final schema. Rebuilt, because pyarrow reads a file's schema metadata from the Arrow schema serialised
+    when its writer opened: metadata added at close reaches the footer but not `read_table().schema.metadata`,
+    where our reader and the validator look (checked with pyarrow 26). Published atomically (common/atomic.py);
+    a failure or `abort` removes the temporary.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.rows = 0  # given so far
+        self.encoded_rows = 0  # in the row groups written so far
+        self._pending: list[pa.Table] = []  # given, not yet in a row group
+        self._pending_rows = 0
+        self._file: AtomicFile | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._closed = False  # written or aborted: nothing more may be added
+
+    def append(self, tables: Sequence[pa.Table]) -> None:
+        """Rows of INFERENCE_SCHEMA (any metadata ignored), in file order after those given before."""
+        if self._closed:
+            raise RuntimeError(f"the writer of {self.path} is closed (written or aborted)")
+        try:
+            for table in tables:
+                if not table.schema.remove_metadata().equals(INFERENCE_SCHEMA):
+                    raise ValueError("window table does not have the GRAIL window schema")
+                if table.num_rows:
+                    self._pending.append(table)
+                    self._pending_rows += table.num_rows
+                    self.rows += table.num_rows
+            self._encode(last=False)
+        except BaseException as exc:
+            self.abort()
+            name_the_file(exc, self.path)
+            raise
+
+    def finish(self, metadata: Mapping[str, object], tables: Sequence[pa.Table] = ()) -> None:
+        """The rest of the rows (`tables`), the footer with `metadata` (as write_window_file takes it), and the file
+        in place under its final name."""
+        try:
+            file_metadata = _file_metadata(metadata, self.rows + sum(t.num_rows for t in tables))
+            self.append(tables)
+            self._close(file_metadata)
+        except BaseException as exc:
+            self.abort()
+            name_the_file(exc, self.path)
+            raise
+
+    def abort(self) -> None:
+        """Remove the temporary (a window given up, or a failed write); nothing is left under either name."""
+        if self._writer is not None and self._writer.is_open:
+            with contextlib.suppress(pa.ArrowException, OSError):  # a writer left open closes at exit, onto nothing
+                self._writer.close()
+        if self._file is not None:
+            self._file.abort()
+        self._file = self._writer = None
+        self._closed = True
+
+    def _parquet(self) -> pq.ParquetWriter:
+        if self._writer is None:
+            self._file = AtomicFile(self.path)
+            self._writer = pq.ParquetWriter(self._file.handle, INFERENCE_SCHEMA, **WRITE_OPTIONS)
+        return self._writer
+
+    def _encode(self, last: bool) -> None:
+        while self._pending_rows >= ROW_GROUP_ROWS or (last and self._pending_rows):
+            table = pa.concat_tables(self._pending)  # no copy: the chunks as given, as write_table would see them
+            group = min(ROW_GROUP_ROWS, table.num_rows)
+            self._parquet().write_table(table.slice(0, group), row_group_size=ROW_GROUP_ROWS)
+            self.encoded_rows += group
+            rest = table.slice(group)
+            self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+            if not last:  # on disk now, so that the cut's fsync waits for the last row group only
+                self._file.handle.flush()
+                os.fsync(self._file.handle.fileno())
+
+    def _close(self, file_metadata: dict[str, str]) -> None:
+        self._encode(True)
+        writer = self._parquet()
+        if self.rows == 0:
+            writer.write_table(INFERENCE_SCHEMA.empty_table())  # one empty row group, as write_table writes
+        writer.close()  # the row groups, then a footer with the schema the writer opened with
+        handle = self._file.handle
+        end = handle.seek(0, os.SEEK_END)
+        handle.seek(end - 8)
+        body = end - 8 - int.from_bytes(handle.read(4), "little")
+        handle.seek(0)
+        row_groups = pq.read_metadata(handle)
+        empty = io.BytesIO()
+        pq.ParquetWriter(empty, INFERENCE_SCHEMA.with_metadata(file_metadata), **WRITE_OPTIONS).close()
+        footer = pq.read_metadata(io.BytesIO(empty.getvalue()))  # the final schema, no row group
+        footer.append_row_groups(row_groups)
+        rebuilt = io.BytesIO()
+        footer.write_metadata_file(rebuilt)  # magic, footer, its length, magic
+        handle.truncate(body)
+        handle.seek(body)
+        handle.write(rebuilt.getvalue()[4:])
+        self._file.publish()
+        self._file = self._writer = None
+        self._closed = True
 
 
 def read_window_file(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any] | MalformedRow], dict[str, str]]:
