@@ -6,6 +6,7 @@ import pytest
 
 from grail_pipeline.mining.chain import WindowClock
 from grail_pipeline.mining.deadline import FIRST_BYTES_PER_ROLLOUT, UPLOAD_MBIT_S, WRITE_FLOOR_S, DeadlinePlan
+from grail_pipeline.protocol.records import ROW_GROUP_ROWS
 
 
 class FakeTime:
@@ -70,6 +71,14 @@ def test_the_upload_allowance_follows_the_expected_file() -> None:
     plan.wrote(rollouts=1000, seconds=2.0, nbytes=30_000_000)  # 30 KB per rollout, 2 ms per rollout to write
     assert plan.upload_allowance(0) == pytest.approx(expected * 30_000 * 8 / (UPLOAD_MBIT_S * 1e6))
     assert plan.write_time(0) == pytest.approx(expected * 0.002)
+    # a file written as it grew: its write encoded the last 600 rows (1 ms each), the next one encodes a row
+    # group at most; a tail of a few rows (mostly footer and fsync) teaches no cost per row
+    plan.wrote(rollouts=7000, seconds=0.6, nbytes=210_000_000, rows_at_write=600)
+    assert plan.write_time(0) == pytest.approx(ROW_GROUP_ROWS * 0.001)
+    plan.wrote(rollouts=7000, seconds=0.3, nbytes=210_000_000, rows_at_write=16)
+    assert plan.write_time(0) == pytest.approx(ROW_GROUP_ROWS * 0.001)
+    plan.wrote(rollouts=300, seconds=0.9, nbytes=9_000_000)  # a whole file (a fleet's leader, a short window)
+    assert plan.write_time(0) == pytest.approx(expected * 0.003)
     fixed, _ = plan_for(upload=25.0)
     fixed.rate(40.0)
     assert fixed.upload_allowance(0) == 25.0

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import anyio
+import pyarrow.parquet as pq
 import pytest
 
 from grail_pipeline.common.errors import UserError
@@ -24,7 +25,13 @@ from grail_pipeline.mining.status import (
     remove_stale_status_temporaries,
 )
 from grail_pipeline.protocol.profile import PROFILE
-from grail_pipeline.protocol.records import build_rollout_record, read_window_file
+from grail_pipeline.protocol.records import (
+    ROW_GROUP_ROWS,
+    WindowFileWriter,
+    build_rollout_record,
+    read_window_file,
+    write_window_file,
+)
 
 HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
 
@@ -191,6 +198,70 @@ def test_the_cut_writes_the_contiguous_prefix_and_counts_the_rest(tmp_path: Path
     assert report.gaps == [{"index": 2, "state": "in flight", "rollouts_cut_after": 16},
                            {"index": 4, "state": "in flight", "rollouts_cut_after": 0}]
     assert late == []  # group 2 was counted at the write, as missing: not counted again
+
+
+def test_the_file_grows_with_the_prefix_and_the_cut_adds_the_rest(tmp_path: Path) -> None:
+    """Out-of-order groups: once the contiguous prefix holds a row group's rows they are in the file's temporary
+    (nothing under the final name yet), groups after a gap are not; the cut adds the rest of the prefix and the
+    footer, and the file is the one the whole-file write gives (same rows, same metadata, read back)."""
+    sink, written = make_sink(tmp_path)
+    w = window(0)
+    per_row_group = ROW_GROUP_ROWS // PROFILE.rollouts_per_problem
+    order = list(range(per_row_group + 5))
+    random.Random(3).shuffle(order)
+    order.remove(per_row_group + 2)  # a gap: what comes after it is cut
+
+    async def main() -> None:
+        for index in order:
+            await sink.put(group(w, index))
+        temporaries = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert len(temporaries) == 1 and not sink.path_for(0).exists()
+        assert temporaries[0].stat().st_size > 1000  # the first row group, encoded; the footer comes at the cut
+        await sink.close_window(close(w, list(range(per_row_group + 5))))
+        report = await sink.cut(0)
+        assert report is not None and report.groups == per_row_group + 2
+        assert report.cut_groups == 3  # the missing index and the two after it
+
+    anyio.run(main)
+    assert groups_in(sink.path_for(0)) == [i for i in range(per_row_group + 2) for _ in range(16)]
+    assert [p.name for p in tmp_path.iterdir()] == [sink.path_for(0).name]
+    row_groups = pq.ParquetFile(sink.path_for(0)).metadata
+    assert [row_groups.row_group(i).num_rows for i in range(row_groups.num_row_groups)] == [ROW_GROUP_ROWS, 32]
+    records, meta = read_window_file(sink.path_for(0))
+    again = tmp_path / "again.parquet"
+    write_window_file(again, records, meta)  # the same rows and metadata written whole
+    assert again.read_bytes() == sink.path_for(0).read_bytes()
+    assert meta["cut_groups"] == "3" and meta["inference_count"] == str(len(records)) and written[0][0].rollouts == len(records)
+
+
+def test_a_failed_write_as_the_file_grows_loses_no_group(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A disk that fails while the file grows (full, say) loses nothing: the temporary goes, a warning says so, and
+    the file is begun again from group 0 with the next group (the sink still holds every group)."""
+    failures = []
+
+    def append(self, tables):
+        if not failures:
+            failures.append(1)
+            self.abort()
+            raise OSError(28, "No space left on device")
+        return real_append(self, tables)
+
+    real_append = WindowFileWriter.append
+    monkeypatch.setattr(WindowFileWriter, "append", append)
+    sink, written = make_sink(tmp_path)
+    w = window(0)
+    count = ROW_GROUP_ROWS // PROFILE.rollouts_per_problem + 2
+
+    async def main() -> None:
+        for index in range(count):
+            await sink.put(group(w, index))
+        assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the second writer's
+        await sink.cut(0)
+
+    anyio.run(main)
+    assert failures and "writing the file as it grows failed" in caplog.text
+    assert groups_in(sink.path_for(0)) == [i for i in range(count) for _ in range(16)]
+    assert [p.name for p in tmp_path.iterdir()] == [sink.path_for(0).name]
 
 
 def test_every_late_group_is_counted_once(tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from grail_pipeline.protocol.profile import PROFILE
+from grail_pipeline.protocol.records import ROW_GROUP_ROWS
 
 UPLOAD_MBIT_S = 100.0  # the upload bandwidth the default allowance assumes (the fork's GRAIL_UPLOAD_BANDWIDTH_MBPS)
 FIRST_BYTES_PER_ROLLOUT = 40_000  # before a file was written: W1's rollouts compress to ~40 KB each with zstd
@@ -94,6 +95,7 @@ class DeadlinePlan:
         self._max_age_s = LATENCY_MAX_AGE_WINDOWS * (time_of_block(window_blocks) - time_of_block(0))
         self._in_flight: dict[object, float] = {}
         self._write_s_per_rollout: float | None = None
+        self._file_grows = False  # the last file was written as it grew: a write encodes a row group at most
         self._bytes_per_rollout: float = FIRST_BYTES_PER_ROLLOUT
         self._rollouts_per_s: float | None = None
         self._fixed_cuts: dict[int, float] = {}  # window start -> the fleet's published cut
@@ -124,10 +126,16 @@ class DeadlinePlan:
         """A group that will never reach the sink (the daemon stopped)."""
         self._in_flight.pop(key, None)
 
-    def wrote(self, rollouts: int, seconds: float, nbytes: int) -> None:
+    def wrote(self, rollouts: int, seconds: float, nbytes: int, rows_at_write: int | None = None) -> None:
+        """A file of `rollouts` rows and `nbytes` took `seconds` to write, encoding `rows_at_write` of its rows then
+        (None: all; fewer when the file was written as it grew, protocol/records.py's WindowFileWriter). The cost
+        per row is learnt from writes of a quarter row group or more (a shorter tail is mostly footer and fsync)."""
         if rollouts > 0:
-            self._write_s_per_rollout = seconds / rollouts
             self._bytes_per_rollout = nbytes / rollouts
+            rows = rollouts if rows_at_write is None else rows_at_write
+            if rows_at_write is None or rows >= ROW_GROUP_ROWS // 4:
+                self._write_s_per_rollout = seconds / max(rows, 1)
+            self._file_grows = rows_at_write is not None
 
     def rate(self, rollouts_per_s: float) -> None:
         """The window's generation rate so far (rollouts reaching the sink per second)."""
@@ -182,7 +190,10 @@ class DeadlinePlan:
     def write_time(self, window_start: int) -> float:
         if self._write_s_per_rollout is None:
             return WRITE_FLOOR_S
-        return max(WRITE_FLOOR_S, self._write_s_per_rollout * self.expected_rollouts(window_start))
+        rows = self.expected_rollouts(window_start)
+        if self._file_grows:  # the rows of the window's last row group, at most, are left for the write
+            rows = min(rows, ROW_GROUP_ROWS)
+        return max(WRITE_FLOOR_S, self._write_s_per_rollout * rows)
 
     def estimated_cut(self, window_start: int) -> float:
         """This plan's own estimate of when the file must start being written."""

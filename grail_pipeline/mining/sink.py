@@ -11,9 +11,11 @@ as an Arrow table (a tenth of the memory of the record dicts) until the window i
 - at `finish` (a stop, an error): what arrived, marked partial.
 A dropped group (a completion under the challenge size) is redrawn for the same index (`redraw`, the
 source's) up to `MAX_DRAWS` times; an index that still fails ends the file before it, and the report
-says how many rollouts after it that cost. Writing is temporary name, fsync, rename: after any stop,
-even SIGKILL, a file under the final name is complete. A window with no rollout in its prefix gets no
-file: a 0-row file scores nothing and only hides, in `verify`, that the window was lost.
+says how many rollouts after it that cost. The file is written as the contiguous prefix grows (its full
+row groups under a temporary name, `_encode`), so a write adds only the last row group and the footer.
+Then fsync and rename: after any stop, even SIGKILL, a file under the final name is complete. A window
+with no rollout in its prefix gets no file: a 0-row file scores nothing and only hides, in `verify`, that
+the window was lost.
 
 Every generated group is counted once: in the file, cut at the write (after a gap, or issued and still
 in flight: `missing_groups`, 16 rollouts each), or, arriving after the write without having been counted
@@ -40,7 +42,7 @@ from grail_pipeline.mining.hotkey_log import Log
 from grail_pipeline.mining.messages import ProblemTask, SignedGroup
 from grail_pipeline.mining.source import WindowClose
 from grail_pipeline.protocol.profile import PROFILE
-from grail_pipeline.protocol.records import records_table, table_records, write_window_table
+from grail_pipeline.protocol.records import WindowFileWriter, records_table, table_records
 
 logger = logging.getLogger("grail_pipeline")
 
@@ -166,6 +168,9 @@ class _OpenWindow:
     issued: tuple[int, ...] | None = None  # known once the source closes the window
     partial: bool = False
     opened: float | None = None
+    file: WindowFileWriter | None = None  # the file, written as the prefix 0..encoded-1 grows (`_encode`)
+    encoded: int = 0
+    encoding: anyio.Lock = field(default_factory=anyio.Lock)
 
     def resolved(self, index: int) -> bool:
         return index in self.groups or index in self.failed
@@ -279,8 +284,32 @@ class WindowSink:
             elapsed = now - state.opened
             if self.plan is not None and elapsed > 0:
                 self.plan.rate(state.rollouts / elapsed)
+            await self._encode(state)
         if state.complete:
             await self._write(state, "complete")
+
+    async def _encode(self, state: _OpenWindow) -> None:
+        """Give the window's file the groups that joined the contiguous prefix (they will be in it whatever comes
+        later): its full row groups are encoded now, in a thread, so that the cut only adds the last one and the
+        footer (protocol/records.py's WindowFileWriter says what that saves)."""
+        async with state.encoding:
+            if self._open.get(state.window.window_start) is not state:
+                return  # written meanwhile
+            tables = []
+            while state.encoded + len(tables) in state.groups:
+                tables.append(state.groups[state.encoded + len(tables)].table)
+            if not tables:
+                return
+            if state.file is None:
+                state.file = WindowFileWriter(self.path_for(state.window.window_start))
+            try:
+                await anyio.to_thread.run_sync(state.file.append, tables)
+            except (OSError, pa.ArrowException) as exc:  # the writer removed its temporary; every group is still here
+                self.log.warning("window %d: writing the file as it grows failed (%s): begun again with the next "
+                                 "group (every group is still held)", state.window.window_start, exc)
+                state.file, state.encoded = None, 0
+                return
+            state.encoded += len(tables)
 
     async def _late(self, group: SignedGroup) -> None:
         """A group after its window's file: cut. Counted at the write when it was in flight then (missing);
@@ -375,10 +404,12 @@ class WindowSink:
                 cut_rollouts=sum(g.rollouts for g in after_gap) + PROFILE.rollouts_per_problem * len(missing),
                 failed_indices=sorted(state.failed), missing_groups=missing, redraws=state.redraws,
                 partial=state.partial, opened=state.opened, gaps=gaps)
-            report = await write_window(self.path_for(start), self.hotkey, self.window_blocks, contents, trigger,
-                                        self.plan, {"worker_id": self.worker.worker_id,
-                                                    "total_workers": self.worker.total_workers,
-                                                    **self.extra_metadata})
+            async with state.encoding:  # no group is being given to the file now
+                contents.file, contents.encoded = state.file, state.encoded
+                report = await write_window(self.path_for(start), self.hotkey, self.window_blocks, contents,
+                                            trigger, self.plan, {"worker_id": self.worker.worker_id,
+                                                                 "total_workers": self.worker.total_workers,
+                                                                 **self.extra_metadata})
             self.reports.append(report)
             if self.on_written is not None:  # under the lock, so that `finish` returns after every report
                 await self.on_written(report, await file_sample(contents, self.hotkey, self.sample_size, self.run_seed))
@@ -400,6 +431,8 @@ class WindowContents:
     partial: bool
     opened: float | None  # unix time the window's first problem was issued (None: not known)
     gaps: list[dict] = field(default_factory=list)  # gap_costs: the indices that end the file early
+    file: WindowFileWriter | None = None  # the solo sink's file, holding groups 0..encoded-1 already
+    encoded: int = 0
 
 
 async def file_sample(contents: WindowContents, hotkey: str, size: int, run_seed: int) -> list[dict]:
@@ -448,14 +481,15 @@ async def write_window(path: Path, hotkey: str, window_blocks: int, contents: Wi
         **window_checkpoint(c.window),
     }
     t0 = time.perf_counter()
-    if c.groups:
-        table = pa.concat_tables([g.table for g in c.groups])
-        await anyio.to_thread.run_sync(write_window_table, path, table, metadata)
+    encoded = 0 if c.file is None else c.file.encoded_rows  # in the file before the write
+    if c.groups:  # the rest of the rows and the footer (all of them for a fleet's leader)
+        writer = c.file or WindowFileWriter(path)
+        await anyio.to_thread.run_sync(writer.finish, metadata, [g.table for g in c.groups[c.encoded:]])
     write_seconds = time.perf_counter() - t0
     ready_at = time.time()
     nbytes = os.path.getsize(path) if c.groups else 0
     if plan is not None:
-        plan.wrote(rollouts, write_seconds, nbytes)
+        plan.wrote(rollouts, write_seconds, nbytes, None if c.file is None else rollouts - encoded)
     opened = c.opened or ready_at
     last = max((g.arrived for g in c.groups), default=opened)
     return WindowReport(
